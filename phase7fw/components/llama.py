@@ -1,0 +1,263 @@
+"""The ``llama`` baseline: a plain pre-norm decoder (RMSNorm, RoPE, causal SDPA, SwiGLU).
+
+It is the reference the Phase 7 model is measured against (PERFORMANCE.md, P1), so it is
+kept plain and fast: fused QKV and gate/up projections, SDPA for attention, no dropout.
+
+The model is built without touching data (``with torch.device("meta")`` works); every
+parameter and buffer gets its value in :meth:`LlamaModel.init_weights`.
+"""
+
+# No ``from __future__ import annotations`` here: the recipe converter reads the real field
+# types of the config class.
+
+import math
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from phase7fw.errors import Phase7Error
+from phase7fw.hookspecs import hookimpl
+from phase7fw.interfaces import LanguageModel
+from phase7fw.recipe.options import non_negative, option, positive
+
+
+@attrs.frozen
+class LlamaConfig:
+    d_model: int = option(512, check=positive, help="hidden width")
+    n_layers: int = option(8, check=positive, help="transformer blocks")
+    n_heads: int = option(8, check=positive, help="query heads (d_model must divide by it)")
+    n_kv_heads: int = option(0, check=non_negative, help="key/value heads for GQA; 0 = n_heads")
+    seq_len: int = option(1024, check=positive, help="longest sequence (RoPE table length)")
+    vocab_size: int = option(0, check=non_negative, help="0 = the tokenizer's vocabulary size")
+    ffn_hidden: int = option(0, check=non_negative, help="SwiGLU width; 0 = 8/3 d_model rounded up")
+    ffn_multiple_of: int = option(256, check=positive, help="rounding of the automatic ffn_hidden")
+    rope_theta: float = option(10000.0, check=positive, help="RoPE base frequency")
+    tie_embeddings: bool = option(False, help="share the embedding table with the LM head")
+    norm_eps: float = option(1e-5, check=positive, help="RMSNorm epsilon")
+    init_std: float = option(0.02, check=positive, help="std of the normal weight init")
+
+
+def resolve_ffn_hidden(config: LlamaConfig) -> int:
+    if config.ffn_hidden:
+        return config.ffn_hidden
+    m = config.ffn_multiple_of
+    return m * math.ceil(8 * config.d_model / 3 / m)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in (at least) fp32: bf16 sums of squares lose precision."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = torch.promote_types(x.dtype, torch.float32)
+        out = F.rms_norm(x.to(dt), (x.size(-1),), self.weight.to(dt), self.eps)
+        return out.to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles, (seq_len, head_dim // 2), fp32.
+
+    Angles are computed in fp64: at large positions fp32 products lose the low bits.
+    """
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[i], x[i + D/2]) of x (B, H, T, D) by the angles of positions 0..T-1.
+
+    The half-split pairing needs no strided access; it is the same rotation as the
+    interleaved form up to a fixed permutation of the head channels.
+    """
+    dt = torch.promote_types(x.dtype, torch.float32)
+    x1, x2 = x.to(dt).chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = d_model // n_heads
+        # One matmul for q, k and v: fewer, larger GEMMs.
+        self.wqkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q, k, v = self.wqkv(x).split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
+        q = q.view(B, T, self.n_heads, hd).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, hd).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        gqa = self.n_kv_heads != self.n_heads
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * hd))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.hidden = hidden
+        self.w13 = nn.Linear(d_model, 2 * hidden, bias=False)  # gate and up, one matmul
+        self.w2 = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: LlamaConfig, n_kv_heads: int, ffn_hidden: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config.d_model, config.n_heads, n_kv_heads)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.ffn = SwiGLU(config.d_model, ffn_hidden)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.attn(self.attn_norm(x), cos, sin)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class LlamaModel(LanguageModel):
+    def __init__(self, config: LlamaConfig, vocab_size: int):
+        super().__init__()
+        if config.d_model % config.n_heads:
+            raise Phase7Error(f"model.d_model ({config.d_model}) must be divisible by model.n_heads ({config.n_heads})")
+        n_kv = config.n_kv_heads or config.n_heads
+        if config.n_heads % n_kv:
+            raise Phase7Error(f"model.n_heads ({config.n_heads}) must be divisible by model.n_kv_heads ({n_kv})")
+        head_dim = config.d_model // config.n_heads
+        if head_dim % 2:
+            raise Phase7Error(f"RoPE needs an even head size; d_model / n_heads = {head_dim}")
+        self.config = config
+        self.vocab_size = vocab_size
+        self.seq_len = config.seq_len
+        self.head_dim = head_dim
+        self.checkpointing = False
+
+        self.tok_embeddings = nn.Embedding(vocab_size, config.d_model)
+        ffn_hidden = resolve_ffn_hidden(config)
+        self.layers = nn.ModuleList(Block(config, n_kv, ffn_hidden) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.output = None if config.tie_embeddings else nn.Linear(config.d_model, vocab_size, bias=False)
+        # Filled by init_weights; not saved (derived from the config).
+        self.register_buffer("rope_cos", torch.empty(config.seq_len, head_dim // 2), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(config.seq_len, head_dim // 2), persistent=False)
+        if self.tok_embeddings.weight.device.type != "meta":
+            self.init_weights()  # a model built on a real device is usable at once
+
+    # -- init -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std) weights, residual output projections scaled by 1/sqrt(2 L)
+        (keeps the residual stream's variance flat in depth), norms at 1, RoPE tables.
+        Draws from torch's global RNG in a fixed order, so a seed fixes the result."""
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        for block in self.layers:
+            block.attn_norm.reset_parameters()
+            block.ffn_norm.reset_parameters()
+            nn.init.normal_(block.attn.wqkv.weight, std=std)
+            nn.init.normal_(block.attn.wo.weight, std=out_std)
+            nn.init.normal_(block.ffn.w13.weight, std=std)
+            nn.init.normal_(block.ffn.w2.weight, std=out_std)
+        self.norm.reset_parameters()
+        if self.output is not None:
+            nn.init.normal_(self.output.weight, std=std)
+        cos, sin = rope_tables(self.seq_len, self.head_dim, self.config.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute each block in backward instead of storing its activations."""
+        self.checkpointing = True
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Final normed hidden states (B, T, D): the LM head input (for chunked losses)."""
+        T = input_ids.size(1)
+        if T > self.seq_len:
+            raise ValueError(f"sequence of {T} tokens is longer than model.seq_len = {self.seq_len}")
+        # fp32 tables even if the model was cast to bf16: apply_rope rotates in fp32.
+        cos, sin = self.rope_cos[:T].float(), self.rope_sin[:T].float()
+        h = self.tok_embeddings(input_ids)
+        recompute = self.checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.layers:
+            if recompute:
+                h = checkpoint(block, h, cos, sin, use_reentrant=False)
+            else:
+                h = block(h, cos, sin)
+        return self.norm(h)
+
+    def lm_head_weight(self) -> torch.Tensor:
+        """The (vocab, d_model) output projection (the embedding table when tied)."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.forward_hidden(input_ids)
+        if self.output is not None:
+            return self.output(h)  # through the module, so hooks/FSDP wrapping see it
+        return F.linear(h, self.tok_embeddings.weight)
+
+    # -- accounting -------------------------------------------------------------------------
+    def parameter_breakdown(self) -> dict[str, int]:
+        def count(modules) -> int:
+            return sum(p.numel() for m in modules for p in m.parameters())
+
+        parts = {
+            "embedding": count([self.tok_embeddings]),
+            "attention": count(b.attn for b in self.layers),
+            "ffn": count(b.ffn for b in self.layers),
+            "norms": count([self.norm, *(n for b in self.layers for n in (b.attn_norm, b.ffn_norm))]),
+            "head": 0 if self.output is None else count([self.output]),
+        }
+        parts["total"] = sum(parts.values())
+        return parts
+
+    def matmul_params(self) -> int:
+        """Attention + FFN + LM head; the embedding lookup is not a matmul, but a tied
+        table is used once as the head matmul, so it counts once either way."""
+        parts = self.parameter_breakdown()
+        return parts["attention"] + parts["ffn"] + self.lm_head_weight().numel()
+
+
+def build_llama(config: LlamaConfig, *, vocab_size: int | None = None, **context) -> LlamaModel:
+    """Factory of the ``llama`` model; ``vocab_size`` comes from the tokenizer when the
+    recipe leaves ``model.vocab_size`` at 0. Other context keys are not used."""
+    tokenizer_vocab = vocab_size or 0
+    vocab = config.vocab_size or tokenizer_vocab
+    if vocab <= 0:
+        raise Phase7Error("model.vocab_size is 0 and no tokenizer vocabulary size was given")
+    if config.vocab_size and tokenizer_vocab > config.vocab_size:
+        raise Phase7Error(
+            f"model.vocab_size = {config.vocab_size} is smaller than the tokenizer's vocabulary"
+            f" ({tokenizer_vocab}); set it to 0 to use the tokenizer's size"
+        )
+    return LlamaModel(config, vocab)
+
+
+@hookimpl
+def register_components(register):
+    register(
+        "model",
+        "llama",
+        build_llama,
+        LlamaConfig,
+        description="baseline decoder: RMSNorm, RoPE, causal SDPA (GQA), SwiGLU; context: vocab_size",
+    )

@@ -1,0 +1,56 @@
+"""``phase7fw doctor``: what this machine can run, in one screen."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+
+def _version(module: str) -> str:
+    try:
+        mod = __import__(module)
+    except Exception as exc:  # noqa: BLE001 - any import failure is a finding, not a crash
+        return f"not usable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})".rstrip(": )") + ")"
+    return getattr(mod, "__version__", "installed")
+
+
+def run_doctor(require_gpu: bool = False, verify: bool = False) -> int:
+    import torch
+
+    from phase7fw import __version__
+    from phase7fw.cli import _plugins
+
+    warnings: list[str] = []
+    print(f"phase7fw  {__version__}")
+    print(f"python    {sys.version.split()[0]} ({platform.platform()})")
+    print(f"torch     {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})")
+    print(f"triton    {_version('triton')}")
+    has_gpu = torch.cuda.is_available()
+    if has_gpu:
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            print(f"gpu {i}     {props.name}, {props.total_memory / 2**30:.1f} GiB, capability {props.major}.{props.minor}")
+        print(f"bf16      {'supported' if torch.cuda.is_bf16_supported() else 'NOT supported'}")
+    else:
+        warnings.append("no CUDA GPU: training runs on the CPU (fine for tiny recipes); Triton kernels are off")
+    for name in ("datasets", "tokenizers", "wandb"):
+        print(f"{name:<9} {_version(name)}")
+
+    plugins = _plugins()
+    print(f"plugins   {len(plugins.describe())} loaded, {len(plugins.load_errors)} failed")
+    for err in plugins.load_errors:
+        warnings.append(f"plugin {err.name} failed to load: {err}")
+    kernels = plugins.registry.entries("kernel")
+    print(f"kernels   {', '.join(e.name for e in kernels) if kernels else 'none registered (reference torch code is used)'}")
+    if verify:
+        if not has_gpu:
+            print("verify: kernel verification needs a CUDA GPU", file=sys.stderr)
+            return 1
+        if not kernels:
+            print("verify: no Triton kernels are registered; nothing to verify")
+    for w in warnings:
+        print(f"warning: {w}")
+    if require_gpu and not has_gpu:
+        print("error: --require-gpu given and no CUDA GPU is usable", file=sys.stderr)
+        return 1
+    return 0

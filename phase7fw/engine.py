@@ -1,0 +1,481 @@
+"""The Engine: builds every part of a run from a recipe, in one documented order.
+
+Build order (``Engine.BUILD_ORDER``; each step is recorded in ``engine.build_steps``):
+
+1. seed            torch's RNG seeded from ``run.seed``
+2. plugins         built-in and installed plugins fill the registry
+3. recipe          the TOML recipe, validated strictly (overrides applied)
+4. tokenizer       built from ``[data.tokenizer]`` (or from the checkpoint's saved state)
+5. data            sources loaded, tokenized, split into train/validation, mixture samplers
+6. model           built on the meta device (no memory) from ``[model]``
+7. kernels         ``[kernels]`` resolved to an implementation per op and announced
+8. activation checkpointing   when ``train.activation_checkpointing``
+9. compile         ``torch.compile`` of the training loss when ``train.compile``
+10. parallel       DDP / FSDP wrapping per ``[parallel]`` (single process: nothing to do)
+11. materialize    parameters allocated on the device and initialized (seeded)
+12. optimizer      from ``[optimizer]`` with decay / no-decay parameter groups
+13. schedulers     ``[lr_scheduler]`` and ``[curvature_scheduler]``
+14. resume         checkpoint loaded (``resume="auto"|"never"|PATH``)
+15. trackers       created when ``fit()`` starts (they must not exist for eval or chat)
+16. loop           ``fit()``
+
+Components are reached only through the registry; the engine never imports one by name.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from phase7fw import __version__
+from phase7fw.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
+from phase7fw.console import Console, human
+from phase7fw.data import MixtureSampler, split_tokens
+from phase7fw.errors import CheckpointError, Phase7Error
+from phase7fw.optim_groups import param_groups
+from phase7fw.plugins import Plugins, load_plugins
+from phase7fw.recipe import KERNEL_OPS, Recipe, load_recipe, recipe_to_dict, recipe_to_toml
+from phase7fw.recipe.convert import structure_component
+
+BUILD_ORDER = (
+    "seed",
+    "plugins",
+    "recipe",
+    "tokenizer",
+    "data",
+    "model",
+    "kernels",
+    "activation_checkpointing",
+    "compile",
+    "parallel",
+    "materialize",
+    "optimizer",
+    "schedulers",
+    "resume",
+    "trackers",
+    "loop",
+)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise Phase7Error(f"train.device: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise Phase7Error(f"train.device is {name!r} but CUDA is not available on this machine")
+    return device
+
+
+def build_tokenizer(recipe: Recipe, plugins: Plugins, state: dict | None = None):
+    spec = recipe.data.tokenizer
+    return plugins.registry.build("tokenizer", spec.name, spec.config, cache_dir=cache_dir(recipe), state=state)
+
+
+def cache_dir(recipe: Recipe) -> str:
+    return recipe.data.cache_dir or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "phase7fw"
+    )
+
+
+def model_vocab_size(recipe: Recipe, tokenizer) -> int:
+    """The model's vocabulary: the recipe's ``model.vocab_size`` or else the tokenizer's."""
+    configured = getattr(recipe.model.config, "vocab_size", 0) or 0
+    if configured and configured < tokenizer.vocab_size:
+        raise Phase7Error(
+            f"model.vocab_size = {configured} is smaller than the tokenizer's vocabulary"
+            f" ({tokenizer.vocab_size}); raise it or set it to 0 to follow the tokenizer"
+        )
+    return configured or tokenizer.vocab_size
+
+
+def build_model(recipe: Recipe | str, device: str | torch.device = "meta", *, plugins: Plugins | None = None,
+                vocab_size: int | None = None, kernels: dict | None = None):
+    """Build the recipe's model. On ``device="meta"`` no memory is used (count parameters,
+    inspect shapes); on a real device the parameters are allocated and initialized."""
+    plugins = plugins or load_plugins()
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, plugins=plugins)
+    if vocab_size is None:
+        vocab_size = model_vocab_size(recipe, build_tokenizer(recipe, plugins))
+    spec = recipe.model
+    with torch.device("meta"):
+        model = plugins.registry.build(
+            "model", spec.name, spec.config, vocab_size=vocab_size, registry=plugins.registry,
+            kernels=kernels or {op: "reference" for op in KERNEL_OPS},
+        )
+    if str(device) != "meta":
+        materialize(model, torch.device(device))
+    return model
+
+
+def materialize(model: torch.nn.Module, device: torch.device) -> None:
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.init_weights()
+
+
+class Engine:
+    __doc__ = __doc__
+    BUILD_ORDER = BUILD_ORDER
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        *,
+        plugins: Plugins,
+        dummy_data: bool = False,
+        resume: str = "auto",
+        device: str | None = None,
+        with_data: bool = True,
+        checkpoint: dict | None = None,
+        console: Console | None = None,
+    ):
+        self.build_steps: list[str] = []
+        self.console = console or Console()
+        self.recipe = recipe
+        self.plugins = plugins
+        self.registry = plugins.registry
+        self.step = 0
+        self.best_val_loss = math.inf
+        self.skipped_steps = 0
+        self.tokens_seen = 0
+        self.tracker_state: dict = {}
+        self.summary: dict = {}
+        self._seed()
+        self._done("plugins")
+        self._done("recipe")
+        self.device = resolve_device(device or recipe.train.device)
+        self.output_dir = Path(recipe.output_dir)
+        self.model_name = recipe.model.name
+
+        tok_state = checkpoint.get("tokenizer") if checkpoint else None
+        self.tokenizer = build_tokenizer(recipe, plugins, state=tok_state)
+        self._done("tokenizer")
+
+        self.train_sampler = self.val_sampler = None
+        self.sources = []
+        if with_data:
+            self._build_data(dummy_data)
+        self._done("data")
+
+        vocab = model_vocab_size(recipe, self.tokenizer)
+        self.kernels = self._select_kernels()
+        self.model = build_model(recipe, "meta", plugins=plugins, vocab_size=vocab, kernels=self.kernels)
+        self.vocab_size = vocab
+        self.seq_len = self.model.seq_len
+        self._done("model")
+        self._done("kernels")
+
+        train = recipe.train
+        if train.activation_checkpointing:
+            self.model.enable_activation_checkpointing()
+        self._done("activation_checkpointing")
+        self._loss_fn = self.model.loss
+        if train.compile:
+            self._loss_fn = torch.compile(self.model.loss)
+        self._done("compile")
+        if recipe.parallel.strategy != "none":
+            raise Phase7Error(
+                f"parallel.strategy = {recipe.parallel.strategy!r} needs torchrun and is not supported"
+                " by this version yet; use strategy = \"none\""
+            )
+        self._done("parallel")
+        materialize(self.model, self.device)
+        self._done("materialize")
+
+        self.optimizer = self._build("optimizer", recipe.optimizer, params=param_groups(self.model))
+        self._done("optimizer")
+        self.lr_scheduler = self._build(
+            "lr_scheduler", recipe.lr_scheduler, optimizer=self.optimizer, max_steps=train.max_steps
+        )
+        self.curvature_scheduler = None
+        if recipe.curvature_scheduler is not None:
+            self.curvature_scheduler = self._build(
+                "curvature_scheduler", recipe.curvature_scheduler, max_steps=train.max_steps
+            )
+            self.model.set_curvature(self.curvature_scheduler.value(0))
+        self.scaler = torch.amp.GradScaler(self.device.type) if train.precision == "fp16" else None
+        self._done("schedulers")
+
+        if checkpoint is not None:
+            self._load_state(checkpoint, "<checkpoint>", full=False)
+        else:
+            self._resume(resume)
+        self._done("resume")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_recipe(cls, recipe, overrides=None, *, dummy_data: bool = False, resume: str = "auto",
+                    device: str | None = None, plugins: Plugins | None = None, quiet: bool = False) -> "Engine":
+        """Build a run from a recipe path (or dict, or :class:`Recipe`) and overrides
+        (``{"train.max_steps": 20}`` or ``["train.max_steps=20"]``)."""
+        plugins = plugins or load_plugins()
+        if not isinstance(recipe, Recipe):
+            recipe = load_recipe(recipe, overrides, plugins=plugins)
+        elif overrides:
+            recipe = load_recipe(recipe_to_dict(recipe), overrides, plugins=plugins)
+        return cls(recipe, plugins=plugins, dummy_data=dummy_data, resume=resume, device=device,
+                   console=Console(not quiet))
+
+    @classmethod
+    def from_checkpoint(cls, path, *, device: str | None = None, with_data: bool = False,
+                        plugins: Plugins | None = None, quiet: bool = True) -> "Engine":
+        """Rebuild a trained model (and its tokenizer) from a checkpoint, for eval or generation.
+        ``with_data=True`` also loads the recipe's data (needed by ``evaluate``)."""
+        state = load_checkpoint(path)
+        plugins = plugins or load_plugins()
+        recipe_text = state.get("recipe")
+        if not isinstance(recipe_text, str):
+            raise CheckpointError(f"{path} holds no recipe; it was not written by phase7fw")
+        import tomllib
+
+        recipe = load_recipe(tomllib.loads(recipe_text), plugins=plugins)
+        engine = cls(recipe, plugins=plugins, resume="never", device=device, with_data=with_data,
+                     checkpoint=state, console=Console(not quiet))
+        engine.checkpoint_file = str(path)
+        return engine
+
+    def _seed(self) -> None:
+        torch.manual_seed(self.recipe.run.seed)
+        self._done("seed")
+
+    def _done(self, step: str) -> None:
+        self.build_steps.append(step)
+
+    def _build(self, kind: str, spec, **context):
+        return self.registry.build(kind, spec.name, spec.config, **context)
+
+    def _build_data(self, dummy_data: bool) -> None:
+        recipe = self.recipe
+        specs = list(recipe.data.sources)
+        if dummy_data:
+            errors: list[str] = []
+            specs = [structure_component({"name": "synthetic"}, "data_source", self.registry, "--dummy-data", errors)]
+            if errors:
+                raise Phase7Error("; ".join(errors))
+        if not specs:
+            raise Phase7Error("the recipe has no [[data.sources]]; add one or run with --dummy-data")
+        built = [(f"data.sources[{i}] ({s.name})", s, self._build("data_source", s, cache_dir=cache_dir(recipe),
+                                                                    seed=recipe.run.seed))
+                 for i, s in enumerate(specs)]
+        self.tokenizer.prepare(text for _, _, src in built for text in src.texts())
+        seq_len = getattr(recipe.model.config, "seq_len", None)
+        if not isinstance(seq_len, int):
+            raise Phase7Error(f"model {recipe.model.name!r} has no seq_len option; the data sampler needs one")
+        window = seq_len + 1
+        self.sources = []
+        for label, spec, src in built:
+            tokens = src.load_tokens(self.tokenizer)
+            if len(tokens) and int(tokens.max()) >= self.tokenizer.vocab_size:
+                raise Phase7Error(f"{label}: token id {int(tokens.max())} is outside the tokenizer's vocabulary")
+            self.sources.append(split_tokens(f"{label} {src.describe()}", spec.weight, tokens,
+                                             recipe.data.val_fraction, window))
+        train = recipe.train
+        self.train_sampler = MixtureSampler(self.sources, seq_len=seq_len, batch_size=train.batch_size,
+                                            seed=recipe.run.seed, split="train")
+        self.val_sampler = None
+        if recipe.data.val_fraction > 0:
+            self.val_sampler = MixtureSampler(self.sources, seq_len=seq_len, batch_size=train.batch_size,
+                                              seed=recipe.run.seed, split="val")
+
+    def _select_kernels(self) -> dict[str, str]:
+        """Resolve ``[kernels]``: an op's implementation must be registered as kind ``kernel``,
+        name ``"<op>:<impl>"``; "reference" is the torch code inside the component itself."""
+        chosen = {}
+        for op in KERNEL_OPS:
+            want = getattr(self.recipe.kernels, op)
+            if want == "reference":
+                chosen[op] = "reference"
+            elif want == "auto":
+                usable = self.device.type == "cuda" and (("kernel", f"{op}:triton") in self.registry)
+                chosen[op] = "triton" if usable else "reference"
+            else:
+                if ("kernel", f"{op}:triton") not in self.registry:
+                    raise Phase7Error(f"kernels.{op} = \"triton\" but no Triton kernel is registered for {op};"
+                                      " use \"reference\" or \"auto\"")
+                chosen[op] = "triton"
+        return chosen
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "phase7fw_version": __version__,
+            "step": self.step,
+            "model_name": self.model_name,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "curvature_scheduler": self.curvature_scheduler.state_dict() if self.curvature_scheduler else None,
+            "grad_scaler": self.scaler.state_dict() if self.scaler else None,
+            "rng": rng,
+            "data": self.train_sampler.state_dict() if self.train_sampler else None,
+            "trackers": self.tracker_state,
+            "recipe": recipe_to_toml(self.recipe),
+            "tokenizer": self.tokenizer.state(),
+            "tokenizer_fingerprint": self.tokenizer.fingerprint(),
+            "metrics": {"best_val_loss": self.best_val_loss, "skipped_steps": self.skipped_steps,
+                        "tokens_seen": self.tokens_seen},
+        }
+
+    def save(self, path) -> Path:
+        """Write a complete checkpoint (atomically) to ``path``."""
+        return save_checkpoint(path, self.state_dict())
+
+    def _resume(self, resume: str) -> None:
+        if resume == "never":
+            existing = latest_checkpoint(self.output_dir)
+            if existing is not None:
+                raise Phase7Error(
+                    f"{self.output_dir} already holds checkpoints of a run ({existing.name}); continue it"
+                    " with --resume auto, or start a new one in another folder (--set run.output_dir=...)"
+                )
+            return
+        if resume == "auto":
+            path = latest_checkpoint(self.output_dir)
+            if path is None:
+                return
+        else:
+            path = Path(resume)
+        self._load_state(load_checkpoint(path, map_location="cpu"), str(path), full=True)
+        self.console.print(f"Resumed from {path} at step {self.step}")
+        self.resumed_from = str(path)
+
+    def _load_state(self, state: dict, where: str, *, full: bool) -> None:
+        """Load a checkpoint into the built run; ``full`` also restores training state."""
+        if state.get("model_name") != self.model_name:
+            raise CheckpointError(f"{where} holds a {state.get('model_name')!r} model, the recipe builds"
+                                  f" {self.model_name!r}")
+        fp = state.get("tokenizer_fingerprint")
+        if fp is not None and fp != self.tokenizer.fingerprint():
+            raise CheckpointError(f"{where} was trained with tokenizer {fp!r}, the recipe gives"
+                                  f" {self.tokenizer.fingerprint()!r}; token ids would not match")
+        try:
+            self.model.load_state_dict(state["model"])
+        except (RuntimeError, KeyError) as exc:
+            raise CheckpointError(f"{where} does not fit the model of this recipe: {exc}") from None
+        self.step = int(state.get("step", 0))
+        metrics = state.get("metrics") or {}
+        self.best_val_loss = float(metrics.get("best_val_loss", math.inf))
+        if not full:
+            return
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+            if self.curvature_scheduler is not None and state.get("curvature_scheduler") is not None:
+                self.curvature_scheduler.load_state_dict(state["curvature_scheduler"])
+            if self.scaler is not None and state.get("grad_scaler"):
+                self.scaler.load_state_dict(state["grad_scaler"])
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{where}: optimizer or scheduler state does not fit this recipe: {exc}") from None
+        if self.train_sampler is not None and state.get("data"):
+            self.train_sampler.load_state_dict(state["data"])
+        rng = state.get("rng") or {}
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.skipped_steps = int(metrics.get("skipped_steps", 0))
+        self.tokens_seen = int(metrics.get("tokens_seen", 0))
+        self.tracker_state = dict(state.get("trackers") or {})
+        if self.curvature_scheduler is not None:
+            self.model.set_curvature(self.curvature_scheduler.value(self.step))
+
+    # ------------------------------------------------------------------ running
+    def fit(self) -> dict:
+        """Train to ``train.max_steps``; returns a summary dict (steps, final loss, best val
+        loss, tokens, ...). Ctrl-C saves a checkpoint and raises :class:`KeyboardInterrupt`."""
+        from phase7fw.trainer import Trainer
+
+        return Trainer(self).run()
+
+    @torch.no_grad()
+    def evaluate(self, batches: int | None = None) -> dict:
+        """Mean validation loss and perplexity over ``train.eval_batches`` fixed batches."""
+        if self.val_sampler is None:
+            if self.train_sampler is None:
+                raise Phase7Error("evaluate needs data: build the engine with data (from_checkpoint(..., with_data=True))")
+            raise Phase7Error("data.val_fraction is 0: there is no validation split to evaluate on")
+        n = batches or self.recipe.train.eval_batches
+        was_training = self.model.training
+        self.model.eval()
+        total = 0.0
+        try:
+            for i in range(n):
+                x, y = (t.to(self.device) for t in self.val_sampler.batch(i))
+                with self.autocast():
+                    logits = self.model(x)
+                total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item()
+        finally:
+            self.model.train(was_training)
+        loss = total / n
+        return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": n * self.val_sampler.batch_size * self.seq_len}
+
+    def autocast(self):
+        precision = self.recipe.train.precision
+        if precision == "fp32":
+            return torch.autocast(self.device.type, enabled=False)
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    @torch.no_grad()
+    def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int | None = None,
+                 top_p: float | None = None, repetition_penalty: float = 1.0, seed: int | None = None,
+                 use_cache: bool = True) -> str:
+        """Continue ``prompt``; returns only the new text. Temperature 0 is greedy.
+        (``use_cache`` is accepted for API stability; this version recomputes the window.)"""
+        from phase7fw.generation import sample_next
+
+        if max_new_tokens < 0 or temperature < 0 or repetition_penalty <= 0:
+            raise Phase7Error("generate: max_new_tokens and temperature must be >= 0, repetition_penalty > 0")
+        ids = [self.tokenizer.eos_id] + self.tokenizer.encode(prompt)
+        gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        self.model.eval()
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            context = torch.tensor([ids[-self.seq_len:]], device=self.device)
+            with self.autocast():
+                logits = self.model(context)[:, -1]
+            logits = logits[:, : self.tokenizer.vocab_size]
+            nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                              repetition_penalty=repetition_penalty, seen=context, generator=gen)
+            token = int(nxt.item())
+            if token == self.tokenizer.eos_id:
+                break
+            ids.append(token)
+            out.append(token)
+        return self.tokenizer.decode(out)
+
+    def describe(self) -> list[str]:
+        """The run header: what was built, its size, where output goes."""
+        r = self.recipe
+        breakdown = self.model.parameter_breakdown()
+        total = breakdown.get("total", sum(p.numel() for p in self.model.parameters()))
+        parts = ", ".join(f"{k} {human(v)}" for k, v in breakdown.items() if k != "total")
+        lines = [
+            f"phase7fw {__version__} | run {r.run.name!r} -> {self.output_dir}",
+            f"device {self.device} | precision {r.train.precision} | torch {torch.__version__}",
+            f"model {self.model_name}: {human(total)} parameters ({total:,})" + (f" = {parts}" if parts else ""),
+        ]
+        extra = getattr(self.model, "describe_extra", None)
+        if callable(extra):
+            lines += extra()
+        lines.append(f"tokenizer {r.data.tokenizer.name} (vocab {self.tokenizer.vocab_size}) | model vocab {self.vocab_size}")
+        for s in self.sources:
+            lines.append(f"data {s.label}: weight {s.weight:g}, {human(len(s.train))} train / {human(len(s.val))} val tokens")
+        t = r.train
+        lines.append(
+            f"batch {t.batch_size} x accum {t.grad_accum_steps} x seq {self.seq_len}"
+            f" = {t.batch_size * t.grad_accum_steps * self.seq_len:,} tokens/step | steps {t.max_steps}"
+            f" | optimizer {r.optimizer.name} | lr schedule {r.lr_scheduler.name}"
+        )
+        lines.append("kernels: " + ", ".join(f"{op}={impl}" for op, impl in self.kernels.items()))
+        return lines

@@ -1,0 +1,156 @@
+"""What the engine expects of each component kind. Components subclass these.
+
+Context passed to factories, by kind (``factory(config, **context)``):
+
+=====================  =====================================================================
+kind                   context keys
+=====================  =====================================================================
+model                  ``vocab_size`` (int, from the recipe or the tokenizer), ``registry``
+                       (to build nested components such as ``[model.attention]``),
+                       ``kernels`` (the recipe's ``[kernels]`` choices)
+embedding/attention/   ``parent`` (the model config), ``registry``, ``kernels``, plus what the
+ssm/block              model passes (documented by the model component)
+optimizer              ``params`` (parameter groups; the no-decay group sets weight_decay=0)
+lr_scheduler           ``optimizer``, ``max_steps``
+curvature_scheduler    ``max_steps``
+data_source            ``cache_dir`` (str), ``seed`` (int)
+tokenizer              ``cache_dir`` (str), ``state`` (dict saved in a checkpoint, or None)
+tracker                ``run_dir``, ``run_name``, ``recipe`` (resolved, as a dict),
+                       ``resume_state`` (what ``state()`` returned before, or None)
+callback               (none)
+kernel                 ``device``
+=====================  =====================================================================
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from phase7fw.errors import Phase7Error
+
+
+class LanguageModel(nn.Module):
+    """A causal LM: ``forward(input_ids) -> logits`` of shape (batch, seq, vocab)."""
+
+    vocab_size: int
+    seq_len: int
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Training loss (next-token cross-entropy plus any auxiliary loss) and extra
+        metrics to log (floats or 0-dim tensors)."""
+        logits = self(input_ids)
+        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return ce, {}
+
+    def init_weights(self) -> None:
+        """Initialize every parameter and buffer (called after materializing from meta)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement init_weights()")
+
+    def enable_activation_checkpointing(self) -> None:
+        raise Phase7Error(f"model {type(self).__name__} does not support activation checkpointing")
+
+    def set_curvature(self, kappa: float) -> None:
+        raise Phase7Error(
+            f"model {type(self).__name__} has no curvature; remove [curvature_scheduler] from the recipe"
+        )
+
+    def parameter_breakdown(self) -> dict[str, int]:
+        """Parameter count per component (embedding, attention, ffn, norms, head, ...)."""
+        return {"total": sum(p.numel() for p in self.parameters())}
+
+    def matmul_params(self) -> int:
+        """Parameters used in matmuls (embedding lookups excluded), for FLOP counts."""
+        return sum(p.numel() for p in self.parameters() if p.dim() >= 2)
+
+
+class Tokenizer:
+    """Text <-> token ids. ``eos_id`` separates documents."""
+
+    vocab_size: int
+    eos_id: int
+
+    def prepare(self, texts: Iterable[str]) -> None:
+        """Train or load what the tokenizer needs (no-op for fixed tokenizers)."""
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """``encode`` as an integer array (tokenizers override it when they can do better)."""
+        return np.asarray(self.encode(text), dtype=np.int64)
+
+    def state(self) -> dict:
+        """Everything needed to rebuild this tokenizer without data (saved in checkpoints)."""
+        return {}
+
+    def fingerprint(self) -> str:
+        """A short string that changes when the token ids would change (cache keys)."""
+        return type(self).__name__
+
+
+class DataSource:
+    """One source of the data mix. ``load_tokens`` returns a 1-D integer array of token ids,
+    documents separated by ``tokenizer.eos_id``."""
+
+    def texts(self) -> Iterator[str]:
+        """Documents as text (used to train tokenizers); empty for token-only sources."""
+        return iter(())
+
+    def load_tokens(self, tokenizer: Tokenizer) -> np.ndarray:
+        dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
+        eos = np.asarray([tokenizer.eos_id], dtype=dtype)
+        parts = []
+        for doc in self.texts():
+            parts += [tokenizer.encode_array(doc).astype(dtype), eos]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+class Tracker:
+    """Receives every logged row (dicts with ``step`` and ``split``)."""
+
+    def log(self, row: dict) -> None:
+        raise NotImplementedError
+
+    def state(self) -> dict:
+        """Saved in checkpoints and passed back as ``resume_state`` on resume (run ids)."""
+        return {}
+
+    def finish(self) -> None:
+        """Flush and close; called once at the end of a run, also after an error."""
+
+
+class Callback:
+    """Per-step hooks into the training loop, called in recipe order."""
+
+    def on_run_start(self, engine) -> None: ...
+
+    def on_step_end(self, engine, row: dict) -> None: ...
+
+    def on_eval_end(self, engine, row: dict) -> None: ...
+
+    def on_checkpoint(self, engine, path: str) -> None: ...
+
+    def on_run_end(self, engine, summary: dict) -> None: ...
+
+
+class CurvatureScheduler:
+    """kappa(step): the global curvature scale, stepped with the optimizer."""
+
+    def value(self, step: int) -> float:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...

@@ -1,0 +1,75 @@
+"""Helpers to declare recipe options on attrs config classes.
+
+``option(default, check=positive, help="...")`` declares a field whose value is range-checked
+when a recipe is validated (all errors reported at once, with their key paths), and
+``component("embedding", default={"name": "htt"})`` declares a nested component table
+(``[model.embedding]``) that is looked up in the registry and structured into that
+component's own config class.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+
+@attrs.frozen
+class Component:
+    """A component chosen in a recipe: its registered ``name`` and structured ``config``."""
+
+    name: str
+    config: object
+    weight: float = 1.0  # only data sources carry a weight (the share of the data mix)
+
+
+def option(default=attrs.NOTHING, *, check=None, help: str = "", factory=None):  # noqa: A002
+    meta = {"help": help}
+    if check is not None:
+        meta["check"] = check
+    if factory is not None:
+        return attrs.field(factory=factory, metadata=meta)
+    return attrs.field(default=default, metadata=meta)
+
+
+def component(kind: str, default: dict | None = None, *, many: bool = False, help: str = ""):  # noqa: A002
+    """A nested component table (or array of tables with ``many=True``) of ``kind``.
+
+    ``default`` is the raw table used when the recipe leaves it out (``None``: optional,
+    absent means no component; for ``many`` the default is an empty list).
+    """
+    meta = {"component": kind, "many": many, "raw_default": default, "help": help}
+    if many:
+        return attrs.field(factory=list, metadata=meta)
+    return attrs.field(default=None, metadata=meta)
+
+
+# Range checks: each returns an error message or None.
+def positive(v):
+    return None if v > 0 else f"must be > 0, got {v!r}"
+
+
+def non_negative(v):
+    return None if v >= 0 else f"must be >= 0, got {v!r}"
+
+
+def in_range(lo, hi, *, lo_open=False, hi_open=False):
+    def check(v):
+        ok_lo = v > lo if lo_open else v >= lo
+        ok_hi = v < hi if hi_open else v <= hi
+        if ok_lo and ok_hi:
+            return None
+        return f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}, got {v!r}"
+
+    return check
+
+
+def each(check):
+    """Apply ``check`` to every element of a sequence."""
+
+    def run(values):
+        for i, v in enumerate(values):
+            msg = check(v)
+            if msg:
+                return f"element {i} {msg}"
+        return None
+
+    return run

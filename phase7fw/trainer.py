@@ -1,0 +1,251 @@
+"""The training loop: one optimizer step = ``grad_accum_steps`` micro-batches.
+
+Per step: forward/backward every micro-batch under autocast (loss divided by the number of
+micro-batches), unscale (fp16), clip to ``grad_clip`` and measure the global grad norm, then
+either update or -- when the loss or the grad norm is NaN/Inf -- skip the update, count it,
+and stop after ``train.max_nonfinite_steps`` skips in a row. The step counter, the LR and
+curvature schedules and the data position advance either way, so a skipped step is a
+step whose update was dropped, not a step that is retried.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+import warnings
+
+import torch
+
+from phase7fw.checkpoint import checkpoint_path
+from phase7fw.console import perplexity, step_line, val_line
+from phase7fw.errors import TrainingAborted
+from phase7fw.recipe import recipe_to_dict, recipe_to_toml
+from phase7fw.recipe.convert import structure_component
+
+
+class Trainer:
+    def __init__(self, engine):
+        self.engine = engine
+        self.recipe = engine.recipe
+        self.train = engine.recipe.train
+        self.console = engine.console
+        self.interrupted = False
+        self.hard_stop = False
+        self.trackers: list = []
+        self.callbacks: list = []
+
+    # ------------------------------------------------------------------ setup
+    def _build_trackers(self) -> None:
+        e, r = self.engine, self.recipe
+        specs = list(r.trackers)
+        if not any(s.name == "jsonl" for s in specs):  # training_log.jsonl is always written
+            errors: list[str] = []
+            specs.insert(0, structure_component({"name": "jsonl"}, "tracker", e.registry, "trackers", errors))
+        resumed = getattr(e, "resumed_from", None) is not None
+        for spec in specs:
+            tracker = e.registry.build(
+                "tracker", spec.name, spec.config, run_dir=str(e.output_dir), run_name=r.run.name,
+                recipe=recipe_to_dict(r), resume_state=e.tracker_state.get(spec.name) if resumed else None,
+                resume_step=e.step,
+            )
+            self.trackers.append((spec.name, tracker))
+        self.callbacks = [e.registry.build("callback", s.name, s.config) for s in r.callbacks]
+        e._done("trackers")
+
+    def _log(self, row: dict) -> None:
+        for _, tracker in self.trackers:
+            tracker.log(row)
+
+    def _tracker_state(self) -> dict:
+        return {name: t.state() for name, t in self.trackers}
+
+    # ------------------------------------------------------------------ signals
+    def _on_sigint(self, signum, frame):
+        if self.interrupted:  # second Ctrl-C: stop now, without saving a half-done step
+            self.hard_stop = True
+            raise KeyboardInterrupt
+        self.interrupted = True
+        self.console.print("\nInterrupted: finishing this step, saving a checkpoint (Ctrl-C again to quit now)")
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> dict:
+        e = self.engine
+        e.output_dir.mkdir(parents=True, exist_ok=True)
+        (e.output_dir / "resolved_recipe.toml").write_text(recipe_to_toml(self.recipe))
+        self._build_trackers()
+        for line in e.describe():
+            self.console.print(line)
+        e.plugins.hook.run_start(engine=e)
+        for cb in self.callbacks:
+            cb.on_run_start(e)
+        e._done("loop")
+
+        old_handler = None
+        if threading.current_thread() is threading.main_thread():
+            old_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        self.console.start_bar(self.train.max_steps, e.step)
+        try:
+            summary = self._loop()
+        except KeyboardInterrupt:
+            self.console.close_bar()
+            if self.hard_stop:
+                self.console.print("Stopped by a second Ctrl-C without saving this step.")
+            else:
+                path = self._save(e.step)
+                self.console.print(f"Stopped by Ctrl-C at step {e.step}; checkpoint saved to {path}."
+                                   " Continue with the same command and --resume auto.")
+            raise
+        finally:
+            self.console.close_bar()
+            if old_handler is not None:
+                signal.signal(signal.SIGINT, old_handler)
+            for _, tracker in self.trackers:
+                tracker.finish()
+        e.plugins.hook.run_end(engine=e, summary=summary)
+        for cb in self.callbacks:
+            cb.on_run_end(e, summary)
+        return summary
+
+    def _loop(self) -> dict:
+        e, t = self.engine, self.train
+        model, opt = e.model, e.optimizer
+        model.train()
+        consecutive_bad = 0
+        window = {"loss": 0.0, "n": 0, "time": 0.0, "tokens": 0, "steps": 0}
+        last_loss = math.nan
+        tokens_per_step = t.batch_size * t.grad_accum_steps * e.seq_len
+        params = [p for p in model.parameters() if p.requires_grad]
+        while e.step < t.max_steps:
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=e.device)
+            metric_sums: dict[str, float] = {}
+            for _ in range(t.grad_accum_steps):
+                x, y = (b.to(e.device, non_blocking=True) for b in next(e.train_sampler))
+                with e.autocast():
+                    loss, metrics = e._loss_fn(x, y)
+                scaled = loss / t.grad_accum_steps
+                (e.scaler.scale(scaled) if e.scaler else scaled).backward()
+                loss_sum += loss.detach().float()
+                for k, v in metrics.items():
+                    metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
+            if e.scaler:
+                e.scaler.unscale_(opt)
+            max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            loss_value = float(loss_sum) / t.grad_accum_steps
+            finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+            lr = opt.param_groups[0]["lr"]
+            if finite:
+                if e.scaler:
+                    e.scaler.step(opt)
+                    e.scaler.update()
+                else:
+                    opt.step()
+                consecutive_bad = 0
+            else:
+                if e.scaler:
+                    e.scaler.update()  # lowers the scale for the next step
+                e.skipped_steps += 1
+                consecutive_bad += 1
+            opt.zero_grad(set_to_none=True)
+            with warnings.catch_warnings():  # torch warns when the very first update was skipped
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step",
+                                        category=UserWarning)
+                e.lr_scheduler.step()
+            e.step += 1
+            e.tokens_seen += tokens_per_step
+            if e.curvature_scheduler is not None:
+                e.model.set_curvature(e.curvature_scheduler.value(e.step))
+            dt = time.perf_counter() - t0
+
+            if finite:
+                window["loss"] += loss_value
+                window["n"] += 1
+                last_loss = loss_value
+            window["time"] += dt
+            window["tokens"] += tokens_per_step
+            window["steps"] += 1
+            self.console.advance(f"loss {loss_value:.4f}")
+
+            if not finite:
+                self.console.print(f"Step {e.step:>6} | skipped: non-finite loss {loss_value} or grad norm"
+                                   f" {grad_norm} ({consecutive_bad} in a row, {e.skipped_steps} in total)")
+                self._log({"step": e.step, "split": "train", "loss": loss_value, "grad_norm": grad_norm,
+                           "lr": lr, "skipped": True, "skipped_steps": e.skipped_steps})
+                if consecutive_bad >= t.max_nonfinite_steps:
+                    path = self._save(e.step)
+                    raise TrainingAborted(
+                        f"stopping: {consecutive_bad} non-finite steps in a row (last at step {e.step}:"
+                        f" loss {loss_value}, grad norm {grad_norm}). The weights are those of the last"
+                        f" finite update, saved to {path}; lower optimizer.lr, raise lr_scheduler.warmup_steps"
+                        " or use precision = \"bf16\"/\"fp32\", then resume."
+                    )
+
+            if e.step % t.log_every == 0 or e.step == t.max_steps:
+                self._log_window(window, lr, grad_norm, metric_sums)
+                window = {"loss": 0.0, "n": 0, "time": 0.0, "tokens": 0, "steps": 0}
+            if t.eval_every and e.step % t.eval_every == 0 and e.step < t.max_steps:
+                self._evaluate()
+            if t.save_every and e.step % t.save_every == 0:
+                self._save(e.step)
+            if self.interrupted:
+                raise KeyboardInterrupt
+
+        val = self._evaluate() if e.val_sampler is not None else None
+        final = self._save("final")
+        return {
+            "steps": e.step,
+            "final_loss": last_loss,
+            "final_val_loss": val,
+            "best_val_loss": e.best_val_loss if math.isfinite(e.best_val_loss) else None,
+            "tokens": e.tokens_seen,
+            "skipped_steps": e.skipped_steps,
+            "output_dir": str(e.output_dir),
+            "final_checkpoint": str(final),
+        }
+
+    def _log_window(self, window: dict, lr: float, grad_norm: float, metric_sums: dict) -> None:
+        e, t = self.engine, self.train
+        if window["steps"] == 0:
+            return
+        loss = window["loss"] / window["n"] if window["n"] else math.nan
+        step_time = window["time"] / window["steps"]
+        tok_s = window["tokens"] / window["time"] if window["time"] > 0 else 0.0
+        row = {"step": e.step, "split": "train", "loss": loss, "ppl": perplexity(loss), "lr": lr,
+               "grad_norm": grad_norm, "step_time_s": step_time, "tokens_per_s": tok_s, "tokens": e.tokens_seen,
+               "skipped_steps": e.skipped_steps}
+        row.update({k: v / t.grad_accum_steps for k, v in metric_sums.items()})
+        extra = {"Tok/s": f"{tok_s:,.0f}"}
+        if e.curvature_scheduler is not None:
+            row["curvature"] = e.curvature_scheduler.value(e.step)
+            extra["Curv"] = f"{row['curvature']:.3f}"
+        self.console.print(step_line(e.step, loss, lr, grad_norm, step_time, extra))
+        self._log(row)
+        for cb in self.callbacks:
+            cb.on_step_end(e, row)
+
+    def _evaluate(self) -> float | None:
+        e = self.engine
+        if e.val_sampler is None:
+            return None
+        metrics = e.evaluate()
+        row = {"step": e.step, "split": "val", "loss": metrics["loss"], "ppl": metrics["ppl"]}
+        self.console.print(val_line(e.step, metrics["loss"]))
+        self._log(row)
+        for cb in self.callbacks:
+            cb.on_eval_end(e, row)
+        if metrics["loss"] < e.best_val_loss:
+            e.best_val_loss = metrics["loss"]
+            self._save("best")
+        return metrics["loss"]
+
+    def _save(self, tag) -> str:
+        e = self.engine
+        e.tracker_state = self._tracker_state()
+        path = checkpoint_path(e.output_dir, e.model_name, tag)
+        e.save(path)
+        for cb in self.callbacks:
+            cb.on_checkpoint(e, str(path))
+        return str(path)

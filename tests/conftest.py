@@ -1,0 +1,68 @@
+"""Shared fixtures: installable fake plugin distributions, tiny recipes, a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+
+
+@pytest.fixture
+def fake_dist(tmp_path, monkeypatch):
+    """Make an installed-looking distribution with a ``phase7fw`` entry point.
+
+    ``fake_dist("name", "module source")`` writes ``<name>_mod.py`` and a dist-info folder on a
+    fresh ``sys.path`` entry, so ``importlib.metadata`` discovers it like a pip-installed plugin.
+    """
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+
+    def make(name: str, source: str, version: str = "1.0") -> str:
+        module = f"{name.replace('-', '_')}_mod"
+        (site / f"{module}.py").write_text(textwrap.dedent(source))
+        info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        (info / "entry_points.txt").write_text(f"[phase7fw]\n{name} = {module}\n")
+        sys.modules.pop(module, None)
+        return module
+
+    return make
+
+
+def tiny_overrides(tmp_path, **extra) -> dict:
+    """Overrides that make llama_tiny run in a few seconds in ``tmp_path``."""
+    out = {
+        "run.output_dir": str(tmp_path / "run"),
+        "model.d_model": 32,
+        "model.n_layers": 2,
+        "model.n_heads": 2,
+        "model.seq_len": 32,
+        "model.ffn_hidden": 64,
+        "train.batch_size": 4,
+        "train.max_steps": 6,
+        "train.log_every": 1,
+        "train.eval_every": 3,
+        "train.eval_batches": 2,
+        "train.save_every": 3,
+        "data.sources": [{"name": "python_stdlib", "max_files": 20}],
+        "data.val_fraction": 0.05,
+        "lr_scheduler.warmup_steps": 2,
+    }
+    out.update(extra)
+    return out
+
+
+def run_cli(*args, cwd=None, env=None, timeout=300):
+    """Run ``python -m phase7fw ARGS`` in a subprocess; returns CompletedProcess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "phase7fw", *map(str, args)], cwd=cwd or ROOT,
+                          env=full_env, capture_output=True, text=True, timeout=timeout)

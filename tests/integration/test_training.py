@@ -1,0 +1,217 @@
+"""End-to-end runs of the tiny llama recipe on the CPU: outputs, resume, NaN, Ctrl-C."""
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+
+import pytest
+import torch
+
+from phase7fw import Engine, build_model, load_recipe
+from phase7fw.checkpoint import load_checkpoint
+from phase7fw.engine import BUILD_ORDER
+from phase7fw.errors import CheckpointError, Phase7Error, TrainingAborted
+from tests.conftest import RECIPES, tiny_overrides
+
+TINY = RECIPES / "llama_tiny.toml"
+LINE = re.compile(r"^Step +\d+ \| Loss: \d+\.\d{4} \| PPL: [\d.]+ \| LR: \d\.\d\de[-+]\d\d \| Grad: \d+\.\d{3} \| Time: \d+\.\d\ds")
+
+
+def rows(run_dir, split="train"):
+    lines = (run_dir / "training_log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def test_tiny_run_trains_and_writes_pinned_outputs(tmp_path, capsys):
+    engine = Engine.from_recipe(TINY, tiny_overrides(tmp_path, **{"train.max_steps": 30, "train.eval_every": 10,
+                                                                  "train.save_every": 10}))
+    summary = engine.fit()
+    run = tmp_path / "run"
+    out = capsys.readouterr().out
+    step_lines = [l for l in out.splitlines() if l.startswith("Step")]
+    assert len(step_lines) == 30 and all(LINE.match(l) for l in step_lines)
+    assert step_lines[0].startswith("Step      1 | Loss: ")
+    train = rows(run)
+    assert [r["step"] for r in train] == list(range(1, 31))
+    assert train[-1]["loss"] < 0.7 * train[0]["loss"]
+    assert {"step", "split", "loss", "ppl", "lr", "grad_norm", "tokens_per_s"} <= set(train[0])
+    val = rows(run, "val")
+    assert [r["step"] for r in val] == [10, 20, 30]
+    assert math.isclose(val[0]["ppl"], math.exp(val[0]["loss"]), rel_tol=1e-9)
+    names = sorted(p.name for p in run.iterdir())
+    assert names == ["llama_best.pt", "llama_final.pt", "llama_step_10.pt", "llama_step_20.pt", "llama_step_30.pt",
+                     "resolved_recipe.toml", "training_log.jsonl"]
+    assert load_recipe(run / "resolved_recipe.toml") == engine.recipe
+    assert summary["steps"] == 30 and summary["best_val_loss"] == min(r["loss"] for r in val)
+    assert engine.build_steps == list(BUILD_ORDER)
+    best = load_checkpoint(run / "llama_best.pt")
+    assert best["metrics"]["best_val_loss"] == summary["best_val_loss"]
+
+
+def test_resume_is_bit_identical(tmp_path):
+    full = Engine.from_recipe(TINY, tiny_overrides(tmp_path / "a", **{"train.grad_accum_steps": 2}))
+    full.fit()
+    reference = rows(tmp_path / "a" / "run")
+    # A second run that only has the step-3 checkpoint, as if the first had died there.
+    resumed_dir = tmp_path / "b" / "run"
+    resumed_dir.mkdir(parents=True)
+    shutil.copy(tmp_path / "a" / "run" / "llama_step_3.pt", resumed_dir)
+    engine = Engine.from_recipe(TINY, tiny_overrides(tmp_path / "b", **{"train.grad_accum_steps": 2}), resume="auto")
+    assert engine.step == 3
+    engine.fit()
+    again = rows(resumed_dir)
+    assert [r["step"] for r in again] == [4, 5, 6]
+    for a, b in zip(reference[3:], again):
+        assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"] and a["lr"] == b["lr"]
+    final_a = load_checkpoint(tmp_path / "a" / "run" / "llama_final.pt")["model"]
+    final_b = load_checkpoint(resumed_dir / "llama_final.pt")["model"]
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def test_resume_never_refuses_to_overwrite(tmp_path):
+    Engine.from_recipe(TINY, tiny_overrides(tmp_path, **{"train.max_steps": 3})).fit()
+    with pytest.raises(Phase7Error, match="already holds checkpoints.*--resume auto"):
+        Engine.from_recipe(TINY, tiny_overrides(tmp_path), resume="never")
+
+
+def test_resume_auto_log_has_no_duplicate_steps(tmp_path):
+    Engine.from_recipe(TINY, tiny_overrides(tmp_path, **{"train.max_steps": 4, "train.save_every": 2})).fit()
+    os.remove(tmp_path / "run" / "llama_final.pt")  # as if it died after step 4 was logged
+    engine = Engine.from_recipe(TINY, tiny_overrides(tmp_path, **{"train.max_steps": 6}))
+    assert engine.step == 4
+    engine.fit()
+    assert [r["step"] for r in rows(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_incompatible_checkpoint_is_a_clear_error(tmp_path):
+    Engine.from_recipe(TINY, tiny_overrides(tmp_path, **{"train.max_steps": 3})).fit()
+    with pytest.raises(CheckpointError, match="does not fit the model of this recipe"):
+        Engine.from_recipe(TINY, tiny_overrides(tmp_path, **{"model.d_model": 48}))
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
+    engine = Engine.from_recipe(TINY, tiny_overrides(tmp_path))
+    real = engine._loss_fn
+    calls = {"n": 0}
+
+    def flaky(x, y):
+        calls["n"] += 1
+        loss, metrics = real(x, y)
+        return (loss * float("nan"), metrics) if calls["n"] in (2, 3) else (loss, metrics)
+
+    engine._loss_fn = flaky
+    before = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    summary = engine.fit()
+    assert summary["skipped_steps"] == 2 and summary["steps"] == 6
+    log = rows(tmp_path / "run")
+    skipped = [r["step"] for r in log if r.get("skipped")]
+    assert skipped == [2, 3]
+    assert all(math.isfinite(p.float().sum()) for p in engine.model.parameters())
+    assert any(not torch.equal(before[k], v) for k, v in engine.model.state_dict().items())
+
+
+def test_too_many_nonfinite_steps_stop_the_run(tmp_path):
+    engine = Engine.from_recipe(TINY, tiny_overrides(tmp_path, **{"train.max_nonfinite_steps": 2}))
+    real = engine._loss_fn
+    engine._loss_fn = lambda x, y: (real(x, y)[0] * float("inf"), {})
+    with pytest.raises(TrainingAborted, match="2 non-finite steps in a row") as info:
+        engine.fit()
+    assert "llama_step_2.pt" in str(info.value)
+    assert load_checkpoint(tmp_path / "run" / "llama_step_2.pt")["step"] == 2
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
+    engine = Engine.from_recipe(TINY, tiny_overrides(tmp_path))
+    real = engine._loss_fn
+    calls = {"n": 0}
+
+    def interrupt_on_second_step(x, y):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends
+        return real(x, y)
+
+    engine._loss_fn = interrupt_on_second_step
+    with pytest.raises(KeyboardInterrupt):
+        engine.fit()
+    state = load_checkpoint(tmp_path / "run" / "llama_step_2.pt")
+    assert state["step"] == 2
+    resumed = Engine.from_recipe(TINY, tiny_overrides(tmp_path))
+    assert resumed.step == 2
+    assert resumed.fit()["steps"] == 6
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    def one_step(batch, accum):
+        e = Engine.from_recipe(TINY, tiny_overrides(tmp_path / f"{batch}x{accum}", **{
+            "train.batch_size": batch, "train.grad_accum_steps": accum, "train.max_steps": 1,
+            "train.grad_clip": 0.0}), quiet=True)
+        x, y = e.train_sampler.batch(0)
+        e.train_sampler.batch = lambda i, x=x, y=y, b=batch: (x[(i % accum) * b:(i % accum + 1) * b],
+                                                              y[(i % accum) * b:(i % accum + 1) * b])
+        return e
+
+    big = Engine.from_recipe(TINY, tiny_overrides(tmp_path / "big", **{"train.batch_size": 4, "train.max_steps": 1,
+                                                                       "train.grad_clip": 0.0}), quiet=True)
+    x, y = big.train_sampler.batch(0)
+    big.fit()
+    small = one_step(2, 2)
+    small.train_sampler.batch = lambda i: (x[(i % 2) * 2:(i % 2 + 1) * 2], y[(i % 2) * 2:(i % 2 + 1) * 2])
+    small.fit()
+    for (name, a), b in zip(big.model.named_parameters(), small.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_bf16_and_fp16_precision_run_on_cpu(tmp_path):
+    for precision in ("bf16", "fp16"):
+        e = Engine.from_recipe(TINY, tiny_overrides(tmp_path / precision, **{"train.precision": precision,
+                                                                              "train.max_steps": 3}), quiet=True)
+        s = e.fit()
+        assert math.isfinite(s["final_loss"])
+        assert (e.scaler is not None) == (precision == "fp16")
+
+
+def test_dummy_data_and_activation_checkpointing(tmp_path):
+    e = Engine.from_recipe(TINY, tiny_overrides(tmp_path, **{"train.activation_checkpointing": True,
+                                                            "train.max_steps": 3}), dummy_data=True, quiet=True)
+    assert [s.label.split()[1] for s in e.sources] == ["(synthetic)"]
+    assert math.isfinite(e.fit()["final_loss"])
+
+
+def test_engine_api_evaluate_save_load_generate(tmp_path):
+    e = Engine.from_recipe(TINY, tiny_overrides(tmp_path, **{"train.max_steps": 4}), quiet=True)
+    e.fit()
+    m = e.evaluate()
+    assert set(m) >= {"loss", "ppl"} and math.isclose(m["ppl"], math.exp(m["loss"]))
+    path = e.save(tmp_path / "out" / "ckpt.pt")
+    loaded = Engine.from_checkpoint(path)
+    ids = torch.randint(0, 257, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids), e.model(ids), rtol=0, atol=0)
+        assert loaded.model(ids).shape == (2, 16, 257)
+    text = loaded.generate("def main", max_new_tokens=8, temperature=0.0)
+    assert isinstance(text, str) and text == e.generate("def main", max_new_tokens=8, temperature=0.0)
+    with_data = Engine.from_checkpoint(path, with_data=True)
+    assert with_data.evaluate() == m
+
+
+def test_build_model_on_meta_uses_no_memory():
+    model = build_model(load_recipe(RECIPES / "llama_1.5b.toml"), device="meta")
+    n = sum(p.numel() for p in model.parameters())
+    assert 1.4e9 <= n <= 1.6e9
+    assert all(p.is_meta for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path):
+    eager = Engine.from_recipe(TINY, tiny_overrides(tmp_path / "e", **{"train.max_steps": 2}), quiet=True)
+    compiled = Engine.from_recipe(TINY, tiny_overrides(tmp_path / "c", **{"train.max_steps": 2, "train.compile": True}),
+                                  quiet=True)
+    eager.fit()
+    compiled.fit()
+    a, b = rows(tmp_path / "e" / "run"), rows(tmp_path / "c" / "run")
+    for ra, rb in zip(a, b):
+        assert math.isclose(ra["loss"], rb["loss"], rel_tol=1e-4)
