@@ -1,0 +1,392 @@
+"""Attention components: ``hyperbolic`` (Poincare-ball distance scores, sliding window) and
+``sdpa`` (ordinary scaled dot-product attention, the baseline).
+
+Factories are called as ``factory(config, *, d_model, n_heads, seq_len, layer_idx, **context)``
+and return a module mapping (B, T, d_model) -> (B, T, d_model), projections included. The
+optional context key ``n_layers`` scales the output-projection init (residual depth).
+
+Hyperbolic attention, per head h (spec: design/MODEL.md):
+    q, k = RoPE(W_q u), RoPE(W_k u)      tangent vectors at the origin
+    s_ij = -tau_h * d_c(expmap0(q_i), expmap0(k_j))   for i - W < j <= i
+    o_i  = sum_j softmax_j(s_ij) v_j
+with c = clamp(kappa * exp(rho), c_min, c_max), kappa set by the curvature scheduler and rho
+(``log_c``) learned per layer, tau_h = softplus(beta_h) learned per head.
+
+:func:`hyperbolic_attention_reference` is the blockwise O(T W)-memory reference that the
+Triton kernel is checked against; :func:`dense_masked_hyperbolic_attention` is an independent
+T x T reference built from :mod:`phase7fw.geometry` ball points, for tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from phase7fw import geometry
+from phase7fw.errors import Phase7Error
+from phase7fw.hookspecs import hookimpl
+from phase7fw.recipe import non_negative, option, positive
+
+__all__ = [
+    "HyperbolicAttention",
+    "HyperbolicAttentionConfig",
+    "RotaryEmbedding",
+    "SdpaAttention",
+    "SdpaAttentionConfig",
+    "build_hyperbolic_attention",
+    "build_sdpa_attention",
+    "dense_masked_hyperbolic_attention",
+    "hyperbolic_attention_reference",
+    "sliding_window_mask",
+]
+
+
+# ---------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class HyperbolicAttentionConfig:
+    window: int = option(256, check=positive, help="keys per query (i-W < j <= i); >= seq_len: full causal")
+    rope_theta: float = option(10000.0, check=positive, help="RoPE base")
+    init_temperature: float = option(1.0, check=positive, help="initial tau = softplus(beta) of every head")
+    c_min: float = option(1e-3, check=positive, help="lower clamp of the effective curvature")
+    c_max: float = option(10.0, check=positive, help="upper clamp of the effective curvature")
+
+
+@attrs.frozen
+class SdpaAttentionConfig:
+    rope_theta: float = option(10000.0, check=positive, help="RoPE base")
+    window: int = option(0, check=non_negative, help="keys per query (i-W < j <= i); 0: full causal")
+
+
+# ---------------------------------------------------------------------------------------
+# Pure functions (references)
+# ---------------------------------------------------------------------------------------
+
+
+def sliding_window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """True where query position i may attend key position j: 0 <= j <= i and i - j < window."""
+    i = q_pos.unsqueeze(-1)
+    j = k_pos.unsqueeze(-2)
+    return (j <= i) & (i - j < window) & (j >= 0)
+
+
+def _per_head(t, n_heads: int, dtype, device) -> torch.Tensor:
+    """A scalar or (H,) tensor/float as an (H,) tensor of ``dtype`` (differentiable)."""
+    t = t.to(device=device, dtype=dtype) if isinstance(t, torch.Tensor) else torch.tensor(
+        float(t), dtype=dtype, device=device
+    )
+    if t.dim() == 0:
+        return t.expand(n_heads)
+    if t.shape != (n_heads,):
+        raise ValueError(f"expected a scalar or a tensor of shape ({n_heads},), got {tuple(t.shape)}")
+    return t
+
+
+def _compute_dtype(q: torch.Tensor, k: torch.Tensor) -> torch.dtype:
+    # Distances and softmax statistics are never computed below fp32 (bf16 cannot hold
+    # points near the boundary); fp64 inputs stay fp64 for tests.
+    return torch.float64 if torch.float64 in (q.dtype, k.dtype) else torch.float32
+
+
+def hyperbolic_attention_reference(q, k, v, c, tau, window: int) -> torch.Tensor:
+    """Causal sliding-window hyperbolic attention, blockwise: O(T * W) memory.
+
+    q, k, v: (B, H, T, D) (q, k already rotated); c: scalar tensor/float or (H,); tau: (H,);
+    window W >= 1 (W >= T: full causal). Returns (B, H, T, D) in v's dtype.
+
+    Queries are split into blocks of Wb = min(W, T) positions; block b's keys are blocks
+    b-1 and b, which hold every key in its window. Distances come from
+    :func:`geometry.dist_from_tangent_stats` (one matmul <q, k> plus per-row scalars), in
+    fp32 (or fp64) whatever the input dtype or autocast state.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    B, H, T, D = q.shape
+    out_dtype = v.dtype
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        dtype = _compute_dtype(q, k)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        c = _per_head(c, H, dtype, q.device)
+        tau = _per_head(tau, H, dtype, q.device)
+
+        wb = min(window, T)
+        nb = math.ceil(T / wb)
+        pad = nb * wb - T
+        if pad:
+            # Padded keys sit at positions >= T, after every real query: causality masks them.
+            q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+
+        sq = geometry.tangent_stats(q, c.view(H, 1))  # each (B, H, Tp)
+        sk = geometry.tangent_stats(k, c.view(H, 1))
+
+        def blocks(t):  # (B, H, Tp, ...) -> (B, H, nb, wb, ...)
+            return t.reshape(B, H, nb, wb, *t.shape[3:])
+
+        def with_previous(t):  # keys of block b: blocks b-1 and b (zeros before block 0)
+            t = blocks(t)
+            if nb == 1:
+                return t
+            prev = F.pad(t, (0, 0) * (t.dim() - 4) + (0, 0, 1, 0))[:, :, :nb]  # shift blocks by one
+            return torch.cat([prev, t], dim=3)
+
+        qb = blocks(q)
+        kb, vb = with_previous(k), with_previous(v)
+        sqb = geometry.TangentStats(*(blocks(s).unsqueeze(-1) for s in sq))  # (B,H,nb,wb,1)
+        skb = geometry.TangentStats(*(with_previous(s).unsqueeze(-2) for s in sk))  # (B,H,nb,1,L)
+        dot = qb @ kb.transpose(-1, -2)  # (B, H, nb, wb, L), L = wb or 2 wb
+        d = geometry.dist_from_tangent_stats(dot, sqb, skb, c.view(H, 1, 1, 1))
+        scores = -tau.view(H, 1, 1, 1) * d
+
+        blk = torch.arange(nb, device=q.device).view(nb, 1)
+        q_pos = blk * wb + torch.arange(wb, device=q.device)  # (nb, wb)
+        k_first = (blk - (1 if nb > 1 else 0)) * wb
+        k_pos = k_first + torch.arange(kb.shape[3], device=q.device)  # (nb, L)
+        mask = sliding_window_mask(q_pos, k_pos, window)  # (nb, wb, L); j = i always allowed
+        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        out = (probs @ vb).reshape(B, H, nb * wb, D)[:, :, :T]
+    return out.to(out_dtype)
+
+
+def dense_masked_hyperbolic_attention(q, k, v, c, tau, window: int) -> torch.Tensor:
+    """Independent T x T reference: ball points from ``geometry.expmap0`` (projected to radius
+    0.999/sqrt(c), matching the tangent clamp of the blockwise path), distances from
+    ``geometry.pairwise_dist``, an explicit sliding-window mask. Memory O(T^2 D); tests only."""
+    B, H, T, D = q.shape
+    out_dtype = v.dtype
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        dtype = _compute_dtype(q, k)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        c = _per_head(c, H, dtype, q.device)
+        tau = _per_head(tau, H, dtype, q.device)
+        edge = 1.0 - math.tanh(geometry.MAX_TANGENT_ATANH)  # = 1e-3: radius 0.999/sqrt(c)
+        x = geometry.project(geometry.expmap0(q, c.view(H, 1)), c.view(H, 1), eps=edge)
+        y = geometry.project(geometry.expmap0(k, c.view(H, 1)), c.view(H, 1), eps=edge)
+        d = geometry.pairwise_dist(x, y, c.view(H, 1, 1))  # (B, H, T, T)
+        pos = torch.arange(T, device=q.device)
+        mask = sliding_window_mask(pos, pos, window)
+        scores = (-tau.view(H, 1, 1) * d).masked_fill(~mask, float("-inf"))
+        out = torch.softmax(scores, dim=-1) @ v
+    return out.to(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE over (B, H, T, D). Tables are non-persistent fp32 buffers for
+    ``seq_len`` positions, recomputed by ``init_weights`` (after a meta-device build);
+    longer inputs get tables computed on the fly. Output is fp32: the rotation is part of
+    the hyperbolic input and must not be rounded to bf16 first."""
+
+    def __init__(self, head_dim: int, seq_len: int, theta: float):
+        super().__init__()
+        if head_dim % 2:
+            raise Phase7Error(f"RoPE needs an even head dimension, got {head_dim}")
+        self.head_dim, self.seq_len, self.theta = head_dim, seq_len, theta
+        cos, sin = self._tables(seq_len, device=None)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _tables(self, n: int, device):
+        half = self.head_dim // 2
+        inv_freq = self.theta ** (-torch.arange(half, dtype=torch.float64, device=device) / half)
+        ang = torch.arange(n, dtype=torch.float64, device=device).unsqueeze(-1) * inv_freq
+        return ang.cos().float(), ang.sin().float()
+
+    def init_weights(self) -> None:
+        cos, sin = self._tables(self.seq_len, device=self.cos.device)
+        with torch.no_grad():
+            self.cos.copy_(cos)
+            self.sin.copy_(sin)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.shape[-2]
+        if T <= self.cos.shape[0]:
+            cos, sin = self.cos[:T].float(), self.sin[:T].float()
+        else:
+            cos, sin = self._tables(T, device=x.device)
+        x = x.float()
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def _inverse_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y))  # log(exp(y) - 1) without overflow
+
+
+class _ProjectedAttention(nn.Module):
+    """Shared parts: q/k/v/out projections (no bias), RoPE, head split/merge."""
+
+    def __init__(self, d_model: int, n_heads: int, seq_len: int, rope_theta: float, n_layers: int):
+        super().__init__()
+        if d_model % n_heads:
+            raise Phase7Error(f"attention: d_model {d_model} is not divisible by n_heads {n_heads}")
+        self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
+        self.n_layers = n_layers
+        self.q_proj = nn.Linear(d_model, d_model, bias=False)
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)
+        self.v_proj = nn.Linear(d_model, d_model, bias=False)
+        self.o_proj = nn.Linear(d_model, d_model, bias=False)
+        self.rope = RotaryEmbedding(self.head_dim, seq_len, rope_theta)
+
+    def _qkv(self, x):
+        B, T, _ = x.shape
+
+        def heads(t):
+            return t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+
+        q = self.rope(heads(self.q_proj(x)))
+        k = self.rope(heads(self.k_proj(x)))
+        return q, k, heads(self.v_proj(x))
+
+    def _out(self, o):
+        B, H, T, D = o.shape
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, H * D))
+
+    def _init_projections(self, qk_std: float) -> None:
+        std = self.d_model**-0.5
+        nn.init.normal_(self.q_proj.weight, std=qk_std)
+        nn.init.normal_(self.k_proj.weight, std=qk_std)
+        nn.init.normal_(self.v_proj.weight, std=std)
+        # Residual branches add up over depth: shrink the output projection (GPT-2 style).
+        nn.init.normal_(self.o_proj.weight, std=std / math.sqrt(2 * self.n_layers))
+        self.rope.init_weights()
+
+
+class HyperbolicAttention(_ProjectedAttention):
+    """Sliding-window attention scored by negative Poincare-ball distance (module docstring)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        seq_len: int,
+        *,
+        window: int = 256,
+        rope_theta: float = 10000.0,
+        init_temperature: float = 1.0,
+        c_min: float = 1e-3,
+        c_max: float = 10.0,
+        n_layers: int = 1,
+    ):
+        super().__init__(d_model, n_heads, seq_len, rope_theta, n_layers)
+        if not 0 < c_min <= c_max:
+            raise Phase7Error(f"attention: need 0 < c_min <= c_max, got c_min={c_min}, c_max={c_max}")
+        self.window, self.c_min, self.c_max = window, c_min, c_max
+        self.init_temperature = init_temperature
+        self.log_c = nn.Parameter(torch.zeros(()))  # rho: learned per-layer log-curvature
+        self.beta = nn.Parameter(torch.full((n_heads,), _inverse_softplus(init_temperature)))
+        # kappa from the curvature scheduler: a buffer updated in place (fill_), so a compiled
+        # graph reads it as data and does not recompile when it changes; not checkpointed
+        # (the scheduler owns it).
+        self._kappa = 1.0
+        self.register_buffer("kappa", torch.ones((), dtype=torch.float32), persistent=False)
+        #: the attention core; kernel selection may swap in a Triton implementation with
+        #: the same signature as hyperbolic_attention_reference.
+        self.attention_fn = hyperbolic_attention_reference
+
+    def set_curvature(self, kappa: float) -> None:
+        self._kappa = float(kappa)
+        with torch.no_grad():
+            self.kappa.fill_(self._kappa)
+
+    def curvature(self) -> torch.Tensor:
+        """Effective curvature c = clamp(kappa * exp(log_c), c_min, c_max), 0-dim fp32."""
+        return (self.kappa.float() * self.log_c.float().exp()).clamp(self.c_min, self.c_max)
+
+    def temperature(self) -> torch.Tensor:
+        """Per-head tau = softplus(beta), fp32."""
+        return F.softplus(self.beta.float())
+
+    def init_weights(self) -> None:
+        # q, k are tangent vectors: std 1/sqrt(d_model * head_dim) gives |q| ~ 1 for unit-RMS
+        # inputs, so points start well inside the ball (sqrt(c)|q| ~ 1) rather than at the clamp.
+        self._init_projections(qk_std=(self.d_model * self.head_dim) ** -0.5)
+        with torch.no_grad():
+            self.log_c.zero_()
+            self.beta.fill_(_inverse_softplus(self.init_temperature))
+            self.kappa.fill_(self._kappa)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._qkv(x)
+        o = self.attention_fn(q, k, v, self.curvature(), self.temperature(), self.window)
+        return self._out(o)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.n_heads}, head_dim={self.head_dim}, window={self.window}, c in [{self.c_min}, {self.c_max}]"
+
+
+class SdpaAttention(_ProjectedAttention):
+    """Causal (optionally sliding-window) softmax(q k^T / sqrt(D)) v with RoPE."""
+
+    def __init__(
+        self, d_model: int, n_heads: int, seq_len: int, *, rope_theta: float = 10000.0, window: int = 0, n_layers: int = 1
+    ):
+        super().__init__(d_model, n_heads, seq_len, rope_theta, n_layers)
+        self.window = window
+
+    def init_weights(self) -> None:
+        self._init_projections(qk_std=self.d_model**-0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._qkv(x)
+        q, k = q.to(v.dtype), k.to(v.dtype)  # RoPE output is fp32; SDPA wants one dtype
+        T = q.shape[-2]
+        if self.window == 0 or self.window >= T:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            pos = torch.arange(T, device=q.device)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=sliding_window_mask(pos, pos, self.window))
+        return self._out(o)
+
+
+# ---------------------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------------------
+
+
+def build_hyperbolic_attention(config, *, d_model: int, n_heads: int, seq_len: int, layer_idx: int, **context):
+    return HyperbolicAttention(
+        d_model,
+        n_heads,
+        seq_len,
+        window=config.window,
+        rope_theta=config.rope_theta,
+        init_temperature=config.init_temperature,
+        c_min=config.c_min,
+        c_max=config.c_max,
+        n_layers=context.get("n_layers", 1),
+    )
+
+
+def build_sdpa_attention(config, *, d_model: int, n_heads: int, seq_len: int, layer_idx: int, **context):
+    return SdpaAttention(
+        d_model, n_heads, seq_len, rope_theta=config.rope_theta, window=config.window, n_layers=context.get("n_layers", 1)
+    )
+
+
+@hookimpl
+def register_components(register):
+    register(
+        "attention",
+        "hyperbolic",
+        build_hyperbolic_attention,
+        HyperbolicAttentionConfig,
+        description="causal sliding-window attention scored by -tau * Poincare distance (learned curvature)",
+    )
+    register(
+        "attention",
+        "sdpa",
+        build_sdpa_attention,
+        SdpaAttentionConfig,
+        description="causal softmax dot-product attention with RoPE (optional sliding window)",
+    )

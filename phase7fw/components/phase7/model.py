@@ -1,0 +1,228 @@
+"""The ``phase7`` model: HTT embedding, gated hybrid blocks, RMSNorm, dense LM head.
+
+Block (MODEL.md), pre-norm::
+
+    h   = x + Mixer(norm1(x))
+    out = h + FFN(norm2(h))                       # SwiGLU
+    Mixer(u) = g * Attn(u) + (1 - g) * SSM(u)     # g = sigmoid(W_g u + b_g), per token and channel
+
+``model.mixer = "attention"`` or ``"ssm"`` keeps one path (ablations). The embedding, the
+attention, the SSM and the block itself are components chosen by name in the recipe
+(``[model.embedding]``, ``[model.attention]``, ``[model.ssm]``, ``[model.block]``).
+"""
+
+# No ``from __future__ import annotations``: the recipe converter reads the field types.
+
+import math
+from typing import Literal
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from phase7fw.components.llama import RMSNorm, SwiGLU
+from phase7fw.errors import Phase7Error
+from phase7fw.hookspecs import hookimpl
+from phase7fw.interfaces import LanguageModel
+from phase7fw.recipe.options import Component, component, non_negative, option, positive
+
+
+@attrs.frozen
+class Phase7Config:
+    d_model: int = option(256, check=positive, help="hidden width")
+    n_layers: int = option(4, check=positive, help="hybrid blocks")
+    n_heads: int = option(4, check=positive, help="attention heads")
+    seq_len: int = option(256, check=positive, help="training sequence length")
+    vocab_size: int = option(0, check=non_negative, help="0 = the tokenizer's vocabulary size")
+    ffn_hidden: int = option(0, check=non_negative, help="SwiGLU width; 0 = 8/3 d_model rounded up")
+    ffn_multiple_of: int = option(256, check=positive, help="rounding of the automatic ffn_hidden")
+    mixer: Literal["hybrid", "attention", "ssm"] = option("hybrid", help="which sequence mixers a block has")
+    norm_eps: float = option(1e-5, check=positive, help="RMSNorm epsilon")
+    init_std: float = option(0.02, check=positive, help="std of the normal weight init")
+    embedding: Component = component("embedding", {"name": "htt"}, help="token embedding")
+    attention: Component = component("attention", {"name": "hyperbolic"}, help="local attention path")
+    ssm: Component = component("ssm", {"name": "ar_ssm"}, help="global state-space path")
+    block: Component = component("block", {"name": "hybrid"}, help="block layout")
+
+
+def ffn_width(config: Phase7Config) -> int:
+    if config.ffn_hidden:
+        return config.ffn_hidden
+    m = config.ffn_multiple_of
+    return m * math.ceil(8 * config.d_model / 3 / m)
+
+
+@attrs.frozen
+class HybridBlockConfig:
+    gate_init_bias: float = option(0.0, help="b_g at init: 0 starts the mix at g = 0.5")
+
+
+class HybridBlock(nn.Module):
+    """One Phase 7 block. ``forward(x) -> (x, gate_mean)`` (gate_mean: the SSM rank gate's
+    mean, 0 when there is no SSM), so the model can add the rank penalty to the loss."""
+
+    def __init__(self, config: HybridBlockConfig, model_config: Phase7Config, layer_idx: int, registry, kernels):
+        super().__init__()
+        mc = model_config
+        self.gate_init_bias = config.gate_init_bias
+        self.init_std = mc.init_std
+        self.n_layers = mc.n_layers
+        ctx = dict(d_model=mc.d_model, n_heads=mc.n_heads, seq_len=mc.seq_len, layer_idx=layer_idx,
+                   n_layers=mc.n_layers, parent=mc, registry=registry, kernels=kernels)
+        self.norm1 = RMSNorm(mc.d_model, mc.norm_eps)
+        self.norm2 = RMSNorm(mc.d_model, mc.norm_eps)
+        self.attn = None
+        self.ssm = None
+        if mc.mixer in ("hybrid", "attention"):
+            self.attn = registry.build("attention", mc.attention.name, mc.attention.config, **ctx)
+        if mc.mixer in ("hybrid", "ssm"):
+            self.ssm = registry.build("ssm", mc.ssm.name, mc.ssm.config, **ctx)  # may be None ("none")
+        if self.attn is None and self.ssm is None:
+            raise Phase7Error(f"model.mixer = {mc.mixer!r} with ssm 'none' leaves a block without a sequence mixer")
+        self.gate = nn.Linear(mc.d_model, mc.d_model, bias=True) if self.attn is not None and self.ssm is not None else None
+        self.ffn = SwiGLU(mc.d_model, ffn_width(mc))
+
+    def init_weights(self) -> None:
+        self.norm1.reset_parameters()
+        self.norm2.reset_parameters()
+        for part in (self.attn, self.ssm):
+            if part is not None:
+                part.init_weights()
+        if self.gate is not None:
+            nn.init.normal_(self.gate.weight, std=self.init_std)
+            nn.init.constant_(self.gate.bias, self.gate_init_bias)
+        nn.init.normal_(self.ffn.w13.weight, std=self.init_std)
+        nn.init.normal_(self.ffn.w2.weight, std=self.init_std / math.sqrt(2 * self.n_layers))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        u = self.norm1(x)
+        gate_mean = x.new_zeros((), dtype=torch.float32)
+        if self.ssm is not None:
+            s, gate_mean = self.ssm(u)
+        if self.attn is None:
+            mixed = s
+        elif self.ssm is None:
+            mixed = self.attn(u)
+        else:
+            g = torch.sigmoid(self.gate(u))
+            mixed = g * self.attn(u) + (1 - g) * s
+        h = x + mixed
+        return h + self.ffn(self.norm2(h)), gate_mean
+
+
+class Phase7Model(LanguageModel):
+    def __init__(self, config: Phase7Config, vocab_size: int, registry, kernels):
+        super().__init__()
+        self.config = config
+        self.vocab_size, self.seq_len = vocab_size, config.seq_len
+        self.embedding = registry.build("embedding", config.embedding.name, config.embedding.config,
+                                        vocab_size=vocab_size, d_model=config.d_model, registry=registry,
+                                        kernels=kernels, parent=config)
+        self.blocks = nn.ModuleList(
+            registry.build("block", config.block.name, config.block.config, model_config=config, layer_idx=i,
+                           registry=registry, kernels=kernels)
+            for i in range(config.n_layers)
+        )
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.head = nn.Linear(config.d_model, vocab_size, bias=False)
+        self.checkpointing = False
+
+    # ---------------------------------------------------------------- LanguageModel API
+    def init_weights(self) -> None:
+        self.embedding.init_weights()
+        for block in self.blocks:
+            block.init_weights()
+        self.norm.reset_parameters()
+        nn.init.normal_(self.head.weight, std=self.config.init_std)
+
+    def enable_activation_checkpointing(self) -> None:
+        self.checkpointing = True
+
+    def set_curvature(self, kappa: float) -> None:
+        for block in self.blocks:
+            attn = getattr(block, "attn", None)
+            if attn is not None and hasattr(attn, "set_curvature"):
+                attn.set_curvature(kappa)
+
+    def forward_hidden(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x = self.embedding(input_ids)
+        gate_means = []
+        for block in self.blocks:
+            if self.checkpointing and self.training and torch.is_grad_enabled():
+                x, gm = checkpoint(block, x, use_reentrant=False)
+            else:
+                x, gm = block(x)
+            gate_means.append(gm)
+        return self.norm(x), gate_means
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_hidden(input_ids)[0])
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        hidden, gate_means = self.forward_hidden(input_ids)
+        logits = self.head(hidden)
+        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        penalty = ce.new_zeros(())
+        ranks = []
+        for block, gm in zip(self.blocks, gate_means):
+            ssm = getattr(block, "ssm", None)
+            if ssm is not None:
+                penalty = penalty + ssm.rank_penalty * gm
+                ranks.append(gm.detach() * ssm.max_rank)
+        metrics = {"ce_loss": ce.detach()}
+        if ranks:
+            metrics["rank_penalty"] = penalty.detach()
+            metrics["effective_rank"] = torch.stack(ranks).mean()
+        return ce + penalty, metrics
+
+    def parameter_breakdown(self) -> dict[str, int]:
+        def count(modules):
+            return sum(p.numel() for m in modules if m is not None for p in m.parameters())
+
+        parts = {
+            "embedding": count([self.embedding]),
+            "attention": count([b.attn for b in self.blocks]),
+            "ssm": count([b.ssm for b in self.blocks]),
+            "mixer_gate": count([b.gate for b in self.blocks]),
+            "ffn": count([b.ffn for b in self.blocks]),
+            "norms": count([self.norm] + [n for b in self.blocks for n in (b.norm1, b.norm2)]),
+            "head": count([self.head]),
+        }
+        parts["total"] = sum(p.numel() for p in self.parameters())
+        return parts
+
+    def matmul_params(self) -> int:
+        emb = sum(p.numel() for p in self.embedding.parameters())
+        return sum(p.numel() for p in self.parameters() if p.dim() >= 2) - emb
+
+    def describe_extra(self) -> list[str]:
+        ratio = getattr(self.embedding, "compression_ratio", None)
+        lines = []
+        if callable(ratio):
+            dense = self.vocab_size * self.config.d_model
+            lines.append(f"embedding {self.config.embedding.name}: compression {ratio():.1f}x"
+                         f" vs a dense {self.vocab_size} x {self.config.d_model} table ({dense:,} parameters)")
+        mc = self.config
+        lines.append(f"blocks: {mc.n_layers} x {mc.block.name} (mixer {mc.mixer}: attention {mc.attention.name},"
+                     f" ssm {mc.ssm.name}), ffn {ffn_width(mc)}")
+        return lines
+
+
+def build_phase7(config: Phase7Config, *, vocab_size: int, registry, kernels=None, **context) -> Phase7Model:
+    if config.d_model % config.n_heads:
+        raise Phase7Error(f"model.d_model ({config.d_model}) must be divisible by model.n_heads ({config.n_heads})")
+    return Phase7Model(config, vocab_size, registry, kernels or {})
+
+
+def build_hybrid_block(config: HybridBlockConfig, *, model_config, layer_idx: int, registry, kernels=None, **context):
+    return HybridBlock(config, model_config, layer_idx, registry, kernels or {})
+
+
+@hookimpl
+def register_components(register):
+    register("model", "phase7", build_phase7, Phase7Config,
+             description="Phase 7 hybrid LM: HTT embedding, gated hyperbolic-attention + AR-SSM blocks, SwiGLU")
+    register("block", "hybrid", build_hybrid_block, HybridBlockConfig,
+             description="pre-norm block: g * attention + (1 - g) * SSM, then SwiGLU FFN")

@@ -1,0 +1,333 @@
+"""The adaptive-rank semiseparable SSM mixer (``ssm = "ar_ssm"``) and ``ssm = "none"``.
+
+Per SSM head h (MODEL.md), with u the mixer input (B, T, d_model):
+
+    u'  = causal depthwise conv(u)                  left padding only: u'_t reads u_{t-K+1..t}
+    x_t = W_x u'_t                                  (d_v per head; d_inner = expand * d_model)
+    g_t = [1]*min_rank ++ sigmoid(W_g u'_t + b_g)   rank gate in (0, 1]^r, r = max_rank
+    B_t = (W_B u'_t) * g_t,  C_t = (W_C u'_t) * g_t
+    dt_t = W_dt u'_t + dt_bias,  lambda_t = exp(-softplus(dt_t) * exp(A_log))  in (0, 1)
+    S_t = lambda_t S_{t-1} + B_t x_t^T               (r x d_v, fp32)
+    y_t = C_t^T S_t + D * x_t
+    out = W_out (silu(W_z u) * y)                    output gate on by default (``output_gate``)
+
+The factory is called as ``factory(config, *, d_model, seq_len, layer_idx, **context)``;
+optional context ``n_layers`` (or ``parent.n_layers``) scales the output projection's init
+by 1/sqrt(2 * n_layers) like the other residual branches. ``forward(x)`` returns
+``(y, gate_mean)``; the model adds ``module.rank_penalty * gate_mean`` to the loss and logs the
+effective rank ``gate_mean * module.max_rank``.
+
+``none`` builds nothing: its factory returns ``None`` and the model then builds an
+attention-only block (no SSM path, no mixing gate).
+
+The scan is split out as pure functions of already-projected tensors, so the Triton kernel
+(selected through ``[kernels] ar_ssm_scan``, by replacing ``module.scan_impl``) can be checked
+against them:
+
+- :func:`ar_ssm_scan_sequential`: the plain recurrence, one step at a time (the test oracle);
+- :func:`ar_ssm_scan_reference`: the chunked SSD form (matmuls within chunks, a carried state
+  between them), the default implementation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from phase7fw.errors import Phase7Error
+from phase7fw.hookspecs import hookimpl
+from phase7fw.recipe import non_negative, option, positive
+
+
+# ----------------------------------------------------------------------------- scans
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # State and accumulation are fp32 at least; fp64 stays fp64 (for tight tests).
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check_scan_shapes(x, B, C, log_decay):
+    b, h, t, _ = x.shape
+    if B.shape[:3] != (b, h, t) or C.shape != B.shape or log_decay.shape != (b, h, t):
+        raise ValueError(
+            f"ar_ssm scan: expected x (b,h,t,dv), B and C (b,h,t,r), log_decay (b,h,t); got"
+            f" x {tuple(x.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}, log_decay {tuple(log_decay.shape)}"
+        )
+
+
+def ar_ssm_scan_sequential(x, B, C, log_decay):
+    """Reference recurrence, one time step at a time.
+
+    Shapes: x (b, h, T, dv), B and C (b, h, T, r), log_decay (b, h, T) = log lambda <= 0.
+    Returns y (b, h, T, dv) in x's dtype with y_t = C_t^T S_t, S_t = exp(log_decay_t) S_{t-1}
+    + B_t x_t^T, S_0 = 0 (the D skip is not included). Computed in fp32 (fp64 for fp64 inputs).
+    """
+    _check_scan_shapes(x, B, C, log_decay)
+    dt = _compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        x32, B32, C32, decay = x.to(dt), B.to(dt), C.to(dt), log_decay.to(dt).exp()
+        b, h, T, dv = x.shape
+        state = x32.new_zeros(b, h, B.shape[-1], dv)
+        ys = []
+        for t in range(T):
+            state = decay[:, :, t, None, None] * state + B32[:, :, t, :, None] * x32[:, :, t, None, :]
+            ys.append(torch.einsum("bhr,bhrd->bhd", C32[:, :, t], state))
+        y = torch.stack(ys, dim=2) if ys else x32.new_zeros(b, h, 0, dv)
+    return y.to(x.dtype)
+
+
+def ar_ssm_scan_reference(x, B, C, log_decay, chunk_size: int = 64):
+    """Chunked (SSD-style) evaluation of :func:`ar_ssm_scan_sequential`; same shapes and result.
+
+    T is right-padded to a multiple of Q = chunk_size (zeros, decay 1: causal, so the padding
+    changes nothing before it). Within a chunk, with cum_i = sum_{s<=i} log_decay_s,
+
+        y_intra_i = sum_{j<=i} (C_i . B_j) * exp(cum_i - cum_j) * x_j      # masked (Q x Q) matmuls
+
+    and the state entering the chunk, S_in, adds y_inter_i = exp(cum_i) * C_i^T S_in. The state
+    is carried chunk to chunk: S_out = exp(cum_last) * S_in + sum_j exp(cum_last - cum_j) B_j x_j^T.
+    The decay differences are masked to -inf above the diagonal before exp, so no inf * 0 appears
+    in values or gradients. Everything runs in fp32 (fp64 for fp64 inputs) with autocast off.
+    """
+    _check_scan_shapes(x, B, C, log_decay)
+    if chunk_size < 1:
+        raise ValueError(f"ar_ssm scan: chunk_size must be >= 1, got {chunk_size}")
+    dt = _compute_dtype(x)
+    b, h, T, dv = x.shape
+    r = B.shape[-1]
+    if T == 0:
+        return x.new_zeros(b, h, 0, dv)
+    Q = min(chunk_size, T)
+    n = -(-T // Q)
+    pad = n * Q - T
+    with torch.autocast(x.device.type, enabled=False):
+        x32, B32, C32, ld = x.to(dt), B.to(dt), C.to(dt), log_decay.to(dt)
+        if pad:
+            x32, B32, C32 = (F.pad(a, (0, 0, 0, pad)) for a in (x32, B32, C32))
+            ld = F.pad(ld, (0, pad))
+        x32 = x32.reshape(b, h, n, Q, dv)
+        B32 = B32.reshape(b, h, n, Q, r)
+        C32 = C32.reshape(b, h, n, Q, r)
+        cum = ld.reshape(b, h, n, Q).cumsum(-1)  # (b, h, n, Q)
+
+        # Intra-chunk: L_ij = prod_{j<s<=i} lambda_s for i >= j, else 0.
+        causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
+        diff = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf"))
+        scores = torch.einsum("bhnir,bhnjr->bhnij", C32, B32) * diff.exp()
+        y = torch.einsum("bhnij,bhnjd->bhnid", scores, x32)
+
+        # Each chunk's own contribution to the state at its end.
+        to_end = (cum[..., -1:] - cum).exp()  # (b, h, n, Q)
+        local = torch.einsum("bhnj,bhnjr,bhnjd->bhnrd", to_end, B32, x32)
+        chunk_decay = cum[..., -1].exp()  # (b, h, n)
+
+        # Carry the state across chunks (n = T / Q steps, short) and read it out.
+        state = x32.new_zeros(b, h, r, dv)
+        entering = []
+        for c in range(n):
+            entering.append(state)
+            state = chunk_decay[:, :, c, None, None] * state + local[:, :, c]
+        s_in = torch.stack(entering, dim=2)  # (b, h, n, r, dv)
+        y = y + torch.einsum("bhnir,bhnrd->bhnid", C32 * cum.exp()[..., None], s_in)
+
+        y = y.reshape(b, h, n * Q, dv)[:, :, :T]
+    return y.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- config
+def _validate_ranks(kind: str, max_rank: int, min_rank: int) -> None:
+    if min_rank > max_rank:
+        raise Phase7Error(
+            f"ssm {kind}: min_rank ({min_rank}) must be <= max_rank ({max_rank}); the first"
+            f" min_rank of the max_rank state channels are always open"
+        )
+
+
+@attrs.frozen
+class ArSsmConfig:
+    max_rank: int = option(16, check=positive, help="state rank r per head (state is r x head_dim)")
+    min_rank: int = option(4, check=non_negative, help="rank channels that are always open (<= max_rank)")
+    n_heads: int = option(8, check=positive, help="SSM heads; must divide expand * d_model")
+    expand: int = option(1, check=positive, help="d_inner = expand * d_model")
+    conv_size: int = option(4, check=positive, help="kernel of the causal depthwise conv (left padded)")
+    chunk_size: int = option(64, check=positive, help="chunk length of the chunked scan")
+    rank_penalty: float = option(1e-3, check=non_negative, help="loss weight of mean(rank gate)")
+    output_gate: bool = option(True, help="multiply the SSM output by silu(W_z u) before W_out")
+    init_std: float = option(0.02, check=positive, help="std of the projection weights at init")
+
+    def __attrs_post_init__(self):
+        _validate_ranks("ar_ssm", self.max_rank, self.min_rank)
+
+
+@attrs.frozen
+class NoSsmConfig:
+    pass
+
+
+# ----------------------------------------------------------------------------- module
+# dt = softplus(dt_bias) starts log-uniform in [DT_MIN, DT_MAX] and a = exp(A_log) uniform in
+# [A_MIN, A_MAX], so per-step decays span exp(-0.001) (memory ~1000 tokens) to exp(-1.6).
+DT_MIN, DT_MAX = 1e-3, 1e-1
+A_MIN, A_MAX = 1.0, 16.0
+GATE_BIAS_INIT = 1.0  # gated channels start mostly open (sigmoid(1) ~ 0.73); the penalty closes them
+
+
+class ArSsm(nn.Module):
+    """Adaptive-rank semiseparable SSM mixer; see the module docstring for the equations."""
+
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        max_rank: int = 16,
+        min_rank: int = 4,
+        n_heads: int = 8,
+        expand: int = 1,
+        conv_size: int = 4,
+        chunk_size: int = 64,
+        rank_penalty: float = 1e-3,
+        output_gate: bool = True,
+        init_std: float = 0.02,
+        out_init_std: float | None = None,
+        layer_idx: int = 0,
+    ):
+        super().__init__()
+        _validate_ranks("ar_ssm", max_rank, min_rank)
+        d_inner = expand * d_model
+        if d_inner % n_heads:
+            raise Phase7Error(
+                f"ssm ar_ssm: n_heads ({n_heads}) must divide d_inner = expand * d_model = {d_inner}"
+            )
+        self.d_model, self.d_inner, self.n_heads = d_model, d_inner, n_heads
+        self.head_dim = d_inner // n_heads
+        self.max_rank, self.min_rank = max_rank, min_rank
+        self.n_gated = max_rank - min_rank
+        self.conv_size, self.chunk_size = conv_size, chunk_size
+        self.rank_penalty = rank_penalty
+        self.init_std = init_std
+        self.out_init_std = init_std if out_init_std is None else out_init_std
+        self.layer_idx = layer_idx
+        self.output_gate = output_gate
+        #: The scan (x, B, C, log_decay, chunk_size) -> y; kernel selection may swap it.
+        self.scan_impl = ar_ssm_scan_reference
+
+        H, r = n_heads, max_rank
+        self.conv_weight = nn.Parameter(torch.empty(d_model, 1, conv_size))
+        self.conv_bias = nn.Parameter(torch.empty(d_model))
+        # One projection of u' into [x | B | C | dt | gate logits].
+        self.proj_sizes = (d_inner, H * r, H * r, H, H * self.n_gated)
+        self.in_proj = nn.Linear(d_model, sum(self.proj_sizes), bias=False)
+        self.dt_bias = nn.Parameter(torch.empty(H))
+        self.A_log = nn.Parameter(torch.empty(H))
+        self.D = nn.Parameter(torch.empty(H))
+        # Forced-open channels get no gate parameters (they would receive no gradient).
+        self.gate_bias = nn.Parameter(torch.empty(H * self.n_gated)) if self.n_gated else None
+        self.z_proj = nn.Linear(d_model, d_inner, bias=False) if output_gate else None
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+
+    def init_weights(self) -> None:
+        H = self.n_heads
+        with torch.no_grad():
+            bound = 1.0 / math.sqrt(self.conv_size)  # nn.Conv1d's default for a depthwise conv
+            self.conv_weight.uniform_(-bound, bound)
+            self.conv_bias.uniform_(-bound, bound)
+            self.in_proj.weight.normal_(0.0, self.init_std)
+            if self.z_proj is not None:
+                self.z_proj.weight.normal_(0.0, self.init_std)
+            self.out_proj.weight.normal_(0.0, self.out_init_std)
+            dt = torch.empty(H).uniform_(math.log(DT_MIN), math.log(DT_MAX)).exp()
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^{-1}(dt)
+            self.A_log.copy_(torch.empty(H).uniform_(A_MIN, A_MAX).log())
+            self.D.fill_(1.0)
+            if self.gate_bias is not None:
+                self.gate_bias.fill_(GATE_BIAS_INIT)
+
+    def causal_conv(self, u: torch.Tensor) -> torch.Tensor:
+        """Depthwise conv over time with K-1 zeros on the left only: out_t uses u_{t-K+1..t}."""
+        u = F.pad(u.transpose(1, 2), (self.conv_size - 1, 0))
+        return F.conv1d(u, self.conv_weight, self.conv_bias, groups=self.d_model).transpose(1, 2)
+
+    def rank_gate(self, logits: torch.Tensor | None, shape) -> torch.Tensor:
+        """g (b, t, H, r) in fp32: min_rank ones, then sigmoid of the gate logits."""
+        ones = torch.ones(*shape, self.min_rank, device=self.D.device, dtype=torch.float32)
+        if logits is None:
+            return ones
+        logits = logits.float().unflatten(-1, (self.n_heads, self.n_gated))
+        gated = torch.sigmoid(logits + self.gate_bias.float().view(self.n_heads, self.n_gated))
+        return torch.cat([ones, gated], dim=-1)
+
+    def forward(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t, _ = u.shape
+        H, r, dv = self.n_heads, self.max_rank, self.head_dim
+        up = self.causal_conv(u)
+        xs, Bs, Cs, dt, g_logits = self.in_proj(up).split(self.proj_sizes, dim=-1)
+
+        g = self.rank_gate(g_logits if self.n_gated else None, (b, t, H))  # (b, t, H, r)
+        Bs = Bs.unflatten(-1, (H, r)) * g
+        Cs = Cs.unflatten(-1, (H, r)) * g
+        # log lambda = -softplus(dt) * a <= 0, in fp32 (small decays matter over long spans).
+        log_decay = -F.softplus(dt.float() + self.dt_bias.float()) * self.A_log.float().exp()
+        x = xs.unflatten(-1, (H, dv))
+
+        y = self.scan_impl(
+            x.transpose(1, 2), Bs.transpose(1, 2), Cs.transpose(1, 2), log_decay.transpose(1, 2), self.chunk_size
+        ).transpose(1, 2)  # (b, t, H, dv)
+        y = y + self.D.view(H, 1).to(x.dtype) * x
+        y = y.reshape(b, t, self.d_inner)
+        if self.z_proj is not None:
+            y = F.silu(self.z_proj(u)) * y
+        return self.out_proj(y), g.mean()
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, d_inner={self.d_inner}, n_heads={self.n_heads},"
+            f" rank={self.min_rank}..{self.max_rank}, conv={self.conv_size}, chunk={self.chunk_size}"
+        )
+
+
+# ----------------------------------------------------------------------------- factories
+def build_ar_ssm(config: ArSsmConfig, *, d_model: int, seq_len: int, layer_idx: int, **context) -> ArSsm:
+    n_layers = context.get("n_layers") or getattr(context.get("parent"), "n_layers", None)
+    out_std = config.init_std / math.sqrt(2 * n_layers) if n_layers else config.init_std
+    module = ArSsm(
+        d_model,
+        max_rank=config.max_rank,
+        min_rank=config.min_rank,
+        n_heads=config.n_heads,
+        expand=config.expand,
+        conv_size=config.conv_size,
+        chunk_size=config.chunk_size,
+        rank_penalty=config.rank_penalty,
+        output_gate=config.output_gate,
+        init_std=config.init_std,
+        out_init_std=out_std,
+        layer_idx=layer_idx,
+    )
+    module.seq_len = seq_len
+    return module
+
+
+def build_none(config: NoSsmConfig, **context) -> None:
+    return None
+
+
+@hookimpl
+def register_components(register):
+    register(
+        "ssm",
+        "ar_ssm",
+        build_ar_ssm,
+        ArSsmConfig,
+        description="adaptive-rank semiseparable SSM (chunked scan, fp32 state);"
+        " context: d_model, seq_len, layer_idx[, n_layers]; forward -> (y, gate_mean)",
+    )
+    register(
+        "ssm",
+        "none",
+        build_none,
+        NoSsmConfig,
+        description="no SSM path: the factory returns None and the model builds attention-only blocks",
+    )
