@@ -16,7 +16,8 @@ curvature_scheduler    ``max_steps``
 data_source            ``cache_dir`` (str), ``seed`` (int)
 tokenizer              ``cache_dir`` (str), ``state`` (dict saved in a checkpoint, or None)
 tracker                ``run_dir``, ``run_name``, ``recipe`` (resolved, as a dict),
-                       ``resume_state`` (what ``state()`` returned before, or None)
+                       ``resume_state`` (what ``state()`` returned before, or None),
+                       ``resume_step`` (the step the run starts from; rows after it are stale)
 callback               (none)
 kernel                 ``device``
 =====================  =====================================================================
@@ -46,6 +47,13 @@ class LanguageModel(nn.Module):
         logits = self(input_ids)
         ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         return ce, {}
+
+    def begin_step(self) -> None:
+        """Called by the trainer before the first micro-batch of an optimizer step."""
+
+    def finish_backward(self) -> None:
+        """Called after the last micro-batch's backward, before clipping and the update
+        (work done once per step, e.g. pushing a shared table's gradient into its factors)."""
 
     def init_weights(self) -> None:
         """Initialize every parameter and buffer (called after materializing from meta)."""

@@ -121,6 +121,7 @@ class Trainer:
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), device=e.device)
             metric_sums: dict[str, float] = {}
+            model.begin_step()
             for _ in range(t.grad_accum_steps):
                 x, y = (b.to(e.device, non_blocking=True) for b in next(e.train_sampler))
                 with e.autocast():
@@ -128,8 +129,9 @@ class Trainer:
                 scaled = loss / t.grad_accum_steps
                 (e.scaler.scale(scaled) if e.scaler else scaled).backward()
                 loss_sum += loss.detach().float()
-                for k, v in metrics.items():
-                    metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
+                for k, v in metrics.items():  # tensors stay on the device until logged
+                    metric_sums[k] = metric_sums.get(k, 0.0) + (v.detach() if isinstance(v, torch.Tensor) else v)
+            model.finish_backward()
             if e.scaler:
                 e.scaler.unscale_(opt)
             max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
@@ -216,7 +218,7 @@ class Trainer:
         row = {"step": e.step, "split": "train", "loss": loss, "ppl": perplexity(loss), "lr": lr,
                "grad_norm": grad_norm, "step_time_s": step_time, "tokens_per_s": tok_s, "tokens": e.tokens_seen,
                "skipped_steps": e.skipped_steps}
-        row.update({k: v / t.grad_accum_steps for k, v in metric_sums.items()})
+        row.update({k: float(v) / t.grad_accum_steps for k, v in metric_sums.items()})
         extra = {"Tok/s": f"{tok_s:,.0f}"}
         if e.curvature_scheduler is not None:
             row["curvature"] = e.curvature_scheduler.value(e.step)

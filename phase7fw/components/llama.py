@@ -107,6 +107,21 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * hd))
 
+    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv) -> torch.Tensor:
+        """``forward`` for new tokens (RoPE angles cos/sin) after those held in ``kv``
+        (a :class:`phase7fw.decoding.KVWindow`), which receives their keys and values."""
+        from phase7fw.decoding import causal_sdpa_with_prefix
+
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q, k, v = self.wqkv(x).split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
+        q = apply_rope(q.view(B, T, self.n_heads, hd).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(B, T, self.n_kv_heads, hd).transpose(1, 2), cos, sin)
+        kv.append(k, v.view(B, T, self.n_kv_heads, hd).transpose(1, 2))
+        k_all, v_all = kv.view()
+        y = causal_sdpa_with_prefix(q, k_all, v_all, enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * hd))
+
 
 class SwiGLU(nn.Module):
     def __init__(self, d_model: int, hidden: int):
@@ -130,6 +145,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         h = x + self.attn(self.attn_norm(x), cos, sin)
+        return h + self.ffn(self.ffn_norm(h))
+
+    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv) -> torch.Tensor:
+        h = x + self.attn.forward_cached(self.attn_norm(x), cos, sin, kv)
         return h + self.ffn(self.ffn_norm(h))
 
 
@@ -214,6 +233,30 @@ class LlamaModel(LanguageModel):
         if self.output is not None:
             return self.output(h)  # through the module, so hooks/FSDP wrapping see it
         return F.linear(h, self.tok_embeddings.weight)
+
+    # -- cached decoding (phase7fw.decoding) ---------------------------------------------------
+    @property
+    def context_limit(self) -> int:
+        """RoPE tables and training stop at seq_len; longer contexts slide (see decoding.py)."""
+        return self.seq_len
+
+    def init_cache(self, batch_size: int = 1):
+        from phase7fw.decoding import DecodeCache, KVWindow
+
+        return DecodeCache([KVWindow(self.seq_len) for _ in self.layers])
+
+    def forward_cached(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
+        """Logits (B, T, vocab) of T new tokens following the ``cache.pos`` cached ones."""
+        pos, T = cache.pos, input_ids.size(1)
+        if pos + T > self.seq_len:
+            raise ValueError(f"cached context of {pos + T} tokens is longer than model.seq_len = {self.seq_len}")
+        cos, sin = self.rope_cos[pos : pos + T].float(), self.rope_sin[pos : pos + T].float()
+        h = self.tok_embeddings(input_ids)
+        for block, kv in zip(self.layers, cache.layers):
+            h = block.forward_cached(h, cos, sin, kv)
+        cache.pos += T
+        h = self.norm(h)
+        return self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
 
     # -- accounting -------------------------------------------------------------------------
     def parameter_breakdown(self) -> dict[str, int]:

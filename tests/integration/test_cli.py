@@ -99,3 +99,46 @@ def test_doctor_on_cpu():
     proc = run_cli("doctor")
     assert proc.returncode == 0 and "torch" in proc.stdout and "warning: no CUDA GPU" in proc.stdout
     assert run_cli("doctor", "--require-gpu").returncode == 1
+
+
+def test_ctrl_c_in_the_cli_saves_and_exits_130(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "phase7fw", "run", str(TINY), *SMALL, "--set",
+                             "train.max_steps=100000", "--set", f"run.output_dir={out}"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if line.startswith("Step"):
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    [saved] = [l for l in rest.splitlines() if l.startswith("Stopped by Ctrl-C")]
+    step = int(saved.split("at step ")[1].split(";")[0])
+    assert (out / f"llama_step_{step}.pt").exists()
+
+
+def test_wandb_run_id_survives_resume(tmp_path):
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path), "WANDB_API_KEY": ""}
+    common = [*SMALL, "--set", f"run.output_dir={tmp_path}/run", "--set", 'trackers=[{name = "wandb"}]',
+              "--set", "train.save_every=2"]
+    first = run_cli("run", TINY, *common, "--set", "train.max_steps=2", env=env)
+    assert first.returncode == 0, first.stderr
+    import torch
+
+    run_id = torch.load(tmp_path / "run" / "llama_final.pt", weights_only=True)["trackers"]["wandb"]["run_id"]
+    second = run_cli("run", TINY, *common, "--set", "train.max_steps=4", env=env)
+    assert second.returncode == 0, second.stderr
+    assert "Resumed from" in second.stdout
+    again = torch.load(tmp_path / "run" / "llama_final.pt", weights_only=True)["trackers"]["wandb"]["run_id"]
+    assert again == run_id
+    runs = list((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}"))  # tracker dir = run dir
+    assert len(runs) >= 1

@@ -321,6 +321,18 @@ class HyperbolicAttention(_ProjectedAttention):
         o = self.attention_fn(q, k, v, self.curvature(), self.temperature(), self.window)
         return self._out(o)
 
+    # -- cached decoding (phase7fw.decoding): a ring buffer of the last W keys/values
+    def init_cache(self, batch_size: int = 1):
+        from phase7fw.decoding import KVWindow
+
+        return KVWindow(self.window)
+
+    def forward_cached(self, x: torch.Tensor, cache, start: int) -> torch.Tensor:
+        """``forward`` for tokens at positions start.. following those held in ``cache``."""
+        from phase7fw.components.phase7.cached import hyperbolic_forward_cached
+
+        return hyperbolic_forward_cached(self, x, cache, start)
+
     def extra_repr(self) -> str:
         return f"heads={self.n_heads}, head_dim={self.head_dim}, window={self.window}, c in [{self.c_min}, {self.c_max}]"
 
@@ -347,6 +359,17 @@ class SdpaAttention(_ProjectedAttention):
             pos = torch.arange(T, device=q.device)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=sliding_window_mask(pos, pos, self.window))
         return self._out(o)
+
+    # -- cached decoding (phase7fw.decoding): the last `window` keys/values, or all of them
+    def init_cache(self, batch_size: int = 1):
+        from phase7fw.decoding import KVWindow
+
+        return KVWindow(self.window or None)
+
+    def forward_cached(self, x: torch.Tensor, cache, start: int) -> torch.Tensor:
+        from phase7fw.components.phase7.cached import sdpa_forward_cached
+
+        return sdpa_forward_cached(self, x, cache, start)
 
 
 # ---------------------------------------------------------------------------------------

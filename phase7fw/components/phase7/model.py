@@ -41,6 +41,7 @@ class Phase7Config:
     mixer: Literal["hybrid", "attention", "ssm"] = option("hybrid", help="which sequence mixers a block has")
     norm_eps: float = option(1e-5, check=positive, help="RMSNorm epsilon")
     init_std: float = option(0.02, check=positive, help="std of the normal weight init")
+    tie_embeddings: bool = option(False, help="LM head = the embedding table (rebuilt from HTT cores once per step)")
     embedding: Component = component("embedding", {"name": "htt"}, help="token embedding")
     attention: Component = component("attention", {"name": "hyperbolic"}, help="local attention path")
     ssm: Component = component("ssm", {"name": "ar_ssm"}, help="global state-space path")
@@ -111,6 +112,29 @@ class HybridBlock(nn.Module):
         h = x + mixed
         return h + self.ffn(self.norm2(h)), gate_mean
 
+    # -- cached decoding (phase7fw.decoding): each path keeps its own cache
+    def supports_cache(self) -> bool:
+        return all(callable(getattr(p, "forward_cached", None)) for p in (self.attn, self.ssm) if p is not None)
+
+    def init_cache(self, batch_size: int = 1) -> dict:
+        return {name: None if part is None else part.init_cache(batch_size)
+                for name, part in (("attn", self.attn), ("ssm", self.ssm))}
+
+    def forward_cached(self, x: torch.Tensor, cache: dict, start: int) -> torch.Tensor:
+        """``forward(x)[0]`` for tokens at positions start.. following the cached ones."""
+        u = self.norm1(x)
+        s = None if self.ssm is None else self.ssm.forward_cached(u, cache["ssm"])
+        a = None if self.attn is None else self.attn.forward_cached(u, cache["attn"], start)
+        if a is None:
+            mixed = s
+        elif s is None:
+            mixed = a
+        else:
+            g = torch.sigmoid(self.gate(u))
+            mixed = g * a + (1 - g) * s
+        h = x + mixed
+        return h + self.ffn(self.norm2(h))
+
 
 class Phase7Model(LanguageModel):
     def __init__(self, config: Phase7Config, vocab_size: int, registry, kernels):
@@ -126,8 +150,17 @@ class Phase7Model(LanguageModel):
             for i in range(config.n_layers)
         )
         self.norm = RMSNorm(config.d_model, config.norm_eps)
-        self.head = nn.Linear(config.d_model, vocab_size, bias=False)
         self.checkpointing = False
+        self.head = None
+        if config.tie_embeddings:
+            # The table E rebuilt from the embedding's factors is held in this buffer for a
+            # whole optimizer step: every micro-batch adds its gradient to the buffer, and
+            # finish_backward() pushes the sum through the factors once (MODEL.md: E is
+            # rebuilt once per step, never per micro-batch).
+            self.register_buffer("tied_table", torch.empty(vocab_size, config.d_model), persistent=False)
+            self._step_table = False
+        else:
+            self.head = nn.Linear(config.d_model, vocab_size, bias=False)
 
     # ---------------------------------------------------------------- LanguageModel API
     def init_weights(self) -> None:
@@ -135,7 +168,8 @@ class Phase7Model(LanguageModel):
         for block in self.blocks:
             block.init_weights()
         self.norm.reset_parameters()
-        nn.init.normal_(self.head.weight, std=self.config.init_std)
+        if self.head is not None:
+            nn.init.normal_(self.head.weight, std=self.config.init_std)
 
     def enable_activation_checkpointing(self) -> None:
         self.checkpointing = True
@@ -157,12 +191,60 @@ class Phase7Model(LanguageModel):
             gate_means.append(gm)
         return self.norm(x), gate_means
 
+    def begin_step(self) -> None:
+        if self.head is None:
+            with torch.no_grad():
+                self.tied_table.copy_(self.embedding.weight_matrix())
+            self.tied_table.requires_grad_(True)
+            self.tied_table.grad = None
+            self._step_table = True
+
+    def finish_backward(self) -> None:
+        if self.head is None and self._step_table:
+            grad = self.tied_table.grad
+            if grad is not None:
+                self.embedding.weight_matrix().backward(grad.to(self.tied_table.dtype))
+            self.tied_table.grad = None
+            self.tied_table.requires_grad_(False)
+            self._step_table = False
+
+    def lm_head_weight(self) -> torch.Tensor:
+        if self.head is not None:
+            return self.head.weight
+        if self._step_table and torch.is_grad_enabled():
+            return self.tied_table
+        return self.embedding.weight_matrix()  # outside a training step: built on the spot
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head_weight())
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_hidden(input_ids)[0])
+        return self.logits(self.forward_hidden(input_ids)[0])
+
+    # -- cached decoding (phase7fw.decoding): O(1) per token in the context length
+    context_limit = None  # windowed attention + recurrent SSM state: no length limit
+
+    def supports_cache(self) -> bool:
+        return all(callable(getattr(b, "supports_cache", None)) and b.supports_cache() for b in self.blocks)
+
+    def init_cache(self, batch_size: int = 1):
+        from phase7fw.decoding import DecodeCache
+
+        return DecodeCache([block.init_cache(batch_size) for block in self.blocks])
+
+    def forward_cached(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
+        """Logits (B, T, vocab) of T new tokens following the ``cache.pos`` cached ones."""
+        x = self.embedding(input_ids)
+        for block, layer in zip(self.blocks, cache.layers):
+            x = block.forward_cached(x, layer, cache.pos)
+        cache.pos += input_ids.shape[1]
+        if "head" not in cache.extra:  # a tied table is rebuilt once per cache, not per token
+            cache.extra["head"] = self.lm_head_weight()
+        return F.linear(self.norm(x), cache.extra["head"])
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
         hidden, gate_means = self.forward_hidden(input_ids)
-        logits = self.head(hidden)
+        logits = self.logits(hidden)
         ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         penalty = ce.new_zeros(())
         ranks = []
@@ -188,14 +270,15 @@ class Phase7Model(LanguageModel):
             "mixer_gate": count([b.gate for b in self.blocks]),
             "ffn": count([b.ffn for b in self.blocks]),
             "norms": count([self.norm] + [n for b in self.blocks for n in (b.norm1, b.norm2)]),
-            "head": count([self.head]),
+            "head": count([self.head]),  # 0 when tied to the embedding
         }
         parts["total"] = sum(p.numel() for p in self.parameters())
         return parts
 
     def matmul_params(self) -> int:
         emb = sum(p.numel() for p in self.embedding.parameters())
-        return sum(p.numel() for p in self.parameters() if p.dim() >= 2) - emb
+        head = self.vocab_size * self.config.d_model if self.head is None else 0  # tied: a V x D matmul
+        return sum(p.numel() for p in self.parameters() if p.dim() >= 2) - emb + head
 
     def describe_extra(self) -> list[str]:
         ratio = getattr(self.embedding, "compression_ratio", None)

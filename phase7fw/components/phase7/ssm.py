@@ -281,6 +281,18 @@ class ArSsm(nn.Module):
             y = F.silu(self.z_proj(u)) * y
         return self.out_proj(y), g.mean()
 
+    # -- cached decoding (phase7fw.decoding): conv tail + fp32 state, O(1) per token
+    def init_cache(self, batch_size: int = 1):
+        from phase7fw.components.phase7.cached import SsmCache
+
+        return SsmCache()
+
+    def forward_cached(self, u: torch.Tensor, cache) -> torch.Tensor:
+        """``forward(u)[0]`` for tokens following those summarized in ``cache``."""
+        from phase7fw.components.phase7.cached import ssm_forward_cached
+
+        return ssm_forward_cached(self, u, cache)
+
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, d_inner={self.d_inner}, n_heads={self.n_heads},"

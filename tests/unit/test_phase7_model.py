@@ -1,0 +1,141 @@
+"""The phase7 model as a whole: MODEL.md's checks on the assembled network."""
+
+import attrs
+import pytest
+import torch
+
+from phase7fw import build_model, hookimpl, load_recipe
+from phase7fw.plugins import load_plugins
+from tests.conftest import RECIPES
+
+SMALL = {"name": "phase7", "d_model": 32, "n_layers": 2, "n_heads": 2, "seq_len": 24,
+         "attention": {"window": 8}, "ssm": {"n_heads": 2, "max_rank": 8, "min_rank": 2, "chunk_size": 8},
+         "embedding": {"rank": 4}}
+
+
+def small_model(seed=0, plugins=None, **model):
+    recipe = load_recipe({"model": {**SMALL, **model}}, plugins=plugins)
+    torch.manual_seed(seed)
+    m = build_model(recipe, "cpu", plugins=plugins)
+    m.set_curvature(0.7)
+    return m
+
+
+@pytest.mark.parametrize("mixer", ["hybrid", "attention", "ssm"])
+def test_changing_a_token_leaves_earlier_logits_bit_identical(mixer):
+    m = small_model(mixer=mixer).eval()
+    x = torch.randint(0, 257, (2, 24))
+    t = 13
+    y = x.clone()
+    y[:, t] = (y[:, t] + 1) % 257
+    with torch.no_grad():
+        a, b = m(x), m(y)
+    assert torch.equal(a[:, :t], b[:, :t])
+    assert not torch.equal(a[:, t:], b[:, t:])
+
+
+def test_every_parameter_gets_a_finite_nonzero_gradient():
+    m = small_model()
+    x = torch.randint(0, 257, (2, 24))
+    loss, metrics = m.loss(x, torch.roll(x, -1, 1))
+    loss.backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+    assert 2 <= float(metrics["effective_rank"]) <= 8
+
+
+def test_tiny_model_overfits_one_batch():
+    m = small_model(seed=1)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    x = torch.randint(0, 257, (4, 24))
+    y = torch.roll(x, -1, 1)
+    first = None
+    for _ in range(200):
+        loss, _ = m.loss(x, y)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1 * first
+
+
+def test_bf16_near_the_ball_boundary_has_no_nan():
+    m = small_model()
+    with torch.no_grad():  # tangent norms far past artanh(0.999)/sqrt(c): points at the boundary
+        for block in m.blocks:
+            block.attn.q_proj.weight.mul_(200)
+            block.attn.k_proj.weight.mul_(200)
+    m.set_curvature(10.0)
+    x = torch.randint(0, 257, (2, 24))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = m.loss(x, torch.roll(x, -1, 1))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+def test_tied_head_gradient_pushed_once_per_step_equals_direct_gradient():
+    m = small_model(tie_embeddings=True)
+    assert m.parameter_breakdown()["head"] == 0
+    x = torch.randint(0, 257, (4, 24))
+    y = torch.roll(x, -1, 1)
+    # Direct: the table rebuilt inside every forward.
+    (m.loss(x[:2], y[:2])[0] / 2 + m.loss(x[2:], y[2:])[0] / 2).backward()
+    direct = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    # Trainer protocol: the table is built once, micro-batches accumulate into it.
+    m.begin_step()
+    for sl in (slice(0, 2), slice(2, 4)):
+        (m.loss(x[sl], y[sl])[0] / 2).backward()
+    m.finish_backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, direct[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_ssm_none_builds_attention_only_blocks():
+    m = small_model(ssm={"name": "none"})
+    assert all(b.ssm is None and b.gate is None for b in m.blocks)
+    assert m.parameter_breakdown()["ssm"] == 0
+    x = torch.randint(0, 257, (1, 24))
+    assert m(x).shape == (1, 24, 257)
+
+
+def test_a_plugin_replaces_the_attention():
+    @attrs.frozen
+    class Cfg:
+        pass
+
+    class ZeroAttention(torch.nn.Module):
+        def __init__(self, d_model):
+            super().__init__()
+            self.proj = torch.nn.Linear(d_model, d_model, bias=False)
+
+        def init_weights(self):
+            torch.nn.init.zeros_(self.proj.weight)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    class Plugin:
+        @hookimpl
+        def register_components(self, register):
+            register("attention", "zero", lambda c, *, d_model, **ctx: ZeroAttention(d_model), Cfg)
+
+    plugins = load_plugins(extra=[Plugin()])
+    m = small_model(plugins=plugins, attention={"name": "zero"})
+    assert all(isinstance(b.attn, ZeroAttention) for b in m.blocks)
+    assert m(torch.randint(0, 257, (1, 24))).shape == (1, 24, 257)
+
+
+def test_shipped_sizes_and_breakdown():
+    m = build_model(load_recipe(RECIPES / "phase7_1.5b.toml"), device="meta")
+    parts = m.parameter_breakdown()
+    assert 1.4e9 <= parts["total"] <= 1.6e9
+    assert sum(v for k, v in parts.items() if k != "total") == parts["total"]
+    assert all(parts[k] > 0 for k in ("embedding", "attention", "ssm", "ffn", "mixer_gate", "norms", "head"))
+    assert m.embedding.compression_ratio() >= 20
+    assert any("compression" in line for line in m.describe_extra())
+    one_b = build_model(load_recipe(RECIPES / "phase7_1b.toml"), device="meta")
+    assert 0.9e9 <= one_b.parameter_breakdown()["total"] <= 1.1e9
