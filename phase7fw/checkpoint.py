@@ -53,11 +53,51 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
     return path
 
 
+def save_sharded_checkpoint(path: str | os.PathLike, tensors: dict, extra: dict, ctx) -> Path:
+    """An FSDP checkpoint: a directory ``path`` with every rank's shards of ``tensors``
+    (torch.distributed.checkpoint) and ``extra.pt`` (rank 0's plain state). Written into a
+    temporary directory that rank 0 renames once every rank has finished."""
+    import shutil
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp"
+    if ctx.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if ctx.distributed:
+        dist.barrier()
+    dcp.save(tensors, checkpoint_id=str(tmp))
+    rng = [None] * ctx.world_size
+    if ctx.distributed:
+        dist.all_gather_object(rng, extra["rng"])
+    else:
+        rng = [extra["rng"]]
+    if ctx.is_main:
+        save_checkpoint(tmp / "extra.pt", {**extra, "sharded": True, "rng_per_rank": rng})
+        old = path.parent / f".{path.name}.old"
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    if ctx.distributed:
+        dist.barrier()
+    return path
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Load a phase7fw checkpoint safely; every failure is a :class:`CheckpointError`."""
+    """Load a phase7fw checkpoint safely; every failure is a :class:`CheckpointError`.
+
+    For a sharded (FSDP) checkpoint directory this returns its plain state with
+    ``sharded=True`` and ``path``; the tensors are read by the engine with DCP."""
     path = Path(path)
     if path.is_dir():
-        raise CheckpointError(f"{path} is a directory; give a checkpoint file (*.pt)")
+        if not (path / "extra.pt").is_file():
+            raise CheckpointError(f"{path} is a directory but not a sharded phase7fw checkpoint (no extra.pt)")
+        state = load_checkpoint(path / "extra.pt", map_location)
+        return {**state, "sharded": True, "path": str(path)}
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; truncation breaks it
@@ -103,3 +143,24 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
         if best is None or key[:2] > best[:2]:
             best = key
     return best[2] if best else None
+
+
+def consolidate(src: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Turn a sharded (FSDP) checkpoint directory into one file that a single process loads
+    (chat, eval, generate, ``Engine.from_checkpoint``). Needs no process group."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    src, out = Path(src), Path(out)
+    extra = load_checkpoint(src)
+    if not extra.get("sharded"):
+        raise CheckpointError(f"{src} is already a single-file checkpoint")
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".full", dir=out.parent if out.parent.exists() else None)
+    os.close(fd)
+    try:
+        dcp_to_torch_save(str(src), tmp)
+        tensors = torch.load(tmp, map_location="cpu", weights_only=True)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    skip = {"sharded", "path", "rng_per_rank", "format", "format_version"}
+    state = {k: v for k, v in extra.items() if k not in skip}
+    return save_checkpoint(out, {**state, "model": tensors["model"], "optimizer": tensors["optimizer"]})

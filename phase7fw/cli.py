@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from phase7fw import __version__
@@ -42,6 +43,8 @@ def cmd_run(args) -> int:
     engine = Engine(_recipe(args, plugins), plugins=plugins, dummy_data=args.dummy_data, resume=args.resume,
                     device=args.device)
     summary = engine.fit()
+    if not engine.dist.is_main:
+        return 0
     best = summary["best_val_loss"]
     print(f"Done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}"
           + (f", best val loss {best:.4f}" if best is not None else "")
@@ -53,9 +56,9 @@ def cmd_recipe(args) -> int:
     from phase7fw.recipe import recipe_to_toml
 
     if args.action == "new":
-        print("error: the interactive data-mix wizard (phase7fw recipe new) is not in this version yet;"
-              " start from a file in recipes/ and see docs/recipes.md", file=sys.stderr)
-        return 2
+        from phase7fw.wizard import cmd_new
+
+        return cmd_new(args, _plugins())
     if not args.recipe:
         raise Phase7Error(f"phase7fw recipe {args.action} needs a RECIPE file")
     recipe = _recipe(args, _plugins())
@@ -67,13 +70,20 @@ def cmd_recipe(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from phase7fw.engine import Engine
+    """Tokenize every source of the recipe into the cache (idempotent: a second run finds it)."""
+    from phase7fw.data import load_mix
+    from phase7fw.engine import build_tokenizer, cache_dir
 
     plugins = _plugins()
     recipe = _recipe(args, plugins)
-    engine = Engine(recipe, plugins=plugins, resume="never", device="cpu")
-    for s in engine.sources:
-        print(f"{s.label}: {len(s.train):,} train + {len(s.val):,} val tokens (weight {s.weight:g})")
+    if args.workers is not None and args.workers < 1:
+        raise Phase7Error(f"--workers must be >= 1, got {args.workers}")
+    tokenizer = build_tokenizer(recipe, plugins)
+    sources = load_mix(recipe, plugins.registry, tokenizer, cache_dir=cache_dir(recipe), workers=args.workers,
+                       log=print)
+    train, val = sum(len(s.train) for s in sources), sum(len(s.val) for s in sources)
+    print(f"ready: {len(sources)} source(s), {train:,} train + {val:,} val tokens, tokenizer"
+          f" {recipe.data.tokenizer.name} (vocab {tokenizer.vocab_size}), cache {cache_dir(recipe)}")
     return 0
 
 
@@ -118,23 +128,103 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from phase7fw.chat import find_checkpoint
     from phase7fw.engine import Engine
 
-    engine = Engine.from_checkpoint(args.checkpoint, device=args.device, with_data=True, plugins=_plugins())
+    path = find_checkpoint(args.checkpoint, args.runs_dir)
+    engine = Engine.from_checkpoint(path, device=args.device, with_data=True, plugins=_plugins())
     m = engine.evaluate(args.batches)
-    print(f"{args.checkpoint} (step {engine.step}): val loss {m['loss']:.4f} | ppl {m['ppl']:.2f}"
+    print(f"{path} (step {engine.step}): val loss {m['loss']:.4f} | ppl {m['ppl']:.2f}"
           f" | {m['tokens']:,} tokens")
+    if args.json:
+        print(json.dumps({"checkpoint": str(path), "step": engine.step, **m}))
     return 0
 
 
-def cmd_generate(args) -> int:
-    from phase7fw.engine import Engine
+def _sampling(args):
+    from phase7fw.generation import SamplingParams
 
-    engine = Engine.from_checkpoint(args.checkpoint, device=args.device, plugins=_plugins())
-    text = engine.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                           seed=args.seed)
-    print(args.prompt + text)
+    return SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty,
+                          args.seed).checked()
+
+
+def _inference_engine(args):
+    """The engine of the checkpoint (or run folder) in ``args``, weights in the training
+    precision on a GPU (fast decoding)."""
+    from phase7fw.chat import find_checkpoint, load_for_inference
+
+    path = find_checkpoint(args.checkpoint, args.runs_dir)
+    return path, load_for_inference(path, device=args.device, plugins=_plugins())
+
+
+def cmd_generate(args) -> int:
+    params = _sampling(args)  # bad settings fail before the model loads
+    _, engine = _inference_engine(args)
+
+    def stream(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    stream(args.prompt)
+    engine.generate(args.prompt, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+                    top_k=params.top_k, top_p=params.top_p, repetition_penalty=params.repetition_penalty,
+                    seed=params.seed, use_cache=not args.no_cache, stop=args.stop, on_text=stream)
+    stream("\n")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from phase7fw.chat import run_chat
+
+    params = _sampling(args)
+    path, engine = _inference_engine(args)
+    return run_chat(engine, params, use_cache=not args.no_cache, label=str(path))
+
+
+def cmd_bench(args) -> int:
+    from phase7fw.bench import report_lines, run_bench
+    from phase7fw.recipe import load_recipe, parse_set
+
+    def overrides(items) -> dict:
+        out = dict(parse_set(item) for item in items or [])
+        if args.batch_size is not None:
+            out["train.batch_size"] = args.batch_size
+        if args.grad_accum is not None:
+            out["train.grad_accum_steps"] = args.grad_accum
+        return out
+
+    if args.steps < 1 or args.warmup < 0 or args.gen_tokens < 1:
+        raise Phase7Error("bench: --steps and --gen-tokens must be >= 1 and --warmup >= 0")
+    main_over, base_over = overrides(args.set), overrides(args.compare_set)
+    plugins = _plugins()
+    load_recipe(args.recipe, main_over, plugins=plugins)  # every recipe error before any work
+    if args.compare:
+        load_recipe(args.compare, base_over, plugins=plugins)
+    def write_json(result: dict) -> None:
+        if args.json:
+            from pathlib import Path
+
+            out = Path(args.json)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=2) + "\n")
+
+    result = run_bench(args.recipe, main_over, steps=args.steps, warmup=args.warmup, device=args.device,
+                       compare_recipe=args.compare, compare_overrides=base_over,
+                       memory_cap_gib=args.memory_cap_gib, find_max_params=args.max_params, search=args.search,
+                       generate=args.generate, gen_tokens=args.gen_tokens, plugins=plugins,
+                       progress=lambda text: print(text, file=sys.stderr, flush=True), partial=write_json)
+    print("\n".join(report_lines(result)))
+    write_json(result)
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_checkpoint(args) -> int:
+    from phase7fw.checkpoint import consolidate
+
+    out = consolidate(args.src, args.out)
+    print(f"wrote {out} (one file: eval, generate, chat and single-process runs load it)")
     return 0
 
 
@@ -167,14 +257,25 @@ def build_parser(plugins_hook=None) -> argparse.ArgumentParser:
 
     rec = sub.add_parser("recipe", help="validate, show or create recipes")
     rec.add_argument("action", choices=["validate", "show", "new"])
-    rec.add_argument("recipe", nargs="?")
+    rec.add_argument("recipe", nargs="?", help="the recipe file (for new: where to write it, like --output)")
     with_set(rec)
+    new = rec.add_argument_group("recipe new (see docs/data.md)")
+    new.add_argument("--preset", metavar="NAME|FILE", help="model preset: a recipe in recipes/ (phase7_small) or a .toml")
+    new.add_argument("--source", action="append", metavar="NAME[:KEY=VALUE]...[:WEIGHT]",
+                     help="a data source of the mix, repeatable (python_stdlib:1.0, text_files:paths=data/*.txt:0.5)")
+    new.add_argument("--tokenizer", metavar="NAME[:KEY=VALUE]...", help="tokenizer (bpe:vocab_size=8192); default: the preset's")
+    new.add_argument("--tokens", metavar="N", help="token budget (50M, 1.5B) -> train.max_steps; default: the preset's steps")
+    new.add_argument("--output", "-o", metavar="FILE", help="where to write the recipe")
+    new.add_argument("--force", action="store_true", help="overwrite --output if it exists")
+    new.add_argument("--interactive", action="store_true", help="ask the missing answers even when stdin is not a terminal")
     rec.set_defaults(func=cmd_recipe)
 
     data = sub.add_parser("data", help="data preparation")
     data.add_argument("action", choices=["prepare"])
     data.add_argument("recipe")
     with_set(data)
+    data.add_argument("--workers", type=int, default=None, metavar="N",
+                      help="tokenizer processes (default: every core)")
     data.set_defaults(func=cmd_data)
 
     pl = sub.add_parser("plugins", help="list loaded plugins and what they register")
@@ -191,31 +292,66 @@ def build_parser(plugins_hook=None) -> argparse.ArgumentParser:
     doc.add_argument("--require-gpu", action="store_true", help="exit 1 when no CUDA GPU is usable")
     doc.set_defaults(func=cmd_doctor)
 
+    def checkpoint_arg(sp, optional=False):
+        sp.add_argument("checkpoint", nargs="?" if optional else None, metavar="CHECKPOINT|RUN_DIR",
+                        help="a checkpoint file, or a run folder (best > final > latest step)"
+                        + (", or nothing: the newest run under --runs-dir" if optional else ""))
+        sp.add_argument("--runs-dir", default="runs", help="where to look for runs (default: runs)")
+        sp.add_argument("--device", default=None, help="override train.device")
+
+    def sampling_flags(sp):
+        sp.add_argument("--max-new-tokens", type=int, default=64)
+        sp.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+        sp.add_argument("--top-k", type=int, default=None)
+        sp.add_argument("--top-p", type=float, default=None)
+        sp.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
+        sp.add_argument("--seed", type=int, default=None)
+        sp.add_argument("--no-cache", action="store_true", help="recompute the context for every token (slow)")
+
+    ck = sub.add_parser("checkpoint", help="checkpoint tools")
+    ck_sub = ck.add_subparsers(dest="action", required=True, metavar="ACTION")
+    cons = ck_sub.add_parser("consolidate", help="sharded (FSDP) checkpoint directory -> one file")
+    cons.add_argument("src")
+    cons.add_argument("out")
+    cons.set_defaults(func=cmd_checkpoint)
+
     ev = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint")
-    ev.add_argument("checkpoint")
+    checkpoint_arg(ev)
     ev.add_argument("--batches", type=int, default=None)
-    ev.add_argument("--device", default=None)
+    ev.add_argument("--json", action="store_true", help="also print the metrics as one JSON line")
     ev.set_defaults(func=cmd_eval)
 
-    gen = sub.add_parser("generate", help="continue a prompt with a trained checkpoint")
-    gen.add_argument("checkpoint")
+    gen = sub.add_parser("generate", help="continue a prompt with a trained checkpoint (streams to stdout)")
+    checkpoint_arg(gen)
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.8)
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
-    gen.add_argument("--repetition-penalty", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--device", default=None)
+    sampling_flags(gen)
+    gen.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
     gen.set_defaults(func=cmd_generate)
 
-    chat = sub.add_parser("chat", help="interactive chat with a trained model")
-    chat.add_argument("checkpoint", nargs="?")
-    chat.set_defaults(func=cmd_later("phase7fw chat", "use phase7fw generate meanwhile"))
+    chat = sub.add_parser("chat", help="interactive chat with a trained model (/help inside)")
+    checkpoint_arg(chat, optional=True)
+    sampling_flags(chat)
+    chat.set_defaults(func=cmd_chat)
 
-    bench = sub.add_parser("bench", help="throughput / MFU / memory benchmark of a recipe")
+    bench = sub.add_parser("bench", help="throughput / MFU / memory / decoding benchmark of a recipe")
     bench.add_argument("recipe")
-    bench.set_defaults(func=cmd_later("phase7fw bench", "see benchmarks/ meanwhile"))
+    with_set(bench)
+    bench.add_argument("--steps", type=int, default=10, help="timed training steps (default 10)")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation; default 3)")
+    bench.add_argument("--batch-size", type=int, default=None, help="train.batch_size of every benchmarked recipe")
+    bench.add_argument("--grad-accum", type=int, default=None, help="train.grad_accum_steps of every recipe")
+    bench.add_argument("--compare", metavar="RECIPE", help="baseline recipe measured in the same process")
+    bench.add_argument("--compare-set", action="append", metavar="KEY=VALUE", help="override for the baseline")
+    bench.add_argument("--memory-cap-gib", type=float, default=None,
+                       help="emulate a GPU with this much memory (set_per_process_memory_fraction)")
+    bench.add_argument("--max-params", action="store_true",
+                       help="search the largest model of the recipe's family that trains under the cap")
+    bench.add_argument("--search", choices=["layers", "width"], default="layers", help="what --max-params grows")
+    bench.add_argument("--generate", action="store_true", help="also time cached decoding (batch 1)")
+    bench.add_argument("--gen-tokens", type=int, default=64, help="tokens decoded by --generate")
+    bench.add_argument("--json", metavar="PATH", help="write every number to this JSON file")
+    bench.add_argument("--device", default=None)
+    bench.set_defaults(func=cmd_bench)
 
     if plugins_hook is not None:
         plugins_hook(subparsers=sub)
@@ -226,15 +362,31 @@ def main(argv: list[str] | None = None) -> int:
     global _LOADED
     argv = sys.argv[1:] if argv is None else argv
     _LOADED = None
+    # Under torchrun every message names its rank; torchrun stops the other ranks when one exits.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    who = f"[rank {os.environ.get('RANK', '0')}/{world}] " if world > 1 else ""
     try:
         args = build_parser(_plugins().hook.register_commands).parse_args(argv)
         return int(args.func(args) or 0)
     except Phase7Error as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {who}{exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"{who}interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        if not who:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        print(f"error: {who}failed (traceback above); the job stops", file=sys.stderr)
+        return 1
+    finally:
+        if who:
+            from phase7fw.distributed import shutdown
+
+            shutdown()
 
 
 if __name__ == "__main__":

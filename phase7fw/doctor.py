@@ -42,15 +42,58 @@ def run_doctor(require_gpu: bool = False, verify: bool = False) -> int:
         warnings.append(f"plugin {err.name} failed to load: {err}")
     kernels = plugins.registry.entries("kernel")
     print(f"kernels   {', '.join(e.name for e in kernels) if kernels else 'none registered (reference torch code is used)'}")
+    failed = False
+    if kernels:
+        failed |= _kernel_smoke(has_gpu, warnings)
     if verify:
         if not has_gpu:
             print("verify: kernel verification needs a CUDA GPU", file=sys.stderr)
             return 1
         if not kernels:
             print("verify: no Triton kernels are registered; nothing to verify")
+        else:
+            failed |= _kernel_verify()
     for w in warnings:
         print(f"warning: {w}")
     if require_gpu and not has_gpu:
         print("error: --require-gpu given and no CUDA GPU is usable", file=sys.stderr)
         return 1
+    if failed:
+        print("error: a kernel failed its check (table above)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _kernel_smoke(has_gpu: bool, warnings: list[str]) -> bool:
+    """Compile and run every kernel on a tiny input (GPU, or the Triton interpreter when
+    TRITON_INTERPRET=1 on a CPU machine). Returns True if one failed."""
+    import torch
+
+    from phase7fw.kernels import triton_usable
+
+    device = "cuda" if has_gpu else "cpu"
+    ok, why = triton_usable(device)
+    if not ok:
+        warnings.append(f"Triton kernels not checked: {why}; the reference torch code will be used")
+        return False
+    from phase7fw.kernels.verify import smoke
+
+    where = "GPU" if has_gpu else "Triton interpreter (TRITON_INTERPRET=1)"
+    print(f"kernel check on a tiny input, {where}, {why}:")
+    rows = smoke(torch.device(device))
+    for r in rows:
+        status = "ok  " if r.ok else "FAIL"
+        errs = ", ".join(f"{k} {v:.1e}" for k, v in r.errors.items())
+        print(f"  {status} {r.op:<22} {r.ms.get('first_call_incl_compile', 0):8.0f} ms  {r.detail} {errs}".rstrip())
+    return not all(r.ok for r in rows)
+
+
+def _kernel_verify() -> bool:
+    import torch
+
+    from phase7fw.kernels.verify import format_table, verify
+
+    print("verify: every kernel vs its fp64 reference (bf16 inputs, fresh random, gate rel. err <= 1e-2)")
+    rows = verify(torch.device("cuda"))
+    print(format_table(rows))
+    return not all(r.ok for r in rows)

@@ -7,13 +7,17 @@ Build order (``Engine.BUILD_ORDER``; each step is recorded in ``engine.build_ste
 3. recipe          the TOML recipe, validated strictly (overrides applied)
 4. tokenizer       built from ``[data.tokenizer]`` (or from the checkpoint's saved state)
 5. data            sources loaded, tokenized, split into train/validation, mixture samplers
-6. model           built on the meta device (no memory) from ``[model]``
+6. model           built on the meta device (no memory) from ``[model]``; weights cast to
+                   ``train.param_dtype`` there (phase7fw/memory.py)
 7. kernels         ``[kernels]`` resolved to an implementation per op and announced
 8. activation checkpointing   when ``train.activation_checkpointing``
 9. compile         ``torch.compile`` of the training loss when ``train.compile``
-10. parallel       DDP / FSDP wrapping per ``[parallel]`` (single process: nothing to do)
-11. materialize    parameters allocated on the device and initialized (seeded)
-12. optimizer      from ``[optimizer]`` with decay / no-decay parameter groups
+10. parallel       ``[parallel]``: FSDP2 shards the meta model here (phase7fw/distributed.py);
+                   DDP needs real weights, so it wraps right after step 11
+11. materialize    parameters allocated on the device and initialized (seeded; with FSDP
+                   rank 0's initial weights are copied into every rank's shards)
+12. optimizer      from ``[optimizer]`` with decay / no-decay parameter groups (and its
+                   backward hooks with ``train.optimizer_in_backward``)
 13. schedulers     ``[lr_scheduler]`` and ``[curvature_scheduler]``
 14. resume         checkpoint loaded (``resume="auto"|"never"|PATH``)
 15. trackers       created when ``fit()`` starts (they must not exist for eval or chat)
@@ -30,15 +34,14 @@ from pathlib import Path
 
 import torch
 
-from phase7fw import __version__
-from phase7fw.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
+from phase7fw import __version__, distributed, memory
+from phase7fw.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_sharded_checkpoint
 from phase7fw.console import Console, human
-from phase7fw.data import MixtureSampler, split_tokens
+from phase7fw.data import MixtureSampler, load_mix
 from phase7fw.errors import CheckpointError, Phase7Error
 from phase7fw.optim_groups import param_groups
 from phase7fw.plugins import Plugins, load_plugins
 from phase7fw.recipe import KERNEL_OPS, Recipe, load_recipe, recipe_to_dict, recipe_to_toml
-from phase7fw.recipe.convert import structure_component
 
 BUILD_ORDER = (
     "seed",
@@ -78,7 +81,8 @@ def build_tokenizer(recipe: Recipe, plugins: Plugins, state: dict | None = None)
 
 
 def cache_dir(recipe: Recipe) -> str:
-    return recipe.data.cache_dir or os.path.join(
+    """``data.cache_dir``, else ``$PHASE7FW_CACHE_DIR``, else ``$XDG_CACHE_HOME/phase7fw`` (~/.cache)."""
+    return recipe.data.cache_dir or os.environ.get("PHASE7FW_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "phase7fw"
     )
 
@@ -150,7 +154,10 @@ class Engine:
         self._seed()
         self._done("plugins")
         self._done("recipe")
-        self.device = resolve_device(device or recipe.train.device)
+        self.dist, device_name = distributed.init(recipe.parallel.strategy, device or recipe.train.device)
+        if not self.dist.is_main:
+            self.console = Console(False)  # one console, one set of files: rank 0's
+        self.device = resolve_device(device_name)
         self.output_dir = Path(recipe.output_dir)
         self.model_name = recipe.model.name
 
@@ -169,6 +176,7 @@ class Engine:
         self.model = build_model(recipe, "meta", plugins=plugins, vocab_size=vocab, kernels=self.kernels)
         self.vocab_size = vocab
         self.seq_len = self.model.seq_len
+        memory.setup_model(self)  # train.param_dtype (cast on meta), train.ce_chunk_tokens
         self._done("model")
         self._done("kernels")
 
@@ -177,19 +185,31 @@ class Engine:
             self.model.enable_activation_checkpointing()
         self._done("activation_checkpointing")
         self._loss_fn = self.model.loss
+        strategy = recipe.parallel.strategy
         if train.compile:
-            self._loss_fn = torch.compile(self.model.loss)
+            if strategy == "none":
+                self._loss_fn = torch.compile(self.model.loss)
+            else:  # compile block by block, then wrap (torchtitan's order)
+                for unit in distributed.shard_units(self.model):
+                    unit.compile()
         self._done("compile")
-        if recipe.parallel.strategy != "none":
-            raise Phase7Error(
-                f"parallel.strategy = {recipe.parallel.strategy!r} needs torchrun and is not supported"
-                " by this version yet; use strategy = \"none\""
-            )
-        self._done("parallel")
-        materialize(self.model, self.device)
-        self._done("materialize")
+        if strategy == "fsdp":
+            # Shard on the meta device, allocate only this rank's shards, then copy in the
+            # weights rank 0 initializes: the same init as a single-process run.
+            self._loss_fn = distributed.wrap(self.model, self.dist, train.precision, self.device)
+            self._done("parallel")
+            materialize(self.model, self.device)
+            self._broadcast_init_from_rank0()
+            self._done("materialize")
+        else:
+            self._done("parallel")
+            materialize(self.model, self.device)
+            if strategy == "ddp":  # DDP needs real weights: it wraps right after they exist
+                self._loss_fn = distributed.wrap(self.model, self.dist, train.precision, self.device)
+            self._done("materialize")
 
         self.optimizer = self._build("optimizer", recipe.optimizer, params=param_groups(self.model))
+        self.in_backward = memory.setup_optimizer(self)  # train.optimizer_in_backward: hooks, else None
         self._done("optimizer")
         self.lr_scheduler = self._build(
             "lr_scheduler", recipe.lr_scheduler, optimizer=self.optimizer, max_steps=train.max_steps
@@ -204,7 +224,7 @@ class Engine:
         self._done("schedulers")
 
         if checkpoint is not None:
-            self._load_state(checkpoint, "<checkpoint>", full=False)
+            self._load_state(checkpoint, checkpoint.get("path", "<checkpoint>"), full=False)
         else:
             self._resume(resume)
         self._done("resume")
@@ -235,11 +255,27 @@ class Engine:
             raise CheckpointError(f"{path} holds no recipe; it was not written by phase7fw")
         import tomllib
 
-        recipe = load_recipe(tomllib.loads(recipe_text), plugins=plugins)
+        if state.get("sharded"):
+            raise CheckpointError(f"{path} is a sharded (FSDP) checkpoint; make one file of it first:"
+                                  f" phase7fw checkpoint consolidate {path} OUT.pt")
+        # One process: eval and generation never need the training run's DDP/FSDP wrapping.
+        recipe = load_recipe(tomllib.loads(recipe_text), {"parallel.strategy": "none"}, plugins=plugins)
         engine = cls(recipe, plugins=plugins, resume="never", device=device, with_data=with_data,
-                     checkpoint=state, console=Console(not quiet))
+                     checkpoint={**state, "path": str(path)}, console=Console(not quiet))
         engine.checkpoint_file = str(path)
         return engine
+
+    def _broadcast_init_from_rank0(self) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        full = {}
+        if self.dist.is_main:
+            torch.manual_seed(self.recipe.run.seed)
+            reference = build_model(self.recipe, "cpu", plugins=self.plugins, vocab_size=self.vocab_size,
+                                    kernels=self.kernels)
+            full = reference.state_dict()
+        set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True,
+                                                                        broadcast_from_rank0=True))
 
     def _seed(self) -> None:
         torch.manual_seed(self.recipe.run.seed)
@@ -253,57 +289,65 @@ class Engine:
 
     def _build_data(self, dummy_data: bool) -> None:
         recipe = self.recipe
-        specs = list(recipe.data.sources)
-        if dummy_data:
-            errors: list[str] = []
-            specs = [structure_component({"name": "synthetic"}, "data_source", self.registry, "--dummy-data", errors)]
-            if errors:
-                raise Phase7Error("; ".join(errors))
-        if not specs:
-            raise Phase7Error("the recipe has no [[data.sources]]; add one or run with --dummy-data")
-        built = [(f"data.sources[{i}] ({s.name})", s, self._build("data_source", s, cache_dir=cache_dir(recipe),
-                                                                    seed=recipe.run.seed))
-                 for i, s in enumerate(specs)]
-        self.tokenizer.prepare(text for _, _, src in built for text in src.texts())
-        seq_len = getattr(recipe.model.config, "seq_len", None)
-        if not isinstance(seq_len, int):
-            raise Phase7Error(f"model {recipe.model.name!r} has no seq_len option; the data sampler needs one")
-        window = seq_len + 1
-        self.sources = []
-        for label, spec, src in built:
-            tokens = src.load_tokens(self.tokenizer)
-            if len(tokens) and int(tokens.max()) >= self.tokenizer.vocab_size:
-                raise Phase7Error(f"{label}: token id {int(tokens.max())} is outside the tokenizer's vocabulary")
-            self.sources.append(split_tokens(f"{label} {src.describe()}", spec.weight, tokens,
-                                             recipe.data.val_fraction, window))
+        # Sources, tokenizer preparation and the tokenized cache: see phase7fw/data.py.
+        self.sources = load_mix(recipe, self.registry, self.tokenizer, cache_dir=cache_dir(recipe),
+                                dummy_data=dummy_data, log=self.console.print)
+        seq_len = recipe.model.config.seq_len
         train = recipe.train
+        # Each rank reads its slice of the global batch: N ranks x batch b = 1 process x batch N*b.
+        ranks = {"rank": self.dist.rank, "world_size": self.dist.world_size}
         self.train_sampler = MixtureSampler(self.sources, seq_len=seq_len, batch_size=train.batch_size,
-                                            seed=recipe.run.seed, split="train")
+                                            seed=recipe.run.seed, split="train", **ranks)
         self.val_sampler = None
         if recipe.data.val_fraction > 0:
             self.val_sampler = MixtureSampler(self.sources, seq_len=seq_len, batch_size=train.batch_size,
-                                              seed=recipe.run.seed, split="val")
+                                              seed=recipe.run.seed, split="val", **ranks)
 
     def _select_kernels(self) -> dict[str, str]:
         """Resolve ``[kernels]``: an op's implementation must be registered as kind ``kernel``,
         name ``"<op>:<impl>"``; "reference" is the torch code inside the component itself."""
-        chosen = {}
+        from phase7fw.kernels import triton_usable
+
+        chosen, reasons = {}, {}
         for op in KERNEL_OPS:
             want = getattr(self.recipe.kernels, op)
             if want == "reference":
                 chosen[op] = "reference"
             elif want == "auto":
-                usable = self.device.type == "cuda" and (("kernel", f"{op}:triton") in self.registry)
-                chosen[op] = "triton" if usable else "reference"
+                if ("kernel", f"{op}:triton") not in self.registry:
+                    chosen[op] = "reference"
+                    reasons[op] = "auto: no Triton kernel registered"
+                else:
+                    ok, why = triton_usable(self.device.type)
+                    chosen[op] = "triton" if ok and self.device.type == "cuda" else "reference"
+                    reasons[op] = f"auto: {why}"
             else:
                 if ("kernel", f"{op}:triton") not in self.registry:
                     raise Phase7Error(f"kernels.{op} = \"triton\" but no Triton kernel is registered for {op};"
                                       " use \"reference\" or \"auto\"")
+                ok, why = triton_usable(self.device.type)
+                if not ok:  # never fall back silently
+                    raise Phase7Error(f"kernels.{op} = \"triton\" but Triton cannot run here: {why};"
+                                      " use \"reference\" or \"auto\"")
                 chosen[op] = "triton"
+                reasons[op] = why
+        if any(v == "triton" for v in chosen.values()) or reasons:
+            self.console.print("kernels: " + ", ".join(
+                f"{op}={impl}" + (f" ({reasons[op]})" if op in reasons else "") for op, impl in chosen.items()
+                if impl == "triton" or op in reasons))
         return chosen
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
+        """Everything a checkpoint holds. Model and optimizer state are keyed by parameter
+        name (torch.distributed.checkpoint's layout), whatever the strategy, so single-file,
+        DDP and consolidated FSDP checkpoints load into one another."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        return {"model": model_state, "optimizer": optim_state, **self._extra_state()}
+
+    def _extra_state(self) -> dict:
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -311,8 +355,8 @@ class Engine:
             "phase7fw_version": __version__,
             "step": self.step,
             "model_name": self.model_name,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "world_size": self.dist.world_size,
+            "strategy": self.dist.strategy,
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "curvature_scheduler": self.curvature_scheduler.state_dict() if self.curvature_scheduler else None,
             "grad_scaler": self.scaler.state_dict() if self.scaler else None,
@@ -327,8 +371,21 @@ class Engine:
         }
 
     def save(self, path) -> Path:
-        """Write a complete checkpoint (atomically) to ``path``."""
-        return save_checkpoint(path, self.state_dict())
+        """Write a complete checkpoint to ``path``, atomically: one file, or with FSDP a
+        directory of that name holding the shards (torch.distributed.checkpoint)."""
+        path = Path(path)
+        if self.dist.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            model_state, optim_state = get_state_dict(self.model, self.optimizer)
+            save_sharded_checkpoint(path, {"model": model_state, "optimizer": optim_state}, self._extra_state(),
+                                    self.dist)
+            return path
+        state = self.state_dict()
+        if self.dist.is_main:
+            save_checkpoint(path, state)
+        distributed.barrier(self.dist)
+        return path
 
     def _resume(self, resume: str) -> None:
         if resume == "never":
@@ -349,6 +406,42 @@ class Engine:
         self.console.print(f"Resumed from {path} at step {self.step}")
         self.resumed_from = str(path)
 
+    def _load_model_and_optimizer(self, state: dict, where: str, full: bool) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_state_dict,
+            set_model_state_dict,
+            set_state_dict,
+        )
+
+        try:
+            if state.get("sharded"):
+                if self.dist.strategy != "fsdp":
+                    raise CheckpointError(
+                        f"{where} is a sharded (FSDP) checkpoint; run with parallel.strategy = \"fsdp\" on"
+                        f" {state.get('world_size')} processes, or make a single file of it first:"
+                        f" phase7fw checkpoint consolidate {where} OUT.pt"
+                    )
+                if int(state.get("world_size", 0)) != self.dist.world_size:
+                    raise CheckpointError(f"{where} was sharded over {state.get('world_size')} processes, this run"
+                                          f" has {self.dist.world_size}; use the same number of processes")
+                import torch.distributed.checkpoint as dcp
+
+                model_state, optim_state = get_state_dict(self.model, self.optimizer)
+                target = {"model": model_state, "optimizer": optim_state} if full else {"model": model_state}
+                dcp.load(target, checkpoint_id=state["path"])
+                state = {**state, **target}
+            if full:
+                set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                               optim_state_dict=memory.adapt_optimizer_state(state["optimizer"], self.optimizer))
+            else:
+                opts = StateDictOptions(full_state_dict=not state.get("sharded"))
+                set_model_state_dict(self.model, state["model"], options=opts)
+        except CheckpointError:
+            raise
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise CheckpointError(f"{where} does not fit the model of this recipe: {exc}") from None
+
     def _load_state(self, state: dict, where: str, *, full: bool) -> None:
         """Load a checkpoint into the built run; ``full`` also restores training state."""
         if state.get("model_name") != self.model_name:
@@ -358,27 +451,33 @@ class Engine:
         if fp is not None and fp != self.tokenizer.fingerprint():
             raise CheckpointError(f"{where} was trained with tokenizer {fp!r}, the recipe gives"
                                   f" {self.tokenizer.fingerprint()!r}; token ids would not match")
-        try:
-            self.model.load_state_dict(state["model"])
-        except (RuntimeError, KeyError) as exc:
-            raise CheckpointError(f"{where} does not fit the model of this recipe: {exc}") from None
+        saved_world = int(state.get("world_size", 1))
+        if full and saved_world != self.dist.world_size:
+            raise CheckpointError(
+                f"{where} was written by {saved_world} process(es), this run has {self.dist.world_size}: the data"
+                " order and the optimizer shards would not continue exactly; resume with the same number of"
+                " processes (phase7fw eval/generate/chat load it anywhere)."
+            )
+        self._load_model_and_optimizer(state, where, full)
         self.step = int(state.get("step", 0))
         metrics = state.get("metrics") or {}
         self.best_val_loss = float(metrics.get("best_val_loss", math.inf))
         if not full:
             return
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
             if self.curvature_scheduler is not None and state.get("curvature_scheduler") is not None:
                 self.curvature_scheduler.load_state_dict(state["curvature_scheduler"])
             if self.scaler is not None and state.get("grad_scaler"):
                 self.scaler.load_state_dict(state["grad_scaler"])
         except (KeyError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"{where}: optimizer or scheduler state does not fit this recipe: {exc}") from None
+            raise CheckpointError(f"{where}: scheduler state does not fit this recipe: {exc}") from None
         if self.train_sampler is not None and state.get("data"):
             self.train_sampler.load_state_dict(state["data"])
         rng = state.get("rng") or {}
+        per_rank = state.get("rng_per_rank")
+        if per_rank and len(per_rank) == self.dist.world_size:
+            rng = per_rank[self.dist.rank] or {}
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
@@ -407,16 +506,18 @@ class Engine:
         n = batches or self.recipe.train.eval_batches
         was_training = self.model.training
         self.model.eval()
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         try:
             for i in range(n):
                 x, y = (t.to(self.device) for t in self.val_sampler.batch(i))
                 with self.autocast():
-                    logits = self.model(x)
-                total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item()
+                    # Through the (possibly wrapped) loss, so FSDP gathers its shards; the
+                    # validation number is the cross-entropy without auxiliary losses.
+                    loss, metrics = self._loss_fn(x, y)
+                total += metrics.get("ce_loss", loss).detach().float()
         finally:
             self.model.train(was_training)
-        loss = total / n
+        loss = float(distributed.all_mean(total, self.dist)) / n
         return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": n * self.val_sampler.batch_size * self.seq_len}
 
     def autocast(self):
@@ -429,30 +530,31 @@ class Engine:
     @torch.no_grad()
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int | None = None,
                  top_p: float | None = None, repetition_penalty: float = 1.0, seed: int | None = None,
-                 use_cache: bool = True) -> str:
+                 use_cache: bool = True, *, stop=None, on_text=None) -> str:
         """Continue ``prompt``; returns only the new text. Temperature 0 is greedy.
-        (``use_cache`` is accepted for API stability; this version recomputes the window.)"""
-        from phase7fw.generation import sample_next
 
-        if max_new_tokens < 0 or temperature < 0 or repetition_penalty <= 0:
-            raise Phase7Error("generate: max_new_tokens and temperature must be >= 0, repetition_penalty > 0")
-        ids = [self.tokenizer.eos_id] + self.tokenizer.encode(prompt)
-        gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        ``use_cache`` decodes incrementally (the model's cache, O(1) per token for phase7);
+        ``False`` recomputes the visible context per token; both give the same tokens.
+        ``stop``: a string or strings that end generation (not included in the result);
+        ``on_text(str)``: called with the text as it is generated (streaming).
+        """
+        from phase7fw.generation import SamplingParams, generate_text
+
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed).checked()
+        decoder = self.decoder(use_cache=use_cache)
+        decoder.reset([self.tokenizer.eos_id] + self.tokenizer.encode(prompt))  # EOS: "a document starts"
+        was_training = self.model.training
         self.model.eval()
-        out: list[int] = []
-        for _ in range(max_new_tokens):
-            context = torch.tensor([ids[-self.seq_len:]], device=self.device)
-            with self.autocast():
-                logits = self.model(context)[:, -1]
-            logits = logits[:, : self.tokenizer.vocab_size]
-            nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                              repetition_penalty=repetition_penalty, seen=context, generator=gen)
-            token = int(nxt.item())
-            if token == self.tokenizer.eos_id:
-                break
-            ids.append(token)
-            out.append(token)
-        return self.tokenizer.decode(out)
+        try:
+            return generate_text(decoder, self.tokenizer, params, stop=stop, on_text=on_text)
+        finally:
+            self.model.train(was_training)
+
+    def decoder(self, use_cache: bool = True):
+        """A :class:`phase7fw.decoding.Decoder` over this engine's model (autocast as in training)."""
+        from phase7fw.decoding import Decoder
+
+        return Decoder(self.model, use_cache=use_cache, device=self.device, autocast=self.autocast)
 
     def describe(self) -> list[str]:
         """The run header: what was built, its size, where output goes."""
@@ -478,4 +580,5 @@ class Engine:
             f" | optimizer {r.optimizer.name} | lr schedule {r.lr_scheduler.name}"
         )
         lines.append("kernels: " + ", ".join(f"{op}={impl}" for op, impl in self.kernels.items()))
+        lines += memory.plan_lines(self)
         return lines

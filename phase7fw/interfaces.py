@@ -40,10 +40,21 @@ class LanguageModel(nn.Module):
 
     vocab_size: int
     seq_len: int
+    #: the repeated blocks (an ``nn.ModuleList``): the units of activation checkpointing,
+    #: per-block compilation and FSDP sharding
+    blocks: nn.ModuleList
+
+    #: ``train.ce_chunk_tokens``: tokens per cross-entropy chunk, 0 = all logits at once
+    ce_chunk_tokens: int = 0
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Training loss (next-token cross-entropy plus any auxiliary loss) and extra
         metrics to log (floats or 0-dim tensors)."""
+        if self.ce_chunk_tokens:  # never the full (tokens x vocab) logits: phase7fw/memory.py
+            from phase7fw.memory import chunked_cross_entropy
+
+            hidden = self.forward_hidden(input_ids)
+            return chunked_cross_entropy(hidden, self.lm_head_weight(), targets, self.ce_chunk_tokens), {}
         logits = self(input_ids)
         ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         return ce, {}
@@ -51,9 +62,11 @@ class LanguageModel(nn.Module):
     def begin_step(self) -> None:
         """Called by the trainer before the first micro-batch of an optimizer step."""
 
-    def finish_backward(self) -> None:
+    def finish_backward(self, reduce=None) -> None:
         """Called after the last micro-batch's backward, before clipping and the update
-        (work done once per step, e.g. pushing a shared table's gradient into its factors)."""
+        (work done once per step, e.g. pushing a shared table's gradient into its factors).
+        ``reduce(tensor) -> tensor`` averages a gradient over data-parallel ranks; apply it
+        to any gradient made here, since the wrapper's all-reduce has already happened."""
 
     def init_weights(self) -> None:
         """Initialize every parameter and buffer (called after materializing from meta)."""
@@ -61,6 +74,14 @@ class LanguageModel(nn.Module):
 
     def enable_activation_checkpointing(self) -> None:
         raise Phase7Error(f"model {type(self).__name__} does not support activation checkpointing")
+
+    def enable_chunked_cross_entropy(self, chunk_tokens: int) -> None:
+        """Compute the training cross-entropy ``chunk_tokens`` tokens at a time. The default
+        ``loss`` does it for models with ``forward_hidden(ids) -> hidden`` and ``lm_head_weight()``."""
+        if not (callable(getattr(self, "forward_hidden", None)) and callable(getattr(self, "lm_head_weight", None))):
+            raise Phase7Error(f"model {type(self).__name__} does not support a chunked cross-entropy"
+                              " (train.ce_chunk_tokens); set it to 0")
+        self.ce_chunk_tokens = chunk_tokens
 
     def set_curvature(self, kappa: float) -> None:
         raise Phase7Error(

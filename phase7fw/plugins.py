@@ -25,6 +25,7 @@ ENTRY_POINT_GROUP = "phase7fw"
 DEFAULT_PLUGINS = (
     "phase7fw.components.llama",
     "phase7fw.components.optimizers",
+    "phase7fw.components.lowmem",
     "phase7fw.components.lr_schedulers",
     "phase7fw.components.data_sources",
     "phase7fw.components.tokenizers",
@@ -34,6 +35,7 @@ DEFAULT_PLUGINS = (
     "phase7fw.components.phase7.ssm",
     "phase7fw.components.phase7.curvature",
     "phase7fw.components.phase7.model",
+    "phase7fw.kernels.plugin",
 )
 
 

@@ -6,10 +6,14 @@ either update or -- when the loss or the grad norm is NaN/Inf -- skip the update
 and stop after ``train.max_nonfinite_steps`` skips in a row. The step counter, the LR and
 curvature schedules and the data position advance either way, so a skipped step is a
 step whose update was dropped, not a step that is retried.
+
+With ``train.optimizer_in_backward`` each parameter is updated inside backward instead
+(:meth:`Trainer._train_step_in_backward`, :class:`phase7fw.memory.OptimizerInBackward`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import threading
@@ -18,11 +22,16 @@ import warnings
 
 import torch
 
+from phase7fw import distributed
 from phase7fw.checkpoint import checkpoint_path
 from phase7fw.console import perplexity, step_line, val_line
 from phase7fw.errors import TrainingAborted
 from phase7fw.recipe import recipe_to_dict, recipe_to_toml
 from phase7fw.recipe.convert import structure_component
+
+
+def _untimed(name: str):
+    return contextlib.nullcontext()
 
 
 class Trainer:
@@ -35,6 +44,7 @@ class Trainer:
         self.hard_stop = False
         self.trackers: list = []
         self.callbacks: list = []
+        self.consecutive_bad = 0  # non-finite steps in a row
 
     # ------------------------------------------------------------------ setup
     def _build_trackers(self) -> None:
@@ -44,7 +54,7 @@ class Trainer:
             errors: list[str] = []
             specs.insert(0, structure_component({"name": "jsonl"}, "tracker", e.registry, "trackers", errors))
         resumed = getattr(e, "resumed_from", None) is not None
-        for spec in specs:
+        for spec in specs if e.dist.is_main else ():  # trackers live on rank 0 only
             tracker = e.registry.build(
                 "tracker", spec.name, spec.config, run_dir=str(e.output_dir), run_name=r.run.name,
                 recipe=recipe_to_dict(r), resume_state=e.tracker_state.get(spec.name) if resumed else None,
@@ -61,6 +71,16 @@ class Trainer:
     def _tracker_state(self) -> dict:
         return {name: t.state() for name, t in self.trackers}
 
+    def _stop_requested(self) -> bool:
+        """Ctrl-C reaches the ranks at slightly different times: stop when any rank saw it,
+        at the same step on every rank (a tiny all-reduce per step when distributed)."""
+        if not self.engine.dist.distributed:
+            return self.interrupted
+        flag = torch.tensor([float(self.interrupted)], device=self.engine.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self.interrupted = bool(flag.item())
+        return self.interrupted
+
     # ------------------------------------------------------------------ signals
     def _on_sigint(self, signum, frame):
         if self.interrupted:  # second Ctrl-C: stop now, without saving a half-done step
@@ -72,8 +92,10 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def run(self) -> dict:
         e = self.engine
-        e.output_dir.mkdir(parents=True, exist_ok=True)
-        (e.output_dir / "resolved_recipe.toml").write_text(recipe_to_toml(self.recipe))
+        if e.dist.is_main:
+            e.output_dir.mkdir(parents=True, exist_ok=True)
+            (e.output_dir / "resolved_recipe.toml").write_text(recipe_to_toml(self.recipe))
+        distributed.barrier(e.dist)
         self._build_trackers()
         for line in e.describe():
             self.console.print(line)
@@ -108,35 +130,44 @@ class Trainer:
             cb.on_run_end(e, summary)
         return summary
 
-    def _loop(self) -> dict:
+    def train_step(self, timer=None) -> dict:
+        """One optimizer step: forward and backward of every micro-batch, clipping, the update
+        (skipped when the loss or the grad norm is not finite), schedulers and counters.
+
+        ``timer.section(name)``, when given, wraps the phases "data", "forward", "backward" and
+        "optimizer" (``phase7fw bench`` times them). Returns loss, grad_norm, lr, finite, metrics.
+        """
         e, t = self.engine, self.train
         model, opt = e.model, e.optimizer
-        model.train()
-        consecutive_bad = 0
-        window = {"loss": 0.0, "n": 0, "time": 0.0, "tokens": 0, "steps": 0}
-        last_loss = math.nan
-        tokens_per_step = t.batch_size * t.grad_accum_steps * e.seq_len
-        params = [p for p in model.parameters() if p.requires_grad]
-        while e.step < t.max_steps:
-            t0 = time.perf_counter()
-            loss_sum = torch.zeros((), device=e.device)
-            metric_sums: dict[str, float] = {}
-            model.begin_step()
-            for _ in range(t.grad_accum_steps):
+        section = timer.section if timer is not None else _untimed
+        if getattr(e, "in_backward", None) is not None:  # train.optimizer_in_backward
+            return self._train_step_in_backward(section)
+        loss_sum = torch.zeros((), device=e.device)
+        metric_sums: dict[str, float] = {}
+        model.begin_step()
+        for i in range(t.grad_accum_steps):
+            with section("data"):
                 x, y = (b.to(e.device, non_blocking=True) for b in next(e.train_sampler))
-                with e.autocast():
+            # Gradients are all-reduced only with the last micro-batch of the step.
+            with distributed.gradient_sync(e._loss_fn, e.dist, enabled=i == t.grad_accum_steps - 1):
+                with section("forward"), e.autocast():
                     loss, metrics = e._loss_fn(x, y)
-                scaled = loss / t.grad_accum_steps
-                (e.scaler.scale(scaled) if e.scaler else scaled).backward()
-                loss_sum += loss.detach().float()
-                for k, v in metrics.items():  # tensors stay on the device until logged
-                    metric_sums[k] = metric_sums.get(k, 0.0) + (v.detach() if isinstance(v, torch.Tensor) else v)
-            model.finish_backward()
+                with section("backward"):
+                    scaled = loss / t.grad_accum_steps
+                    (e.scaler.scale(scaled) if e.scaler else scaled).backward()
+            loss_sum += loss.detach().float()
+            for k, v in metrics.items():  # tensors stay on the device until logged
+                metric_sums[k] = metric_sums.get(k, 0.0) + (v.detach() if isinstance(v, torch.Tensor) else v)
+        with section("backward"):
+            model.finish_backward(reduce=lambda g: distributed.all_mean(g, e.dist))
+        with section("optimizer"):
             if e.scaler:
                 e.scaler.unscale_(opt)
             max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            loss_value = float(loss_sum) / t.grad_accum_steps
+            params = [p for p in model.parameters() if p.requires_grad]
+            grad_norm = float(distributed.full_norm(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+            # Every rank sees the mean loss, so all of them make the same skip decision.
+            loss_value = float(distributed.all_mean(loss_sum, e.dist)) / t.grad_accum_steps
             finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
             lr = opt.param_groups[0]["lr"]
             if finite:
@@ -145,21 +176,71 @@ class Trainer:
                     e.scaler.update()
                 else:
                     opt.step()
-                consecutive_bad = 0
+                self.consecutive_bad = 0
             else:
                 if e.scaler:
                     e.scaler.update()  # lowers the scale for the next step
                 e.skipped_steps += 1
-                consecutive_bad += 1
-            opt.zero_grad(set_to_none=True)
-            with warnings.catch_warnings():  # torch warns when the very first update was skipped
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step",
-                                        category=UserWarning)
-                e.lr_scheduler.step()
-            e.step += 1
-            e.tokens_seen += tokens_per_step
-            if e.curvature_scheduler is not None:
-                e.model.set_curvature(e.curvature_scheduler.value(e.step))
+                self.consecutive_bad += 1
+            self._end_step()
+        return {"loss": loss_value, "grad_norm": grad_norm, "finite": finite, "lr": lr, "metrics": metric_sums}
+
+    def _end_step(self) -> None:
+        """After the update (or its skip): schedulers, step and token counters."""
+        e, t = self.engine, self.train
+        e.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # torch warns when the very first update was skipped
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step",
+                                    category=UserWarning)
+            e.lr_scheduler.step()
+        e.step += 1
+        e.tokens_seen += t.batch_size * t.grad_accum_steps * e.seq_len
+        if e.curvature_scheduler is not None:
+            e.model.set_curvature(e.curvature_scheduler.value(e.step))
+
+    def _train_step_in_backward(self, section) -> dict:
+        """``train.optimizer_in_backward``: one micro-batch; each parameter is updated inside
+        backward as soon as its gradient is ready (:class:`phase7fw.memory.OptimizerInBackward`
+        says how clipping stays exact and how a non-finite step is skipped)."""
+        e = self.engine
+        with section("data"):
+            x, y = (b.to(e.device, non_blocking=True) for b in next(e.train_sampler))
+
+        def forward():
+            e.model.begin_step()
+            with section("forward"), e.autocast():
+                return e._loss_fn(x, y)
+
+        def backward(loss):  # None: no backward (skipped step), only the model's step state ends
+            with section("backward"):
+                if loss is not None:
+                    loss.backward()
+                e.model.finish_backward()
+
+        lr = e.optimizer.param_groups[0]["lr"]
+        loss_value, metrics, grad_norm, finite = e.in_backward.step(forward, backward, self.train.grad_clip, e.device)
+        with section("optimizer"):
+            if finite:
+                self.consecutive_bad = 0
+            else:
+                e.skipped_steps += 1
+                self.consecutive_bad += 1
+            self._end_step()
+        metrics = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
+        return {"loss": loss_value, "grad_norm": grad_norm, "finite": finite, "lr": lr, "metrics": metrics}
+
+    def _loop(self) -> dict:
+        e, t = self.engine, self.train
+        e.model.train()
+        self.consecutive_bad = 0
+        window = {"loss": 0.0, "n": 0, "time": 0.0, "tokens": 0, "steps": 0}
+        last_loss = math.nan
+        tokens_per_step = t.batch_size * t.grad_accum_steps * e.seq_len
+        while e.step < t.max_steps:
+            t0 = time.perf_counter()
+            result = self.train_step()
+            loss_value, grad_norm, finite, lr = result["loss"], result["grad_norm"], result["finite"], result["lr"]
+            metric_sums, consecutive_bad = result["metrics"], self.consecutive_bad
             dt = time.perf_counter() - t0
 
             if finite:
@@ -192,7 +273,7 @@ class Trainer:
                 self._evaluate()
             if t.save_every and e.step % t.save_every == 0:
                 self._save(e.step)
-            if self.interrupted:
+            if self._stop_requested():
                 raise KeyboardInterrupt
 
         val = self._evaluate() if e.val_sampler is not None else None

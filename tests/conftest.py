@@ -14,6 +14,18 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Tokenized-data caches go to a temporary folder, never the user's ~/.cache."""
+    old = os.environ.get("PHASE7FW_CACHE_DIR")
+    os.environ["PHASE7FW_CACHE_DIR"] = str(tmp_path_factory.mktemp("phase7fw-cache"))
+    yield
+    if old is None:
+        os.environ.pop("PHASE7FW_CACHE_DIR", None)
+    else:
+        os.environ["PHASE7FW_CACHE_DIR"] = old
+
+
 @pytest.fixture
 def fake_dist(tmp_path, monkeypatch):
     """Make an installed-looking distribution with a ``phase7fw`` entry point.

@@ -1,9 +1,18 @@
-"""Built-in data sources: local text files, the Python standard library, synthetic tokens."""
+"""Built-in data sources: local text files, Hugging Face datasets, the Python standard
+library (the default corpus), synthetic tokens.
+
+Besides ``texts()``, sources answer two optional questions the tokenized cache asks:
+``cache_identity()`` (what identifies the documents beyond the recipe options, e.g. file
+sizes and mtimes, so edited files are tokenized again) and ``num_documents()`` (for the
+progress bar; None when unknown).
+"""
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -23,6 +32,29 @@ def _read_text(path: Path) -> str:
         raise Phase7Error(f"cannot read data file {path}: {exc}") from None
 
 
+def _files_identity(files) -> str:
+    """A hash of the files' paths, sizes and modification times (changes when one is edited)."""
+    h = hashlib.sha256()
+    for f in files:
+        try:
+            st = os.stat(f)
+        except OSError as exc:
+            raise Phase7Error(f"cannot read data file {f}: {exc}") from None
+        h.update(f"{os.path.abspath(f)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def _expand(patterns, who: str) -> list[str]:
+    """Files matching the glob patterns, in order, each once; a pattern matching none is an error."""
+    files = []
+    for pattern in patterns:
+        matched = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+        if not matched:
+            raise Phase7Error(f"{who}: no file matches {pattern!r} (from {os.getcwd()})")
+        files += matched
+    return list(dict.fromkeys(files))
+
+
 @attrs.frozen
 class TextFilesConfig:
     paths: list[str] = option(help="glob patterns of plain-text files (** allowed), relative to the working directory")
@@ -35,17 +67,17 @@ class TextFiles(DataSource):
         if not config.paths:
             raise Phase7Error("text_files: 'paths' is empty; give at least one glob pattern")
         self.patterns = list(config.paths)
-        files = []
-        for pattern in self.patterns:
-            matched = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
-            if not matched:
-                raise Phase7Error(f"text_files: no file matches {pattern!r} (from {os.getcwd()})")
-            files += matched
-        self.files = [Path(f) for f in dict.fromkeys(files)]
+        self.files = [Path(f) for f in _expand(self.patterns, "text_files")]
 
     def texts(self):
         for path in self.files:
             yield _read_text(path)
+
+    def cache_identity(self):
+        return _files_identity(self.files)
+
+    def num_documents(self):
+        return len(self.files)
 
     def describe(self) -> str:
         return f"text_files({len(self.files)} files from {', '.join(self.patterns)})"
@@ -76,6 +108,12 @@ class PythonStdlib(DataSource):
         for path in self.files:
             yield _read_text(path)
 
+    def cache_identity(self):
+        return {"python": sys.version, "files": _files_identity(self.files)}
+
+    def num_documents(self):
+        return len(self.files)
+
     def describe(self) -> str:
         return f"python_stdlib({len(self.files)} files under {self.root})"
 
@@ -101,8 +139,146 @@ class Synthetic(DataSource):
         return f"synthetic({self.config.n_tokens} random tokens)"
 
 
+_BUILDERS = {".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "parquet", ".csv": "csv",
+             ".txt": "text", ".text": "text", ".md": "text", ".arrow": "arrow"}
+_HUB_HELP = (
+    "download it once with network access (datasets keeps it under ~/.cache/huggingface; then set"
+    " HF_DATASETS_OFFLINE=1 to use that copy), or point at local files: path = \"data/train.jsonl\","
+    " or path = \"json\" (or \"parquet\", \"csv\", \"text\") with data_files = [\"data/*.jsonl\"]"
+)
+
+
+@attrs.frozen
+class HFDatasetConfig:
+    path: str = option(help='hub name ("user/name"), a builder ("json", "parquet", "csv", "text") used with'
+                            " data_files, a local folder, or a local data file")
+    config: str = option("", help='the dataset configuration ("": its default)')
+    split: str = option("train", help='split to read; slices work ("train[:10%]")')
+    data_files: list[str] = option(factory=list, help="data files or glob patterns (local ones relative to the"
+                                                      " working directory)")
+    text_field: str = option("text", help="the column that holds each document's text")
+    revision: str = option("", help="hub revision (branch, tag or commit) to pin; \"\": the default branch")
+    streaming: bool = option(False, help="stream instead of downloading the whole dataset first")
+    max_documents: int = option(0, check=non_negative, help="read only the first N documents (0: all)")
+
+
+class HFDataset(DataSource):
+    """Anything ``datasets.load_dataset`` reads. Local files are checked when the source is
+    built; the dataset itself is loaded only when its texts are needed (a cached source,
+    or a trained tokenizer found again, never loads it)."""
+
+    def __init__(self, config: HFDatasetConfig):
+        if not config.path:
+            raise Phase7Error("hf_dataset: 'path' is empty; give a hub name, a builder or a local file")
+        self.config = config
+        # files: the local files behind the dataset (for the cache key); local_files: those
+        # handed to load_dataset as data_files (None: hub names and folders resolve their own)
+        self.builder, self.files, self.local_files = config.path, None, None
+        local = Path(os.path.expanduser(config.path))
+        if local.is_file():
+            self.builder = _BUILDERS.get(local.suffix.lower())
+            if self.builder is None:
+                raise Phase7Error(f"hf_dataset: cannot tell the format of {config.path!r} from its extension;"
+                                  f" use one of {', '.join(sorted(_BUILDERS))} or set path to a builder"
+                                  " (\"json\", \"csv\", ...) and data_files")
+            self.files = self.local_files = [str(local)] + _expand(config.data_files, "hf_dataset data_files")
+        elif config.path in set(_BUILDERS.values()):
+            if not config.data_files:
+                raise Phase7Error(f"hf_dataset: path = {config.path!r} reads local files; list them in data_files")
+            self.files = self.local_files = _expand(config.data_files, "hf_dataset data_files")
+        elif local.is_dir():
+            self.files = _expand([str(local / "**" / "*")], "hf_dataset")
+        elif config.path.startswith((".", "/", "~")) or local.suffix.lower() in _BUILDERS:
+            raise Phase7Error(f"hf_dataset: no such file or folder {config.path!r} (from {os.getcwd()})")
+        self._dataset = None
+
+    def _load(self):
+        if self._dataset is not None:
+            return self._dataset
+        try:
+            import datasets
+        except ImportError:
+            raise Phase7Error("hf_dataset needs the datasets library: pip install 'phase7fw[data]'") from None
+        if not sys.stderr.isatty():
+            datasets.disable_progress_bars()  # its bars would flood logs and error output
+        c = self.config
+        kwargs = {"split": c.split, "streaming": c.streaming}
+        if c.config:
+            kwargs["name"] = c.config
+        if c.revision:
+            kwargs["revision"] = c.revision
+        if self.local_files is not None:
+            kwargs["data_files"] = self.local_files
+        elif c.data_files:  # relative to the hub repository or the folder: datasets resolves them
+            kwargs["data_files"] = list(c.data_files)
+        try:
+            ds = datasets.load_dataset(self.builder, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - a user's dataset can fail in many ways; name it
+            raise self._load_error(exc) from None
+        fields = ds.column_names
+        if fields is None and c.streaming:  # unknown features: look at the first row
+            first = next(iter(ds), {})
+            fields = list(first)
+        if c.text_field not in (fields or []):
+            raise Phase7Error(f"hf_dataset {c.path!r}: no text field {c.text_field!r}; its fields are"
+                              f" {', '.join(map(repr, fields or [])) or '(none)'}; set text_field to one of them")
+        if c.max_documents:
+            ds = ds.take(c.max_documents) if c.streaming else ds.select(range(min(c.max_documents, len(ds))))
+        self._dataset = ds
+        return ds
+
+    def _load_error(self, exc: BaseException) -> Phase7Error:
+        where = f"hf_dataset {self.config.path!r}"
+        if self.files is None and _is_connection_error(exc):
+            return Phase7Error(f"{where}: the Hugging Face Hub cannot be reached and the dataset is not in the local"
+                               f" cache ({type(exc).__name__}: {exc}). To use it, {_HUB_HELP}")
+        return Phase7Error(f"{where}: datasets.load_dataset failed: {type(exc).__name__}: {exc}")
+
+    def texts(self):
+        ds, field = self._load(), self.config.text_field
+        batches = ds.select_columns([field]).iter(batch_size=1000)
+        for batch in batches:
+            for text in batch[field]:
+                if text is None:
+                    continue
+                if not isinstance(text, str):
+                    raise Phase7Error(f"hf_dataset {self.config.path!r}: text_field {field!r} holds"
+                                      f" {type(text).__name__} values, not text")
+                yield text
+
+    def cache_identity(self):
+        return {"files": _files_identity(self.files) if self.files is not None else None}
+
+    def num_documents(self):
+        ds = self._load()
+        return None if self.config.streaming else len(ds)
+
+    def describe(self) -> str:
+        c = self.config
+        what = f"{len(self.files)} files" if self.files is not None else c.path
+        return f"hf_dataset({what}{', ' + c.config if c.config else ''}, split {c.split}, field {c.text_field})"
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    """True when ``exc`` (or what caused it) says the network or the hub could not be reached."""
+    names = {"ConnectionError", "OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectError",
+             "ConnectTimeout", "ReadTimeout", "Timeout", "ProxyError"}
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__name__ in names:
+            return True
+        if "Couldn't reach" in str(exc) or "offline mode" in str(exc).lower():
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+
 @hookimpl
 def register_components(register):
+    register("data_source", "hf_dataset", lambda c, **_: HFDataset(c), HFDatasetConfig,
+             description="a Hugging Face dataset: hub name, or local json/jsonl/parquet/csv/text files")
     register("data_source", "text_files", lambda c, **_: TextFiles(c), TextFilesConfig,
              description="local plain-text files, one document each")
     register("data_source", "python_stdlib", lambda c, **_: PythonStdlib(c), PythonStdlibConfig,

@@ -171,7 +171,7 @@ class LlamaModel(LanguageModel):
 
         self.tok_embeddings = nn.Embedding(vocab_size, config.d_model)
         ffn_hidden = resolve_ffn_hidden(config)
-        self.layers = nn.ModuleList(Block(config, n_kv, ffn_hidden) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(Block(config, n_kv, ffn_hidden) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.output = None if config.tie_embeddings else nn.Linear(config.d_model, vocab_size, bias=False)
         # Filled by init_weights; not saved (derived from the config).
@@ -189,7 +189,7 @@ class LlamaModel(LanguageModel):
         std = self.config.init_std
         out_std = std / math.sqrt(2 * self.config.n_layers)
         nn.init.normal_(self.tok_embeddings.weight, std=std)
-        for block in self.layers:
+        for block in self.blocks:
             block.attn_norm.reset_parameters()
             block.ffn_norm.reset_parameters()
             nn.init.normal_(block.attn.wqkv.weight, std=std)
@@ -217,7 +217,7 @@ class LlamaModel(LanguageModel):
         cos, sin = self.rope_cos[:T].float(), self.rope_sin[:T].float()
         h = self.tok_embeddings(input_ids)
         recompute = self.checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.layers:
+        for block in self.blocks:
             if recompute:
                 h = checkpoint(block, h, cos, sin, use_reentrant=False)
             else:
@@ -243,7 +243,7 @@ class LlamaModel(LanguageModel):
     def init_cache(self, batch_size: int = 1):
         from phase7fw.decoding import DecodeCache, KVWindow
 
-        return DecodeCache([KVWindow(self.seq_len) for _ in self.layers])
+        return DecodeCache([KVWindow(self.seq_len) for _ in self.blocks])
 
     def forward_cached(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
         """Logits (B, T, vocab) of T new tokens following the ``cache.pos`` cached ones."""
@@ -252,7 +252,7 @@ class LlamaModel(LanguageModel):
             raise ValueError(f"cached context of {pos + T} tokens is longer than model.seq_len = {self.seq_len}")
         cos, sin = self.rope_cos[pos : pos + T].float(), self.rope_sin[pos : pos + T].float()
         h = self.tok_embeddings(input_ids)
-        for block, kv in zip(self.layers, cache.layers):
+        for block, kv in zip(self.blocks, cache.layers):
             h = block.forward_cached(h, cos, sin, kv)
         cache.pos += T
         h = self.norm(h)
@@ -265,9 +265,9 @@ class LlamaModel(LanguageModel):
 
         parts = {
             "embedding": count([self.tok_embeddings]),
-            "attention": count(b.attn for b in self.layers),
-            "ffn": count(b.ffn for b in self.layers),
-            "norms": count([self.norm, *(n for b in self.layers for n in (b.attn_norm, b.ffn_norm))]),
+            "attention": count(b.attn for b in self.blocks),
+            "ffn": count(b.ffn for b in self.blocks),
+            "norms": count([self.norm, *(n for b in self.blocks for n in (b.attn_norm, b.ffn_norm))]),
             "head": 0 if self.output is None else count([self.output]),
         }
         parts["total"] = sum(parts.values())

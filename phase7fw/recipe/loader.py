@@ -12,7 +12,7 @@ import tomli_w
 
 from phase7fw.errors import RecipeError
 from phase7fw.recipe.convert import structure, to_raw
-from phase7fw.recipe.schema import Recipe
+from phase7fw.recipe.schema import Recipe, combination_errors
 
 
 def deep_merge(base: dict, top: Mapping) -> dict:
@@ -115,6 +115,9 @@ def load_recipe(source, overrides=None, *, plugins=None) -> Recipe:
     raw = apply_overrides(raw, overrides)
     errors: list[str] = []
     recipe = structure(raw, Recipe, plugins.registry, "", errors)
+    if errors:
+        raise RecipeError(errors, source=label)
+    errors = combination_errors(recipe)
     if errors:
         raise RecipeError(errors, source=label)
     return recipe

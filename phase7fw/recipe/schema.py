@@ -41,6 +41,17 @@ class TrainSection:
         10, check=positive, help="stop after this many skipped non-finite steps in a row"
     )
     device: str = option("auto", help='"auto" (cuda if available), "cpu", "cuda", "cuda:1", ...')
+    # Memory switches (docs/performance.md, "Memory / small-GPU mode")
+    param_dtype: Literal["fp32", "bf16"] = option(
+        "fp32", help='dtype the weights live in; "bf16" needs precision = "bf16" and an optimizer that rounds'
+        ' stochastically (adamw_lowmem)'
+    )
+    optimizer_in_backward: bool = option(
+        False, help="update each parameter inside backward, so no gradient buffer exists (grad_accum_steps = 1)"
+    )
+    ce_chunk_tokens: int = option(
+        0, check=non_negative, help="compute the cross-entropy over chunks of N tokens (0: all logits at once)"
+    )
 
 
 @attrs.frozen
@@ -66,6 +77,38 @@ class KernelsSection:
 @attrs.frozen
 class ParallelSection:
     strategy: Literal["none", "ddp", "fsdp"] = "none"
+
+
+def combination_errors(recipe: "Recipe") -> list[str]:
+    """Problems that involve more than one key (checked after every key is valid)."""
+    t, strategy, errors = recipe.train, recipe.parallel.strategy, []
+    if t.optimizer_in_backward:
+        if t.grad_accum_steps > 1:
+            errors.append(
+                f"train.optimizer_in_backward = true with train.grad_accum_steps = {t.grad_accum_steps}: the update runs"
+                " inside backward, so there is no gradient buffer to sum micro-batches in; set"
+                " train.grad_accum_steps = 1 (raise train.batch_size instead) or train.optimizer_in_backward = false"
+            )
+        if strategy != "none":
+            errors.append(
+                f"train.optimizer_in_backward = true with parallel.strategy = {strategy!r}: gradients are averaged"
+                " across processes after backward, too late for updates inside it; use one of the two"
+            )
+        if t.precision == "fp16":
+            errors.append(
+                "train.optimizer_in_backward = true with train.precision = \"fp16\": the fp16 grad scaler needs all"
+                " gradients before the update; use precision = \"bf16\""
+            )
+    if t.param_dtype == "bf16":
+        if t.precision != "bf16":
+            errors.append(
+                f"train.param_dtype = \"bf16\" with train.precision = {t.precision!r}: bf16 weights need bf16"
+                " autocast; set train.precision = \"bf16\""
+            )
+        if strategy == "fsdp":
+            errors.append("train.param_dtype = \"bf16\" with parallel.strategy = \"fsdp\": not supported (FSDP keeps"
+                          " its own sharded weights); use \"none\" or \"ddp\"")
+    return errors
 
 
 @attrs.frozen

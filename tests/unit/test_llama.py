@@ -56,7 +56,7 @@ def naive_logits(model: LlamaModel, x: torch.Tensor) -> torch.Tensor:
 
     h = model.tok_embeddings.weight[x]
     mask = torch.ones(T, T).tril().bool()
-    for blk in model.layers:
+    for blk in model.blocks:
         u = rmsnorm(h, blk.attn_norm.weight)
         w = blk.attn.wqkv.weight
         q = (u @ w[: H * D].T).view(B, T, H, D)
@@ -218,10 +218,10 @@ def test_init_deterministic_and_scaled():
     a, b, c = make(seed=5, d_model=128), make(seed=5, d_model=128), make(seed=6, d_model=128)
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
-    assert not torch.equal(a.layers[0].attn.wqkv.weight, c.layers[0].attn.wqkv.weight)
+    assert not torch.equal(a.blocks[0].attn.wqkv.weight, c.blocks[0].attn.wqkv.weight)
     std = 0.02
-    wqkv = torch.cat([blk.attn.wqkv.weight.flatten() for blk in a.layers])
-    wo = torch.cat([blk.attn.wo.weight.flatten() for blk in a.layers] + [blk.ffn.w2.weight.flatten() for blk in a.layers])
+    wqkv = torch.cat([blk.attn.wqkv.weight.flatten() for blk in a.blocks])
+    wo = torch.cat([blk.attn.wo.weight.flatten() for blk in a.blocks] + [blk.ffn.w2.weight.flatten() for blk in a.blocks])
     assert wqkv.std().item() == pytest.approx(std, rel=0.05)
     assert wo.std().item() == pytest.approx(std / math.sqrt(2 * 2), rel=0.05)
     assert all(torch.equal(p, torch.ones_like(p)) for n, p in a.named_parameters() if "norm" in n)
@@ -231,8 +231,8 @@ def test_activation_checkpointing_same_loss_and_grads():
     plain, ckpt = make(seed=3), make(seed=3)
     ckpt.enable_activation_checkpointing()
     calls = {"plain": 0, "ckpt": 0}
-    plain.layers[0].register_forward_pre_hook(lambda *a: calls.__setitem__("plain", calls["plain"] + 1))
-    ckpt.layers[0].register_forward_pre_hook(lambda *a: calls.__setitem__("ckpt", calls["ckpt"] + 1))
+    plain.blocks[0].register_forward_pre_hook(lambda *a: calls.__setitem__("plain", calls["plain"] + 1))
+    ckpt.blocks[0].register_forward_pre_hook(lambda *a: calls.__setitem__("ckpt", calls["ckpt"] + 1))
     x, y = ids(seed=4), ids(seed=5)
     losses = []
     for model in (plain, ckpt):

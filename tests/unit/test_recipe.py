@@ -137,7 +137,8 @@ def test_set_validated_like_the_file(tmp_path):
     assert errors_of(path, ["train.nope=1"]) == ["train.nope: unknown key (allowed: max_steps, batch_size, "
                                                  "grad_accum_steps, precision, grad_clip, activation_checkpointing, "
                                                  "compile, log_every, eval_every, eval_batches, save_every, "
-                                                 "max_nonfinite_steps, device)"]
+                                                 "max_nonfinite_steps, device, param_dtype, optimizer_in_backward, "
+                                                 "ce_chunk_tokens)"]
 
 
 def test_resolved_recipe_round_trips(tmp_path):

@@ -378,7 +378,7 @@ class SdpaAttention(_ProjectedAttention):
 
 
 def build_hyperbolic_attention(config, *, d_model: int, n_heads: int, seq_len: int, layer_idx: int, **context):
-    return HyperbolicAttention(
+    module = HyperbolicAttention(
         d_model,
         n_heads,
         seq_len,
@@ -389,6 +389,11 @@ def build_hyperbolic_attention(config, *, d_model: int, n_heads: int, seq_len: i
         c_max=config.c_max,
         n_layers=context.get("n_layers", 1),
     )
+    # [kernels] hyperbolic_attention: swap in the Triton core (same signature, no parameters).
+    from phase7fw.kernels import select
+
+    module.attention_fn = select(context, "hyperbolic_attention", module.attention_fn)
+    return module
 
 
 def build_sdpa_attention(config, *, d_model: int, n_heads: int, seq_len: int, layer_idx: int, **context):

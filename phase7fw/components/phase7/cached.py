@@ -119,7 +119,16 @@ def ssm_forward_cached(ssm, u: torch.Tensor, cache: SsmCache) -> torch.Tensor:
         cache.conv = u.new_zeros(b, ssm.d_model, K - 1)
         cache.state = torch.zeros(b, H, r, dv, dtype=sdt, device=u.device)
     seq = torch.cat([cache.conv.to(u.dtype), u.transpose(1, 2)], dim=-1)  # (b, d, K-1+t)
-    up = F.conv1d(seq, ssm.conv_weight, ssm.conv_bias, groups=ssm.d_model).transpose(1, 2)
+    if t == 1:  # one output of the depthwise conv: a weighted sum (conv1d's setup costs more)
+        w, bias = ssm.conv_weight[:, 0], ssm.conv_bias
+        if torch.is_autocast_enabled(u.device.type):  # what conv1d under autocast computes in
+            dt_ = torch.get_autocast_dtype(u.device.type)
+            seq_, w, bias = seq.to(dt_), w.to(dt_), bias.to(dt_)
+        else:
+            seq_ = seq
+        up = ((seq_ * w).sum(-1) + bias).unsqueeze(1)
+    else:
+        up = F.conv1d(seq, ssm.conv_weight, ssm.conv_bias, groups=ssm.d_model).transpose(1, 2)
     cache.conv = seq[..., seq.shape[-1] - (K - 1) :]
 
     # The same projections as ArSsm.forward.

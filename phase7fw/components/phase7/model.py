@@ -26,6 +26,7 @@ from phase7fw.components.llama import RMSNorm, SwiGLU
 from phase7fw.errors import Phase7Error
 from phase7fw.hookspecs import hookimpl
 from phase7fw.interfaces import LanguageModel
+from phase7fw.memory import chunked_cross_entropy
 from phase7fw.recipe.options import Component, component, non_negative, option, positive
 
 
@@ -181,7 +182,7 @@ class Phase7Model(LanguageModel):
                 attn.set_curvature(kappa)
 
     def forward_hidden(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        x = self.embedding(input_ids)
+        x = self.embedding(input_ids).float()  # fp32 residual stream, also with bf16 weights
         gate_means = []
         for block in self.blocks:
             if self.checkpointing and self.training and torch.is_grad_enabled():
@@ -199,10 +200,11 @@ class Phase7Model(LanguageModel):
             self.tied_table.grad = None
             self._step_table = True
 
-    def finish_backward(self) -> None:
+    def finish_backward(self, reduce=None) -> None:
         if self.head is None and self._step_table:
             grad = self.tied_table.grad
             if grad is not None:
+                grad = reduce(grad) if reduce is not None else grad
                 self.embedding.weight_matrix().backward(grad.to(self.tied_table.dtype))
             self.tied_table.grad = None
             self.tied_table.requires_grad_(False)
@@ -234,7 +236,7 @@ class Phase7Model(LanguageModel):
 
     def forward_cached(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
         """Logits (B, T, vocab) of T new tokens following the ``cache.pos`` cached ones."""
-        x = self.embedding(input_ids)
+        x = self.embedding(input_ids).float()
         for block, layer in zip(self.blocks, cache.layers):
             x = block.forward_cached(x, layer, cache.pos)
         cache.pos += input_ids.shape[1]
@@ -244,8 +246,10 @@ class Phase7Model(LanguageModel):
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
         hidden, gate_means = self.forward_hidden(input_ids)
-        logits = self.logits(hidden)
-        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        if self.ce_chunk_tokens:  # train.ce_chunk_tokens: one chunk's logits at a time
+            ce = chunked_cross_entropy(hidden, self.lm_head_weight(), targets, self.ce_chunk_tokens)
+        else:
+            ce = F.cross_entropy(self.logits(hidden).float().flatten(0, 1), targets.flatten())
         penalty = ce.new_zeros(())
         ranks = []
         for block, gm in zip(self.blocks, gate_means):

@@ -319,6 +319,10 @@ def build_ar_ssm(config: ArSsmConfig, *, d_model: int, seq_len: int, layer_idx: 
         layer_idx=layer_idx,
     )
     module.seq_len = seq_len
+    # [kernels] ar_ssm_scan: swap in the Triton scan (same signature, no parameters).
+    from phase7fw.kernels import select
+
+    module.scan_impl = select(context, "ar_ssm_scan", module.scan_impl)
     return module
 
 

@@ -1,0 +1,296 @@
+"""Kernel benchmarks P3, P4, P5 (design/PERFORMANCE.md), each a ratio measured in one run.
+
+    python benchmarks/kernels.py [--out DIR] [--quick] [--skip-verify]
+
+On a CUDA GPU (bf16):
+  P3  hyperbolic attention fwd+bwd at (8,16,1024,128), full causal, vs SDPA cuDNN (and FA2)
+  P4  the same vs Poincare attention through FlexAttention's score_mod (compiled), and the
+      peak extra memory at T = 1024 / 2048 / 4096 (O(T) vs O(T^2))
+  P5  AR-SSM scan fwd+bwd at (B=8, T=1024, d_model=2048: 8 heads x 256, rank 16) vs SDPA
+      FlashAttention-2 fwd+bwd at the same (B, T, d_model) = (8, 16 heads, 1024, 128)
+plus the correctness table of ``phase7fw doctor --verify`` (every speed number is gated on it).
+Writes kernels.json and kernels.md to --out. Imports only torch, triton and phase7fw's
+kernel/geometry/component modules (no pluggy needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def bench(fn) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=200))
+
+
+def flex_poincare(B, H, T, D, device):
+    """Poincare attention via FlexAttention: score = <q,k> (scale 1), score_mod adds the
+    per-row terms (captured tensors with gradients), causal block mask."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from phase7fw.kernels.hyperbolic_attention import _row_stats
+    from phase7fw.kernels.verify import attention_inputs
+
+    q, k, v, c, tau = attention_inputs(B, H, T, D, device)
+    ins = [t.clone().requires_grad_() for t in (q, k, v, c, tau)]
+    bm = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, T, T, device=device)
+    flex = torch.compile(flex_attention)
+    gout = torch.randn_like(v)
+    tiny = float(torch.finfo(torch.float32).eps) ** 2
+
+    def fwd_bwd():
+        q_, k_, v_, c_, tau_ = ins
+        sc = c_.sqrt()
+        nq, aq, fq = _row_stats(q_, sc.view(1, H, 1))
+        nk, ak, fk = _row_stats(k_, sc.view(1, H, 1))
+
+        def score_mod(score, b, h, qi, ki):
+            gap = torch.clamp(nq[b, h, qi] * nk[b, h, ki] - score, min=0.0)
+            sh = torch.sinh(aq[b, h, qi] - ak[b, h, ki])
+            z = torch.clamp(2.0 * sh * sh + fq[b, h, qi] * fk[b, h, ki] * gap, min=tiny)
+            return -tau_[h] * torch.log1p(z + torch.sqrt(z * (z + 2.0))) / sc[h]
+
+        o = flex(q_, k_, v_, score_mod=score_mod, block_mask=bm, scale=1.0)
+        torch.autograd.grad(o, ins, gout)
+
+    return fwd_bwd
+
+
+ATTN_SWEEP = {
+    "fwd": [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 3), (64, 32, 4, 3), (32, 32, 4, 2),
+            (128, 32, 4, 2)],
+    "bwd": [(32, 32, 4, 1), (64, 32, 4, 1), (32, 64, 4, 1), (64, 64, 8, 1), (64, 32, 8, 1), (32, 32, 2, 1),
+            (64, 64, 4, 2), (32, 32, 4, 2)],
+}
+SSM_SWEEP = [(64, 64, 8, 1), (64, 64, 4, 1), (64, 32, 4, 1), (32, 64, 4, 1), (64, 128, 8, 1), (32, 32, 4, 1),
+             (128, 64, 8, 1)]
+
+
+def sweep(dev) -> dict:
+    """Pick block sizes per pass on this GPU (coordinate search; each pass timed on its own)."""
+    from phase7fw.kernels import ar_ssm_scan as S
+    from phase7fw.kernels import hyperbolic_attention as A
+    from phase7fw.kernels.verify import attention_inputs, ssm_inputs
+
+    B, H, T, D = 8, 16, 1024, 128
+    q, k, v, c, tau = attention_inputs(B, H, T, D, dev)
+    sc = c.sqrt()
+    nq, aq, fq = A._row_stats(q, sc.view(1, H, 1))
+    nk, ak, fk = A._row_stats(k, sc.view(1, H, 1))
+    o, lse = A._fwd_impl(q, k, v, nq, aq, fq, nk, ak, fk, sc, tau, T)
+    do = torch.randn_like(v)
+    log = {}
+
+    def best(pass_name, fn, cands):
+        times = {}
+        for cfg in cands:
+            A.GPU_CONFIG[pass_name] = cfg
+            try:
+                times[cfg] = bench(fn)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
+                times[cfg] = float("inf")
+                print(pass_name, cfg, "failed:", str(exc).splitlines()[0][:120], flush=True)
+        pick = min(times, key=times.get)
+        A.GPU_CONFIG[pass_name] = pick
+        log[pass_name] = {str(k_): round(v_, 4) for k_, v_ in times.items()}
+        print(pass_name, "->", pick, log[pass_name], flush=True)
+
+    best("fwd", lambda: A._fwd_impl(q, k, v, nq, aq, fq, nk, ak, fk, sc, tau, T), ATTN_SWEEP["fwd"])
+    bwd = lambda: A._bwd_impl(q, k, v, o, lse, do, nq, aq, fq, nk, ak, fk, sc, tau, T)  # noqa: E731
+    best("bwd_kv", bwd, ATTN_SWEEP["bwd"])
+    best("bwd_q", bwd, ATTN_SWEEP["bwd"])
+    A.GRAD_MATMUL_LOW_PRECISION = True
+    log["bwd_bf16_grad_matmuls_ms"] = bench(bwd)
+    A.GRAD_MATMUL_LOW_PRECISION = False
+    log["bwd_tf32_grad_matmuls_ms"] = bench(bwd)
+
+    x, Bm, Cm, ld = ssm_inputs(8, 8, 1024, 256, 16, dev)
+    sins = [a_.clone().requires_grad_() for a_ in (x, Bm, Cm, ld)]
+    gy = torch.randn_like(x)
+
+    def ssm_fb():
+        y = S.ar_ssm_scan_triton(*sins)
+        torch.autograd.grad(y, sins, gy)
+
+    times = {}
+    for cfg in SSM_SWEEP:
+        S.GPU_CONFIG = cfg
+        try:
+            times[cfg] = bench(ssm_fb)
+        except Exception as exc:  # noqa: BLE001
+            times[cfg] = float("inf")
+            print("ssm", cfg, "failed:", str(exc).splitlines()[0][:120], flush=True)
+    S.GPU_CONFIG = min(times, key=times.get)
+    log["ssm"] = {str(k_): round(v_, 4) for k_, v_ in times.items()}
+    print("ssm ->", S.GPU_CONFIG, log["ssm"], flush=True)
+    log["chosen"] = {"attention": dict(A.GPU_CONFIG), "ssm": S.GPU_CONFIG}
+    return log
+
+
+def peak_extra_mib(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/out")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--skip-verify", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="pick block sizes on this GPU first")
+    ap.add_argument("--only-verify", type=int, nargs="*", default=None,
+                    help="run only these verify cases (indices) and stop")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device("cuda")
+    import triton
+
+    from phase7fw.kernels.hyperbolic_attention import hyperbolic_attention_triton
+    from phase7fw.kernels.ar_ssm_scan import ar_ssm_scan_triton
+    from phase7fw.kernels.verify import attention_inputs, format_table, ssm_inputs, verify
+
+    meta = {
+        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "date": datetime.date.today().isoformat(),
+    }
+    print(meta, flush=True)
+    res: dict = {"meta": meta}
+    md = [f"GPU {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}", ""]
+
+    if args.sweep:
+        res["sweep"] = sweep(dev)
+        (out / "kernels.json").write_text(json.dumps(res, indent=1, default=str))
+        md += ["### Block-size sweep (ms)", "", "```", json.dumps(res["sweep"], indent=1, default=str), "```", ""]
+
+    if not args.skip_verify:
+        rows = verify(dev, quick=args.quick, only=args.only_verify)
+        table = format_table(rows)
+        print(table, flush=True)
+        md += ["### Correctness (fp64 reference, gate 1e-2)", "", table, ""]
+        res["verify"] = [r.__dict__ for r in rows]
+        (out / "kernels.json").write_text(json.dumps(res, indent=1, default=str))
+        if args.only_verify is not None:
+            return 0 if all(r.ok for r in rows) else 1
+
+    # ---- P3 / P4: attention at (8, 16, 1024, 128), full causal -------------------------------
+    B, H, T, D = 8, 16, 1024, 128
+    q, k, v, c, tau = attention_inputs(B, H, T, D, dev)
+    ins = [t.clone().requires_grad_() for t in (q, k, v, c, tau)]
+    gout = torch.randn_like(v)
+
+    def hyp_fb(window=T):
+        o = hyperbolic_attention_triton(*ins, window)
+        torch.autograd.grad(o, ins, gout)
+
+    def hyp_f(window=T):
+        with torch.no_grad():
+            hyperbolic_attention_triton(*ins, window)
+
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa(backend):
+        def fb():
+            with sdpa_kernel(backend):
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+                torch.autograd.grad(o, (qs, ks, vs), gout)
+        return fb
+
+    t = {}
+    t["hyp_fwd"] = bench(hyp_f)
+    t["hyp_fwd_bwd"] = bench(hyp_fb)
+    t["hyp_fwd_bwd_w256"] = bench(lambda: hyp_fb(256))
+    for name, be in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_fa2", SDPBackend.FLASH_ATTENTION)):
+        try:
+            t[name + "_fwd_bwd"] = bench(sdpa(be))
+        except Exception as exc:  # noqa: BLE001
+            t[name + "_fwd_bwd"] = float("nan")
+            print(name, "failed:", exc, flush=True)
+    try:
+        t["flex_poincare_fwd_bwd"] = bench(flex_poincare(B, H, T, D, dev))
+    except Exception as exc:  # noqa: BLE001
+        t["flex_poincare_fwd_bwd"] = float("nan")
+        print("flex failed:", repr(exc)[:500], flush=True)
+    res["attention_ms"] = t
+    print(t, flush=True)
+
+    mem = {}
+    for TT in (1024, 2048, 4096):
+        q2, k2, v2, c2, tau2 = attention_inputs(1, H, TT, D, dev)
+        i2 = [x.clone().requires_grad_() for x in (q2, k2, v2, c2, tau2)]
+        g2 = torch.randn_like(v2)
+
+        def f2():
+            o = hyperbolic_attention_triton(*i2, TT)
+            torch.autograd.grad(o, i2, g2)
+
+        f2()
+        mem[TT] = peak_extra_mib(f2)
+    res["attention_peak_extra_mib_B1_H16"] = mem
+
+    # ---- P5: AR-SSM scan at (B=8, T=1024, d_model=2048) --------------------------------------
+    x, Bm, Cm, ld = ssm_inputs(8, 8, 1024, 256, 16, dev)
+    sins = [a.clone().requires_grad_() for a in (x, Bm, Cm, ld)]
+    gy = torch.randn_like(x)
+
+    def ssm_fb():
+        y = ar_ssm_scan_triton(*sins)
+        torch.autograd.grad(y, sins, gy)
+
+    from phase7fw.components.phase7.ssm import ar_ssm_scan_reference
+
+    def ssm_ref_fb():
+        y = ar_ssm_scan_reference(*sins)
+        torch.autograd.grad(y, sins, gy)
+
+    from phase7fw.kernels import ar_ssm_scan as ssm_mod
+
+    s = {"ssm_reference_fwd_bwd": bench(ssm_ref_fb)}
+    for prec in ("ieee", "tf32"):  # tf32x3 miscomputed dx (Triton 3.6, H200): not offered
+        ssm_mod.GPU_PRECISION = prec
+        try:
+            s[f"ssm_triton_{prec}_fwd_bwd"] = bench(ssm_fb)
+        except Exception as exc:  # noqa: BLE001
+            print("ssm", prec, "failed:", repr(exc)[:300], flush=True)
+            s[f"ssm_triton_{prec}_fwd_bwd"] = float("nan")
+    ssm_mod.GPU_PRECISION = "ieee"
+    s["ssm_triton_fwd_bwd"] = s["ssm_triton_ieee_fwd_bwd"]
+    res["ssm_ms"] = s
+    print(s, flush=True)
+
+    ratios = {
+        "P3 hyp / sdpa_cudnn (target <= 2.0, stretch 1.3)": t["hyp_fwd_bwd"] / t["sdpa_cudnn_fwd_bwd"],
+        "P3' hyp / sdpa_fa2": t["hyp_fwd_bwd"] / t["sdpa_fa2_fwd_bwd"],
+        "P4 flex_poincare / hyp (target >= 5, stretch 8)": t["flex_poincare_fwd_bwd"] / t["hyp_fwd_bwd"],
+        "P5 ssm / sdpa_fa2 (target <= 1.5, stretch 1.0)": s["ssm_triton_fwd_bwd"] / t["sdpa_fa2_fwd_bwd"],
+    }
+    res["ratios"] = ratios
+    md += ["### Timings (median ms, do_bench)", "", "| what | ms |", "|---|---|"]
+    md += [f"| {k} | {v:.3f} |" for k, v in {**t, **s}.items()]
+    md += ["", "| peak extra memory, attention fwd+bwd, B=1 H=16 D=128 | MiB |", "|---|---|"]
+    md += [f"| T={k} | {v:.1f} |" for k, v in mem.items()]
+    md += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in ratios.items()]
+    text = "\n".join(md)
+    print(text, flush=True)
+    (out / "kernels.md").write_text(text + "\n")
+    (out / "kernels.json").write_text(json.dumps(res, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

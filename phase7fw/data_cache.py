@@ -1,0 +1,275 @@
+"""The tokenized data cache: each source's documents, tokenized once, as a memory-mapped shard.
+
+Layout, under ``<cache_dir>/tokens/``::
+
+    <source>-<key>/tokens.bin    token ids, one flat array (uint16 when the vocabulary fits, else uint32)
+                   index.npy     int64 end offset of every document (its EOS included)
+                   meta.json     what was tokenized with what, token and document counts, max id
+
+``key`` hashes the source's name and options, what the source says identifies its data
+(``cache_identity()``: file sizes and mtimes, a dataset fingerprint, ...), the tokenizer's
+fingerprint, the dtype and the format version, so any change that would change the ids
+gives a new entry and an unchanged recipe finds the old one. A shard is written into a
+temporary folder and renamed into place only when complete, so an interrupted run leaves
+no half-written entry. Tokenization runs on every core, in document chunks, in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import socket
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import attrs
+import numpy as np
+from tqdm import tqdm
+
+from phase7fw.errors import Phase7Error
+
+FORMAT = 1
+CHUNK_CHARS = 4_000_000  # text per worker task: large enough to amortize pickling
+_WORKER_TOKENIZER = None
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every id of the vocabulary."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def default_workers() -> int:
+    """The cores this process may use, shared with the other ranks of this host under torchrun
+    (each rank prepares the data; the first to finish a source publishes it, the rest find it)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+
+
+def digest(obj) -> str:
+    """A stable short hash of JSON-able data (dict key order does not matter)."""
+    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def source_identity(name: str, raw_config: dict, source) -> dict:
+    """What identifies a source's documents: its options plus the source's own answer."""
+    ident = getattr(source, "cache_identity", None)
+    return {"name": name, "config": raw_config, "data": ident() if callable(ident) else None}
+
+
+@attrs.define
+class CachedTokens:
+    tokens: np.ndarray  # read-only memmap
+    doc_ends: np.ndarray
+    meta: dict
+    path: Path
+    status: str  # "cached" or "prepared"
+
+
+def cached_tokens(
+    label: str,
+    identity: dict,
+    texts: Iterable[str],
+    tokenizer,
+    cache_dir: str | os.PathLike,
+    *,
+    workers: int | None = None,
+    total: int | Callable[[], int | None] | None = None,
+) -> CachedTokens:
+    """The source's tokens from the cache, tokenizing ``texts`` first when they are not there.
+
+    ``texts`` is only iterated on a cache miss; ``total`` (the number of documents, or a
+    function giving it, called only on a miss) sizes the progress bar.
+    """
+    dtype = token_dtype(tokenizer.vocab_size)
+    key = digest({"format": FORMAT, "source": identity, "tokenizer": tokenizer.fingerprint(), "dtype": dtype.str})
+    root = Path(cache_dir).expanduser() / "tokens"
+    final = root / f"{_safe(identity['name'])}-{key}"
+    if (final / "meta.json").is_file():
+        return _open(final, "cached")
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(root)
+    tmp = root / f".tmp-{final.name}-{socket.gethostname()}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        if callable(total):
+            total = total()
+        meta = _write_shard(tmp, label, texts, tokenizer, dtype, workers or default_workers(), total)
+        meta.update(format=FORMAT, key=key, source=identity, tokenizer=tokenizer.fingerprint(),
+                    created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        _write_json(tmp / "meta.json", meta)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "meta.json").is_file():  # not a concurrent writer winning the race
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            return _open(final, "cached")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _open(final, "prepared")
+
+
+def _open(path: Path, status: str) -> CachedTokens:
+    meta = json.loads((path / "meta.json").read_text())
+    tokens = np.memmap(path / "tokens.bin", dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["n_tokens"],))
+    return CachedTokens(tokens, np.load(path / "index.npy"), meta, path, status)
+
+
+def _write_shard(tmp: Path, label, texts, tokenizer, dtype, workers, total) -> dict:
+    eos, vocab = tokenizer.eos_id, tokenizer.vocab_size
+    doc_lengths: list[np.ndarray] = []
+    n_tokens, max_id = 0, -1
+    bar = tqdm(total=total, desc=f"tokenize {label}", unit="doc", disable=None, leave=False, file=sys.stderr)
+    with open(tmp / "tokens.bin", "wb") as out:
+        for ids, lengths in _encode_all(_chunks(texts), tokenizer, dtype, workers):
+            if len(ids):
+                max_id = max(max_id, int(ids.max()))
+                if max_id >= vocab:
+                    raise Phase7Error(f"{label}: token id {max_id} is outside the tokenizer's vocabulary ({vocab})")
+            out.write(ids.tobytes())
+            n_tokens += len(ids)
+            doc_lengths.append(lengths)
+            bar.update(len(lengths))
+        out.flush()
+        os.fsync(out.fileno())
+    bar.close()
+    n_docs = sum(len(x) for x in doc_lengths)
+    if n_tokens == n_docs:  # nothing but the EOS of each document
+        raise Phase7Error(f"{label}: the source is empty ({n_docs} documents, no text)")
+    ends = np.cumsum(np.concatenate(doc_lengths)).astype(np.int64)
+    np.save(tmp / "index.npy", ends)
+    return {"dtype": dtype.str, "n_tokens": n_tokens, "n_docs": n_docs, "max_id": max_id, "eos_id": eos,
+            "vocab_size": vocab, "label": label}
+
+
+def _chunks(texts: Iterable[str]) -> Iterator[list[str]]:
+    chunk, size = [], 0
+    for text in texts:
+        if not isinstance(text, str):
+            raise Phase7Error(f"a data source yielded a {type(text).__name__} document; documents must be str")
+        chunk.append(text)  # an empty document still adds its EOS, as DataSource.load_tokens does
+        size += len(text)
+        if size >= CHUNK_CHARS:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _encode_chunk(docs: list[str], tokenizer=None, dtype=None) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of the documents, each followed by EOS, and each document's length."""
+    if tokenizer is None:  # in a pool worker
+        tokenizer, dtype = _WORKER_TOKENIZER
+    eos = np.asarray([tokenizer.eos_id], dtype=np.int64)
+    parts = []
+    for doc in docs:
+        ids = np.asarray(tokenizer.encode_array(doc), dtype=np.int64)
+        if len(ids) and (ids.min() < 0):
+            raise Phase7Error(f"tokenizer {tokenizer.fingerprint()} produced a negative id")
+        parts += [ids, eos]
+    lengths = np.asarray([len(p) for p in parts[0::2]], dtype=np.int64) + 1
+    ids = np.concatenate(parts)
+    # Ids above the dtype's range would wrap: clamp to a value the caller's range check rejects.
+    ids = np.minimum(ids, np.iinfo(dtype).max).astype(dtype)
+    return ids, lengths
+
+
+def _init_worker(tokenizer, dtype) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = (tokenizer, dtype)
+
+
+def _encode_all(chunks: Iterator[list[str]], tokenizer, dtype, workers: int):
+    """Encoded chunks in input order. One chunk (small sources) or one worker: in-process;
+    otherwise a process pool with a bounded number of chunks in flight (memory stays flat
+    however large the source)."""
+    first = next(chunks, None)
+    if first is None:
+        return
+    second = next(chunks, None)
+    if second is None or workers <= 1:
+        yield _encode_chunk(first, tokenizer, dtype)
+        if second is not None:
+            yield _encode_chunk(second, tokenizer, dtype)
+            for chunk in chunks:
+                yield _encode_chunk(chunk, tokenizer, dtype)
+        return
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    # The tokenizers library disables (and warns about) its own threads in forked children
+    # unless this is set; each worker is single-threaded anyway.
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        pool = context.Pool(workers, initializer=_init_worker, initargs=(tokenizer, dtype))
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+    with pool:
+        pending: deque = deque()
+        for chunk in _chain(first, second, chunks):
+            pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _chain(*parts):
+    yield parts[0]
+    yield parts[1]
+    yield from parts[2]
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _remove_stale_temps(root: Path) -> None:
+    """Remove temporary folders that processes of this host left when they were killed."""
+    host = socket.gethostname()
+    for tmp in root.glob(".tmp-*"):
+        head, _, pid = tmp.name.rpartition("-")
+        if not head.endswith(f"-{host}") or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

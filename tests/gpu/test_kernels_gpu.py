@@ -1,0 +1,32 @@
+"""Triton kernels on a CUDA GPU at real shapes in bf16, against float64 references, with the
+numerics gate of design/PERFORMANCE.md (marker ``gpu``; run on the H200 device machine with
+``python -m pytest -m gpu tests/gpu``). Kernel modules are imported inside the tests so that
+collecting this file never applies ``triton.jit`` before the CPU tests set TRITON_INTERPRET."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+CASES = [0, 1, 2, 3, 4, 5]  # phase7fw.kernels.verify.verify: attention full / window / odd T,
+#                             distance gate near the boundary, SSM real shape / odd T
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_against_fp64_reference(case):
+    from phase7fw.kernels.verify import verify
+
+    (row,) = verify(torch.device("cuda"), quick=True, only=[case])
+    assert row.ok, f"{row.op} {row.case}: {row.detail} {row.errors}"
+
+
+def test_smoke_all_kernels():
+    from phase7fw.kernels.verify import smoke
+
+    rows = smoke(torch.device("cuda"))
+    assert all(r.ok for r in rows), [(r.op, r.detail, r.errors) for r in rows]

@@ -1,0 +1,188 @@
+"""Triton kernels vs their torch references in the Triton CPU interpreter (small fp32 shapes,
+float64 references): forward and every gradient, windowed and full causal, odd lengths,
+padded head dims; torch.library.opcheck; selection plumbing; doctor on a CPU machine."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from phase7fw.components.phase7.attention import hyperbolic_attention_reference  # noqa: E402
+from phase7fw.components.phase7.ssm import ar_ssm_scan_sequential  # noqa: E402
+from phase7fw.kernels import select, triton_usable  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    pytest.skip("TRITON_INTERPRET was unset when the kernels were imported", allow_module_level=True)
+
+
+def _rel(a, b):
+    """Relative error, with an absolute floor of 1e-3 on the reference norm (a gradient that is
+    exactly zero, e.g. dq for window 1, is then compared absolutely)."""
+    return ((a.double() - b.double()).norm() / (b.double().norm() + 1e-3)).item()
+
+
+def _attention_case(B, H, T, D, W, scale=0.5, seed=0, dtype=torch.float32):
+    from phase7fw.kernels.hyperbolic_attention import hyperbolic_attention_triton
+
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T, D, generator=g, dtype=torch.float64) * scale
+    k = torch.randn(B, H, T, D, generator=g, dtype=torch.float64) * scale
+    v = torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
+    c = 0.5 + torch.rand(H, generator=g, dtype=torch.float64)
+    tau = 0.5 + torch.rand(H, generator=g, dtype=torch.float64)
+    # the kernel sees the inputs rounded to `dtype`; the reference sees the same values in fp64
+    q, k, v = (t.to(dtype).double() for t in (q, k, v))
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v, c, tau)]
+    ref = hyperbolic_attention_reference(*ref_in, W)
+    gout = torch.randn(ref.shape, generator=g, dtype=torch.float64).to(dtype).double()
+    ref_g = torch.autograd.grad(ref, ref_in, gout)
+    ins = [t.to(dtype).clone().requires_grad_() if i < 3 else t.float().clone().requires_grad_()
+           for i, t in enumerate((q, k, v, c, tau))]
+    out = hyperbolic_attention_triton(*ins, W)
+    got_g = torch.autograd.grad(out, ins, gout.to(out.dtype))
+    return out, ref, got_g, ref_g
+
+
+@pytest.mark.parametrize(
+    "B,H,T,D,W",
+    [
+        (1, 2, 37, 16, 5),  # odd length, narrow window (key blocks skipped)
+        (2, 2, 40, 16, 100),  # W >= T: full causal
+        (1, 1, 33, 12, 16),  # head dim padded to 16, window == block
+        (1, 2, 50, 16, 1),  # window 1: only j = i
+    ],
+)
+def test_attention_matches_reference(B, H, T, D, W):
+    out, ref, got, want = _attention_case(B, H, T, D, W)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert _rel(out, ref) < 1e-5
+    for name, a, b in zip(("q", "k", "v", "c", "tau"), got, want):
+        assert a.shape == b.shape, name
+        if W == 1 and name != "v":
+            # o_i = v_i: dq, dk, dc, dtau are exactly 0 in the reference, rounding noise here
+            assert (a.double() - b).norm() < 1e-3, (name, (a.double() - b).norm())
+        else:
+            assert _rel(a, b) < 1e-4, (name, _rel(a, b))
+
+
+def test_attention_near_boundary_finite_and_accurate():
+    # sqrt(c)|q| up to ~6: many rows are beyond the tangent clamp (radius 0.999/sqrt(c))
+    out, ref, got, want = _attention_case(1, 2, 40, 16, 20, scale=1.5, seed=3)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in got)
+    assert _rel(out, ref) < 1e-4
+    for name, a, b in zip(("q", "k", "v", "c", "tau"), got, want):
+        assert _rel(a, b) < 1e-3, (name, _rel(a, b))
+
+
+def test_attention_half_precision_path():
+    # fp16 is the 16-bit type the interpreter handles (bf16 is checked on the GPU): exercises
+    # the split-P forward and the tf32 gradient matmuls of the half-precision path.
+    out, ref, got, want = _attention_case(1, 2, 40, 16, 24, dtype=torch.float16)
+    assert out.dtype == torch.float16
+    assert _rel(out, ref) < 2e-3
+    for name, a, b in zip(("q", "k", "v", "c", "tau"), got, want):
+        assert _rel(a, b) < 5e-3, (name, _rel(a, b))
+
+
+@pytest.mark.parametrize("b,h,T,dv,r", [(1, 2, 37, 8, 4), (2, 1, 50, 40, 20), (1, 1, 16, 16, 16)])
+def test_ssm_scan_matches_sequential(b, h, T, dv, r):
+    from phase7fw.kernels.ar_ssm_scan import ar_ssm_scan_triton
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(b, h, T, dv, generator=g, dtype=torch.float64)
+    B = torch.randn(b, h, T, r, generator=g, dtype=torch.float64) * 0.5
+    C = torch.randn(b, h, T, r, generator=g, dtype=torch.float64) * 0.5
+    ld = -torch.rand(b, h, T, generator=g, dtype=torch.float64) * 0.5
+    ref_in = [t.clone().requires_grad_() for t in (x, B, C, ld)]
+    ref = ar_ssm_scan_sequential(*ref_in)
+    gy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    want = torch.autograd.grad(ref, ref_in, gy)
+    ins = [t.float().clone().requires_grad_() for t in (x, B, C, ld)]
+    y = ar_ssm_scan_triton(*ins)
+    got = torch.autograd.grad(y, ins, gy.float())
+    assert _rel(y, ref) < 1e-5
+    for name, a, bb in zip(("x", "B", "C", "log_decay"), got, want):
+        assert _rel(a, bb) < 1e-4, (name, _rel(a, bb))
+
+
+def test_opcheck_attention():
+    from phase7fw.kernels import hyperbolic_attention as A
+
+    g = torch.Generator().manual_seed(0)
+    H = 2
+    q, k, v = (torch.randn(1, H, 20, 16, generator=g) * 0.5 for _ in range(3))
+    sc = torch.tensor([0.9, 1.1])
+    tau = torch.tensor([1.0, 0.7])
+    nq, aq, fq = (t.detach() for t in A._row_stats(q, sc.view(1, H, 1)))
+    nk, ak, fk = (t.detach() for t in A._row_stats(k, sc.view(1, H, 1)))
+    args = [t.requires_grad_() for t in (q, k, v, nq, aq, fq, nk, ak, fk, sc, tau)]
+    torch.library.opcheck(torch.ops.phase7fw.hyperbolic_attention_fwd.default, (*args, 7),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_opcheck_ssm():
+    from phase7fw.kernels import ar_ssm_scan  # noqa: F401 - registers the op
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 20, 8, generator=g)
+    B, C = torch.randn(1, 2, 20, 4, generator=g), torch.randn(1, 2, 20, 4, generator=g)
+    ld = -torch.rand(1, 2, 20, generator=g)
+    args = [t.requires_grad_() for t in (x, B, C, ld)]
+    torch.library.opcheck(torch.ops.phase7fw.ar_ssm_scan_fwd.default, tuple(args),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_triton_usable_reports_the_reason(monkeypatch):
+    assert triton_usable("cpu")[0]  # interpreter on
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ok, why = triton_usable("cpu")
+    assert not ok and "CUDA" in why
+
+
+def test_select_returns_registered_kernel():
+    from phase7fw.kernels.ar_ssm_scan import ar_ssm_scan_triton
+    from phase7fw.kernels.hyperbolic_attention import hyperbolic_attention_triton
+    from phase7fw.plugins import load_plugins
+
+    reg = load_plugins().registry
+    assert ("kernel", "hyperbolic_attention:triton") in reg and ("kernel", "ar_ssm_scan:triton") in reg
+    ctx = {"registry": reg, "kernels": {"hyperbolic_attention": "triton", "ar_ssm_scan": "reference"}}
+    assert select(ctx, "hyperbolic_attention", hyperbolic_attention_reference) is hyperbolic_attention_triton
+    assert select(ctx, "ar_ssm_scan", ar_ssm_scan_sequential) is ar_ssm_scan_sequential
+    assert select({"registry": reg, "kernels": {"ar_ssm_scan": "triton"}}, "ar_ssm_scan", None) is ar_ssm_scan_triton
+
+
+def test_tiny_model_same_output_and_checkpoint_layout():
+    from phase7fw.engine import build_model
+    from phase7fw.recipe.schema import KERNEL_OPS
+
+    recipe = "recipes/phase7_tiny.toml"
+    torch.manual_seed(0)
+    ref_model = build_model(recipe, "cpu", vocab_size=300)
+    chosen = {op: "reference" for op in KERNEL_OPS} | {"hyperbolic_attention": "triton", "ar_ssm_scan": "triton"}
+    torch.manual_seed(0)
+    tri_model = build_model(recipe, "cpu", vocab_size=300, kernels=chosen)
+    assert tri_model.blocks[0].attn.attention_fn is not ref_model.blocks[0].attn.attention_fn
+    ref_sd, tri_sd = ref_model.state_dict(), tri_model.state_dict()
+    assert list(ref_sd) == list(tri_sd)  # checkpoint layout does not depend on the kernels
+    assert all(torch.equal(ref_sd[k], tri_sd[k]) for k in ref_sd)
+    ids = torch.randint(0, 300, (1, 40))
+    with torch.no_grad():
+        a, b = ref_model(ids), tri_model(ids)
+    assert torch.allclose(a, b, atol=2e-4, rtol=1e-4), (a - b).abs().max()
+
+
+def test_doctor_on_cpu(capsys, monkeypatch):
+    from phase7fw.doctor import run_doctor
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert run_doctor() == 0
+    out = capsys.readouterr().out
+    assert "Triton kernels not checked" in out
+    assert run_doctor(require_gpu=True) == 1
