@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 
 from phase7fw import geometry
-from phase7fw.kernels._triton import interpreting, require, tl, triton
+from phase7fw.kernels._triton import require, tl, triton
 
 __all__ = ["hyperbolic_attention_triton", "hyperbolic_attention_core"]
 

@@ -125,7 +125,6 @@ def _time_attention(q, k, v, c, tau, window, device) -> dict:
 
     from phase7fw.kernels.hyperbolic_attention import hyperbolic_attention_triton
 
-    T = q.shape[2]
     ins = [t.clone().requires_grad_() for t in (q, k, v, c, tau)]
     gout = torch.randn_like(v)
 

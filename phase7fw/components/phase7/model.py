@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from phase7fw.components.llama import RMSNorm, SwiGLU
+from phase7fw.components.llama import resolve_ffn_hidden as ffn_width  # same ffn_hidden rule
 from phase7fw.errors import Phase7Error
 from phase7fw.hookspecs import hookimpl
 from phase7fw.interfaces import LanguageModel
@@ -47,13 +48,6 @@ class Phase7Config:
     attention: Component = component("attention", {"name": "hyperbolic"}, help="local attention path")
     ssm: Component = component("ssm", {"name": "ar_ssm"}, help="global state-space path")
     block: Component = component("block", {"name": "hybrid"}, help="block layout")
-
-
-def ffn_width(config: Phase7Config) -> int:
-    if config.ffn_hidden:
-        return config.ffn_hidden
-    m = config.ffn_multiple_of
-    return m * math.ceil(8 * config.d_model / 3 / m)
 
 
 @attrs.frozen
