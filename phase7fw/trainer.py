@@ -176,25 +176,31 @@ class Trainer:
                     e.scaler.update()
                 else:
                     opt.step()
-                self.consecutive_bad = 0
-            else:
-                if e.scaler:
-                    e.scaler.update()  # lowers the scale for the next step
-                e.skipped_steps += 1
-                self.consecutive_bad += 1
-            self._end_step()
+            elif e.scaler:
+                e.scaler.update()  # lowers the scale for the next step
+            self._end_step(finite)
         return {"loss": loss_value, "grad_norm": grad_norm, "finite": finite, "lr": lr, "metrics": metric_sums}
 
-    def _end_step(self) -> None:
-        """After the update (or its skip): schedulers, step and token counters."""
-        e, t = self.engine, self.train
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.train
+        return t.batch_size * t.grad_accum_steps * self.engine.seq_len
+
+    def _end_step(self, finite: bool) -> None:
+        """After the update (or its skip): skip counters, schedulers, step and token counters."""
+        e = self.engine
+        if finite:
+            self.consecutive_bad = 0
+        else:
+            e.skipped_steps += 1
+            self.consecutive_bad += 1
         e.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():  # torch warns when the very first update was skipped
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step",
                                     category=UserWarning)
             e.lr_scheduler.step()
         e.step += 1
-        e.tokens_seen += t.batch_size * t.grad_accum_steps * e.seq_len
+        e.tokens_seen += self.tokens_per_step
         if e.curvature_scheduler is not None:
             e.model.set_curvature(e.curvature_scheduler.value(e.step))
 
@@ -220,12 +226,7 @@ class Trainer:
         lr = e.optimizer.param_groups[0]["lr"]
         loss_value, metrics, grad_norm, finite = e.in_backward.step(forward, backward, self.train.grad_clip, e.device)
         with section("optimizer"):
-            if finite:
-                self.consecutive_bad = 0
-            else:
-                e.skipped_steps += 1
-                self.consecutive_bad += 1
-            self._end_step()
+            self._end_step(finite)
         metrics = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
         return {"loss": loss_value, "grad_norm": grad_norm, "finite": finite, "lr": lr, "metrics": metrics}
 
@@ -235,7 +236,6 @@ class Trainer:
         self.consecutive_bad = 0
         window = {"loss": 0.0, "n": 0, "time": 0.0, "tokens": 0, "steps": 0}
         last_loss = math.nan
-        tokens_per_step = t.batch_size * t.grad_accum_steps * e.seq_len
         while e.step < t.max_steps:
             t0 = time.perf_counter()
             result = self.train_step()
@@ -248,7 +248,7 @@ class Trainer:
                 window["n"] += 1
                 last_loss = loss_value
             window["time"] += dt
-            window["tokens"] += tokens_per_step
+            window["tokens"] += self.tokens_per_step
             window["steps"] += 1
             self.console.advance(f"loss {loss_value:.4f}")
 

@@ -95,6 +95,14 @@ def _compute_dtype(q: torch.Tensor, k: torch.Tensor) -> torch.dtype:
     return torch.float64 if torch.float64 in (q.dtype, k.dtype) else torch.float32
 
 
+def _in_compute_dtype(q, k, v, c, tau):
+    """q, k, v in the maths dtype (fp32, or fp64 when given fp64); c and tau as (H,) vectors."""
+    dtype = _compute_dtype(q, k)
+    H = q.shape[1]
+    return (q.to(dtype), k.to(dtype), v.to(dtype), _per_head(c, H, dtype, q.device),
+            _per_head(tau, H, dtype, q.device))
+
+
 def hyperbolic_attention_reference(q, k, v, c, tau, window: int) -> torch.Tensor:
     """Causal sliding-window hyperbolic attention, blockwise: O(T * W) memory.
 
@@ -111,10 +119,7 @@ def hyperbolic_attention_reference(q, k, v, c, tau, window: int) -> torch.Tensor
     B, H, T, D = q.shape
     out_dtype = v.dtype
     with torch.autocast(device_type=q.device.type, enabled=False):
-        dtype = _compute_dtype(q, k)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        c = _per_head(c, H, dtype, q.device)
-        tau = _per_head(tau, H, dtype, q.device)
+        q, k, v, c, tau = _in_compute_dtype(q, k, v, c, tau)
 
         wb = min(window, T)
         nb = math.ceil(T / wb)
@@ -161,10 +166,7 @@ def dense_masked_hyperbolic_attention(q, k, v, c, tau, window: int) -> torch.Ten
     B, H, T, D = q.shape
     out_dtype = v.dtype
     with torch.autocast(device_type=q.device.type, enabled=False):
-        dtype = _compute_dtype(q, k)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        c = _per_head(c, H, dtype, q.device)
-        tau = _per_head(tau, H, dtype, q.device)
+        q, k, v, c, tau = _in_compute_dtype(q, k, v, c, tau)
         edge = 1.0 - math.tanh(geometry.MAX_TANGENT_ATANH)  # = 1e-3: radius 0.999/sqrt(c)
         x = geometry.project(geometry.expmap0(q, c.view(H, 1)), c.view(H, 1), eps=edge)
         y = geometry.project(geometry.expmap0(k, c.view(H, 1)), c.view(H, 1), eps=edge)
