@@ -447,7 +447,10 @@ def set_memory_cap(gib: float, device: torch.device) -> None:
     total = torch.cuda.get_device_properties(device).total_memory
     if not 0 < gib * 2**30 <= total:
         raise Phase7Error(f"--memory-cap-gib must be in (0, {total / 2**30:.1f}] on this GPU, got {gib}")
-    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, device)
+    # The caching allocator refuses to grow past this fraction: an OOM there is what a card of
+    # `gib` would raise. The call needs an explicit index ("cuda" alone is rejected).
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, index)
 
 
 def run_bench(recipe, overrides: dict, *, steps: int = 10, warmup: int = 3, device: str | None = None,

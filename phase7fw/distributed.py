@@ -88,7 +88,7 @@ class LossModule(nn.Module):
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
-    """The modules FSDP shards one by one: the model's blocks (``model.blocks``)."""
+    """The modules FSDP shards and torch.compile compiles one by one: ``model.blocks``."""
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise Phase7Error(f"parallel.strategy = \"fsdp\" needs a model with .blocks; {type(model).__name__} has none")

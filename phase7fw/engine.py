@@ -187,9 +187,14 @@ class Engine:
         self._loss_fn = self.model.loss
         strategy = recipe.parallel.strategy
         if train.compile:
-            if strategy == "none":
+            # Block by block (regional compilation), then wrap (torchtitan's order): every
+            # block has the same code, so one compiled graph serves all layers (parameters are
+            # graph inputs), which makes the first step minutes faster than tracing the whole
+            # model and avoids whole-graph recompiles. Embedding, final norm and loss stay eager.
+            # A plugin model without ``.blocks`` gets its whole loss compiled instead.
+            if strategy == "none" and getattr(self.model, "blocks", None) is None:
                 self._loss_fn = torch.compile(self.model.loss)
-            else:  # compile block by block, then wrap (torchtitan's order)
+            else:
                 for unit in distributed.shard_units(self.model):
                     unit.compile()
         self._done("compile")
