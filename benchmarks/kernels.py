@@ -1,6 +1,6 @@
 """Kernel benchmarks P3, P4, P5 (design/PERFORMANCE.md), each a ratio measured in one run.
 
-    python benchmarks/kernels.py [--out DIR] [--quick] [--skip-verify]
+    python benchmarks/kernels.py [--out DIR] [--quick] [--skip-verify] [--step-json BENCH.json]
 
 On a CUDA GPU (bf16):
   P3  hyperbolic attention fwd+bwd at (8,16,1024,128), full causal, vs SDPA cuDNN (and FA2)
@@ -8,6 +8,8 @@ On a CUDA GPU (bf16):
       peak extra memory at T = 1024 / 2048 / 4096 (O(T) vs O(T^2))
   P5  AR-SSM scan fwd+bwd at (B=8, T=1024, d_model=2048: 8 heads x 256, rank 16) vs SDPA
       FlashAttention-2 fwd+bwd at the same (B, T, d_model) = (8, 16 heads, 1024, 128)
+  P6  HTT embedding (vocab 32000, d 2048, rank 32) per optimizer step: the micro-batches'
+      gathers + one tied-table rebuild, minus a dense lookup, over the step time of --step-json
 plus the correctness table of ``phase7fw doctor --verify`` (every speed number is gated on it).
 Writes kernels.json and kernels.md to --out. Imports only torch, triton and phase7fw's
 kernel/geometry/component modules (no pluggy needed).
@@ -152,6 +154,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-verify", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="pick block sizes on this GPU first")
+    ap.add_argument("--step-json", default=None,
+                    help="a `phase7fw bench --json` file of the 1.5B recipe: P6 relates the HTT cost to its step time")
     ap.add_argument("--only-verify", type=int, nargs="*", default=None,
                     help="run only these verify cases (indices) and stop")
     args = ap.parse_args()
@@ -215,6 +219,7 @@ def main() -> int:
     t["hyp_fwd"] = bench(hyp_f)
     t["hyp_fwd_bwd"] = bench(hyp_fb)
     t["hyp_fwd_bwd_w256"] = bench(lambda: hyp_fb(256))
+    t["hyp_fwd_bwd_w128"] = bench(lambda: hyp_fb(128))
     for name, be in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_fa2", SDPBackend.FLASH_ATTENTION)):
         try:
             t[name + "_fwd_bwd"] = bench(sdpa(be))
@@ -226,6 +231,29 @@ def main() -> int:
     except Exception as exc:  # noqa: BLE001
         t["flex_poincare_fwd_bwd"] = float("nan")
         print("flex failed:", repr(exc)[:500], flush=True)
+    # the same tokens at T = 4096 (B = 2): full causal and window 256 vs SDPA cuDNN causal
+    q4, k4, v4, c4, tau4 = attention_inputs(2, H, 4096, D, dev)
+    i4 = [x.clone().requires_grad_() for x in (q4, k4, v4, c4, tau4)]
+    g4 = torch.randn_like(v4)
+
+    def hyp4(window):
+        def fb():
+            o = hyperbolic_attention_triton(*i4, window)
+            torch.autograd.grad(o, i4, g4)
+        return fb
+
+    def sdpa4():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            o = F.scaled_dot_product_attention(i4[0], i4[1], i4[2], is_causal=True)
+            torch.autograd.grad(o, i4[:3], g4)
+
+    t["T4096_hyp_fwd_bwd"] = bench(hyp4(4096))
+    t["T4096_hyp_fwd_bwd_w256"] = bench(hyp4(256))
+    try:
+        t["T4096_sdpa_cudnn_fwd_bwd"] = bench(sdpa4)
+    except Exception as exc:  # noqa: BLE001
+        t["T4096_sdpa_cudnn_fwd_bwd"] = float("nan")
+        print("sdpa T4096 failed:", exc, flush=True)
     res["attention_ms"] = t
     print(t, flush=True)
 
@@ -273,15 +301,51 @@ def main() -> int:
     res["ssm_ms"] = s
     print(s, flush=True)
 
+    # ---- P6: HTT embedding cost per optimizer step of the 1.5B recipe -------------------------
+    # vocab 32000, d_model 2048, 2 cores, rank 32; a step of `micro` micro-batches of `tokens`
+    # tokens: `micro` gathers (fwd + bwd) plus one rebuild of the tied table (fwd + bwd). The
+    # overhead is what a dense table's lookup would not cost, as a share of the step time that
+    # `phase7fw bench` measured (--step-json).
+    from phase7fw.components.phase7.embedding import HTTEmbedding
+    from phase7fw.kernels.htt_embedding import htt_embedding_triton
+
+    emb = HTTEmbedding(32000, 2048, 2, 32).to(dev)
+    emb.init_weights()
+    emb.gather_fn = htt_embedding_triton
+    dense = torch.nn.Embedding(32000, 2048, device=dev)
+    step = json.loads(Path(args.step_json).read_text())["runs"][0] if args.step_json else None
+    micro = step["grad_accum_steps"] if step else 16
+    tokens = step["batch_size"] * step["seq_len"] if step else 1024
+    ids = torch.randint(0, 32000, (1, tokens), device=dev)
+    g_rows = torch.randn(1, tokens, 2048, device=dev)
+    g_table = torch.randn(32000, 2048, device=dev)
+    h = {
+        "htt_gather_fwd_bwd": bench(lambda: emb(ids).backward(g_rows)),
+        "htt_table_rebuild_fwd_bwd": bench(lambda: emb.weight_matrix().backward(g_table)),
+        "dense_lookup_fwd_bwd": bench(lambda: dense(ids).backward(g_rows)),
+    }
+    h["htt_per_step"] = micro * h["htt_gather_fwd_bwd"] + h["htt_table_rebuild_fwd_bwd"]
+    h["dense_per_step"] = micro * h["dense_lookup_fwd_bwd"]
+    res["htt_ms"] = h
+    print(h, flush=True)
+
     ratios = {
         "P3 hyp / sdpa_cudnn (target <= 2.0, stretch 1.3)": t["hyp_fwd_bwd"] / t["sdpa_cudnn_fwd_bwd"],
         "P3' hyp / sdpa_fa2": t["hyp_fwd_bwd"] / t["sdpa_fa2_fwd_bwd"],
+        "P3 window 256 / sdpa_cudnn full causal": t["hyp_fwd_bwd_w256"] / t["sdpa_cudnn_fwd_bwd"],
+        "P3 window 128 / sdpa_cudnn full causal": t["hyp_fwd_bwd_w128"] / t["sdpa_cudnn_fwd_bwd"],
+        "P3 T=4096 full causal / sdpa_cudnn": t["T4096_hyp_fwd_bwd"] / t["T4096_sdpa_cudnn_fwd_bwd"],
+        "P3 T=4096 window 256 / sdpa_cudnn full causal": t["T4096_hyp_fwd_bwd_w256"] / t["T4096_sdpa_cudnn_fwd_bwd"],
         "P4 flex_poincare / hyp (target >= 5, stretch 8)": t["flex_poincare_fwd_bwd"] / t["hyp_fwd_bwd"],
         "P5 ssm / sdpa_fa2 (target <= 1.5, stretch 1.0)": s["ssm_triton_fwd_bwd"] / t["sdpa_fa2_fwd_bwd"],
     }
+    if step:
+        step_ms = step["step_time_s"] * 1e3
+        ratios[f"P6 HTT overhead / step ({micro} x {tokens} tokens, step {step_ms:.0f} ms) (target <= 0.02)"] = (
+            (h["htt_per_step"] - h["dense_per_step"]) / step_ms)
     res["ratios"] = ratios
     md += ["### Timings (median ms, do_bench)", "", "| what | ms |", "|---|---|"]
-    md += [f"| {k} | {v:.3f} |" for k, v in {**t, **s}.items()]
+    md += [f"| {k} | {v:.3f} |" for k, v in {**t, **s, **h}.items()]
     md += ["", "| peak extra memory, attention fwd+bwd, B=1 H=16 D=128 | MiB |", "|---|---|"]
     md += [f"| T={k} | {v:.1f} |" for k, v in mem.items()]
     md += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in ratios.items()]

@@ -390,12 +390,15 @@ def _ffn_width(cfg, d_model: int) -> int:
     return multiple * math.ceil(8 * d_model / 3 / multiple)
 
 
-def activation_estimate(recipe, vocab_size: int) -> tuple[float, str]:
+def activation_estimate(recipe, vocab_size: int, fused_ce: bool = False) -> tuple[float, str]:
     """A rough estimate of the activation bytes of one training micro-batch (documented in
     docs/performance.md; the measured number comes from ``phase7fw bench``). Per token and
     block a hybrid block keeps ~30 d_model + 8 ffn bytes plus 12 bytes per attention score
     (heads x window); checkpointing keeps each block's fp32 input instead and recomputes one
-    block at a time (x2 for its gradients); the logits cost 14 bytes per token x vocab."""
+    block at a time (x2 for its gradients); the logits cost 14 bytes per token x vocab. A fused
+    cross-entropy kernel (``fused_ce``) holds one chunk of logits (at most 256 MiB: the
+    Triton kernel's default chunk), an fp32 head gradient (vocab x d_model) and the hidden
+    states' gradient (fp32) from forward to backward."""
     cfg, t = recipe.model.config, recipe.train
     d = getattr(cfg, "d_model", 0) or 0
     layers = getattr(cfg, "n_layers", 0) or 0
@@ -412,8 +415,13 @@ def activation_estimate(recipe, vocab_size: int) -> tuple[float, str]:
         blocks = layers * per_block
         how = "no checkpointing"
     logit_tokens = min(t.ce_chunk_tokens, tokens) if t.ce_chunk_tokens else tokens
-    logits = logit_tokens * vocab_size * 14
-    ce = f"CE in {t.ce_chunk_tokens}-token chunks" if t.ce_chunk_tokens else "full logits"
+    if fused_ce:
+        chunk = logit_tokens * vocab_size * 2 if t.ce_chunk_tokens else min(tokens * vocab_size * 2, 256 * 2**20)
+        logits = chunk + vocab_size * d * 4 + tokens * d * 4
+        ce = "fused CE kernel" + (f" in {t.ce_chunk_tokens}-token chunks" if t.ce_chunk_tokens else "")
+    else:
+        logits = logit_tokens * vocab_size * 14
+        ce = f"CE in {t.ce_chunk_tokens}-token chunks" if t.ce_chunk_tokens else "full logits"
     return blocks + logits, f"{how}, micro-batch {t.batch_size} x {seq}, {ce}"
 
 
@@ -438,7 +446,8 @@ def memory_plan(model: torch.nn.Module, optimizer, recipe, vocab_size: int) -> d
     transient = getattr(optimizer, "update_transient_bytes", lambda: 0)() if optimizer is not None else 0
     if t.optimizer_in_backward:
         transient += largest  # one parameter's gradient at a time
-    act, act_note = activation_estimate(recipe, vocab_size)
+    fused = getattr(model, "_fused_cross_entropy", None)
+    act, act_note = activation_estimate(recipe, vocab_size, fused_ce=bool(fused and fused()))
     state = (weight_b + grad_b + opt_dev + cast_b) * n
     return {
         "params": n, "weights": weight_b, "grads": grad_b, "grad_note": grad_note, "optimizer": opt_dev,

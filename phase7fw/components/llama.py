@@ -47,18 +47,37 @@ def resolve_ffn_hidden(config: LlamaConfig) -> int:
     return m * math.ceil(8 * config.d_model / 3 / m)
 
 
-class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in (at least) fp32: bf16 sums of squares lose precision."""
+def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * weight over the last dim, computed in (at least) fp32 (bf16 sums of
+    squares lose precision), returned in x's dtype. The ``rmsnorm`` op's torch reference."""
+    dt = torch.promote_types(x.dtype, torch.float32)
+    return F.rms_norm(x.to(dt), (x.size(-1),), weight.to(dt), eps).to(x.dtype)
 
-    def __init__(self, dim: int, eps: float):
+
+def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up: the ``swiglu`` op's torch reference."""
+    return F.silu(gate) * up
+
+
+def kernel_impls(context: dict) -> tuple:
+    """(rmsnorm, swiglu) implementations chosen by ``[kernels]`` in a factory's context."""
+    from phase7fw.kernels import select
+
+    return select(context, "rmsnorm", rmsnorm_reference), select(context, "swiglu", swiglu_reference)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight (:func:`rmsnorm_reference`). ``impl`` swaps in a kernel with the
+    same signature; it is a plain attribute (``norm_impl``), so parameters do not change."""
+
+    def __init__(self, dim: int, eps: float, impl=None):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
+        self.norm_impl = impl or rmsnorm_reference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dt = torch.promote_types(x.dtype, torch.float32)
-        out = F.rms_norm(x.to(dt), (x.size(-1),), self.weight.to(dt), self.eps)
-        return out.to(x.dtype)
+        return self.norm_impl(x, self.weight, self.eps)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -124,24 +143,28 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, d_model: int, hidden: int):
+    """w2(silu(gate) * up) with [gate, up] = w13(x); ``impl`` (attribute ``glu_impl``) is the
+    elementwise part, :func:`swiglu_reference` or a kernel with its signature."""
+
+    def __init__(self, d_model: int, hidden: int, impl=None):
         super().__init__()
         self.hidden = hidden
         self.w13 = nn.Linear(d_model, 2 * hidden, bias=False)  # gate and up, one matmul
         self.w2 = nn.Linear(hidden, d_model, bias=False)
+        self.glu_impl = impl or swiglu_reference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(self.glu_impl(gate, up))
 
 
 class Block(nn.Module):
-    def __init__(self, config: LlamaConfig, n_kv_heads: int, ffn_hidden: int):
+    def __init__(self, config: LlamaConfig, n_kv_heads: int, ffn_hidden: int, norm_impl=None, glu_impl=None):
         super().__init__()
-        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps, norm_impl)
         self.attn = Attention(config.d_model, config.n_heads, n_kv_heads)
-        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.ffn = SwiGLU(config.d_model, ffn_hidden)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps, norm_impl)
+        self.ffn = SwiGLU(config.d_model, ffn_hidden, glu_impl)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         h = x + self.attn(self.attn_norm(x), cos, sin)
@@ -153,7 +176,7 @@ class Block(nn.Module):
 
 
 class LlamaModel(LanguageModel):
-    def __init__(self, config: LlamaConfig, vocab_size: int):
+    def __init__(self, config: LlamaConfig, vocab_size: int, *, kernels: dict | None = None, registry=None):
         super().__init__()
         if config.d_model % config.n_heads:
             raise Phase7Error(f"model.d_model ({config.d_model}) must be divisible by model.n_heads ({config.n_heads})")
@@ -171,8 +194,10 @@ class LlamaModel(LanguageModel):
 
         self.tok_embeddings = nn.Embedding(vocab_size, config.d_model)
         ffn_hidden = resolve_ffn_hidden(config)
-        self.blocks = nn.ModuleList(Block(config, n_kv, ffn_hidden) for _ in range(config.n_layers))
-        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        # [kernels] rmsnorm / swiglu: swap in the Triton ops (same signatures, no parameters)
+        norm_impl, glu_impl = kernel_impls({"kernels": kernels, "registry": registry})
+        self.blocks = nn.ModuleList(Block(config, n_kv, ffn_hidden, norm_impl, glu_impl) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps, norm_impl)
         self.output = None if config.tie_embeddings else nn.Linear(config.d_model, vocab_size, bias=False)
         # Filled by init_weights; not saved (derived from the config).
         self.register_buffer("rope_cos", torch.empty(config.seq_len, head_dim // 2), persistent=False)
@@ -282,7 +307,8 @@ class LlamaModel(LanguageModel):
 
 def build_llama(config: LlamaConfig, *, vocab_size: int | None = None, **context) -> LlamaModel:
     """Factory of the ``llama`` model; ``vocab_size`` comes from the tokenizer when the
-    recipe leaves ``model.vocab_size`` at 0. Other context keys are not used."""
+    recipe leaves ``model.vocab_size`` at 0; ``kernels`` and ``registry`` pick the rmsnorm and
+    swiglu implementations. Other context keys are not used."""
     tokenizer_vocab = vocab_size or 0
     vocab = config.vocab_size or tokenizer_vocab
     if vocab <= 0:
@@ -292,7 +318,13 @@ def build_llama(config: LlamaConfig, *, vocab_size: int | None = None, **context
             f"model.vocab_size = {config.vocab_size} is smaller than the tokenizer's vocabulary"
             f" ({tokenizer_vocab}); set it to 0 to use the tokenizer's size"
         )
-    return LlamaModel(config, vocab)
+    model = LlamaModel(config, vocab, kernels=context.get("kernels"), registry=context.get("registry"))
+    # [kernels] cross_entropy: the fused Triton head + loss, used by LanguageModel.loss
+    from phase7fw.kernels import select
+    from phase7fw.memory import chunked_cross_entropy
+
+    model.cross_entropy_fn = select(context, "cross_entropy", chunked_cross_entropy)
+    return model
 
 
 @hookimpl
@@ -302,5 +334,5 @@ def register_components(register):
         "llama",
         build_llama,
         LlamaConfig,
-        description="baseline decoder: RMSNorm, RoPE, causal SDPA (GQA), SwiGLU; context: vocab_size",
+        description="baseline decoder: RMSNorm, RoPE, causal SDPA (GQA), SwiGLU; context: vocab_size, kernels, registry",
     )

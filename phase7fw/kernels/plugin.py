@@ -23,12 +23,42 @@ def _ar_ssm_scan(config, **context):
     return ar_ssm_scan_triton
 
 
+def _htt_embedding(config, **context):
+    from phase7fw.kernels.htt_embedding import htt_embedding_triton
+
+    return htt_embedding_triton
+
+
+def _rmsnorm(config, **context):
+    from phase7fw.kernels.rmsnorm import rmsnorm_triton
+
+    return rmsnorm_triton
+
+
+def _swiglu(config, **context):
+    from phase7fw.kernels.swiglu import swiglu_triton
+
+    return swiglu_triton
+
+
+def _cross_entropy(config, **context):
+    from phase7fw.kernels.linear_cross_entropy import linear_cross_entropy_triton
+
+    return linear_cross_entropy_triton
+
+
 #: (op, factory, description) of every kernel this plugin provides.
 KERNELS = [
     ("hyperbolic_attention", _hyperbolic_attention,
      "fused causal sliding-window Poincare attention, fwd + bwd (grads to q, k, v, c, tau), O(T) memory"),
     ("ar_ssm_scan", _ar_ssm_scan,
      "chunked SSD scan, fp32 state, fwd + bwd (grads to x, B, C, log_decay)"),
+    ("htt_embedding", _htt_embedding,
+     "fused tensor-train gather-and-contract, fwd + bwd (atomic adds into the cores), 2 or 3 cores"),
+    ("rmsnorm", _rmsnorm, "fused RMSNorm, fp32 statistics, fwd + bwd (grads to x and weight)"),
+    ("swiglu", _swiglu, "fused silu(gate) * up, fwd + bwd recomputing silu"),
+    ("cross_entropy", _cross_entropy,
+     "chunked linear cross-entropy: logits one chunk at a time, grads computed in forward"),
 ]
 
 

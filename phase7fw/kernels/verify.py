@@ -229,10 +229,34 @@ def smoke(device: torch.device) -> list[Row]:
         try:
             row = fn()
         except Exception as exc:  # noqa: BLE001 - report every kernel, keep going
-            row = Row(op, "tiny", False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            row = Row(op, "tiny", False, _error(exc))
         row.ms["first_call_incl_compile"] = (time.perf_counter() - t0) * 1e3
         rows.append(row)
+    for op in SELF_CHECKING:
+        t0 = time.perf_counter()
+        try:
+            found = _module(op).smoke_rows(device)
+        except Exception as exc:  # noqa: BLE001
+            found = [Row(op, "tiny", False, _error(exc))]
+        for row in found:
+            row.ms.setdefault("first_call_incl_compile", (time.perf_counter() - t0) * 1e3)
+        rows.extend(found)
     return rows
+
+
+#: Kernel modules that carry their own checks: ``smoke_rows(device)`` and
+#: ``verify_rows(device, quick)``, each returning a list of :class:`Row`.
+SELF_CHECKING = ("rmsnorm", "swiglu", "linear_cross_entropy", "htt_embedding")
+
+
+def _module(op: str):
+    import importlib
+
+    return importlib.import_module(f"phase7fw.kernels.{op}")
+
+
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
 
 
 def verify(device: torch.device, quick: bool = False, only: list[int] | None = None) -> list[Row]:
@@ -246,14 +270,18 @@ def verify(device: torch.device, quick: bool = False, only: list[int] | None = N
         lambda: _check_ssm(B, 8, 1024, 256, 16, device, torch.bfloat16, f"bf16 x ({B},8,1024,256) r=16"),
         lambda: _check_ssm(1, 4, 1000, 64, 12, device, torch.bfloat16, "bf16 x (1,4,1000,64) r=12, odd T"),
     ]
+    # cases 6.. : one per self-checking module (each may return several rows)
+    cases += [lambda op=op: _module(op).verify_rows(device, quick) for op in SELF_CHECKING]
     rows = []
     for i, fn in enumerate(cases):
         if only is not None and i not in only:
             continue
         try:
-            rows.append(fn())
+            got = fn()
+            rows.extend(got if isinstance(got, list) else [got])
         except Exception as exc:  # noqa: BLE001
-            rows.append(Row("?", "?", False, f"{type(exc).__name__}: {exc}"[:300]))
+            label = SELF_CHECKING[i - 6] if i >= 6 else "?"
+            rows.append(Row(label, "?", False, _error(exc)))
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows

@@ -113,6 +113,36 @@ _GATHERED_EQ = {2: "nxa,nay->nxy", 3: "nxa,nayb,nbz->nxyz"}
 _FULL_EQ = {2: "ixa,ajy->ijxy", 3: "ixa,ajyb,bkz->ijkxyz"}
 
 
+def _digits(ids: torch.Tensor, vocab_factors) -> torch.Tensor:
+    # place values, most significant first: i_k = (i // radix_k) % v_k
+    radix = [math.prod(vocab_factors[k + 1 :]) for k in range(len(vocab_factors))]
+    ids = ids.long()
+    return torch.stack([torch.div(ids, p, rounding_mode="floor") % v for p, v in zip(radix, vocab_factors)], dim=-1)
+
+
+def htt_embedding_reference(ids: torch.Tensor, cores, scale: torch.Tensor, d_model: int) -> torch.Tensor:
+    """Rows (*ids.shape, d_model) of the HTT table held by ``cores`` (G_k of shape
+    (r_{k-1}, v_k, d_k, r_k), factors read from the shapes) times ``scale``.
+
+    Gathers each core's slice at the token's digit and contracts the bonds per token; the full
+    table is never built. Cost per token ~ prod(d_k) * r multiply-adds. ids must be in
+    [0, vocab_size); not checked here, as that would sync with the device."""
+    n_cores = len(cores)
+    dig = _digits(ids.reshape(-1), [c.shape[1] for c in cores])
+    slices = []
+    for k, core in enumerate(cores):
+        s = core.index_select(1, dig[:, k]).movedim(1, 0)  # (N, r_{k-1}, d_k, r_k)
+        if k == 0:
+            s = s.squeeze(1)  # r_0 = 1: (N, d_1, r_1)
+        if k == n_cores - 1:
+            s = s.squeeze(-1)  # r_K = 1
+        slices.append(s)
+    rows = torch.einsum(_GATHERED_EQ[n_cores], *slices)
+    rows = rows.reshape(dig.shape[0], math.prod(c.shape[2] for c in cores))
+    rows = rows[:, :d_model] * scale
+    return rows.reshape(*ids.shape, d_model)
+
+
 class HTTEmbedding(nn.Module):
     """Tensor-train factorized embedding table (see the module docstring for the layout)."""
 
@@ -134,6 +164,9 @@ class HTTEmbedding(nn.Module):
         # Digit place values of the row index, most significant first: i_k = (i // radix_k) % v_k.
         # Plain ints, not a buffer: nothing to materialize or checkpoint.
         self.radix = [math.prod(self.vocab_factors[k + 1 :]) for k in range(n_cores)]
+        # The per-token gather path; [kernels] htt_embedding = "triton" swaps in the fused kernel
+        # (same signature, no parameters). weight_matrix() always stays einsum.
+        self.gather_fn = htt_embedding_reference
 
     def init_weights(self) -> None:
         # Entry variance of the contraction = prod(r_k for inner bonds) * prod(std_k^2); equal
@@ -146,28 +179,10 @@ class HTTEmbedding(nn.Module):
 
     def digits(self, ids: torch.Tensor) -> torch.Tensor:
         """Mixed-radix digits of ``ids``: shape ids.shape + (n_cores,), most significant first."""
-        ids = ids.long()
-        return torch.stack(
-            [torch.div(ids, p, rounding_mode="floor") % v for p, v in zip(self.radix, self.vocab_factors)], dim=-1
-        )
+        return _digits(ids, self.vocab_factors)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        # Gather each core's slice at the token's digit and contract the bonds per token; the
-        # full table is never built. Cost per token ~ prod(d_k) * r multiply-adds. ids must be
-        # in [0, vocab_size); not checked here, as that would sync with the device.
-        dig = self.digits(ids.reshape(-1))
-        slices = []
-        for k, core in enumerate(self.cores):
-            s = core.index_select(1, dig[:, k]).movedim(1, 0)  # (N, r_{k-1}, d_k, r_k)
-            if k == 0:
-                s = s.squeeze(1)  # r_0 = 1: (N, d_1, r_1)
-            if k == self.n_cores - 1:
-                s = s.squeeze(-1)  # r_K = 1
-            slices.append(s)
-        rows = torch.einsum(_GATHERED_EQ[self.n_cores], *slices)
-        rows = rows.reshape(dig.shape[0], math.prod(self.dim_factors))
-        rows = rows[:, : self.d_model] * self.scale
-        return rows.reshape(*ids.shape, self.d_model)
+        return self.gather_fn(ids, list(self.cores), self.scale, self.d_model)
 
     def weight_matrix(self) -> torch.Tensor:
         cores = [c for c in self.cores]
@@ -196,7 +211,12 @@ def _check_sizes(kind: str, vocab_size: int, d_model: int) -> None:
 
 def build_htt(config: HttConfig, *, vocab_size: int, d_model: int, **context) -> HTTEmbedding:
     _check_sizes("htt", vocab_size, d_model)
-    return HTTEmbedding(vocab_size, d_model, config.n_cores, config.rank, config.init_std)
+    module = HTTEmbedding(vocab_size, d_model, config.n_cores, config.rank, config.init_std)
+    # [kernels] htt_embedding: swap in the fused Triton gather (same signature, no parameters).
+    from phase7fw.kernels import select
+
+    module.gather_fn = select(context, "htt_embedding", module.gather_fn)
+    return module
 
 
 def build_dense(config: DenseConfig, *, vocab_size: int, d_model: int, **context) -> DenseEmbedding:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from phase7fw.components.llama import RMSNorm, SwiGLU
+from phase7fw.components.llama import RMSNorm, SwiGLU, kernel_impls
 from phase7fw.components.llama import resolve_ffn_hidden as ffn_width  # same ffn_hidden rule
 from phase7fw.errors import Phase7Error
 from phase7fw.hookspecs import hookimpl
@@ -67,8 +67,9 @@ class HybridBlock(nn.Module):
         self.n_layers = mc.n_layers
         ctx = dict(d_model=mc.d_model, n_heads=mc.n_heads, seq_len=mc.seq_len, layer_idx=layer_idx,
                    n_layers=mc.n_layers, parent=mc, registry=registry, kernels=kernels)
-        self.norm1 = RMSNorm(mc.d_model, mc.norm_eps)
-        self.norm2 = RMSNorm(mc.d_model, mc.norm_eps)
+        norm_impl, glu_impl = kernel_impls(ctx)  # [kernels] rmsnorm / swiglu
+        self.norm1 = RMSNorm(mc.d_model, mc.norm_eps, norm_impl)
+        self.norm2 = RMSNorm(mc.d_model, mc.norm_eps, norm_impl)
         self.attn = None
         self.ssm = None
         if mc.mixer in ("hybrid", "attention"):
@@ -78,7 +79,7 @@ class HybridBlock(nn.Module):
         if self.attn is None and self.ssm is None:
             raise Phase7Error(f"model.mixer = {mc.mixer!r} with ssm 'none' leaves a block without a sequence mixer")
         self.gate = nn.Linear(mc.d_model, mc.d_model, bias=True) if self.attn is not None and self.ssm is not None else None
-        self.ffn = SwiGLU(mc.d_model, ffn_width(mc))
+        self.ffn = SwiGLU(mc.d_model, ffn_width(mc), glu_impl)
 
     def init_weights(self) -> None:
         self.norm1.reset_parameters()
@@ -144,7 +145,7 @@ class Phase7Model(LanguageModel):
                            registry=registry, kernels=kernels)
             for i in range(config.n_layers)
         )
-        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.norm = RMSNorm(config.d_model, config.norm_eps, kernel_impls({"kernels": kernels, "registry": registry})[0])
         self.checkpointing = False
         self.head = None
         if config.tie_embeddings:
@@ -240,10 +241,7 @@ class Phase7Model(LanguageModel):
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
         hidden, gate_means = self.forward_hidden(input_ids)
-        if self.ce_chunk_tokens:  # train.ce_chunk_tokens: one chunk's logits at a time
-            ce = chunked_cross_entropy(hidden, self.lm_head_weight(), targets, self.ce_chunk_tokens)
-        else:
-            ce = F.cross_entropy(self.logits(hidden).float().flatten(0, 1), targets.flatten())
+        ce = self.cross_entropy(hidden, targets)  # [kernels] cross_entropy / train.ce_chunk_tokens
         penalty = ce.new_zeros(())
         ranks = []
         for block, gm in zip(self.blocks, gate_means):
@@ -294,7 +292,12 @@ class Phase7Model(LanguageModel):
 def build_phase7(config: Phase7Config, *, vocab_size: int, registry, kernels=None, **context) -> Phase7Model:
     if config.d_model % config.n_heads:
         raise Phase7Error(f"model.d_model ({config.d_model}) must be divisible by model.n_heads ({config.n_heads})")
-    return Phase7Model(config, vocab_size, registry, kernels or {})
+    model = Phase7Model(config, vocab_size, registry, kernels or {})
+    # [kernels] cross_entropy: the fused Triton head + loss (chunked_cross_entropy's signature)
+    from phase7fw.kernels import select
+
+    model.cross_entropy_fn = select({"kernels": kernels, "registry": registry}, "cross_entropy", chunked_cross_entropy)
+    return model
 
 
 def build_hybrid_block(config: HybridBlockConfig, *, model_config, layer_idx: int, registry, kernels=None, **context):

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU runs behind benchmarks/RESULTS.md, one stage per argument (run from the repo root on
+# a CUDA machine; OUT defaults to ./bench_out). Each stage writes its JSON/Markdown under OUT.
+#
+#   benchmarks/gpu_evidence.sh gpu-tests small-gpu quality kernels   # issues 5 and 7
+#   benchmarks/gpu_evidence.sh throughput max-params            # issue 6
+set -uo pipefail
+OUT=${OUT:-bench_out}
+mkdir -p "$OUT"
+P7="python3 -m phase7fw"
+export PYTHONUNBUFFERED=1
+
+for stage in "$@"; do
+  echo "=== $stage ($(date -u +%H:%M:%S))"
+  case $stage in
+    gpu-tests)    # every kernel against its fp64 reference at real shapes, bf16 (issue 5)
+      python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 ;;
+    kernels)      # P3-P6 timings (correctness: the gpu-tests stage)
+      python3 benchmarks/kernels.py --skip-verify --out "$OUT" $( [ -f "$OUT/p7_10g.json" ] && echo --step-json "$OUT/p7_10g.json" ) ;;
+    small-gpu)    # P7: the 1.5B model under 10 GiB and 8 GiB caps (issue 7). Peak memory does not
+                  # depend on the number of accumulated micro-batches, so 2 (not 16) keep it short.
+      $P7 bench recipes/phase7_1.5b.toml --memory-cap-gib 10 --steps 50 --warmup 1 --grad-accum 2 \
+          --set train.compile=false ${KERNEL_SET:-} --json "$OUT/p7_10g.json" 2>&1 | tail -12
+      $P7 bench recipes/phase7_1.5b_8gb.toml --memory-cap-gib 8 --steps 20 --warmup 1 \
+          --set train.compile=false ${KERNEL_SET:-} --json "$OUT/p7_8g.json" 2>&1 | tail -12 ;;
+    quality)      # small-GPU mode vs standard AdamW, ~100M model, 300 steps (issue 7)
+      python3 benchmarks/small_gpu_quality.py --steps 300 --out "$OUT" 2>&1 | tail -6 ;;
+    throughput)   # P1, P2 (and P9 decoding) against llama_1.5b in the same process (issue 6)
+      $P7 bench recipes/phase7_1.5b_standard.toml --batch-size 8 --grad-accum 1 --steps 10 --warmup 2 \
+          --compare recipes/llama_1.5b.toml --generate --gen-tokens 48 --json "$OUT/p1_compiled.json" 2>&1 | tail -14 ;;
+    max-params)   # the largest phase7 model that trains under 10 and 8 GiB (issue 6)
+      $P7 bench recipes/phase7_1.5b.toml --memory-cap-gib 10 --max-params --grad-accum 1 --steps 1 --warmup 1 \
+          --set train.compile=false --json "$OUT/max_10g.json" 2>&1 | tail -12
+      $P7 bench recipes/phase7_1.5b_8gb.toml --memory-cap-gib 8 --max-params --steps 1 --warmup 1 \
+          --set train.compile=false --json "$OUT/max_8g.json" 2>&1 | tail -12 ;;
+    *) echo "unknown stage $stage (gpu-tests kernels small-gpu quality throughput max-params)"; exit 2 ;;
+  esac
+done
