@@ -422,41 +422,26 @@ def _timings(m, ids, gout, device, autocast) -> dict:
 
 def smoke_rows(device: torch.device) -> list:
     """Compile and run the kernel on tiny fp32 inputs (2 and 3 cores), forward and backward."""
-    import time
+    from phase7fw.kernels.verify import guarded
 
-    from phase7fw.kernels.verify import Row
-
-    rows = []
-    for n_cores in (2, 3):
-        t0 = time.perf_counter()
-        case = f"tiny, {n_cores} cores"
-        try:
-            row = _check(101, 30, n_cores, 5, 24, device, case, timings=False)
-        except Exception as exc:  # noqa: BLE001 - report, keep going
-            row = Row("htt_embedding", case, False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-        row.ms["first_call_incl_compile"] = (time.perf_counter() - t0) * 1e3
-        rows.append(row)
-    return rows
+    return [guarded("htt_embedding", f"tiny, {n} cores",
+                    lambda n=n: _check(101, 30, n, 5, 24, device, f"tiny, {n} cores", timings=False), first_call=True)
+            for n in (2, 3)]
 
 
 def verify_rows(device: torch.device, quick: bool = False) -> list:
     """Real shape (vocab 32000, d_model 2048, rank 32, 8 x 1024 ids with repeats), fp32 cores as
     in training, against the fp64 reference; with timings of the kernel, the torch reference,
     one weight_matrix() rebuild (tied head, once per step) and a dense lookup (P6)."""
-    from phase7fw.kernels.verify import Row
+    from phase7fw.kernels.verify import guarded
 
-    cases = [lambda: _check(32000, 2048, 2, 32, 8 * 1024, device, "fp32 V=32000 D=2048 2 cores r=32, 8x1024 ids", True)]
+    cases = [("fp32 V=32000 D=2048 2 cores r=32, 8x1024 ids", 2, False)]
     if not quick:
-        cases += [
-            lambda: _check(32000, 2048, 2, 32, 8 * 1024, device, "same, under bf16 autocast (TF32 dots)", True, True),
-            lambda: _check(32000, 2048, 3, 32, 8 * 1024, device, "fp32 V=32000 D=2048 3 cores r=32, 8x1024 ids", True),
-        ]
+        cases += [("same, under bf16 autocast (TF32 dots)", 2, True), ("fp32 V=32000 D=2048 3 cores r=32, 8x1024 ids", 3, False)]
     rows = []
-    for fn in cases:
-        try:
-            rows.append(fn())
-        except Exception as exc:  # noqa: BLE001
-            rows.append(Row("htt_embedding", "?", False, f"{type(exc).__name__}: {exc}"[:300]))
+    for case, n_cores, autocast in cases:
+        rows.append(guarded("htt_embedding", case,
+                            lambda: _check(32000, 2048, n_cores, 32, 8 * 1024, device, case, True, autocast)))
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows

@@ -293,13 +293,9 @@ def _time(h, w, y, chunk, device, ctx) -> dict:
 
 
 def _guarded(case, fn):
-    from phase7fw.kernels.verify import Row
+    from phase7fw.kernels.verify import guarded
 
-    try:
-        return fn()
-    except Exception as exc:  # noqa: BLE001 - report the row, keep going
-        msg = str(exc).splitlines()[0] if str(exc) else ""
-        return Row("cross_entropy", case, False, f"{type(exc).__name__}: {msg}"[:300])
+    return guarded("cross_entropy", case, fn)
 
 
 def smoke_rows(device: torch.device) -> list:

@@ -247,29 +247,17 @@ def _check(shape, dtype, device, case, timed, eps=1e-5, seed=0):
 
 def smoke_rows(device: torch.device) -> list:
     """Compile and run forward + backward on a tiny fp32 input (odd sizes)."""
-    import time
+    from phase7fw.kernels.verify import guarded
 
-    from phase7fw.kernels.verify import Row
-
-    t0 = time.perf_counter()
-    try:
-        row = _check((3, 5, 37), torch.float32, device, "tiny", timed=False)
-    except Exception as exc:  # noqa: BLE001 - reported as a failed row, like the other kernels
-        row = Row("rmsnorm", "tiny", False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-    row.ms["first_call_incl_compile"] = (time.perf_counter() - t0) * 1e3
-    return [row]
+    return [guarded("rmsnorm", "tiny", lambda: _check((3, 5, 37), torch.float32, device, "tiny", timed=False),
+                    first_call=True)]
 
 
 def verify_rows(device: torch.device, quick: bool = False) -> list:
     """bf16 at real shapes against the fp64 reference, forward and both gradients, timed."""
-    from phase7fw.kernels.verify import Row
+    from phase7fw.kernels.verify import guarded
 
     rows_n = (2 if quick else 8) * 1024
     cases = [((rows_n, 2048), f"bf16 ({rows_n}, 2048)"), ((3, 333, 1000), "bf16 (3, 333, 1000) odd sizes")]
-    out = []
-    for shape, case in cases:
-        try:
-            out.append(_check(shape, torch.bfloat16, device, case, timed=True))
-        except Exception as exc:  # noqa: BLE001
-            out.append(Row("rmsnorm", case, False, f"{type(exc).__name__}: {exc}"[:300]))
-    return out
+    return [guarded("rmsnorm", case, lambda shape=shape, case=case: _check(shape, torch.bfloat16, device, case, timed=True))
+            for shape, case in cases]

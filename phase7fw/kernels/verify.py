@@ -225,13 +225,7 @@ def smoke(device: torch.device) -> list[Row]:
         ("ar_ssm_scan", lambda: _check_ssm(1, 2, 150, 32, 8, device, torch.float32, "tiny", timings=False)),
     )
     for op, fn in checks:
-        t0 = time.perf_counter()
-        try:
-            row = fn()
-        except Exception as exc:  # noqa: BLE001 - report every kernel, keep going
-            row = Row(op, "tiny", False, _error(exc))
-        row.ms["first_call_incl_compile"] = (time.perf_counter() - t0) * 1e3
-        rows.append(row)
+        rows.append(guarded(op, "tiny", fn, first_call=True))
     for op in SELF_CHECKING:
         t0 = time.perf_counter()
         try:
@@ -257,6 +251,20 @@ def _module(op: str):
 
 def _error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+
+
+def guarded(op: str, case: str, check, *, first_call: bool = False) -> Row:
+    """``check()`` -> Row, or a failed Row naming the exception: every kernel gets reported,
+    one failure never hides the others. ``first_call`` adds the wall time including Triton's
+    compilation (the smoke test's number)."""
+    t0 = time.perf_counter()
+    try:
+        row = check()
+    except Exception as exc:  # noqa: BLE001 - a kernel that cannot run is a failed row
+        row = Row(op, case, False, _error(exc))
+    if first_call:
+        row.ms.setdefault("first_call_incl_compile", (time.perf_counter() - t0) * 1e3)
+    return row
 
 
 def verify(device: torch.device, quick: bool = False, only: list[int] | None = None) -> list[Row]:
