@@ -319,13 +319,20 @@ class OptimizerInBackward:
                 with self._pass("update", scale.to(device)):
                     loss, metrics = forward()
                     backward(loss)
+            self._finish()
             return loss_value, metrics, norm, finite
         with self._pass("update"):
             loss, metrics = forward()
             loss_value = float(loss.detach())
             backward(loss if math.isfinite(loss_value) else None)  # non-finite loss: no backward at all
         norm = self.total_norm() if math.isfinite(loss_value) else math.nan  # non-finite if any gradient was
+        self._finish()
         return loss_value, metrics, norm, math.isfinite(loss_value) and math.isfinite(norm)
+
+    def _finish(self) -> None:
+        finish = getattr(self.optimizer, "finish_updates", None)  # e.g. asynchronous offload copies
+        if finish is not None:
+            finish()
 
 
 # ---------------------------------------------------------------------------- engine setup

@@ -89,6 +89,7 @@ class AdamWLowMem(torch.optim.Optimizer):
                         block_size=block_size, weight_rounding=weight_rounding, offload_states=offload_states,
                         seed=seed)
         super().__init__(params, defaults)
+        self._host_copies = None  # the CUDA stream with moment copies to CPU in flight
         self._index: dict = {}
         self._group: dict = {}
         for group in self.param_groups:
@@ -165,6 +166,7 @@ class AdamWLowMem(torch.optim.Optimizer):
         """Load a state saved by this optimizer (8- or 32-bit, any block size) or by torch's
         Adam/AdamW. The layout follows this optimizer's options, not the checkpoint's; the
         seed, learning rates and betas come from the checkpoint."""
+        self.finish_updates()  # no copy to the old state may land after the new one
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups) or any(
             len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
@@ -219,7 +221,22 @@ class AdamWLowMem(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is not None:
                     self._update(p, p.grad, group)
+        self.finish_updates()
         return loss
+
+    def finish_updates(self) -> None:
+        """Wait for the offloaded moments' copies back to CPU memory. They are issued
+        asynchronously (so the GPU never stalls on PCIe inside the update); the host may read
+        that memory (a checkpoint) only after this. The device-to-host copies and the next
+        step's host-to-device copies are ordered on the same CUDA stream, so nothing else
+        needs to wait."""
+        if self._host_copies is not None:
+            self._host_copies.synchronize()
+            self._host_copies = None
+
+    def state_dict(self):
+        self.finish_updates()
+        return super().state_dict()
 
     @torch.no_grad()
     def step_param(self, p: torch.Tensor, scale: torch.Tensor | None = None) -> None:
@@ -288,13 +305,21 @@ class AdamWLowMem(torch.optim.Optimizer):
             for key, new in (("exp_avg", m), ("exp_avg_sq", v)):
                 dst = state[key].view(-1)[sl]
                 if dst.data_ptr() != new.data_ptr():  # offloaded: write the chunk back
-                    dst.copy_(new)
+                    self._write(dst, new)
             return
         b = slice(start // block, -(-(start + CHUNK) // block))
         for name, x, signed in (("exp_avg", m, True), ("exp_avg_sq", root, False)):
             codes, absmax = memory.quantize_blockwise(x, signed=signed, block=block, generator=generator)
-            state[f"{name}_codes"].view(-1)[sl].copy_(codes)
-            state[f"{name}_absmax"][b].copy_(absmax)
+            self._write(state[f"{name}_codes"].view(-1)[sl], codes)
+            self._write(state[f"{name}_absmax"][b], absmax)
+
+    def _write(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """dst.copy_(src); a CUDA -> pinned-CPU copy is asynchronous (see finish_updates)."""
+        if src.device.type == "cuda" and dst.device.type == "cpu" and dst.is_pinned():
+            dst.copy_(src, non_blocking=True)
+            self._host_copies = torch.cuda.current_stream(src.device)
+        else:
+            dst.copy_(src)
 
 
 def build_adamw_lowmem(config: AdamWLowMemConfig, *, params, **context) -> AdamWLowMem:

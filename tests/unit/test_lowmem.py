@@ -261,6 +261,29 @@ def test_offload_keeps_states_off_the_parameter_device_and_matches():
     assert dev == 0 and host == pytest.approx(2 + 8 / 256) and "CPU memory" in what
 
 
+class _Stream:
+    def __init__(self):
+        self.synced = 0
+
+    def synchronize(self):
+        self.synced += 1
+
+
+def test_async_offload_copies_are_awaited_before_the_host_reads_them():
+    """Moment copies back to pinned CPU memory are asynchronous on a GPU; step(), state_dict()
+    and load_state_dict() wait for them (faked here: no CUDA on CI)."""
+    x, y = problem()
+    net = make_net()
+    opt = AdamWLowMem(net.parameters(), state_bits=8, offload_states=True, **HP)
+    for call in (lambda: opt.state_dict(), lambda: opt.load_state_dict(opt.state_dict())):
+        opt._host_copies = stream = _Stream()
+        call()
+        assert stream.synced == 1 and opt._host_copies is None
+    opt._host_copies = stream = _Stream()
+    train(net, opt, 1, x, y)  # step() ends by waiting
+    assert stream.synced == 1 and opt._host_copies is None
+
+
 # ---------------------------------------------------------------------------- optimizer in backward
 
 
@@ -313,6 +336,17 @@ def test_in_backward_clipping_is_the_global_norm_clip():
         assert finite and norm > clip and norm_b == pytest.approx(norm, rel=1e-6)
     for p, q in zip(ref.parameters(), net.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1.0])
+def test_in_backward_step_waits_for_offload_copies(grad_clip):
+    x, y = problem()
+    net = make_net()
+    opt = AdamWLowMem(param_groups(net), state_bits=8, offload_states=True, **HP)
+    hooks = memory.OptimizerInBackward(net, opt)
+    opt._host_copies = stream = _Stream()
+    assert in_backward_step(net, hooks, x[:32], y[:32], grad_clip)[3]
+    assert stream.synced == 1 and opt._host_copies is None
 
 
 def inf_grad(param):
