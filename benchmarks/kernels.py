@@ -1,6 +1,7 @@
 """Kernel benchmarks P3, P4, P5 (design/PERFORMANCE.md), each a ratio measured in one run.
 
     python benchmarks/kernels.py [--out DIR] [--quick] [--skip-verify] [--step-json BENCH.json]
+                                 [--sweep] [--attention default|fused]
 
 On a CUDA GPU (bf16):
   P3  hyperbolic attention fwd+bwd at (8,16,1024,128), full causal, vs SDPA cuDNN (and FA2)
@@ -74,6 +75,16 @@ ATTN_SWEEP = {
     "bwd": [(32, 32, 4, 1), (64, 32, 4, 1), (32, 64, 4, 1), (64, 64, 8, 1), (64, 32, 8, 1), (32, 32, 2, 1),
             (64, 64, 4, 2), (32, 32, 4, 2)],
 }
+#: the same for the fused variant (PHASE7FW_ATTENTION_KERNEL=fused): fwd query x key block;
+#: bwd: query x key block of the one-pass backward (dk, dv accumulators BN x D fp32, dq by
+#: atomics); bwd_pre: rows per program of the row pass (BN unused).
+ATTN_SWEEP_FUSED = {
+    "fwd": [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 3), (64, 64, 8, 2),
+            (128, 128, 8, 2), (64, 128, 8, 2), (64, 64, 4, 3)],
+    "bwd": [(32, 64, 4, 1), (32, 64, 4, 2), (64, 64, 8, 1), (64, 64, 4, 1), (32, 32, 4, 1), (16, 64, 4, 1),
+            (32, 128, 8, 1), (64, 128, 8, 1), (64, 32, 4, 1), (32, 64, 8, 2), (64, 64, 8, 2)],
+    "bwd_pre": [(64, 0, 4, 1), (32, 0, 4, 1), (128, 0, 8, 1), (16, 0, 2, 1)],
+}
 SSM_SWEEP = [(64, 64, 8, 1), (64, 64, 4, 1), (64, 32, 4, 1), (32, 64, 4, 1), (64, 128, 8, 1), (32, 32, 4, 1),
              (128, 64, 8, 1)]
 
@@ -81,15 +92,13 @@ SSM_SWEEP = [(64, 64, 8, 1), (64, 64, 4, 1), (64, 32, 4, 1), (32, 64, 4, 1), (64
 def sweep(dev) -> dict:
     """Pick block sizes per pass on this GPU (coordinate search; each pass timed on its own)."""
     from phase7fw.kernels import ar_ssm_scan as S
-    from phase7fw.kernels import hyperbolic_attention as A
+    from phase7fw.kernels import attention_module
+
+    A = attention_module()
     from phase7fw.kernels.verify import attention_inputs, ssm_inputs
 
     B, H, T, D = 8, 16, 1024, 128
     q, k, v, c, tau = attention_inputs(B, H, T, D, dev)
-    sc = c.sqrt()
-    nq, aq, fq = A._row_stats(q, sc.view(1, H, 1))
-    nk, ak, fk = A._row_stats(k, sc.view(1, H, 1))
-    o, lse = A._fwd_impl(q, k, v, nq, aq, fq, nk, ak, fk, sc, tau, T)
     do = torch.randn_like(v)
     log = {}
 
@@ -107,10 +116,21 @@ def sweep(dev) -> dict:
         log[pass_name] = {str(k_): round(v_, 4) for k_, v_ in times.items()}
         print(pass_name, "->", pick, log[pass_name], flush=True)
 
-    best("fwd", lambda: A._fwd_impl(q, k, v, nq, aq, fq, nk, ak, fk, sc, tau, T), ATTN_SWEEP["fwd"])
-    bwd = lambda: A._bwd_impl(q, k, v, o, lse, do, nq, aq, fq, nk, ak, fk, sc, tau, T)  # noqa: E731
-    best("bwd_kv", bwd, ATTN_SWEEP["bwd"])
-    best("bwd_q", bwd, ATTN_SWEEP["bwd"])
+    if A.__name__.endswith("_fused"):  # row statistics inside the kernels, one-pass backward
+        o, o32, lse = A._fwd_impl(q, k, v, c, tau, T)
+        best("fwd", lambda: A._fwd_impl(q, k, v, c, tau, T), ATTN_SWEEP_FUSED["fwd"])
+        bwd = lambda: A._bwd_impl(q, k, v, o, o32, lse, do, c, tau, T)  # noqa: E731
+        best("bwd", bwd, ATTN_SWEEP_FUSED["bwd"])
+        best("bwd_pre", bwd, ATTN_SWEEP_FUSED["bwd_pre"])
+    else:
+        sc = c.sqrt()
+        nq, aq, fq = A._row_stats(q, sc.view(1, H, 1))
+        nk, ak, fk = A._row_stats(k, sc.view(1, H, 1))
+        o, lse = A._fwd_impl(q, k, v, nq, aq, fq, nk, ak, fk, sc, tau, T)
+        best("fwd", lambda: A._fwd_impl(q, k, v, nq, aq, fq, nk, ak, fk, sc, tau, T), ATTN_SWEEP["fwd"])
+        bwd = lambda: A._bwd_impl(q, k, v, o, lse, do, nq, aq, fq, nk, ak, fk, sc, tau, T)  # noqa: E731
+        best("bwd_kv", bwd, ATTN_SWEEP["bwd"])
+        best("bwd_q", bwd, ATTN_SWEEP["bwd"])
     A.GRAD_MATMUL_LOW_PRECISION = True
     log["bwd_bf16_grad_matmuls_ms"] = bench(bwd)
     A.GRAD_MATMUL_LOW_PRECISION = False
@@ -154,23 +174,31 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-verify", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="pick block sizes on this GPU first")
+    ap.add_argument("--attention", choices=["default", "fused"], default=None,
+                    help="which Triton attention module (PHASE7FW_ATTENTION_KERNEL; default: the environment's)")
     ap.add_argument("--step-json", default=None,
                     help="a `phase7fw bench --json` file of the 1.5B recipe: P6 relates the HTT cost to its step time")
     ap.add_argument("--only-verify", type=int, nargs="*", default=None,
                     help="run only these verify cases (indices) and stop")
     args = ap.parse_args()
+    if args.attention is not None:
+        import os
+
+        os.environ["PHASE7FW_ATTENTION_KERNEL"] = "" if args.attention == "default" else args.attention
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda")
     import triton
 
-    from phase7fw.kernels.hyperbolic_attention import hyperbolic_attention_triton
+    from phase7fw.kernels import attention_module, attention_variant
+
+    hyperbolic_attention_triton = attention_module().hyperbolic_attention_triton
     from phase7fw.kernels.ar_ssm_scan import ar_ssm_scan_triton
     from phase7fw.kernels.verify import attention_inputs, format_table, ssm_inputs, verify
 
     meta = {
-        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-        "date": datetime.date.today().isoformat(),
+        "gpu": torch.cuda.get_device_name(), "attention_variant": attention_variant() or "default",
+        "torch": torch.__version__, "triton": triton.__version__, "date": datetime.date.today().isoformat(),
     }
     print(meta, flush=True)
     res: dict = {"meta": meta}

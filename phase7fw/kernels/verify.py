@@ -98,8 +98,9 @@ def ssm_inputs(b, h, T, dv, r, device, dtype=torch.bfloat16, seed=0):
 
 def _check_attention(B, H, T, D, window, device, dtype, case, timings=True) -> Row:
     from phase7fw.components.phase7.attention import hyperbolic_attention_reference
-    from phase7fw.kernels.hyperbolic_attention import hyperbolic_attention_triton
+    from phase7fw.kernels import attention_module
 
+    hyperbolic_attention_triton = attention_module().hyperbolic_attention_triton
     q, k, v, c, tau = attention_inputs(B, H, T, D, device, dtype)
     ins = [t.clone().requires_grad_() for t in (q, k, v, c, tau)]
     out = hyperbolic_attention_triton(*ins, window)
@@ -123,8 +124,9 @@ def _check_attention(B, H, T, D, window, device, dtype, case, timings=True) -> R
 def _time_attention(q, k, v, c, tau, window, device) -> dict:
     import torch.nn.functional as F
 
-    from phase7fw.kernels.hyperbolic_attention import hyperbolic_attention_triton
+    from phase7fw.kernels import attention_module
 
+    hyperbolic_attention_triton = attention_module().hyperbolic_attention_triton
     ins = [t.clone().requires_grad_() for t in (q, k, v, c, tau)]
     gout = torch.randn_like(v)
 
@@ -158,17 +160,21 @@ def _check_distance_gate(device, n=4096, D=128) -> Row:
     """Per-pair distances of the kernel (window 1: lse_i = -tau d(q_i, k_i) * log2 e) against
     geometry.dist of the fp64 ball points, at radii up to 0.999/sqrt(c) (and beyond: clamped)."""
     from phase7fw import geometry
-    from phase7fw.kernels.hyperbolic_attention import _row_stats
+    from phase7fw.kernels import attention_module
 
+    A = attention_module()
     H = 4
     q, k, v, c, _ = attention_inputs(1, H, n, D, device, torch.bfloat16, max_atanh=4.5, seed=1)
     # near-parallel and near-equal pairs too: the hard cases for the <q,k>-only form
     k[:, :, : n // 4] = (q[:, :, : n // 4].float() * (1 + 0.05 * torch.randn_like(q[:, :, : n // 4].float()))).to(k.dtype)
     tau = torch.ones(H, device=device)
-    sc = c.sqrt()
-    nq, aq, fq = _row_stats(q, sc.view(1, H, 1))
-    nk, ak, fk = _row_stats(k, sc.view(1, H, 1))
-    _, lse2 = torch.ops.phase7fw.hyperbolic_attention_fwd(q, k, v, nq, aq, fq, nk, ak, fk, sc, tau, 1)
+    if A.__name__.endswith("_fused"):  # row statistics computed inside the kernel
+        _, _, lse2 = A.hyperbolic_attention_fwd(q, k, v, c.float().contiguous(), tau, 1)
+    else:
+        sc = c.sqrt()
+        nq, aq, fq = A._row_stats(q, sc.view(1, H, 1))
+        nk, ak, fk = A._row_stats(k, sc.view(1, H, 1))
+        _, lse2 = A.hyperbolic_attention_fwd(q, k, v, nq, aq, fq, nk, ak, fk, sc, tau, 1)
     d = -lse2.double() * math.log(2.0)
     edge = 1.0 - math.tanh(geometry.MAX_TANGENT_ATANH)
     c64 = c.double().view(H, 1)
