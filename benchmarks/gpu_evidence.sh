@@ -4,6 +4,7 @@
 #
 #   benchmarks/gpu_evidence.sh gpu-tests small-gpu quality kernels   # issues 5 and 7
 #   benchmarks/gpu_evidence.sh throughput max-params            # issue 6
+#   benchmarks/gpu_evidence.sh attention-fused                  # the fused attention variant
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -17,6 +18,10 @@ for stage in "$@"; do
       python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 ;;
     kernels)      # P3-P6 timings (correctness: the gpu-tests stage)
       python3 benchmarks/kernels.py --skip-verify --out "$OUT" $( [ -f "$OUT/p7_10g.json" ] && echo --step-json "$OUT/p7_10g.json" ) ;;
+    attention-fused)  # the experimental fused attention (PHASE7FW_ATTENTION_KERNEL=fused): gate, then sweep + P3
+      t=tests/gpu/test_kernels_gpu.py::test_kernel_against_fp64_reference
+      PHASE7FW_ATTENTION_KERNEL=fused python3 -m pytest -m gpu -q -p no:cacheprovider "$t[0]" "$t[1]" "$t[2]" "$t[3]" 2>&1 | tail -5
+      python3 benchmarks/kernels.py --attention fused --sweep --out "$OUT/fused" ;;
     small-gpu)    # P7: the 1.5B model under 10 GiB and 8 GiB caps (issue 7). Peak memory does not
                   # depend on the number of accumulated micro-batches, so 2 (not 16) keep it short.
       $P7 bench recipes/phase7_1.5b.toml --memory-cap-gib 10 --steps 50 --warmup 1 --grad-accum 2 \
@@ -33,6 +38,6 @@ for stage in "$@"; do
           --set train.compile=false --json "$OUT/max_10g.json" 2>&1 | tail -12
       $P7 bench recipes/phase7_1.5b_8gb.toml --memory-cap-gib 8 --max-params --steps 1 --warmup 1 \
           --set train.compile=false --json "$OUT/max_8g.json" 2>&1 | tail -12 ;;
-    *) echo "unknown stage $stage (gpu-tests kernels small-gpu quality throughput max-params)"; exit 2 ;;
+    *) echo "unknown stage $stage (gpu-tests kernels attention-fused small-gpu quality throughput max-params)"; exit 2 ;;
   esac
 done
