@@ -114,3 +114,44 @@ def test_decoder_options_and_errors():
     with pytest.raises(Phase7Error, match="no static decode step"):
         GraphedDecoder(unbounded, capture=False)
     assert GraphedDecoder(model, capture=True).path == "static-eager"  # no CUDA: nothing to capture
+
+
+def test_a_failed_capture_is_said_or_raised(monkeypatch):
+    """On CUDA a capture can fail: under auto one line says so and the dynamic path runs
+    (same tokens); under on it is an error. Simulated here by a capture that raises."""
+    model = make("phase7_hybrid")
+    prompt = [5, 9, 2, 7]
+    lines = []
+    dec = GraphedDecoder(model, capture=False, say=lines.append)
+    dec.capture = True
+    monkeypatch.setattr(dec, "_capture", lambda: (_ for _ in ()).throw(RuntimeError("operation not permitted")))
+    tokens, _ = greedy(dec, prompt, 8)
+    assert tokens == greedy(Decoder(model), prompt, 8)[0]
+    assert dec.path == "dynamic-cache" and dec.static_steps == 0
+    assert lines == ["cuda graph: capture failed (RuntimeError: operation not permitted);"
+                     " decoding runs the dynamic cached path (eager)"]
+    strict = GraphedDecoder(model, capture=False, strict=True)
+    strict.capture = True
+    monkeypatch.setattr(strict, "_capture", lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+    strict.reset(prompt)
+    with pytest.raises(Phase7Error, match="CUDA graph capture of the decode step failed"):
+        strict.logits()
+
+
+def test_sampling_is_unchanged_on_the_static_path():
+    from phase7fw.generation import SamplingParams, generate_text
+
+    class Tok:
+        vocab_size, eos_id = 257, -1
+
+        @staticmethod
+        def decode(ids):
+            return "".join(chr(65 + i % 26) for i in ids)
+
+    model = make("phase7_hybrid")
+    params = SamplingParams(max_new_tokens=20, temperature=0.9, top_k=50, top_p=0.9, repetition_penalty=1.3, seed=3)
+    texts = []
+    for dec in (Decoder(model), GraphedDecoder(model, capture=False)):
+        dec.reset([1, 2, 3])
+        texts.append(generate_text(dec, Tok, params))
+    assert texts[0] == texts[1] and len(texts[0]) == 20
