@@ -340,16 +340,17 @@ class GraphedDecoder(Decoder):
 
     def _capture(self):
         """Warm the step up on a side stream (lazy inits, cuBLAS workspaces), then capture it."""
-        static, pos = self.static, int(self.cache.pos)
+        static = self.static
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(self.warmup_steps):
-                static.pos.fill_(pos)  # stay at a valid position (llama's RoPE table ends at seq_len)
+                # Position 0 is valid for every model (after a prompt of seq_len tokens, llama's
+                # next position is past its RoPE table: the decoder slides before stepping).
+                static.pos.fill_(0)
                 with self.autocast():
                     self.model.forward_static(static)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        static.pos.fill_(pos)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             with self.autocast():

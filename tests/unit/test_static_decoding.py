@@ -155,3 +155,17 @@ def test_sampling_is_unchanged_on_the_static_path():
         dec.reset([1, 2, 3])
         texts.append(generate_text(dec, Tok, params))
     assert texts[0] == texts[1] and len(texts[0]) == 20
+
+
+@pytest.mark.parametrize("length", [SEQ, SEQ + 7])
+def test_llama_prompt_at_or_past_the_context(length):
+    """A prompt that fills seq_len: the next token slides the context (a prefill), never a
+    static step past the RoPE table."""
+    model = make("llama")
+    prompt = torch.randint(0, 257, (length,), generator=torch.Generator().manual_seed(2)).tolist()
+    static = GraphedDecoder(model, capture=False)
+    tokens, logits = greedy(static, prompt, 10)
+    ref_tokens, ref_logits = greedy(Decoder(model), prompt, 10)
+    assert tokens == ref_tokens
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    assert 0 < static.static_steps < 10
