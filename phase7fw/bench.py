@@ -175,7 +175,7 @@ def _is_oom(exc: BaseException) -> bool:
 
 def bench_recipe(recipe, overrides: dict, *, steps: int, warmup: int, device: str | None = None,
                  generate: bool = False, gen_tokens: int = 64, prompt_tokens: int = 0, gemm: dict | None = None,
-                 plugins=None, progress=None) -> dict:
+                 cuda_graph: str = "auto", plugins=None, progress=None) -> dict:
     """Train ``warmup + steps`` steps of ``recipe`` on random tokens and measure them; with
     ``generate`` also time cached greedy decoding at batch 1. A CUDA out-of-memory error is a
     result (``{"oom": true}``), not a crash."""
@@ -242,7 +242,7 @@ def bench_recipe(recipe, overrides: dict, *, steps: int, warmup: int, device: st
             if generate:
                 engine.optimizer.state.clear()  # decoding needs the weights only
                 free_memory()
-                result["generate"] = bench_generate(engine, gen_tokens, prompt_tokens)
+                result["generate"] = bench_generate(engine, gen_tokens, prompt_tokens, cuda_graph=cuda_graph)
         except Exception as exc:
             if not _is_oom(exc):
                 raise
@@ -254,10 +254,13 @@ def bench_recipe(recipe, overrides: dict, *, steps: int, warmup: int, device: st
     return result
 
 
-def bench_generate(engine, new_tokens: int, prompt_tokens: int = 0, warmup_tokens: int = 8) -> dict:
+def bench_generate(engine, new_tokens: int, prompt_tokens: int = 0, warmup_tokens: int = 8,
+                   cuda_graph: str = "auto") -> dict:
     """Cached greedy decoding at batch 1: prefill a random prompt, then time ``new_tokens``
     tokens (each one read back to the host, as a sampler would). On a GPU the linear weights
-    are stored in the training precision first (as ``phase7fw generate`` does)."""
+    are stored in the training precision first (as ``phase7fw generate`` does). ``cuda_graph``
+    as ``Engine.decoder``; the result's ``path`` says which path decoded (the warm-up runs the
+    first prefill, so a CUDA-graph capture is not timed)."""
     from phase7fw.decoding import prepare_for_inference
 
     dev = engine.device
@@ -270,7 +273,7 @@ def bench_generate(engine, new_tokens: int, prompt_tokens: int = 0, warmup_token
         new_tokens = max(1, min(new_tokens, limit - prompt_tokens - warmup_tokens))
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, engine.tokenizer.vocab_size, (prompt_tokens,), generator=g).tolist()
-    decoder = engine.decoder(use_cache=True)
+    decoder = engine.decoder(use_cache=True, cuda_graph=cuda_graph)
 
     def run(n: int) -> float:
         t0 = time.perf_counter()
@@ -290,7 +293,7 @@ def bench_generate(engine, new_tokens: int, prompt_tokens: int = 0, warmup_token
     decode = run(new_tokens)
     return {"batch_size": 1, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "prefill_s": prefill,
             "tokens_per_s": new_tokens / decode, "ms_per_token": 1e3 * decode / new_tokens,
-            "cache": decoder.use_cache}
+            "cache": decoder.use_cache, "cuda_graph": cuda_graph, "path": decoder.path}
 
 
 # ----------------------------------------------------------------------------- max params
@@ -413,7 +416,7 @@ def report_lines(result: dict) -> list[str]:
         if gen:
             lines.append(f"  generation   {gen['tokens_per_s']:,.1f} tokens/s cached, batch 1"
                          f" ({gen['ms_per_token']:.2f} ms/token; prefill {gen['prompt_tokens']} tokens"
-                         f" {gen['prefill_s'] * 1e3:.1f} ms)")
+                         f" {gen['prefill_s'] * 1e3:.1f} ms) [{gen.get('path', 'dynamic-cache')}]")
     cmp_ = result.get("compare")
     if cmp_:
         lines += ["", "ratio " + " | ".join(f"{k} {v:.3f}" for k, v in cmp_.items() if v is not None)
@@ -456,7 +459,7 @@ def set_memory_cap(gib: float, device: torch.device) -> None:
 def run_bench(recipe, overrides: dict, *, steps: int = 10, warmup: int = 3, device: str | None = None,
               compare_recipe=None, compare_overrides: dict | None = None, memory_cap_gib: float | None = None,
               find_max_params: bool = False, search: str = "layers", generate: bool = False, gen_tokens: int = 64,
-              plugins=None, progress=None, partial=None) -> dict:
+              cuda_graph: str = "auto", plugins=None, progress=None, partial=None) -> dict:
     """Everything ``phase7fw bench`` does; returns the JSON-able result. ``progress(str)``
     hears about each finished measurement and ``partial(result)`` gets the result so far
     after each recipe (long GPU runs keep what they measured)."""
@@ -465,6 +468,8 @@ def run_bench(recipe, overrides: dict, *, steps: int = 10, warmup: int = 3, devi
     from phase7fw.engine import resolve_device
 
     dev = resolve_device(device or "auto")
+    if generate and cuda_graph == "on" and dev.type != "cuda":
+        raise Phase7Error(f"--cuda-graph on needs a CUDA device; this runs on {dev.type} (use auto or off)")
     if find_max_params and memory_cap_gib is None:
         raise Phase7Error("--max-params needs --memory-cap-gib N (the memory to fit in)")
     if memory_cap_gib is not None:
@@ -473,7 +478,7 @@ def run_bench(recipe, overrides: dict, *, steps: int = 10, warmup: int = 3, devi
     result["gemm"] = measure_gemm_tflops(dev)
     free_memory()
     kw = dict(steps=steps, warmup=warmup, device=str(dev), generate=generate, gen_tokens=gen_tokens,
-              gemm=result["gemm"], plugins=plugins, progress=progress)
+              cuda_graph=cuda_graph, gemm=result["gemm"], plugins=plugins, progress=progress)
     say(f"GEMM: {result['gemm']['tflops']:.1f} TFLOP/s")
     result["runs"] = runs = [bench_recipe(recipe, overrides, **kw)]
     say(_summary(runs[-1]))

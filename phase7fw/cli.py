@@ -160,6 +160,8 @@ def _inference_engine(args):
 def cmd_generate(args) -> int:
     params = _sampling(args)  # bad settings fail before the model loads
     _, engine = _inference_engine(args)
+    if args.cuda_graph == "on":  # its errors before the prompt is echoed
+        engine.decoder(use_cache=not args.no_cache, cuda_graph="on")
 
     def stream(piece: str) -> None:
         sys.stdout.write(piece)
@@ -168,7 +170,8 @@ def cmd_generate(args) -> int:
     stream(args.prompt)
     engine.generate(args.prompt, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
                     top_k=params.top_k, top_p=params.top_p, repetition_penalty=params.repetition_penalty,
-                    seed=params.seed, use_cache=not args.no_cache, stop=args.stop, on_text=stream)
+                    seed=params.seed, use_cache=not args.no_cache, stop=args.stop, on_text=stream,
+                    cuda_graph=args.cuda_graph)
     stream("\n")
     return 0
 
@@ -178,7 +181,7 @@ def cmd_chat(args) -> int:
 
     params = _sampling(args)
     path, engine = _inference_engine(args)
-    return run_chat(engine, params, use_cache=not args.no_cache, label=str(path))
+    return run_chat(engine, params, use_cache=not args.no_cache, cuda_graph=args.cuda_graph, label=str(path))
 
 
 def cmd_bench(args) -> int:
@@ -211,7 +214,7 @@ def cmd_bench(args) -> int:
     result = run_bench(args.recipe, main_over, steps=args.steps, warmup=args.warmup, device=args.device,
                        compare_recipe=args.compare, compare_overrides=base_over,
                        memory_cap_gib=args.memory_cap_gib, find_max_params=args.max_params, search=args.search,
-                       generate=args.generate, gen_tokens=args.gen_tokens, plugins=plugins,
+                       generate=args.generate, gen_tokens=args.gen_tokens, cuda_graph=args.cuda_graph, plugins=plugins,
                        progress=lambda text: print(text, file=sys.stderr, flush=True), partial=write_json)
     print("\n".join(report_lines(result)))
     write_json(result)
@@ -299,6 +302,11 @@ def build_parser(plugins_hook=None) -> argparse.ArgumentParser:
         sp.add_argument("--runs-dir", default="runs", help="where to look for runs (default: runs)")
         sp.add_argument("--device", default=None, help="override train.device")
 
+    def cuda_graph_flag(sp):
+        sp.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="auto",
+                        help="decode with the static step captured in a CUDA graph (auto: on a CUDA device"
+                             " when the model has one; on: required; off: the dynamic cached path)")
+
     def sampling_flags(sp):
         sp.add_argument("--max-new-tokens", type=int, default=64)
         sp.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -307,6 +315,7 @@ def build_parser(plugins_hook=None) -> argparse.ArgumentParser:
         sp.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
         sp.add_argument("--seed", type=int, default=None)
         sp.add_argument("--no-cache", action="store_true", help="recompute the context for every token (slow)")
+        cuda_graph_flag(sp)
 
     ck = sub.add_parser("checkpoint", help="checkpoint tools")
     ck_sub = ck.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -349,6 +358,7 @@ def build_parser(plugins_hook=None) -> argparse.ArgumentParser:
     bench.add_argument("--search", choices=["layers", "width"], default="layers", help="what --max-params grows")
     bench.add_argument("--generate", action="store_true", help="also time cached decoding (batch 1)")
     bench.add_argument("--gen-tokens", type=int, default=64, help="tokens decoded by --generate")
+    cuda_graph_flag(bench)
     bench.add_argument("--json", metavar="PATH", help="write every number to this JSON file")
     bench.add_argument("--device", default=None)
     bench.set_defaults(func=cmd_bench)

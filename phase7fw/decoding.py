@@ -185,6 +185,8 @@ class Decoder:
         if use_cache and not supports_cache(model):
             use_cache = False  # a plugin model without a cache: still correct, just slower
         self.use_cache = use_cache
+        #: which path computes a decoded token (reported by benchmarks)
+        self.path = "dynamic-cache" if use_cache else "recompute"
         self.reset()
 
     # -- sequence -------------------------------------------------------------------------
@@ -239,6 +241,152 @@ class Decoder:
         self.fed = len(self.ids)
         self._last = out[:, -1].float()
         return self._last
+
+
+CUDA_GRAPH_MODES = ("auto", "on", "off")
+
+
+def _stderr_line(text: str) -> None:
+    import sys
+
+    print(text, file=sys.stderr, flush=True)
+
+
+class GraphedDecoder(Decoder):
+    """A cached :class:`Decoder` whose one-token steps run the model's static-shape step
+    (:mod:`phase7fw.static_decoding`): captured once in a CUDA graph and replayed per token
+    (``capture=True`` on CUDA), or run eagerly (CPU, ``capture=False``).
+
+    Prompts and multi-token continuations (a chat turn) run on the dynamic path (parallel
+    prefill) and are then copied into the static buffers; the context rule is the
+    :class:`Decoder`'s, so the tokens are the same. The graph is captured after the first
+    prefill and reused for every later sequence. ``strict``: a failed capture is an error;
+    otherwise ``say`` gets one line and decoding continues on the dynamic cached path.
+    """
+
+    def __init__(self, model, *, device=None, autocast=None, capture: bool = True, strict: bool = False,
+                 warmup_steps: int = 2, say: Callable[[str], None] = _stderr_line):
+        from phase7fw.static_decoding import supports_static_decode
+
+        if not (supports_cache(model) and supports_static_decode(model)):
+            raise Phase7Error(f"{type(model).__name__} has no static decode step (init_static_cache / forward_static;"
+                              " phase7 sdpa attention needs a window > 0)")
+        super().__init__(model, use_cache=True, device=device, autocast=autocast)
+        self.capture = capture and self.device.type == "cuda"
+        self.strict, self.warmup_steps, self.say = strict, warmup_steps, say
+        self.static = None  # StaticCache, allocated at the first prefill
+        self.graph = None
+        self.fallback = False  # capture failed: dynamic path from then on
+        self.path = "cuda-graph" if self.capture else "static-eager"
+
+    def reset(self, ids=()) -> None:
+        super().reset(ids)
+        self.in_static = False  # whether the static buffers (not self.cache) hold the state
+        self.static_steps = 0  # tokens decoded by the static step (tests, benchmarks)
+
+    @torch.no_grad()
+    def logits(self) -> torch.Tensor:
+        if not self.ids or self.fallback:
+            return super().logits()
+        self.visible()  # applies the context rule (may move self.start)
+        if self.cache is None or self.cache_start != self.start:
+            self.cache = self.model.init_cache(1)
+            self.cache_start = self.fed = self.start
+            self.in_static = False
+        new = self.ids[self.fed :]
+        if not new:
+            return self._last
+        self.prefill_tokens += len(new)
+        if len(new) == 1 and self.in_static:
+            self.static.token.fill_(new[0])
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                with self.autocast():
+                    self.model.forward_static(self.static)
+            self.fed += 1
+            self.static_steps += 1
+            self._last = self.static.logits.clone()  # the next step overwrites the buffer
+            return self._last
+        if self.in_static:  # continue the sequence on the dynamic path
+            self.static.store(self.cache, self.fed - self.cache_start)
+        with self.autocast():
+            out = self.model.forward_cached(torch.tensor([new], device=self.device), self.cache)
+        self.fed = len(self.ids)
+        self._last = out[:, -1].float()
+        self._to_static()
+        return self._last
+
+    def _to_static(self) -> None:
+        """Copy the dynamic cache into the static buffers (allocated and captured the first time)."""
+        if self.static is not None:
+            self.static.load(self.cache)
+            self.in_static = True
+            return
+        self.static = self.model.init_static_cache(self.cache)
+        if self.capture:
+            try:
+                self.graph = self._capture()
+            except Exception as exc:  # noqa: BLE001 - reported, never silent
+                self.graph, self.static = None, None
+                cause = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                if self.strict:
+                    raise Phase7Error(f"CUDA graph capture of the decode step failed ({cause})") from exc
+                self.fallback, self.path = True, "dynamic-cache"
+                self.say(f"cuda graph: capture failed ({cause}); decoding runs the dynamic cached path (eager)")
+                return
+            self.static.load(self.cache)  # undo the warm-up steps
+        self.in_static = True
+
+    def _capture(self):
+        """Warm the step up on a side stream (lazy inits, cuBLAS workspaces), then capture it."""
+        static = self.static
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup_steps):
+                # Position 0 is valid for every model (after a prompt of seq_len tokens, llama's
+                # next position is past its RoPE table: the decoder slides before stepping).
+                static.pos.fill_(0)
+                with self.autocast():
+                    self.model.forward_static(static)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            with self.autocast():
+                self.model.forward_static(static)
+        return graph
+
+
+def make_decoder(model, *, use_cache: bool = True, cuda_graph: str = "auto", device=None, autocast=None,
+                 say: Callable[[str], None] = _stderr_line) -> Decoder:
+    """The decoder for ``cuda_graph`` = auto (a captured static step on CUDA when the model has
+    one), on (that, or an error) or off (the dynamic cached path). Never silently different:
+    under auto on CUDA a model without a static step, or a failed capture, prints one line."""
+    if cuda_graph not in CUDA_GRAPH_MODES:
+        raise Phase7Error(f"--cuda-graph must be one of {', '.join(CUDA_GRAPH_MODES)}, got {cuda_graph!r}")
+    from phase7fw.static_decoding import supports_static_decode
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    plain = dict(device=device, autocast=autocast)
+    if cuda_graph == "off":
+        return Decoder(model, use_cache=use_cache, **plain)
+    on = cuda_graph == "on"
+    if on and not use_cache:
+        raise Phase7Error("--cuda-graph on decodes with the cache; it cannot be combined with --no-cache")
+    if device.type != "cuda":
+        if on:
+            raise Phase7Error(f"--cuda-graph on needs a CUDA device; this runs on {device.type}"
+                              " (use auto or off)")
+        return Decoder(model, use_cache=use_cache, **plain)
+    if not use_cache:
+        return Decoder(model, use_cache=False, **plain)
+    if not (supports_cache(model) and supports_static_decode(model)):
+        if on:
+            raise Phase7Error(f"--cuda-graph on: {type(model).__name__} has no static decode step")
+        say(f"cuda graph: {type(model).__name__} has no static decode step; decoding runs the dynamic cached path")
+        return Decoder(model, use_cache=True, **plain)
+    return GraphedDecoder(model, capture=True, strict=on, say=say, **plain)
 
 
 def prepare_for_inference(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:

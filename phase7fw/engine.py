@@ -542,18 +542,19 @@ class Engine:
     @torch.no_grad()
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int | None = None,
                  top_p: float | None = None, repetition_penalty: float = 1.0, seed: int | None = None,
-                 use_cache: bool = True, *, stop=None, on_text=None) -> str:
+                 use_cache: bool = True, *, stop=None, on_text=None, cuda_graph: str = "auto") -> str:
         """Continue ``prompt``; returns only the new text. Temperature 0 is greedy.
 
         ``use_cache`` decodes incrementally (the model's cache, O(1) per token for phase7);
         ``False`` recomputes the visible context per token; both give the same tokens.
         ``stop``: a string or strings that end generation (not included in the result);
         ``on_text(str)``: called with the text as it is generated (streaming).
+        ``cuda_graph``: auto / on / off, see :meth:`decoder`.
         """
         from phase7fw.generation import SamplingParams, generate_text
 
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed).checked()
-        decoder = self.decoder(use_cache=use_cache)
+        decoder = self.decoder(use_cache=use_cache, cuda_graph=cuda_graph)
         decoder.reset([self.tokenizer.eos_id] + self.tokenizer.encode(prompt))  # EOS: "a document starts"
         was_training = self.model.training
         self.model.eval()
@@ -562,11 +563,15 @@ class Engine:
         finally:
             self.model.train(was_training)
 
-    def decoder(self, use_cache: bool = True):
-        """A :class:`phase7fw.decoding.Decoder` over this engine's model (autocast as in training)."""
-        from phase7fw.decoding import Decoder
+    def decoder(self, use_cache: bool = True, cuda_graph: str = "auto"):
+        """A :class:`phase7fw.decoding.Decoder` over this engine's model (autocast as in training).
+        ``cuda_graph``: ``auto`` captures the static decode step in a CUDA graph on a CUDA
+        device (:class:`phase7fw.decoding.GraphedDecoder`), ``on`` requires it, ``off`` keeps
+        the dynamic cached path (:func:`phase7fw.decoding.make_decoder`)."""
+        from phase7fw.decoding import make_decoder
 
-        return Decoder(self.model, use_cache=use_cache, device=self.device, autocast=self.autocast)
+        return make_decoder(self.model, use_cache=use_cache, cuda_graph=cuda_graph, device=self.device,
+                            autocast=self.autocast)
 
     def describe(self) -> list[str]:
         """The run header: what was built, its size, where output goes."""

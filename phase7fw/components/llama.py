@@ -141,6 +141,18 @@ class Attention(nn.Module):
         y = causal_sdpa_with_prefix(q, k_all, v_all, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * hd))
 
+    def forward_static(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ring, pos: torch.Tensor):
+        """``forward_cached`` of one token at position ``pos`` (a device tensor) over a
+        :class:`phase7fw.static_decoding.StaticRing` of seq_len slots (unfilled ones masked)."""
+        B, hd = x.shape[0], self.head_dim
+        q, k, v = self.wqkv(x).split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
+        q = apply_rope(q.view(B, 1, self.n_heads, hd).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(B, 1, self.n_kv_heads, hd).transpose(1, 2), cos, sin)
+        ring.write(k, v.view(B, 1, self.n_kv_heads, hd).transpose(1, 2), pos)
+        y = F.scaled_dot_product_attention(q, ring.k, ring.v, attn_mask=ring.mask(pos),
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(y.transpose(1, 2).reshape(B, 1, self.n_heads * hd))
+
 
 class SwiGLU(nn.Module):
     """w2(silu(gate) * up) with [gate, up] = w13(x); ``impl`` (attribute ``glu_impl``) is the
@@ -172,6 +184,10 @@ class Block(nn.Module):
 
     def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv) -> torch.Tensor:
         h = x + self.attn.forward_cached(self.attn_norm(x), cos, sin, kv)
+        return h + self.ffn(self.ffn_norm(h))
+
+    def forward_static(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ring, pos: torch.Tensor):
+        h = x + self.attn.forward_static(self.attn_norm(x), cos, sin, ring, pos)
         return h + self.ffn(self.ffn_norm(h))
 
 
@@ -282,6 +298,25 @@ class LlamaModel(LanguageModel):
         cache.pos += T
         h = self.norm(h)
         return self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
+
+    # -- static one-token step (phase7fw.static_decoding): what a CUDA graph captures
+    def init_static_cache(self, cache):
+        from phase7fw.static_decoding import StaticCache, StaticRing
+
+        return StaticCache([StaticRing(kv) for kv in cache.layers], cache, self.vocab_size, self.rope_cos.device)
+
+    def forward_static(self, static) -> None:
+        """``forward_cached`` of ``static.token`` at ``static.pos`` (< seq_len: the decoder's
+        context rule rebuilds the cache before the position reaches seq_len)."""
+        at = static.pos.view(1)
+        cos, sin = self.rope_cos.index_select(0, at).float(), self.rope_sin.index_select(0, at).float()
+        h = self.tok_embeddings(static.token)
+        for block, ring in zip(self.blocks, static.layers):
+            h = block.forward_static(h, cos, sin, ring, static.pos)
+        h = self.norm(h)
+        logits = self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
+        static.logits.copy_(logits[:, -1])
+        static.pos.add_(1)
 
     # -- accounting -------------------------------------------------------------------------
     def parameter_breakdown(self) -> dict[str, int]:

@@ -25,6 +25,7 @@ def test_cpu_bench_with_compare_and_generate_writes_json(tmp_path, capsys):
             "--generate", "--gen-tokens", "4", "--json", str(out)]
     assert main(argv) == 0
     text = capsys.readouterr().out
+    assert "[dynamic-cache]" in text
     assert "CPU numbers" in text and "tokens/s" in text and "MFU" in text and "ratio tokens_per_s" in text
     data = json.loads(out.read_text())
     assert data["environment"]["cpu"] is True and data["environment"]["torch"]
@@ -40,6 +41,7 @@ def test_cpu_bench_with_compare_and_generate_writes_json(tmp_path, capsys):
         assert all(v > 0 for v in run["split_s"].values())
         assert sum(run["split_s"].values()) <= run["step_time_s"] * 1.05
         assert run["generate"]["tokens_per_s"] > 0 and run["generate"]["cache"] is True
+        assert (run["generate"]["cuda_graph"], run["generate"]["path"]) == ("auto", "dynamic-cache")  # CPU
     assert (p7["attention"], llama["attention"]) == ("hyperbolic", "sdpa")
     assert data["compare"]["tokens_per_s"] == pytest.approx(p7["tokens_per_s"] / llama["tokens_per_s"])
 
@@ -48,6 +50,7 @@ def test_cpu_bench_with_compare_and_generate_writes_json(tmp_path, capsys):
     (["--steps", "0"], "--steps"),
     (["--max-params"], "--max-params needs --memory-cap-gib"),
     (["--memory-cap-gib", "8"], "needs a CUDA device"),
+    (["--generate", "--cuda-graph", "on"], "--cuda-graph on needs a CUDA device"),
     (["--compare", "nope.toml"], "nope.toml"),
     (["--set", "train.batch_size=0"], "train.batch_size: must be > 0"),
 ])

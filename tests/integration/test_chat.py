@@ -109,6 +109,7 @@ def test_generate_streams_and_matches_the_engine(runs):
     expected = engine.generate("def ", max_new_tokens=10, temperature=0.0)
     assert proc.stdout == "def " + expected + "\n"
     assert engine.generate("def ", max_new_tokens=10, temperature=0.0, use_cache=False) == expected
+    assert engine.generate("def ", max_new_tokens=10, temperature=0.0, cuda_graph="off") == expected
     sampled = [engine.generate("x", max_new_tokens=12, temperature=1.0, top_p=0.9, seed=5) for _ in range(2)]
     assert sampled[0] == sampled[1]
     if expected:
@@ -123,10 +124,13 @@ def test_generate_bad_arguments_exit_2(runs, capsys):
     ckpt = find_checkpoint(None, str(runs))
     for args, msg in ((["--temperature", "-1"], "temperature must be >= 0"),
                       (["--top-p", "1.5"], "top_p must be in"),
-                      (["--max-new-tokens", "-3"], "max_new_tokens must be")):
+                      (["--max-new-tokens", "-3"], "max_new_tokens must be"),
+                      (["--cuda-graph", "on"], "--cuda-graph on needs a CUDA device"),
+                      (["--cuda-graph", "on", "--no-cache"], "cannot be combined with --no-cache")):
         assert main(["generate", str(ckpt), "--prompt", "x", *args]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and msg in err, err
+        captured = capsys.readouterr()
+        assert captured.err.startswith("error: ") and msg in captured.err, captured.err
+        assert captured.out == ""  # nothing echoed before the error
     with pytest.raises(SystemExit) as exc:  # argparse: --prompt is required
         main(["generate", str(ckpt)])
     assert exc.value.code == 2

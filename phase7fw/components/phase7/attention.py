@@ -335,6 +335,17 @@ class HyperbolicAttention(_ProjectedAttention):
 
         return hyperbolic_forward_cached(self, x, cache, start)
 
+    # -- static one-token step (phase7fw.static_decoding): the ring in fixed buffers
+    def init_static_cache(self, cache):
+        from phase7fw.components.phase7.static import StaticAttention
+
+        return StaticAttention(self, cache)
+
+    def forward_static(self, x: torch.Tensor, static, pos: torch.Tensor) -> torch.Tensor:
+        from phase7fw.components.phase7.static import attention_step
+
+        return attention_step(self, x, static, pos, hyperbolic=True)
+
     def extra_repr(self) -> str:
         return f"heads={self.n_heads}, head_dim={self.head_dim}, window={self.window}, c in [{self.c_min}, {self.c_max}]"
 
@@ -372,6 +383,20 @@ class SdpaAttention(_ProjectedAttention):
         from phase7fw.components.phase7.cached import sdpa_forward_cached
 
         return sdpa_forward_cached(self, x, cache, start)
+
+    # -- static one-token step: needs a bounded window (a ring); window 0 keeps every key
+    def supports_static(self) -> bool:
+        return self.window > 0
+
+    def init_static_cache(self, cache):
+        from phase7fw.components.phase7.static import StaticAttention
+
+        return StaticAttention(self, cache)
+
+    def forward_static(self, x: torch.Tensor, static, pos: torch.Tensor) -> torch.Tensor:
+        from phase7fw.components.phase7.static import attention_step
+
+        return attention_step(self, x, static, pos, hyperbolic=False)
 
 
 # ---------------------------------------------------------------------------------------

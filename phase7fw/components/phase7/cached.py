@@ -111,6 +111,55 @@ class SsmCache:
         self.pos = 0
 
 
+def _conv_last(ssm, seq: torch.Tensor) -> torch.Tensor:
+    """The causal conv's output for the last of the K inputs seq (b, d, K): (b, 1, d). A
+    weighted sum (conv1d's setup costs more than the token)."""
+    w, bias = ssm.conv_weight[:, 0], ssm.conv_bias
+    if torch.is_autocast_enabled(seq.device.type):  # what conv1d under autocast computes in
+        dt_ = torch.get_autocast_dtype(seq.device.type)
+        seq, w, bias = seq.to(dt_), w.to(dt_), bias.to(dt_)
+    return ((seq * w).sum(-1) + bias).unsqueeze(1)
+
+
+def _project(ssm, up: torch.Tensor):
+    """The projections of ArSsm.forward for conv outputs up (b, t, d): x (b, t, H, dv) and
+    x, B, C, log-decay with heads first (b, H, t, ...)."""
+    b, t, _ = up.shape
+    H, r, dv = ssm.n_heads, ssm.max_rank, ssm.head_dim
+    xs, Bs, Cs, dt, g_logits = ssm.in_proj(up).split(ssm.proj_sizes, dim=-1)
+    g = ssm.rank_gate(g_logits if ssm.n_gated else None, (b, t, H))
+    Bs = Bs.unflatten(-1, (H, r)) * g
+    Cs = Cs.unflatten(-1, (H, r)) * g
+    log_decay = -F.softplus(dt.float() + ssm.dt_bias.float()) * ssm.A_log.float().exp()
+    x = xs.unflatten(-1, (H, dv))
+    return x, x.transpose(1, 2), Bs.transpose(1, 2), Cs.transpose(1, 2), log_decay.transpose(1, 2)
+
+
+def _output(ssm, u: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """y (b, H, t, dv) from the scan or the recurrence -> the mixer output (b, t, d_model)."""
+    b, t, _ = u.shape
+    y = y.transpose(1, 2)  # (b, t, H, dv)
+    y = y + ssm.D.view(ssm.n_heads, 1).to(x.dtype) * x
+    y = y.reshape(b, t, ssm.d_inner)
+    if ssm.z_proj is not None:
+        y = F.silu(ssm.z_proj(u)) * y
+    return ssm.out_proj(y)
+
+
+def ssm_step(ssm, u: torch.Tensor, conv: torch.Tensor, state: torch.Tensor):
+    """One token u (b, 1, d) after conv tail ``conv`` (b, d, K-1) and state S (b, H, r, dv):
+    (output (b, 1, d), the new conv tail, the new state). Fixed shapes, no host reads: the
+    static step (:mod:`.static`) runs it too."""
+    sdt = state.dtype
+    seq = torch.cat([conv.to(u.dtype), u.transpose(1, 2)], dim=-1)  # (b, d, K)
+    x, xT, BT, CT, ldT = _project(ssm, _conv_last(ssm, seq))
+    with torch.autocast(u.device.type, enabled=False):
+        decay = ldT[:, :, 0].to(sdt).exp()[..., None, None]
+        S = decay * state + BT[:, :, 0, :, None].to(sdt) * xT[:, :, 0, None, :].to(sdt)
+        y = torch.einsum("bhr,bhrd->bhd", CT[:, :, 0].to(sdt), S).unsqueeze(2).to(x.dtype)
+    return _output(ssm, u, x, y), seq[..., 1:], S
+
+
 def ssm_forward_cached(ssm, u: torch.Tensor, cache: SsmCache) -> torch.Tensor:
     b, t, _ = u.shape
     H, r, dv, K = ssm.n_heads, ssm.max_rank, ssm.head_dim, ssm.conv_size
@@ -118,51 +167,30 @@ def ssm_forward_cached(ssm, u: torch.Tensor, cache: SsmCache) -> torch.Tensor:
     if cache.conv is None:  # zeros = the training conv's left padding
         cache.conv = u.new_zeros(b, ssm.d_model, K - 1)
         cache.state = torch.zeros(b, H, r, dv, dtype=sdt, device=u.device)
+    if t == 1 and cache.pos > 0:  # one recurrence step
+        out, cache.conv, cache.state = ssm_step(ssm, u, cache.conv, cache.state)
+        cache.pos += 1
+        return out
     seq = torch.cat([cache.conv.to(u.dtype), u.transpose(1, 2)], dim=-1)  # (b, d, K-1+t)
-    if t == 1:  # one output of the depthwise conv: a weighted sum (conv1d's setup costs more)
-        w, bias = ssm.conv_weight[:, 0], ssm.conv_bias
-        if torch.is_autocast_enabled(u.device.type):  # what conv1d under autocast computes in
-            dt_ = torch.get_autocast_dtype(u.device.type)
-            seq_, w, bias = seq.to(dt_), w.to(dt_), bias.to(dt_)
-        else:
-            seq_ = seq
-        up = ((seq_ * w).sum(-1) + bias).unsqueeze(1)
+    if t == 1:
+        up = _conv_last(ssm, seq)
     else:
         up = F.conv1d(seq, ssm.conv_weight, ssm.conv_bias, groups=ssm.d_model).transpose(1, 2)
     cache.conv = seq[..., seq.shape[-1] - (K - 1) :]
+    x, xT, BT, CT, ldT = _project(ssm, up)
 
-    # The same projections as ArSsm.forward.
-    xs, Bs, Cs, dt, g_logits = ssm.in_proj(up).split(ssm.proj_sizes, dim=-1)
-    g = ssm.rank_gate(g_logits if ssm.n_gated else None, (b, t, H))
-    Bs = Bs.unflatten(-1, (H, r)) * g
-    Cs = Cs.unflatten(-1, (H, r)) * g
-    log_decay = -F.softplus(dt.float() + ssm.dt_bias.float()) * ssm.A_log.float().exp()
-    x = xs.unflatten(-1, (H, dv))
-    xT, BT, CT, ldT = x.transpose(1, 2), Bs.transpose(1, 2), Cs.transpose(1, 2), log_decay.transpose(1, 2)
-
+    # The parallel scan (prefill), plus the entering state in closed form.
     S0 = cache.state
-    if t == 1 and cache.pos > 0:  # one recurrence step
-        with torch.autocast(u.device.type, enabled=False):
-            decay = ldT[:, :, 0].to(sdt).exp()[..., None, None]
-            S = decay * S0 + BT[:, :, 0, :, None].to(sdt) * xT[:, :, 0, None, :].to(sdt)
-            y = torch.einsum("bhr,bhrd->bhd", CT[:, :, 0].to(sdt), S).unsqueeze(2).to(x.dtype)
-    else:  # the parallel scan (prefill), plus the entering state in closed form
-        y = ssm.scan_impl(xT, BT, CT, ldT, ssm.chunk_size)
-        with torch.autocast(u.device.type, enabled=False):
-            ld = ldT.to(sdt)
-            B32, x32 = BT.to(sdt), xT.to(sdt)
-            if cache.pos > 0:
-                cum = ld.cumsum(-1)
-                y = (y.to(sdt) + torch.einsum("bhtr,bhrd->bhtd", CT.to(sdt) * cum.exp()[..., None], S0)).to(x.dtype)
-            suffix = ld.flip(-1).cumsum(-1).flip(-1)  # sum_{s >= j}
-            to_end = torch.cat([suffix[..., 1:], torch.zeros_like(suffix[..., :1])], dim=-1)  # sum_{s > j}
-            S = suffix[..., :1, None].exp() * S0 + torch.einsum("bht,bhtr,bhtd->bhrd", to_end.exp(), B32, x32)
+    y = ssm.scan_impl(xT, BT, CT, ldT, ssm.chunk_size)
+    with torch.autocast(u.device.type, enabled=False):
+        ld = ldT.to(sdt)
+        B32, x32 = BT.to(sdt), xT.to(sdt)
+        if cache.pos > 0:
+            cum = ld.cumsum(-1)
+            y = (y.to(sdt) + torch.einsum("bhtr,bhrd->bhtd", CT.to(sdt) * cum.exp()[..., None], S0)).to(x.dtype)
+        suffix = ld.flip(-1).cumsum(-1).flip(-1)  # sum_{s >= j}
+        to_end = torch.cat([suffix[..., 1:], torch.zeros_like(suffix[..., :1])], dim=-1)  # sum_{s > j}
+        S = suffix[..., :1, None].exp() * S0 + torch.einsum("bht,bhtr,bhtd->bhrd", to_end.exp(), B32, x32)
     cache.state = S
     cache.pos += t
-
-    y = y.transpose(1, 2)  # (b, t, H, dv)
-    y = y + ssm.D.view(H, 1).to(x.dtype) * x
-    y = y.reshape(b, t, ssm.d_inner)
-    if ssm.z_proj is not None:
-        y = F.silu(ssm.z_proj(u)) * y
-    return ssm.out_proj(y)
+    return _output(ssm, u, x, y)

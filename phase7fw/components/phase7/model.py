@@ -121,6 +121,9 @@ class HybridBlock(nn.Module):
         u = self.norm1(x)
         s = None if self.ssm is None else self.ssm.forward_cached(u, cache["ssm"])
         a = None if self.attn is None else self.attn.forward_cached(u, cache["attn"], start)
+        return self._mix_and_ffn(x, u, a, s)
+
+    def _mix_and_ffn(self, x, u, a, s):
         if a is None:
             mixed = s
         elif s is None:
@@ -130,6 +133,23 @@ class HybridBlock(nn.Module):
             mixed = g * a + (1 - g) * s
         h = x + mixed
         return h + self.ffn(self.norm2(h))
+
+    # -- static one-token step (phase7fw.static_decoding)
+    def supports_static_decode(self) -> bool:
+        parts = [p for p in (self.attn, self.ssm) if p is not None]
+        return all(callable(getattr(p, "forward_static", None)) and getattr(p, "supports_static", lambda: True)()
+                   for p in parts)
+
+    def init_static_cache(self, cache: dict) -> dict:
+        return {name: None if part is None else part.init_static_cache(cache[name])
+                for name, part in (("attn", self.attn), ("ssm", self.ssm))}
+
+    def forward_static(self, x: torch.Tensor, static: dict, pos: torch.Tensor) -> torch.Tensor:
+        """``forward_cached`` of one token at position ``pos`` (a device tensor)."""
+        u = self.norm1(x)
+        s = None if self.ssm is None else self.ssm.forward_static(u, static["ssm"], pos)
+        a = None if self.attn is None else self.attn.forward_static(u, static["attn"], pos)
+        return self._mix_and_ffn(x, u, a, s)
 
 
 class Phase7Model(LanguageModel):
@@ -238,6 +258,28 @@ class Phase7Model(LanguageModel):
         if "head" not in cache.extra:  # a tied table is rebuilt once per cache, not per token
             cache.extra["head"] = self.lm_head_weight()
         return F.linear(self.norm(x), cache.extra["head"])
+
+    # -- static one-token step (phase7fw.static_decoding): what a CUDA graph captures
+    def supports_static_decode(self) -> bool:
+        return self.supports_cache() and all(
+            callable(getattr(b, "supports_static_decode", None)) and b.supports_static_decode() for b in self.blocks)
+
+    def init_static_cache(self, cache):
+        from phase7fw.static_decoding import StaticCache
+
+        if "head" not in cache.extra:
+            cache.extra["head"] = self.lm_head_weight()
+        layers = [block.init_static_cache(layer) for block, layer in zip(self.blocks, cache.layers)]
+        return StaticCache(layers, cache, self.vocab_size, cache.extra["head"].device,
+                           extra={"head": cache.extra["head"]})
+
+    def forward_static(self, static) -> None:
+        """``forward_cached`` of ``static.token`` at ``static.pos``: logits into ``static.logits``."""
+        x = self.embedding(static.token).float()
+        for block, layer in zip(self.blocks, static.layers):
+            x = block.forward_static(x, layer, static.pos)
+        static.logits.copy_(F.linear(self.norm(x), static.extra["head"])[:, -1])
+        static.pos.add_(1)
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
         hidden, gate_means = self.forward_hidden(input_ids)

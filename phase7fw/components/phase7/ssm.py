@@ -293,6 +293,17 @@ class ArSsm(nn.Module):
 
         return ssm_forward_cached(self, u, cache)
 
+    # -- static one-token step (phase7fw.static_decoding): conv tail + state updated in place
+    def init_static_cache(self, cache):
+        from phase7fw.components.phase7.static import StaticSsm
+
+        return StaticSsm(cache)
+
+    def forward_static(self, u: torch.Tensor, static, pos: torch.Tensor) -> torch.Tensor:
+        from phase7fw.components.phase7.static import ssm_static_step
+
+        return ssm_static_step(self, u, static)
+
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, d_inner={self.d_inner}, n_heads={self.n_heads},"

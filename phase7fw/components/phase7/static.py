@@ -1,0 +1,84 @@
+"""The static one-token decode step of the Phase 7 mixers (see :mod:`phase7fw.static_decoding`).
+
+Each function mirrors its dynamic counterpart in :mod:`.cached` for one token whose position is
+a device tensor ``pos``:
+
+- attention: RoPE angles are computed from ``pos`` (the same fp64 products position * inv_freq
+  as the tables and :func:`.cached.rope_at`, so phase7 has no position limit), the new key and
+  value go to slot pos % W of a :class:`StaticRing`, the query scores every slot with the
+  same score function as the dynamic path, unfilled slots masked;
+- AR-SSM: :func:`.cached.ssm_step` (shared with the dynamic path), conv tail and state copied
+  back into their buffers in place.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from phase7fw.components.phase7.cached import SsmCache, hyperbolic_scores, ssm_step
+from phase7fw.decoding import dot_product_scores
+from phase7fw.static_decoding import StaticRing, ring_attention
+
+
+# ----------------------------------------------------------------------------- attention
+class StaticAttention:
+    """A window attention's ring and its RoPE inverse frequencies (fp64)."""
+
+    def __init__(self, attn, kv):
+        self.ring = StaticRing(kv)
+        half = attn.rope.head_dim // 2
+        device = self.ring.k.device
+        self.inv_freq = attn.rope.theta ** (-torch.arange(half, dtype=torch.float64, device=device) / half)
+
+    def load(self, kv) -> None:
+        self.ring.load(kv)
+
+    def store(self, kv, pos: int) -> None:
+        self.ring.store(kv, pos)
+
+
+def rope_at_pos(x: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """:func:`.cached.rope_at` for one position held in a device tensor (x: (B, H, 1, D))."""
+    ang = pos.to(torch.float64) * inv_freq
+    cos, sin = ang.cos().float(), ang.sin().float()
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def attention_step(attn, u: torch.Tensor, st: StaticAttention, pos: torch.Tensor, hyperbolic: bool) -> torch.Tensor:
+    B = u.shape[0]
+
+    def heads(t):
+        return t.view(B, 1, attn.n_heads, attn.head_dim).transpose(1, 2)
+
+    q = rope_at_pos(heads(attn.q_proj(u)), st.inv_freq, pos)
+    k = rope_at_pos(heads(attn.k_proj(u)), st.inv_freq, pos)
+    v = heads(attn.v_proj(u))
+    if hyperbolic:
+        c, tau = attn.curvature(), attn.temperature()
+        o = ring_attention(q, k, v, st.ring, pos, lambda qb, keys: hyperbolic_scores(qb, keys, c, tau))
+    else:  # sdpa with a window, as sdpa_forward_cached
+        o = ring_attention(q.to(v.dtype), k.to(v.dtype), v, st.ring, pos, dot_product_scores)
+    return attn._out(o)
+
+
+# ----------------------------------------------------------------------------- AR-SSM
+class StaticSsm:
+    """The conv tail and the state of an :class:`SsmCache` in fixed buffers."""
+
+    def __init__(self, cache: SsmCache):
+        self.conv, self.state = cache.conv.clone(), cache.state.clone()
+
+    def load(self, cache: SsmCache) -> None:
+        self.conv.copy_(cache.conv)
+        self.state.copy_(cache.state)
+
+    def store(self, cache: SsmCache, pos: int) -> None:
+        cache.conv, cache.state, cache.pos = self.conv.clone(), self.state.clone(), pos
+
+
+def ssm_static_step(ssm, u: torch.Tensor, st: StaticSsm) -> torch.Tensor:
+    out, conv, state = ssm_step(ssm, u, st.conv, st.state)
+    st.conv.copy_(conv)
+    st.state.copy_(state)
+    return out
