@@ -3,7 +3,7 @@
 # a CUDA machine; OUT defaults to ./bench_out). Each stage writes its JSON/Markdown under OUT.
 #
 #   benchmarks/gpu_evidence.sh gpu-tests small-gpu quality kernels   # issues 5 and 7
-#   benchmarks/gpu_evidence.sh throughput max-params            # issue 6
+#   benchmarks/gpu_evidence.sh decode throughput max-params     # issue 6
 #   benchmarks/gpu_evidence.sh attention-fused                  # the fused attention variant
 set -uo pipefail
 OUT=${OUT:-bench_out}
@@ -22,6 +22,14 @@ for stage in "$@"; do
       t=tests/gpu/test_kernels_gpu.py::test_kernel_against_fp64_reference
       PHASE7FW_ATTENTION_KERNEL=fused python3 -m pytest -m gpu -q -p no:cacheprovider "$t[0]" "$t[1]" "$t[2]" "$t[3]" 2>&1 | tail -5
       python3 benchmarks/kernels.py --attention fused --sweep --out "$OUT/fused" ;;
+    decode)       # P9: CUDA-graph decoding, exactness first (exit 1 if any path's tokens differ), then speed
+      python3 benchmarks/bench_decoding.py --graphs --tokens 300 --json "$OUT/dec_graphs_fp32.json" 2>&1 | tail -8
+      python3 benchmarks/bench_decoding.py --graphs --tokens 300 --precision bf16 --json "$OUT/dec_graphs_bf16.json" 2>&1 | tail -8
+      for g in on off; do
+        $P7 bench recipes/phase7_1.5b_standard.toml --batch-size 1 --grad-accum 1 --steps 1 --warmup 0 \
+            --set train.compile=false --compare recipes/llama_1.5b.toml --generate --gen-tokens 128 \
+            --cuda-graph $g --json "$OUT/gen_graph_$g.json" 2>&1 | tail -6
+      done ;;
     small-gpu)    # P7: the 1.5B model under 10 GiB and 8 GiB caps (issue 7). Peak memory does not
                   # depend on the number of accumulated micro-batches, so 2 (not 16) keep it short.
       $P7 bench recipes/phase7_1.5b.toml --memory-cap-gib 10 --steps 50 --warmup 1 --grad-accum 2 \
@@ -38,6 +46,6 @@ for stage in "$@"; do
           --set train.compile=false --json "$OUT/max_10g.json" 2>&1 | tail -12
       $P7 bench recipes/phase7_1.5b_8gb.toml --memory-cap-gib 8 --max-params --steps 1 --warmup 1 \
           --set train.compile=false --json "$OUT/max_8g.json" 2>&1 | tail -12 ;;
-    *) echo "unknown stage $stage (gpu-tests kernels attention-fused small-gpu quality throughput max-params)"; exit 2 ;;
+    *) echo "unknown stage $stage (gpu-tests kernels attention-fused decode small-gpu quality throughput max-params)"; exit 2 ;;
   esac
 done
