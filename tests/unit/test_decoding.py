@@ -31,7 +31,11 @@ def make(kind: str, seed: int = 0):
 
 
 def greedy(model, prompt, n, use_cache):
-    dec = Decoder(model, use_cache=use_cache)
+    return greedy_with(Decoder(model, use_cache=use_cache), prompt, n)
+
+
+def greedy_with(dec, prompt, n):
+    """Greedy tokens and the logits of each step, decoded by ``dec``."""
     dec.reset(prompt)
     tokens, logits = [], []
     for _ in range(n):

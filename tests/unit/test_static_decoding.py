@@ -10,19 +10,9 @@ from phase7fw.decoding import Decoder, GraphedDecoder, make_decoder
 from phase7fw.errors import Phase7Error
 from phase7fw.static_decoding import supports_static_decode
 from tests.unit.test_decoding import KINDS, SEQ, WINDOW, make
+from tests.unit.test_decoding import greedy_with as greedy
 
 STATIC_KINDS = [k for k in KINDS if k != "phase7_sdpa_full"]
-
-
-def greedy(dec, prompt, n):
-    dec.reset(prompt)
-    tokens, logits = [], []
-    for _ in range(n):
-        out = dec.logits()
-        logits.append(out)
-        tokens.append(int(out.argmax()))
-        dec.extend(tokens[-1:])
-    return tokens, torch.cat(logits)
 
 
 @pytest.mark.parametrize("kind", STATIC_KINDS)
