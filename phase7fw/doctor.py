@@ -84,7 +84,8 @@ def _kernel_smoke(has_gpu: bool, warnings: list[str]) -> bool:
     for r in rows:
         status = "ok  " if r.ok else "FAIL"
         errs = ", ".join(f"{k} {v:.1e}" for k, v in r.errors.items())
-        print(f"  {status} {r.op:<22} {r.ms.get('first_call_incl_compile', 0):8.0f} ms  {r.detail} {errs}".rstrip())
+        name = r.op if r.case == "tiny" else f"{r.op} ({r.case.removeprefix('tiny, ')})"
+        print(f"  {status} {name:<26} {r.ms.get('first_call_incl_compile', 0):8.0f} ms  {r.detail} {errs}".rstrip())
     return not all(r.ok for r in rows)
 
 

@@ -302,7 +302,7 @@ def smoke_rows(device: torch.device) -> list:
     """Tiny fp32 case (odd sizes, ignored targets, chunks not dividing N): loss and both
     gradients against float64, finite."""
     device = torch.device(device)
-    case = "tiny fp32 (37 x 24, V=131, chunk 16, ignored targets)"
+    case = "tiny"  # fp32, 37 x 24, V=131, chunks of 16, ignored targets
     return [_guarded(case, lambda: _check(37, 24, 131, 16, device, torch.float32, case, ignore_frac=0.2))]
 
 
