@@ -40,7 +40,10 @@ for stage in "$@"; do
       python3 benchmarks/small_gpu_quality.py --steps 300 --out "$OUT" 2>&1 | tail -6 ;;
     throughput)   # P1, P2 (and P9 decoding) against llama_1.5b in the same process (issue 6)
       $P7 bench recipes/phase7_1.5b_standard.toml --batch-size 8 --grad-accum 1 --steps 10 --warmup 2 \
-          --compare recipes/llama_1.5b.toml --generate --gen-tokens 48 --json "$OUT/p1_compiled.json" 2>&1 | tail -14 ;;
+          --compare recipes/llama_1.5b.toml --generate --gen-tokens 48 --json "$OUT/p1_compiled.json" 2>&1 | tail -14
+      # llama_1.5b runs without activation checkpointing; at B=8 phase7 fits without it too
+      $P7 bench recipes/phase7_1.5b_standard.toml --batch-size 8 --grad-accum 1 --steps 10 --warmup 2 \
+          --set train.activation_checkpointing=false --json "$OUT/p1_compiled_nockpt.json" 2>&1 | tail -8 ;;
     max-params)   # the largest phase7 model that trains under 10 and 8 GiB (issue 6)
       $P7 bench recipes/phase7_1.5b.toml --memory-cap-gib 10 --max-params --grad-accum 1 --steps 1 --warmup 1 \
           --set train.compile=false --json "$OUT/max_10g.json" 2>&1 | tail -12

@@ -161,6 +161,18 @@ def test_attention_variant_switch(monkeypatch):
         _hyperbolic_attention(None)
 
 
+def test_engine_names_the_attention_variant(monkeypatch, tmp_path, capsys):
+    from phase7fw import Engine
+
+    monkeypatch.setenv("PHASE7FW_ATTENTION_KERNEL", "fused")
+    engine = Engine.from_recipe("recipes/phase7_tiny.toml", {"kernels.hyperbolic_attention": "triton",
+                                "run.output_dir": str(tmp_path)}, dummy_data=True, resume="never", device="cpu")
+    assert engine.model.blocks[0].attn.attention_fn.__module__ == "phase7fw.kernels.hyperbolic_attention_fused"
+    out = capsys.readouterr().out
+    assert "hyperbolic_attention=triton (" in out
+    assert "variant 'fused' (PHASE7FW_ATTENTION_KERNEL), not yet verified on a GPU" in out
+
+
 def test_opcheck_ssm():
     from phase7fw.kernels import ar_ssm_scan  # noqa: F401 - registers the op
 
