@@ -40,7 +40,9 @@ for stage in "$@"; do
       python3 benchmarks/small_gpu_quality.py --steps 300 --out "$OUT" 2>&1 | tail -6 ;;
     throughput)   # P1, P2 (and P9 decoding) against llama_1.5b in the same process (issue 6)
       $P7 bench recipes/phase7_1.5b_standard.toml --batch-size 8 --grad-accum 1 --steps 10 --warmup 2 \
-          --compare recipes/llama_1.5b.toml --generate --gen-tokens 48 --json "$OUT/p1_compiled.json" 2>&1 | tail -14
+          --compare recipes/llama_1.5b.toml --generate --gen-tokens 48 --profile /tmp/prof \
+          --json "$OUT/p1_compiled.json" 2>&1 | tail -14
+      cat /tmp/prof/*.ops.txt > "$OUT/p1_ops.txt"   # the traces stay on the machine (large)
       # llama_1.5b runs without activation checkpointing; at B=8 phase7 fits without it too
       $P7 bench recipes/phase7_1.5b_standard.toml --batch-size 8 --grad-accum 1 --steps 10 --warmup 2 \
           --set train.activation_checkpointing=false --json "$OUT/p1_compiled_nockpt.json" 2>&1 | tail -8 ;;

@@ -29,6 +29,7 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -175,8 +176,9 @@ def _is_oom(exc: BaseException) -> bool:
 
 def bench_recipe(recipe, overrides: dict, *, steps: int, warmup: int, device: str | None = None,
                  generate: bool = False, gen_tokens: int = 64, prompt_tokens: int = 0, gemm: dict | None = None,
-                 cuda_graph: str = "off", plugins=None, progress=None) -> dict:
-    """Train ``warmup + steps`` steps of ``recipe`` on random tokens and measure them; with
+                 cuda_graph: str = "off", profile_dir=None, plugins=None, progress=None) -> dict:
+    """Train ``warmup + steps`` steps of ``recipe`` on random tokens and measure them (then,
+    with ``profile_dir``, two more under torch.profiler: :func:`profile_steps`); with
     ``generate`` also time cached greedy decoding at batch 1. A CUDA out-of-memory error is a
     result (``{"oom": true}``), not a crash."""
     from phase7fw.engine import Engine
@@ -239,6 +241,10 @@ def bench_recipe(recipe, overrides: dict, *, steps: int, warmup: int, device: st
             })
             if gemm:
                 result["mfu_vs_gemm"] = fpt["total"] * tok_s / (gemm["tflops"] * 1e12)
+            if profile_dir is not None:
+                label = f"{engine.model_name}_{Path(str(recipe)).stem}"
+                result["profile"] = profile_steps(trainer, dev, profile_dir, label)
+                say(f"{recipe}: profile written to {result['profile']['table']}")
             if generate:
                 engine.optimizer.state.clear()  # decoding needs the weights only
                 free_memory()
@@ -252,6 +258,42 @@ def bench_recipe(recipe, overrides: dict, *, steps: int, warmup: int, device: st
             free_memory()
     result.setdefault("oom", False)
     return result
+
+
+def profile_steps(trainer, device: torch.device, out_dir, label: str, steps: int = 2) -> dict:
+    """Run ``steps`` more training steps under ``torch.profiler`` (host ops, and CUDA kernels on
+    a GPU); write a Chrome trace and a table of the ops by self device time (host time on a
+    CPU) to ``out_dir``; return the per-step op count (launch-bound code shows up there) and the
+    top ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            trainer.train_step()
+        synchronize(device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    trace = out / f"{label}.trace.json"
+    prof.export_chrome_trace(str(trace))
+
+    def device_us(e):  # the attribute was renamed (cuda -> device) across torch versions
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
+
+    events = list(prof.key_averages())
+    key = device_us if gpu else (lambda e: e.self_cpu_time_total)
+    events.sort(key=key, reverse=True)
+    rows = [{"op": e.key, "calls_per_step": e.count / steps, "self_ms_per_step": key(e) / 1e3 / steps,
+             "self_host_ms_per_step": e.self_cpu_time_total / 1e3 / steps} for e in events]
+    width = max([len(r["op"][:60]) for r in rows[:40]] + [2])
+    lines = [f"{'op':<{width}}  calls/step  self {'GPU' if gpu else 'CPU'} ms/step  self host ms/step"]
+    lines += [f"{r['op'][:60]:<{width}}  {r['calls_per_step']:10.1f}  {r['self_ms_per_step']:17.3f}"
+              f"  {r['self_host_ms_per_step']:17.3f}" for r in rows[:40]]
+    table = out / f"{label}.ops.txt"
+    table.write_text("\n".join(lines) + "\n")
+    aten = sum(e.count for e in events if e.key.startswith("aten::")) / steps
+    return {"steps": steps, "trace": str(trace), "table": str(table), "aten_ops_per_step": aten, "top": rows[:10]}
 
 
 def bench_generate(engine, new_tokens: int, prompt_tokens: int = 0, warmup_tokens: int = 8,
@@ -412,6 +454,10 @@ def report_lines(result: dict) -> list[str]:
             + (f"(SDPA backend: {r['sdpa_backend']})" if r["attention"] == "sdpa"
                else f"(no SDPA; at this shape SDPA would use {r['sdpa_backend']})"),
         ]
+        prof = r.get("profile")
+        if prof:
+            top = ", ".join(f"{t['op']} {t['self_ms_per_step']:.1f} ms" for t in prof["top"][:3])
+            lines.append(f"  profile      {prof['aten_ops_per_step']:,.0f} aten ops/step; top: {top} ({prof['table']})")
         gen = r.get("generate")
         if gen:
             lines.append(f"  generation   {gen['tokens_per_s']:,.1f} tokens/s cached, batch 1"
@@ -459,7 +505,7 @@ def set_memory_cap(gib: float, device: torch.device) -> None:
 def run_bench(recipe, overrides: dict, *, steps: int = 10, warmup: int = 3, device: str | None = None,
               compare_recipe=None, compare_overrides: dict | None = None, memory_cap_gib: float | None = None,
               find_max_params: bool = False, search: str = "layers", generate: bool = False, gen_tokens: int = 64,
-              cuda_graph: str = "off", plugins=None, progress=None, partial=None) -> dict:
+              cuda_graph: str = "off", profile_dir=None, plugins=None, progress=None, partial=None) -> dict:
     """Everything ``phase7fw bench`` does; returns the JSON-able result. ``progress(str)``
     hears about each finished measurement and ``partial(result)`` gets the result so far
     after each recipe (long GPU runs keep what they measured)."""
@@ -478,7 +524,7 @@ def run_bench(recipe, overrides: dict, *, steps: int = 10, warmup: int = 3, devi
     result["gemm"] = measure_gemm_tflops(dev)
     free_memory()
     kw = dict(steps=steps, warmup=warmup, device=str(dev), generate=generate, gen_tokens=gen_tokens,
-              cuda_graph=cuda_graph, gemm=result["gemm"], plugins=plugins, progress=progress)
+              cuda_graph=cuda_graph, gemm=result["gemm"], profile_dir=profile_dir, plugins=plugins, progress=progress)
     say(f"GEMM: {result['gemm']['tflops']:.1f} TFLOP/s")
     result["runs"] = runs = [bench_recipe(recipe, overrides, **kw)]
     say(_summary(runs[-1]))

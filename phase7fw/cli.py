@@ -214,7 +214,8 @@ def cmd_bench(args) -> int:
     result = run_bench(args.recipe, main_over, steps=args.steps, warmup=args.warmup, device=args.device,
                        compare_recipe=args.compare, compare_overrides=base_over,
                        memory_cap_gib=args.memory_cap_gib, find_max_params=args.max_params, search=args.search,
-                       generate=args.generate, gen_tokens=args.gen_tokens, cuda_graph=args.cuda_graph, plugins=plugins,
+                       generate=args.generate, gen_tokens=args.gen_tokens, cuda_graph=args.cuda_graph,
+                       profile_dir=args.profile, plugins=plugins,
                        progress=lambda text: print(text, file=sys.stderr, flush=True), partial=write_json)
     print("\n".join(report_lines(result)))
     write_json(result)
@@ -361,6 +362,9 @@ def build_parser(plugins_hook=None) -> argparse.ArgumentParser:
     bench.add_argument("--gen-tokens", type=int, default=64, help="tokens decoded by --generate")
     cuda_graph_flag(bench)
     bench.add_argument("--json", metavar="PATH", help="write every number to this JSON file")
+    bench.add_argument("--profile", metavar="DIR", default=None,
+                       help="after the timed steps, profile 2 more (torch.profiler): a Chrome trace and an ops table"
+                            " per recipe in DIR")
     bench.add_argument("--device", default=None)
     bench.set_defaults(func=cmd_bench)
 

@@ -46,6 +46,22 @@ def test_cpu_bench_with_compare_and_generate_writes_json(tmp_path, capsys):
     assert data["compare"]["tokens_per_s"] == pytest.approx(p7["tokens_per_s"] / llama["tokens_per_s"])
 
 
+def test_cpu_bench_profile_writes_trace_and_ops_table(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", str(RECIPES / "llama_tiny.toml"), *sets("--set", LLAMA), "--batch-size", "2", "--steps", "1",
+            "--warmup", "0", "--profile", str(tmp_path / "prof"), "--json", str(out)]
+    assert main(argv) == 0
+    assert "aten ops/step; top: " in capsys.readouterr().out
+    prof = json.loads(out.read_text())["runs"][0]["profile"]
+    assert prof["steps"] == 2 and prof["aten_ops_per_step"] > 10
+    trace = json.loads((tmp_path / "prof" / "llama_llama_tiny.trace.json").read_text())
+    assert trace["traceEvents"]
+    table = (tmp_path / "prof" / "llama_llama_tiny.ops.txt").read_text().splitlines()
+    assert table[0].startswith("op") and "self CPU ms/step" in table[0] and len(table) > 5
+    top = [row["self_ms_per_step"] for row in prof["top"]]
+    assert top == sorted(top, reverse=True) and any(row["op"].startswith("aten::") for row in prof["top"])
+
+
 @pytest.mark.parametrize("args, message", [
     (["--steps", "0"], "--steps"),
     (["--max-params"], "--max-params needs --memory-cap-gib"),
