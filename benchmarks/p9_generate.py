@@ -1,0 +1,188 @@
+"""P9 (design/PERFORMANCE.md): batch-1 cached generation of phase7fw models against Hugging
+Face transformers ``generate`` on a Llama of the same size, in one process.
+
+    python benchmarks/p9_generate.py [--recipe recipes/phase7_1.5b_standard.toml]
+        [--baseline recipes/llama_1.5b.toml] [--prompt-tokens 128] [--new-tokens 128]
+        [--hf-modes static-compile,static,dynamic] [--cuda-graph off|on|auto] [--json PATH]
+
+The transformers model is a ``LlamaForCausalLM`` built from the baseline recipe's shape
+(d_model, layers, heads, kv heads, SwiGLU width, vocab, RoPE theta; untied head), randomly
+initialized, in bf16 on a GPU (fp32 on a CPU). Its modes: ``static-compile`` (static cache
+and ``torch.compile(mode="reduce-overhead")`` of the forward: its fastest mode, the one P9
+names), ``static``, ``dynamic``. Each is warmed up twice, then timed with a streamer that
+notes when each new token reaches the host: (N - 1) tokens over the time from the first new
+token to the last (decoding without the prefill). Greedy, no EOS.
+
+phase7fw's side is ``phase7fw.bench.bench_generate`` (what ``phase7fw bench --generate``
+runs) for the recipe and for the baseline recipe. Needs ``transformers`` (not a phase7fw
+dependency). Prints a table and P9 = phase7 tokens/s / HF static-compile tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def hf_llama(recipe: str, vocab_size: int, device: torch.device, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from phase7fw.components.llama import resolve_ffn_hidden
+    from phase7fw.recipe import load_recipe
+
+    cfg = load_recipe(recipe).model.config
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=cfg.d_model, intermediate_size=resolve_ffn_hidden(cfg),
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+        num_key_value_heads=getattr(cfg, "n_kv_heads", 0) or cfg.n_heads, max_position_embeddings=cfg.seq_len,
+        rope_theta=getattr(cfg, "rope_theta", 10000.0), rms_norm_eps=cfg.norm_eps, tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=None, pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    return model, sum(p.numel() for p in model.parameters())
+
+
+class _TokenClock:
+    """A transformers streamer that notes when each new token reaches the host (``put`` gets
+    the prompt first, then one token per decoding step)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def time_hf(model, mode: str, prompt: torch.Tensor, new_tokens: int, device: torch.device) -> dict:
+    gen = model.generation_config
+    gen.eos_token_id, gen.pad_token_id = None, 0
+    kwargs = dict(do_sample=False)
+    if mode.startswith("static"):
+        kwargs["cache_implementation"] = "static"
+    forward = model.forward
+    if mode == "static-compile":
+        model.forward = torch.compile(forward, mode="reduce-overhead", fullgraph=True)
+
+    def run() -> list:
+        clock = _TokenClock(device)
+        with torch.no_grad():
+            out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, streamer=clock,
+                                 **kwargs)
+        sync(device)
+        assert out.shape[1] == prompt.shape[1] + new_tokens, out.shape
+        return clock.times
+
+    try:
+        for _ in range(2):  # compile / capture / allocate
+            run()
+        times = run()
+    finally:
+        model.forward = forward
+    # times[0]: the prompt; times[1]: the first new token (after the prefill); the rest: decoding
+    decode = max(times[-1] - times[1], 1e-9)
+    steps = len(times) - 2
+    return {"mode": mode, "tokens_per_s": steps / decode, "ms_per_token": 1e3 * decode / steps,
+            "first_token_s": times[1] - times[0]}
+
+
+def phase7fw_generate(recipe: str, device: torch.device, prompt_tokens: int, new_tokens: int, cuda_graph: str) -> dict:
+    from phase7fw import Engine
+    from phase7fw.bench import bench_generate
+
+    engine = Engine.from_recipe(recipe, {"train.compile": False, "train.batch_size": 1, "train.grad_accum_steps": 1},
+                                dummy_data=True, resume="never", device=str(device), quiet=True)
+    try:
+        res = bench_generate(engine, new_tokens, prompt_tokens, cuda_graph=cuda_graph)
+        res["params"] = sum(p.numel() for p in engine.model.parameters())
+        res["model"] = engine.model_name
+        res["vocab_size"] = engine.model.vocab_size
+        return res
+    finally:
+        del engine
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", default="recipes/phase7_1.5b_standard.toml")
+    ap.add_argument("--baseline", default="recipes/llama_1.5b.toml")
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--hf-modes", default="static-compile,static,dynamic")
+    ap.add_argument("--cuda-graph", default="off", choices=["off", "on", "auto"], help="phase7fw's decoding path")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if args.new_tokens < 2 or args.prompt_tokens < 1:
+        ap.error("--new-tokens must be >= 2 and --prompt-tokens >= 1")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rows": []}
+    try:
+        import transformers
+        result["transformers"] = transformers.__version__
+    except ImportError:
+        print("error: benchmarks/p9_generate.py needs transformers (pip install transformers)", file=sys.stderr)
+        return 2
+
+    ours_rows = []
+    for recipe in (args.recipe, args.baseline):  # phase7fw first: the baseline's vocabulary sizes the HF model
+        row = phase7fw_generate(recipe, device, args.prompt_tokens, args.new_tokens, args.cuda_graph)
+        row["what"] = f"phase7fw {row['model']} ({Path(recipe).stem}, {row['path']})"
+        ours_rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    model, n_params = hf_llama(args.baseline, ours_rows[-1]["vocab_size"], device, dtype)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_tokens), generator=g).to(device)
+    for mode in [m for m in args.hf_modes.split(",") if m]:
+        try:
+            row = time_hf(model, mode, prompt, args.new_tokens, device)
+        except Exception as exc:  # noqa: BLE001 - a mode this transformers/torch cannot run is a result
+            row = {"mode": mode, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+        row.update(what=f"transformers LlamaForCausalLM ({mode})", params=n_params)
+        result["rows"].append(row)
+        print(json.dumps(row), flush=True)
+    result["rows"] += ours_rows
+
+    hf_best = next((r for r in result["rows"] if r.get("mode") == "static-compile" and "tokens_per_s" in r), None)
+    ours = ours_rows[0]
+    if hf_best:
+        result["P9"] = ours["tokens_per_s"] / hf_best["tokens_per_s"]
+    print(f"\n{result['device']}, torch {result['torch']}, transformers {result['transformers']}, {result['date']},"
+          f" batch 1, prompt {args.prompt_tokens}, {args.new_tokens} new tokens\n")
+    print("| what | params | tokens/s | ms/token |\n|---|---|---|---|")
+    for r in result["rows"]:
+        if "tokens_per_s" in r:
+            print(f"| {r['what']} | {r['params'] / 1e9:.3f}B | {r['tokens_per_s']:,.1f} | {r['ms_per_token']:.2f} |")
+        else:
+            print(f"| {r['what']} | {r['params'] / 1e9:.3f}B | failed: {r['error']} | |")
+    if "P9" in result:
+        print(f"\nP9 = {ours['what']} / HF static cache + compile = {result['P9']:.2f}x (target >= 2)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
