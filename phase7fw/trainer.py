@@ -183,8 +183,10 @@ class Trainer:
 
     @property
     def tokens_per_step(self) -> int:
+        """Tokens of one optimizer step over all ranks: the logged Tok/s and ``tokens`` are the
+        whole job's, so a 2-GPU run can be compared with a 1-GPU run directly."""
         t = self.train
-        return t.batch_size * t.grad_accum_steps * self.engine.seq_len
+        return t.batch_size * t.grad_accum_steps * self.engine.seq_len * self.engine.dist.world_size
 
     def _end_step(self, finite: bool) -> None:
         """After the update (or its skip): skip counters, schedulers, step and token counters."""

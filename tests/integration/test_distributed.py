@@ -58,6 +58,7 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, single
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert b["tokens"] == a["tokens"]  # the log counts the whole job's tokens, not rank 0's
     for a, b in zip(train_rows(single, "val"), train_rows(out, "val")):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
     final = out / "llama_final.pt"
