@@ -46,15 +46,16 @@ class LanguageModel(nn.Module):
 
     #: ``train.ce_chunk_tokens``: tokens per cross-entropy chunk, 0 = all logits at once
     ce_chunk_tokens: int = 0
-    #: ``[kernels] cross_entropy``: ``(hidden, weight, targets, chunk_tokens) -> mean CE``, set
-    #: by the model factory with ``phase7fw.kernels.select``; None = the torch reference. A fused
-    #: kernel is used even when ce_chunk_tokens is 0 (it then picks its own chunk).
+    #: ``[kernels] cross_entropy``: a fused ``(hidden, weight, targets, chunk_tokens) -> mean CE``
+    #: set by the model factory (``phase7fw.kernels.select(context, "cross_entropy", None)``), or
+    #: None for the torch paths below. A fused kernel is used even when ce_chunk_tokens is 0 (it
+    #: then picks its own chunk).
     cross_entropy_fn = None
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Training loss (next-token cross-entropy plus any auxiliary loss) and extra
         metrics to log (floats or 0-dim tensors)."""
-        if self.ce_chunk_tokens or self._fused_cross_entropy():
+        if self.ce_chunk_tokens or self.cross_entropy_fn is not None:
             return self.cross_entropy(self.forward_hidden(input_ids), targets), {}
         logits = self(input_ids)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()), {}
@@ -65,17 +66,12 @@ class LanguageModel(nn.Module):
         (tokens x vocab) logits: phase7fw/memory.py), else the plain full-logits loss."""
         from phase7fw.memory import chunked_cross_entropy
 
-        if self._fused_cross_entropy():
+        if self.cross_entropy_fn is not None:
             return self.cross_entropy_fn(hidden, self.lm_head_weight(), targets, self.ce_chunk_tokens)
         if self.ce_chunk_tokens:
             return chunked_cross_entropy(hidden, self.lm_head_weight(), targets, self.ce_chunk_tokens)
         logits = F.linear(hidden, self.lm_head_weight())
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-    def _fused_cross_entropy(self) -> bool:
-        from phase7fw.memory import chunked_cross_entropy
-
-        return self.cross_entropy_fn is not None and self.cross_entropy_fn is not chunked_cross_entropy
 
     def begin_step(self) -> None:
         """Called by the trainer before the first micro-batch of an optimizer step."""

@@ -453,8 +453,8 @@ def memory_plan(model: torch.nn.Module, optimizer, recipe, vocab_size: int) -> d
     transient = getattr(optimizer, "update_transient_bytes", lambda: 0)() if optimizer is not None else 0
     if t.optimizer_in_backward:
         transient += largest  # one parameter's gradient at a time
-    fused = getattr(model, "_fused_cross_entropy", None)
-    act, act_note = activation_estimate(recipe, vocab_size, fused_ce=bool(fused and fused()))
+    fused = getattr(model, "cross_entropy_fn", None) is not None
+    act, act_note = activation_estimate(recipe, vocab_size, fused_ce=fused)
     state = (weight_b + grad_b + opt_dev + cast_b) * n
     return {
         "params": n, "weights": weight_b, "grads": grad_b, "grad_note": grad_note, "optimizer": opt_dev,

@@ -354,11 +354,10 @@ def build_llama(config: LlamaConfig, *, vocab_size: int | None = None, **context
             f" ({tokenizer_vocab}); set it to 0 to use the tokenizer's size"
         )
     model = LlamaModel(config, vocab, kernels=context.get("kernels"), registry=context.get("registry"))
-    # [kernels] cross_entropy: the fused Triton head + loss, used by LanguageModel.loss
+    # [kernels] cross_entropy: the fused Triton head + loss, or None (LanguageModel.cross_entropy)
     from phase7fw.kernels import select
-    from phase7fw.memory import chunked_cross_entropy
 
-    model.cross_entropy_fn = select(context, "cross_entropy", chunked_cross_entropy)
+    model.cross_entropy_fn = select(context, "cross_entropy", None)
     return model
 
 

@@ -27,7 +27,6 @@ from phase7fw.components.llama import resolve_ffn_hidden as ffn_width  # same ff
 from phase7fw.errors import Phase7Error
 from phase7fw.hookspecs import hookimpl
 from phase7fw.interfaces import LanguageModel
-from phase7fw.memory import chunked_cross_entropy
 from phase7fw.recipe.options import Component, component, non_negative, option, positive
 
 
@@ -335,10 +334,10 @@ def build_phase7(config: Phase7Config, *, vocab_size: int, registry, kernels=Non
     if config.d_model % config.n_heads:
         raise Phase7Error(f"model.d_model ({config.d_model}) must be divisible by model.n_heads ({config.n_heads})")
     model = Phase7Model(config, vocab_size, registry, kernels or {})
-    # [kernels] cross_entropy: the fused Triton head + loss (chunked_cross_entropy's signature)
+    # [kernels] cross_entropy: the fused Triton head + loss, or None (LanguageModel.cross_entropy)
     from phase7fw.kernels import select
 
-    model.cross_entropy_fn = select({"kernels": kernels, "registry": registry}, "cross_entropy", chunked_cross_entropy)
+    model.cross_entropy_fn = select({"kernels": kernels, "registry": registry}, "cross_entropy", None)
     return model
 
 
