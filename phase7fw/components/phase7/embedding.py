@@ -114,6 +114,7 @@ _FULL_EQ = {2: "ixa,ajy->ijxy", 3: "ixa,ajyb,bkz->ijkxyz"}
 
 
 def _digits(ids: torch.Tensor, vocab_factors) -> torch.Tensor:
+    """Mixed-radix digits of ``ids``: shape ids.shape + (n_cores,), most significant first."""
     # place values, most significant first: i_k = (i // radix_k) % v_k
     radix = [math.prod(vocab_factors[k + 1 :]) for k in range(len(vocab_factors))]
     ids = ids.long()
@@ -161,9 +162,6 @@ class HTTEmbedding(nn.Module):
         )
         # Shape (1,) rather than 0-dim: sharding wrappers split dim 0.
         self.scale = nn.Parameter(torch.empty(1))
-        # Digit place values of the row index, most significant first: i_k = (i // radix_k) % v_k.
-        # Plain ints, not a buffer: nothing to materialize or checkpoint.
-        self.radix = [math.prod(self.vocab_factors[k + 1 :]) for k in range(n_cores)]
         # The per-token gather path; [kernels] htt_embedding = "triton" swaps in the fused kernel
         # (same signature, no parameters). weight_matrix() always stays einsum.
         self.gather_fn = htt_embedding_reference
@@ -176,10 +174,6 @@ class HTTEmbedding(nn.Module):
             for core in self.cores:
                 core.normal_(0.0, std)
             self.scale.fill_(self.init_std)
-
-    def digits(self, ids: torch.Tensor) -> torch.Tensor:
-        """Mixed-radix digits of ``ids``: shape ids.shape + (n_cores,), most significant first."""
-        return _digits(ids, self.vocab_factors)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.gather_fn(ids, list(self.cores), self.scale, self.d_model)
