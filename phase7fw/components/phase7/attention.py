@@ -198,11 +198,25 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def _tables(self, n: int, device):
+    def inv_freq(self, device) -> torch.Tensor:
         half = self.head_dim // 2
-        inv_freq = self.theta ** (-torch.arange(half, dtype=torch.float64, device=device) / half)
-        ang = torch.arange(n, dtype=torch.float64, device=device).unsqueeze(-1) * inv_freq
+        return self.theta ** (-torch.arange(half, dtype=torch.float64, device=device) / half)
+
+    @staticmethod
+    def angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 (cos, sin) of shape positions.shape + (D/2,), from fp64 products position *
+        inv_freq: the tables, the decode caches and the static step get bit-identical angles."""
+        ang = positions.to(torch.float64).unsqueeze(-1) * inv_freq
         return ang.cos().float(), ang.sin().float()
+
+    @staticmethod
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate-half of x (..., T, D) in fp32 by per-position (cos, sin) of shape (T, D/2)."""
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+    def _tables(self, n: int, device):
+        return self.angles(torch.arange(n, device=device), self.inv_freq(device))
 
     def init_weights(self) -> None:
         cos, sin = self._tables(self.seq_len, device=self.cos.device)
@@ -216,9 +230,7 @@ class RotaryEmbedding(nn.Module):
             cos, sin = self.cos[:T].float(), self.sin[:T].float()
         else:
             cos, sin = self._tables(T, device=x.device)
-        x = x.float()
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        return self.rotate(x, cos, sin)
 
 
 def _inverse_softplus(y: float) -> float:

@@ -36,13 +36,8 @@ def rope_at(rope, x: torch.Tensor, start: int) -> torch.Tensor:
     if start + T <= rope.cos.shape[0]:
         cos, sin = rope.cos[start : start + T].float(), rope.sin[start : start + T].float()
     else:
-        half = rope.head_dim // 2
-        inv_freq = rope.theta ** (-torch.arange(half, dtype=torch.float64, device=x.device) / half)
-        ang = torch.arange(start, start + T, dtype=torch.float64, device=x.device).unsqueeze(-1) * inv_freq
-        cos, sin = ang.cos().float(), ang.sin().float()
-    x = x.float()
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        cos, sin = rope.angles(torch.arange(start, start + T, device=x.device), rope.inv_freq(x.device))
+    return rope.rotate(x, cos, sin)
 
 
 def qkv_at(attn, u: torch.Tensor, start: int):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from phase7fw.components.phase7.attention import RotaryEmbedding
 from phase7fw.components.phase7.cached import SsmCache, hyperbolic_scores, ssm_step
 from phase7fw.decoding import dot_product_scores
 from phase7fw.static_decoding import StaticRing, ring_attention
@@ -26,9 +27,7 @@ class StaticAttention:
 
     def __init__(self, attn, kv):
         self.ring = StaticRing(kv)
-        half = attn.rope.head_dim // 2
-        device = self.ring.k.device
-        self.inv_freq = attn.rope.theta ** (-torch.arange(half, dtype=torch.float64, device=device) / half)
+        self.inv_freq = attn.rope.inv_freq(self.ring.k.device)
 
     def load(self, kv) -> None:
         self.ring.load(kv)
@@ -39,10 +38,8 @@ class StaticAttention:
 
 def rope_at_pos(x: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """:func:`.cached.rope_at` for one position held in a device tensor (x: (B, H, 1, D))."""
-    ang = pos.to(torch.float64) * inv_freq
-    cos, sin = ang.cos().float(), ang.sin().float()
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    cos, sin = RotaryEmbedding.angles(pos.view(1), inv_freq)
+    return RotaryEmbedding.rotate(x, cos, sin)
 
 
 def attention_step(attn, u: torch.Tensor, st: StaticAttention, pos: torch.Tensor, hyperbolic: bool) -> torch.Tensor:
