@@ -254,6 +254,10 @@ def bench_recipe(recipe, overrides: dict, *, steps: int, warmup: int, device: st
                 raise
             result.update({"oom": True, "error": str(exc).splitlines()[0][:300]})
         finally:
+            if engine is not None and engine.in_backward is not None:
+                # the hooks keep the model and optimizer alive past this run (seen on CUDA:
+                # the next --max-params trial started with the last one's weights allocated)
+                engine.in_backward.remove()
             engine = trainer = model = None  # drop every reference before emptying the cache
             free_memory()
     result.setdefault("oom", False)

@@ -273,8 +273,10 @@ class OptimizerInBackward:
         self.handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params]
 
     def remove(self) -> None:
+        """Detach the hooks (the model and optimizer can then be freed)."""
         for h in self.handles:
             h.remove()
+        self.handles = []
 
     @torch.no_grad()
     def _hook(self, p: torch.Tensor) -> None:

@@ -402,6 +402,26 @@ def test_hooks_are_idle_outside_a_step():
     assert net.fc1.weight.grad is not None and torch.equal(net.fc1.weight, before)
 
 
+def test_removed_hooks_release_the_model_and_optimizer():
+    # bench's --max-params builds model after model in one process: the hooks must not keep
+    # the previous one (and its optimizer state) alive
+    import gc
+    import weakref
+
+    net = make_net()
+    opt = AdamWLowMem(net.parameters(), state_bits=8, **HP)
+    hooks = memory.OptimizerInBackward(net, opt)
+    x, y = problem()
+    in_backward_step(net, hooks, x[:32], y[:32], grad_clip=0.0)
+    hooks.remove()
+    net(x[:4]).sum().backward()  # a plain backward after remove(): the gradient stays, no update
+    assert net.fc1.weight.grad is not None
+    refs = [weakref.ref(net), weakref.ref(opt)]
+    del net, opt, hooks
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
+
+
 def test_in_backward_needs_a_per_parameter_optimizer():
     net = make_net()
     with pytest.raises(Phase7Error, match="adamw_lowmem"):
