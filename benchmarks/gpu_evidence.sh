@@ -4,7 +4,7 @@
 #
 #   benchmarks/gpu_evidence.sh gpu-tests small-gpu quality kernels   # issues 5 and 7
 #   benchmarks/gpu_evidence.sh decode throughput max-params     # issue 6
-#   benchmarks/gpu_evidence.sh attention-fused                  # the fused attention variant
+#   benchmarks/gpu_evidence.sh attention-sweep                  # re-pick the attention block sizes
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -18,10 +18,8 @@ for stage in "$@"; do
       python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 ;;
     kernels)      # P3-P6 timings (correctness: the gpu-tests stage)
       python3 benchmarks/kernels.py --skip-verify --out "$OUT" $( [ -f "$OUT/p7_10g.json" ] && echo --step-json "$OUT/p7_10g.json" ) ;;
-    attention-fused)  # the experimental fused attention (PHASE7FW_ATTENTION_KERNEL=fused): gate, then sweep + P3
-      t=tests/gpu/test_kernels_gpu.py::test_kernel_against_fp64_reference
-      PHASE7FW_ATTENTION_KERNEL=fused python3 -m pytest -m gpu -q -p no:cacheprovider "$t[0]" "$t[1]" "$t[2]" "$t[3]" 2>&1 | tail -5
-      python3 benchmarks/kernels.py --attention fused --sweep --out "$OUT/fused" ;;
+    attention-sweep)  # block sizes of the attention (and scan) kernels on this GPU, then P3 alone
+      python3 benchmarks/kernels.py --sweep --skip-verify --attention-only --out "$OUT/sweep" ;;
     decode)       # P9: CUDA-graph decoding, exactness first (exit 1 if any path's tokens differ), then speed
       python3 benchmarks/bench_decoding.py --graphs --tokens 300 --json "$OUT/dec_graphs_fp32.json" 2>&1 | tail -8
       python3 benchmarks/bench_decoding.py --graphs --tokens 300 --precision bf16 --json "$OUT/dec_graphs_bf16.json" 2>&1 | tail -8
@@ -49,6 +47,6 @@ for stage in "$@"; do
           --set train.compile=false --json "$OUT/max_10g.json" 2>&1 | tail -12
       $P7 bench recipes/phase7_1.5b_8gb.toml --memory-cap-gib 8 --max-params --steps 1 --warmup 1 \
           --set train.compile=false --json "$OUT/max_8g.json" 2>&1 | tail -12 ;;
-    *) echo "unknown stage $stage (gpu-tests kernels attention-fused decode small-gpu quality throughput max-params)"; exit 2 ;;
+    *) echo "unknown stage $stage (gpu-tests kernels attention-sweep decode small-gpu quality throughput max-params)"; exit 2 ;;
   esac
 done

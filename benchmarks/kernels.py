@@ -1,7 +1,7 @@
 """Kernel benchmarks P3, P4, P5 (design/PERFORMANCE.md), each a ratio measured in one run.
 
     python benchmarks/kernels.py [--out DIR] [--quick] [--skip-verify] [--step-json BENCH.json]
-                                 [--sweep] [--attention default|fused]
+                                 [--sweep] [--attention-only]
 
 On a CUDA GPU (bf16):
   P3  hyperbolic attention fwd+bwd at (8,16,1024,128), full causal, vs SDPA cuDNN (and FA2)
@@ -41,7 +41,7 @@ def flex_poincare(B, H, T, D, device):
     per-row terms (captured tensors with gradients), causal block mask."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    from phase7fw.kernels.hyperbolic_attention import _row_stats
+    from phase7fw.geometry import tangent_stats
     from phase7fw.kernels.verify import attention_inputs
 
     q, k, v, c, tau = attention_inputs(B, H, T, D, device)
@@ -54,8 +54,8 @@ def flex_poincare(B, H, T, D, device):
     def fwd_bwd():
         q_, k_, v_, c_, tau_ = ins
         sc = c_.sqrt()
-        nq, aq, fq = _row_stats(q_, sc.view(1, H, 1))
-        nk, ak, fk = _row_stats(k_, sc.view(1, H, 1))
+        nq, aq, fq = tangent_stats(q_.float(), c_.view(1, H, 1))
+        nk, ak, fk = tangent_stats(k_.float(), c_.view(1, H, 1))
 
         def score_mod(score, b, h, qi, ki):
             gap = torch.clamp(nq[b, h, qi] * nk[b, h, ki] - score, min=0.0)
@@ -69,16 +69,10 @@ def flex_poincare(B, H, T, D, device):
     return fwd_bwd
 
 
+#: block-size candidates (BM, BN, num_warps, num_stages): fwd query x key block; bwd: query x
+#: key block of the one-pass backward (dk, dv accumulators BN x D fp32, dq by atomics);
+#: bwd_pre: rows per program of the row pass (BN unused).
 ATTN_SWEEP = {
-    "fwd": [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 3), (64, 32, 4, 3), (32, 32, 4, 2),
-            (128, 32, 4, 2)],
-    "bwd": [(32, 32, 4, 1), (64, 32, 4, 1), (32, 64, 4, 1), (64, 64, 8, 1), (64, 32, 8, 1), (32, 32, 2, 1),
-            (64, 64, 4, 2), (32, 32, 4, 2)],
-}
-#: the same for the fused variant (PHASE7FW_ATTENTION_KERNEL=fused): fwd query x key block;
-#: bwd: query x key block of the one-pass backward (dk, dv accumulators BN x D fp32, dq by
-#: atomics); bwd_pre: rows per program of the row pass (BN unused).
-ATTN_SWEEP_FUSED = {
     "fwd": [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 3), (64, 64, 8, 2),
             (128, 128, 8, 2), (64, 128, 8, 2), (64, 64, 4, 3)],
     "bwd": [(32, 64, 4, 1), (32, 64, 4, 2), (64, 64, 8, 1), (64, 64, 4, 1), (32, 32, 4, 1), (16, 64, 4, 1),
@@ -92,9 +86,7 @@ SSM_SWEEP = [(64, 64, 8, 1), (64, 64, 4, 1), (64, 32, 4, 1), (32, 64, 4, 1), (64
 def sweep(dev) -> dict:
     """Pick block sizes per pass on this GPU (coordinate search; each pass timed on its own)."""
     from phase7fw.kernels import ar_ssm_scan as S
-    from phase7fw.kernels import attention_module
-
-    A = attention_module()
+    from phase7fw.kernels import hyperbolic_attention as A
     from phase7fw.kernels.verify import attention_inputs, ssm_inputs
 
     B, H, T, D = 8, 16, 1024, 128
@@ -116,21 +108,11 @@ def sweep(dev) -> dict:
         log[pass_name] = {str(k_): round(v_, 4) for k_, v_ in times.items()}
         print(pass_name, "->", pick, log[pass_name], flush=True)
 
-    if A.__name__.endswith("_fused"):  # row statistics inside the kernels, one-pass backward
-        o, o32, lse = A._fwd_impl(q, k, v, c, tau, T)
-        best("fwd", lambda: A._fwd_impl(q, k, v, c, tau, T), ATTN_SWEEP_FUSED["fwd"])
-        bwd = lambda: A._bwd_impl(q, k, v, o, o32, lse, do, c, tau, T)  # noqa: E731
-        best("bwd", bwd, ATTN_SWEEP_FUSED["bwd"])
-        best("bwd_pre", bwd, ATTN_SWEEP_FUSED["bwd_pre"])
-    else:
-        sc = c.sqrt()
-        nq, aq, fq = A._row_stats(q, sc.view(1, H, 1))
-        nk, ak, fk = A._row_stats(k, sc.view(1, H, 1))
-        o, lse = A._fwd_impl(q, k, v, nq, aq, fq, nk, ak, fk, sc, tau, T)
-        best("fwd", lambda: A._fwd_impl(q, k, v, nq, aq, fq, nk, ak, fk, sc, tau, T), ATTN_SWEEP["fwd"])
-        bwd = lambda: A._bwd_impl(q, k, v, o, lse, do, nq, aq, fq, nk, ak, fk, sc, tau, T)  # noqa: E731
-        best("bwd_kv", bwd, ATTN_SWEEP["bwd"])
-        best("bwd_q", bwd, ATTN_SWEEP["bwd"])
+    o, o32, lse = A._fwd_impl(q, k, v, c, tau, T)
+    best("fwd", lambda: A._fwd_impl(q, k, v, c, tau, T), ATTN_SWEEP["fwd"])
+    bwd = lambda: A._bwd_impl(q, k, v, o, o32, lse, do, c, tau, T)  # noqa: E731
+    best("bwd", bwd, ATTN_SWEEP["bwd"])
+    best("bwd_pre", bwd, ATTN_SWEEP["bwd_pre"])
     A.GRAD_MATMUL_LOW_PRECISION = True
     log["bwd_bf16_grad_matmuls_ms"] = bench(bwd)
     A.GRAD_MATMUL_LOW_PRECISION = False
@@ -159,45 +141,30 @@ def sweep(dev) -> dict:
     return log
 
 
-def peak_extra_mib(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-verify", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="pick block sizes on this GPU first")
-    ap.add_argument("--attention", choices=["default", "fused"], default=None,
-                    help="which Triton attention module (PHASE7FW_ATTENTION_KERNEL; default: the environment's)")
     ap.add_argument("--step-json", default=None,
                     help="a `phase7fw bench --json` file of the 1.5B recipe: P6 relates the HTT cost to its step time")
+    ap.add_argument("--attention-only", action="store_true",
+                    help="time the P3 attention rows against SDPA and stop (no FlexAttention, SSM or HTT)")
     ap.add_argument("--only-verify", type=int, nargs="*", default=None,
                     help="run only these verify cases (indices) and stop")
     args = ap.parse_args()
-    if args.attention is not None:
-        import os
-
-        os.environ["PHASE7FW_ATTENTION_KERNEL"] = "" if args.attention == "default" else args.attention
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda")
     import triton
 
-    from phase7fw.kernels import attention_module, attention_variant
-
-    hyperbolic_attention_triton = attention_module().hyperbolic_attention_triton
+    from phase7fw.kernels.hyperbolic_attention import hyperbolic_attention_triton
     from phase7fw.kernels.ar_ssm_scan import ar_ssm_scan_triton
-    from phase7fw.kernels.verify import attention_inputs, format_table, ssm_inputs, verify
+    from phase7fw.kernels.verify import attention_inputs, format_table, peak_extra_mib, ssm_inputs, verify
 
     meta = {
-        "gpu": torch.cuda.get_device_name(), "attention_variant": attention_variant() or "default",
+        "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__, "triton": triton.__version__, "date": datetime.date.today().isoformat(),
     }
     print(meta, flush=True)
@@ -255,7 +222,8 @@ def main() -> int:
             t[name + "_fwd_bwd"] = float("nan")
             print(name, "failed:", exc, flush=True)
     try:
-        t["flex_poincare_fwd_bwd"] = bench(flex_poincare(B, H, T, D, dev))
+        if not args.attention_only:
+            t["flex_poincare_fwd_bwd"] = bench(flex_poincare(B, H, T, D, dev))
     except Exception as exc:  # noqa: BLE001
         t["flex_poincare_fwd_bwd"] = float("nan")
         print("flex failed:", repr(exc)[:500], flush=True)
@@ -284,6 +252,9 @@ def main() -> int:
         print("sdpa T4096 failed:", exc, flush=True)
     res["attention_ms"] = t
     print(t, flush=True)
+    if args.attention_only:
+        (out / "kernels.json").write_text(json.dumps(res, indent=1, default=str))
+        return 0
 
     mem = {}
     for TT in (1024, 2048, 4096):

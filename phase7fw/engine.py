@@ -336,13 +336,6 @@ class Engine:
                                       " use \"reference\" or \"auto\"")
                 chosen[op] = "triton"
                 reasons[op] = why
-        if chosen.get("hyperbolic_attention") == "triton":
-            from phase7fw.kernels import attention_variant
-
-            variant = attention_variant()
-            if variant:  # the A/B switch of a kernel not yet verified on a GPU: say so
-                note = f"variant {variant!r} (PHASE7FW_ATTENTION_KERNEL), not yet verified on a GPU"
-                reasons["hyperbolic_attention"] = "; ".join(filter(None, (reasons.get("hyperbolic_attention"), note)))
         if any(v == "triton" for v in chosen.values()) or reasons:
             self.console.print("kernels: " + ", ".join(
                 f"{op}={impl}" + (f" ({reasons[op]})" if op in reasons else "") for op, impl in chosen.items()

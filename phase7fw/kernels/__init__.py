@@ -12,33 +12,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-__all__ = ["select", "attention_module"]
-
-#: ``PHASE7FW_ATTENTION_KERNEL`` -> the module behind the ``hyperbolic_attention`` Triton
-#: kernel: "" = the default (verified on the H200); "fused" = row statistics, Delta and the
-#: chain rule inside the kernels, one-pass backward with atomic dq (interpreter-tested, not yet
-#: run on a GPU). An A/B switch for benchmarking until the fused one is verified; it does not
-#: change parameters, checkpoints or the recipe.
-ATTENTION_VARIANTS = {"": "hyperbolic_attention", "fused": "hyperbolic_attention_fused"}
-
-
-def attention_variant() -> str:
-    import os
-
-    name = os.environ.get("PHASE7FW_ATTENTION_KERNEL", "")
-    if name not in ATTENTION_VARIANTS:
-        from phase7fw.errors import Phase7Error
-
-        raise Phase7Error(f"PHASE7FW_ATTENTION_KERNEL={name!r}: expected one of "
-                          + ", ".join(repr(k) for k in ATTENTION_VARIANTS) + " (empty: the default kernel)")
-    return name
-
-
-def attention_module():
-    """The Triton hyperbolic-attention module that ``PHASE7FW_ATTENTION_KERNEL`` selects."""
-    import importlib
-
-    return importlib.import_module(f"phase7fw.kernels.{ATTENTION_VARIANTS[attention_variant()]}")
+__all__ = ["select"]
 
 
 def select(context: dict, op: str, reference: Callable) -> Callable:

@@ -367,26 +367,9 @@ def _check(vocab, d_model, n_cores, rank, n_tokens, device, case, timings, autoc
     return row
 
 
-def _gpu_bench(fn, reps: int = 20) -> float:
-    """GPU time of ``fn`` in ms, without the Python and launch overhead that the wall-clock
-    numbers carry at this size (a training step hides it behind other GPU work): the GPU is
-    kept busy while the CPU queues all the reps, then the reps are timed with CUDA events."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(200_000_000)  # ~0.1 s of spinning: longer than queueing the reps takes
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps
-
-
 def _timings(m, ids, gout, device, autocast) -> dict:
     from phase7fw.components.phase7.embedding import htt_embedding_reference
-    from phase7fw.kernels.verify import _bench
+    from phase7fw.kernels.verify import _bench, gpu_time_ms
 
     params = [*m.cores, m.scale]
     cores, d_model = list(m.cores), m.d_model
@@ -416,7 +399,7 @@ def _timings(m, ids, gout, device, autocast) -> dict:
     fns = {"triton": tri, "reference": ref, "weight_matrix": table, "dense": dense_fb}
     ms = {f"{k}_fwd_bwd": _bench(fn, device) for k, fn in fns.items()}
     if device.type == "cuda":
-        ms.update({f"{k}_fwd_bwd_gpu": _gpu_bench(fn) for k, fn in fns.items()})
+        ms.update({f"{k}_fwd_bwd_gpu": gpu_time_ms(fn) for k, fn in fns.items()})
     return ms
 
 

@@ -1,36 +1,49 @@
-"""Fused hyperbolic (Poincare-distance) causal sliding-window attention in Triton.
+"""Fused hyperbolic (Poincare-distance) causal sliding-window attention in Triton: row
+statistics, Delta and the chain rule inside the kernels, a one-pass backward with atomic dq.
+Verified against the fp64 reference on an H200 (tests/gpu) and timed in benchmarks/RESULTS.md.
 
 Same contract as :func:`phase7fw.components.phase7.attention.hyperbolic_attention_reference`:
 ``hyperbolic_attention_triton(q, k, v, c, tau, window) -> o`` with q, k, v of shape
 (B, H, T, D) (q, k already rotated), c a scalar or (H,), tau (H,), window W >= 1 (W >= T: full
 causal). Scores s_ij = -tau_h d_c(expmap0(q_i), expmap0(k_j)) for i - W < j <= i.
 
-How it is split (MODEL.md, geometry.py):
+How it is split (MODEL.md, geometry.py): three kernels, no torch maths on (B, H, T) or
+larger tensors except one dtype cast of dq and one sum of per-program partials.
 
-* Per-row scalars, in torch, fp32, differentiable (O(T) memory): n = max(|u|, 1e-15),
-  a = min(sqrt(c) n, MAX_TANGENT_ATANH), f = sinh(2a) / n, for q and for k.
-* The kernels (flash-style, online softmax, O(T) extra memory: the row log-sum-exp) form the
-  only T x T product <q_i, k_j> on tensor cores and evaluate per pair
+* Per-row scalars n = max(|u|, 1e-15), a = min(sqrt(c) n, MAX_TANGENT_ATANH), f = sinh(2a)/n
+  are computed in registers (fp32) from the q/k tiles the kernels load, sqrt(c) from c.
+* Forward, one program per query block (flash-style online softmax in base 2, O(T) extra
+  memory: the row log-sum-exp): the only T x T product <q_i, k_j> goes to tensor cores and
+  per pair
 
       gap = max(n_q n_k - <q,k>, 0)
-      sh  = sinh(a_q - a_k) = (e^{a_q} e^{-a_k} - e^{-a_q} e^{a_k}) / 2   (no transcendental per pair)
-      z   = max(2 sh^2 + f_q f_k gap, eps32^2)                             (= 2Z of geometry.py)
-      d   = log1p(z + sqrt(z (z + 2))) / sqrt(c)
+      sh  = sqrt(2) sinh(a_q - a_k) = e^{a_q}/sqrt(2) e^{-a_k} - e^{-a_q}/sqrt(2) e^{a_k}
+      z   = max(sh^2 + f_q f_k gap, eps32^2)                              (= 2Z of geometry.py)
+      s log2(e) = -(tau/sqrt(c)) log2(1 + z + sqrt(z (z + 2)))
 
-  in fp32 whatever the input dtype; softmax statistics are fp32 (base-2 internally).
-* Backward: two kernels that recompute the scores (one per key block: dk, dv and key-row
-  sums; one per query block: dq and query-row sums), no atomics, deterministic. They return
-  the gradients of the per-row scalars (n, a, f) and the row sums R_i = sum_j d_ij dS_ij,
-  from which torch autograd finishes the chain to q, k, c (through a and the 1/sqrt(c)
-  factor) and tau: dL/dtau_h = -sum R, dL/dsqrt(c)_h = tau_h / sqrt(c_h) sum R.
+  in fp32 whatever the input dtype. It writes O in the input dtype and, for 16-bit inputs,
+  an fp32 copy of O (P @ V uses a hi/lo split of P, so that copy is fp32-accurate).
+* Backward: a row pass (Delta = dO . O32, the q statistics, zeroing the fp32 dq buffer), then
+  one program per key block that recomputes the scores of the query blocks in its window
+  once and produces dk, dv (registers), dq (fp32 atomics, dot part and radial part), and its
+  partial sums of d(c) and d(tau). The chain rule from the row statistics to q, k, c is
+  finished in the kernel: with g = dL/dz, dz/d<q,k> = -f_q f_k [gap > 0],
+  dz/dn_q = f_q f_k n_k [gap > 0], dz/da_q = -dz/da_k = 4 sinh cosh(a_q - a_k),
+  dz/df_q = f_k gap, then da/dn = sqrt(c) [a unclamped], df/dn|_a = -f/n,
+  df/da = 2 cosh(2a)/n, dn/du = u/n; dL/dtau = -sum d dS, dL/dsqrt(c) = tau/sqrt(c) sum d dS
+  + sum_rows n [a unclamped] dL/da.
 
-Key blocks wholly outside the window are skipped (the loops cover only blocks that
-intersect i - W < j <= i), so the cost is O(T W) for W < T.
+Only blocks that intersect the window i - W < j <= i are visited (O(T W) for W < T), and
+only blocks on the diagonal, the window edge or the end of the sequence are masked.
+
+Launches: forward 1 kernel; backward 2 kernels + the dq cast (16-bit inputs) + one (2, H)
+sum. The kernel-level FLOP and byte counts per pair are in the kernels' docstrings.
 
 The core is registered as ``torch.ops.phase7fw.hyperbolic_attention_fwd`` / ``..._bwd``
 (``torch.library.custom_op`` with fake and autograd registrations), so torch.compile traces
 through it as one opaque op. Inputs in bf16/fp16 keep their dtype in memory; fp32 inputs use
-IEEE fp32 dot products (used by the CPU interpreter tests).
+IEEE fp32 dot products (used by the CPU interpreter tests). The dq atomics make dq (and so
+d(q) of the model) not bitwise deterministic run to run.
 """
 
 from __future__ import annotations
@@ -42,8 +55,6 @@ from phase7fw.kernels._triton import require, tl, triton
 
 __all__ = ["hyperbolic_attention_triton", "hyperbolic_attention_core"]
 
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 _TINY = float(torch.finfo(torch.float32).eps) ** 2  # geometry._min_z(float32)
 _MIN_NORM = 1e-15
 
@@ -54,275 +65,374 @@ _MIN_NORM = 1e-15
 
 
 @triton.jit
-def _pair_terms(dot, nq, eq, ieq, fq, nk, ek, iek, fk, TINY: tl.constexpr):
-    """Per-pair distance terms from <q,k> (BM, BN) and row scalars (BM,) / (BN,)."""
-    gap_raw = nq[:, None] * nk[None, :] - dot
-    gap = tl.maximum(gap_raw, 0.0)
-    sh = 0.5 * (eq[:, None] * iek[None, :] - ieq[:, None] * ek[None, :])
-    ffk = fq[:, None] * fk[None, :]
-    z_raw = 2.0 * sh * sh + ffk * gap
-    z = tl.maximum(z_raw, TINY)
-    rr = z * (z + 2.0)
-    r = tl.sqrt(rr)
-    w = z + r
-    # ln(1 + w) accurately: a short series for small w, log2 otherwise (relative error
-    # <= ~1e-5 at w = 1e-2, far below what the softmax resolves).
-    series = w * (1.0 - w * (0.5 - w * (0.3333333333333333 - w * 0.25)))
-    ln1p = tl.where(w < 1e-2, series, tl.log2(1.0 + w) * 0.6931471805599453)
-    return gap_raw, gap, sh, ffk, z_raw, r, ln1p
+def _row_stats(u, sc, MAXA: tl.constexpr, MIN_NORM: tl.constexpr):
+    """(n, a, f) of the rows of u (R, BD) fp32 (geometry.tangent_stats): n = max(|u|, 1e-15),
+    a = min(sqrt(c) n, MAXA), f = sinh(2a) / n (a series below 2a = 0.5: no cancellation)."""
+    n = tl.maximum(tl.sqrt(tl.sum(u * u, 1)), MIN_NORM)
+    a = tl.minimum(sc * n, MAXA)
+    x = 2.0 * a
+    x2 = x * x
+    series = x * (1.0 + x2 * (0.16666666666666666 + x2 * (0.008333333333333333
+                                                            + x2 * (1.984126984126984e-4 + x2 * 2.7557319223985893e-6))))
+    ex = tl.exp(x)
+    sinh2a = tl.where(x < 0.5, series, 0.5 * (ex - 1.0 / ex))
+    return n, a, sinh2a / n
+
+
+@triton.jit
+def _load_tile(P, offs_r, offs_d, T, D: tl.constexpr, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """Rows offs_r of a (T, D) matrix as a (R, BD) tile; masks only what may be out of range."""
+    ptrs = P + offs_r[:, None] * D + offs_d[None, :]
+    if CHECK_ROWS:
+        if EVEN_D:
+            t = tl.load(ptrs, mask=(offs_r < T)[:, None], other=0.0)
+        else:
+            t = tl.load(ptrs, mask=(offs_r < T)[:, None] & (offs_d < D)[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            t = tl.load(ptrs)
+        else:
+            t = tl.load(ptrs, mask=(offs_d < D)[None, :], other=0.0)
+    return t
+
+
+@triton.jit
+def _fwd_block(acc, m_i, l_i, q, nq, eqs, ieqs, fq, offs_m, start_n, K, V, T, W, sc, coef2, offs_d,
+               D: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, TINY: tl.constexpr,
+               MAXA: tl.constexpr, MIN_NORM: tl.constexpr, SPLIT_P: tl.constexpr,
+               EVEN_D: tl.constexpr, MASK: tl.constexpr):
+    """One key block of the forward: online-softmax update of (acc, m_i, l_i)."""
+    offs_n = start_n + tl.arange(0, BN)
+    k = _load_tile(K, offs_n, offs_d, T, D, MASK, EVEN_D)
+    v = _load_tile(V, offs_n, offs_d, T, D, MASK, EVEN_D)
+    nk, ak, fk = _row_stats(k.to(tl.float32), sc, MAXA, MIN_NORM)
+    ek = tl.exp(ak)
+    iek = 1.0 / ek
+
+    dot = tl.dot(q, tl.trans(k), input_precision=PREC)
+    # gap = n_q n_k - <q,k> (>= 0 up to rounding); sh = sqrt(2) sinh(a_q - a_k) from the
+    # per-row e^{+-a} (eqs, ieqs carry the 1/sqrt(2)); z = 2 sinh^2 + f_q f_k gap = 2Z.
+    gap = tl.maximum(nq[:, None] * nk[None, :] - dot, 0.0)
+    sh = eqs[:, None] * iek[None, :] - ieqs[:, None] * ek[None, :]
+    z = tl.maximum(sh * sh + (gap * fq[:, None]) * fk[None, :], TINY)
+    # log2 of 1 + z + sqrt(z (z+2)) = arcosh(1+z) log2(e): scores in base 2, s2 = s log2(e)
+    s2 = -coef2 * tl.log2(1.0 + z + tl.sqrt(z * (z + 2.0)))
+    if MASK:
+        allowed = ((offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] - offs_n[None, :] < W)
+                   & (offs_n < T)[None, :])
+        s2 = tl.where(allowed, s2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s2, 1))
+    if MASK:
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s2 - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if SPLIT_P:
+        # p = hi + lo in two 16-bit parts: O keeps ~fp32 accuracy (the backward's
+        # Delta = dO . O must match sum_j P dP; a bf16 P biases d(tau), d(c) ~1e-2).
+        p_hi = p.to(v.dtype)
+        p_lo = (p - p_hi.to(tl.float32)).to(v.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p_hi, v) + tl.dot(p_lo, v)
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return acc, m_new, l_i
 
 
 @triton.jit
 def _hyp_attn_fwd_kernel(
-    Q, K, V, O, LSE,
-    NQ, AQ, FQ, NK, AK, FK, SC, TAU,
+    Q, K, V, O, O32, LSE, C, TAU,
     H, T, W,
     D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    PREC: tl.constexpr, TINY: tl.constexpr, SPLIT_P: tl.constexpr,
+    PREC: tl.constexpr, TINY: tl.constexpr, MAXA: tl.constexpr, MIN_NORM: tl.constexpr,
+    SPLIT_P: tl.constexpr, EVEN_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    """One program per (query block, batch*head). Per pair (D = head dim): 4D matmul FLOPs
+    (QK^T, PV; 6D with the split P of bf16/fp16), ~20 fp32 ops and 3 MUFU (sqrt, log2, exp2);
+    the row statistics of each visited key block cost ~3D/BM more per pair. Bytes: each
+    visited key block reads K, V once (4D/BM bytes per pair in bf16), O(T) writes."""
+    # the last query blocks see the most keys (causal): launch them first (shorter tail)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     h = bh % H
-    sc = tl.load(SC + h)
-    tau = tl.load(TAU + h)
-    coef = tau / sc  # s_ij = -coef * ln1p_ij ;  log2-domain: s * log2(e)
+    sc = tl.sqrt(tl.load(C + h))
+    coef2 = tl.load(TAU + h) / sc  # s log2(e) = -(tau/sqrt(c)) log2(1 + w)
     base = bh.to(tl.int64) * T * D
     rbase = bh.to(tl.int64) * T
+    Qb, Kb, Vb = Q + base, K + base, V + base
 
-    offs_m = pid_m * BM + tl.arange(0, BM)
+    m0 = pid_m * BM
+    offs_m = m0 + tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
-    m_ok = offs_m < T
-    d_ok = offs_d < D
-    q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    nq = tl.load(NQ + rbase + offs_m, mask=m_ok, other=1.0)
-    aq = tl.load(AQ + rbase + offs_m, mask=m_ok, other=0.0)
-    fq = tl.load(FQ + rbase + offs_m, mask=m_ok, other=1.0)
+    q = _load_tile(Qb, offs_m, offs_d, T, D, True, EVEN_D)
+    nq, aq, fq = _row_stats(q.to(tl.float32), sc, MAXA, MIN_NORM)
     eq = tl.exp(aq)
-    ieq = tl.exp(-aq)
+    eqs = eq * 0.7071067811865476
+    ieqs = 0.7071067811865476 / eq
 
     m_i = tl.full((BM,), float("-inf"), tl.float32)
     l_i = tl.zeros((BM,), tl.float32)
     acc = tl.zeros((BM, BD), tl.float32)
 
-    lo = tl.maximum(pid_m * BM - W + 1, 0)
-    lo = (lo // BN) * BN
-    hi = tl.minimum((pid_m + 1) * BM, T)
-    for start_n in range(lo, hi, BN):
-        offs_n = start_n + tl.arange(0, BN)
-        n_ok = offs_n < T
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-        nk = tl.load(NK + rbase + offs_n, mask=n_ok, other=1.0)
-        ak = tl.load(AK + rbase + offs_n, mask=n_ok, other=0.0)
-        fk = tl.load(FK + rbase + offs_n, mask=n_ok, other=1.0)
-        ek = tl.exp(ak)
-        iek = tl.exp(-ak)
-
-        dot = tl.dot(q, tl.trans(k), input_precision=PREC)
-        gap_raw, gap, sh, ffk, z_raw, r, ln1p = _pair_terms(dot, nq, eq, ieq, fq, nk, ek, iek, fk, TINY)
-        s2 = -(coef * 1.4426950408889634) * ln1p
-        allowed = (n_ok[None, :] & m_ok[:, None] & (offs_n[None, :] <= offs_m[:, None])
-                   & (offs_m[:, None] - offs_n[None, :] < W))
-        s2 = tl.where(allowed, s2, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s2, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s2 - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if SPLIT_P:
-            # p = hi + lo in two 16-bit parts: O keeps ~fp32 accuracy (the backward's
-            # Delta = dO . O must match sum_j P dP; a bf16 P biases d(tau), d(c) ~1e-2).
-            p_hi = p.to(v.dtype)
-            p_lo = (p - p_hi.to(tl.float32)).to(v.dtype)
-            acc = acc * alpha[:, None] + tl.dot(p_hi, v) + tl.dot(p_lo, v)
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+    # key blocks [lo, hi) intersect the window of some row; those in [full_lo, full_hi) lie
+    # wholly inside every row's window (n0 >= m0 + BM - W, n0 + BN <= m0 + 1) and skip masks.
+    lo = (tl.maximum(m0 - W + 1, 0) // BN) * BN
+    hi = tl.minimum(m0 + BM, T)
+    full_lo = tl.minimum(tl.maximum(lo, tl.cdiv(tl.maximum(m0 + BM - W, 0), BN) * BN), hi)
+    full_hi = tl.where(m0 + BM > T, full_lo, ((m0 + 1) // BN) * BN)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    for start_n in range(lo, full_lo, BN):
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, nq, eqs, ieqs, fq, offs_m, start_n, Kb, Vb, T, W, sc, coef2,
+                                   offs_d, D, BN, PREC, TINY, MAXA, MIN_NORM, SPLIT_P, EVEN_D, True)
+    for start_n in range(full_lo, full_hi, BN):
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, nq, eqs, ieqs, fq, offs_m, start_n, Kb, Vb, T, W, sc, coef2,
+                                   offs_d, D, BN, PREC, TINY, MAXA, MIN_NORM, SPLIT_P, EVEN_D, False)
+    for start_n in range(full_hi, hi, BN):
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, nq, eqs, ieqs, fq, offs_m, start_n, Kb, Vb, T, W, sc, coef2,
+                                   offs_d, D, BN, PREC, TINY, MAXA, MIN_NORM, SPLIT_P, EVEN_D, True)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_safe[:, None]
-    tl.store(O + base + offs_m[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty),
-             mask=m_ok[:, None] & d_ok[None, :])
+    m_ok = offs_m < T
+    o_mask = m_ok[:, None] & (offs_d < D)[None, :]
+    o_off = base + offs_m[:, None] * D + offs_d[None, :]
+    tl.store(O + o_off, o.to(O.dtype.element_ty), mask=o_mask)
+    if SPLIT_P:
+        # fp32 copy for the backward's Delta = dO . O (a bf16 O biases d(c), d(tau) ~3e-2)
+        tl.store(O32 + o_off, o, mask=o_mask)
     tl.store(LSE + rbase + offs_m, m_i + tl.log2(l_safe), mask=m_ok)
 
 
 @triton.jit
-def _hyp_attn_bwd_kv_kernel(
-    Q, K, V, DO, LSE, DELTA,
-    NQ, AQ, FQ, NK, AK, FK, SC, TAU,
-    DK, DV, GNK, GAK, GFK,
-    H, T, W,
-    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    PREC: tl.constexpr, GPREC: tl.constexpr, GRAD_FP32: tl.constexpr, TINY: tl.constexpr,
+def _hyp_attn_bwd_pre_kernel(
+    Q, O32, DO, C, DQ32, NQ, AQ, FQ, DELTA,
+    H, T,
+    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+    MAXA: tl.constexpr, MIN_NORM: tl.constexpr, EVEN_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    h = bh % H
-    sc = tl.load(SC + h)
-    tau = tl.load(TAU + h)
-    coef = tau / sc
-    base = bh.to(tl.int64) * T * D
-    rbase = bh.to(tl.int64) * T
-
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_d = tl.arange(0, BD)
-    n_ok = offs_n < T
-    d_ok = offs_d < D
-    kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-    nk = tl.load(NK + rbase + offs_n, mask=n_ok, other=1.0)
-    ak = tl.load(AK + rbase + offs_n, mask=n_ok, other=0.0)
-    fk = tl.load(FK + rbase + offs_n, mask=n_ok, other=1.0)
-    ek = tl.exp(ak)
-    iek = tl.exp(-ak)
-
-    dk = tl.zeros((BN, BD), tl.float32)
-    dv = tl.zeros((BN, BD), tl.float32)
-    g_nk = tl.zeros((BN,), tl.float32)
-    g_ak = tl.zeros((BN,), tl.float32)
-    g_fk = tl.zeros((BN,), tl.float32)
-
-    lo = ((pid_n * BN) // BM) * BM
-    hi = tl.minimum(pid_n * BN + BN + W - 1, T)
-    for start_m in range(lo, hi, BM):
-        offs_m = start_m + tl.arange(0, BM)
-        m_ok = offs_m < T
-        qd_mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
-        do = tl.load(DO + base + offs_m[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
-        nq = tl.load(NQ + rbase + offs_m, mask=m_ok, other=1.0)
-        aq = tl.load(AQ + rbase + offs_m, mask=m_ok, other=0.0)
-        fq = tl.load(FQ + rbase + offs_m, mask=m_ok, other=1.0)
-        lse = tl.load(LSE + rbase + offs_m, mask=m_ok, other=0.0)
-        delta = tl.load(DELTA + rbase + offs_m, mask=m_ok, other=0.0)
-        eq = tl.exp(aq)
-        ieq = tl.exp(-aq)
-
-        dot = tl.dot(q, tl.trans(k), input_precision=PREC)
-        gap_raw, gap, sh, ffk, z_raw, r, ln1p = _pair_terms(dot, nq, eq, ieq, fq, nk, ek, iek, fk, TINY)
-        s2 = -(coef * 1.4426950408889634) * ln1p
-        allowed = (n_ok[None, :] & m_ok[:, None] & (offs_n[None, :] <= offs_m[:, None])
-                   & (offs_m[:, None] - offs_n[None, :] < W))
-        p = tl.where(allowed, tl.exp2(s2 - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-
-        # g = dL/dz = -tau/sqrt(c) * dS / sqrt(z (z+2))   (0 where z was clamped)
-        g = tl.where(z_raw > TINY, -coef * ds / r, 0.0)
-        ch = 0.5 * (eq[:, None] * iek[None, :] + ieq[:, None] * ek[None, :])
-        g_ak += tl.sum(-4.0 * g * sh * ch, 0)
-        g_fk += tl.sum(g * fq[:, None] * gap, 0)
-        gg = tl.where(gap_raw > 0.0, g * ffk, 0.0)
-        g_nk += tl.sum(gg * nq[:, None], 0)
-        if GRAD_FP32:
-            dk -= tl.dot(tl.trans(gg), q.to(tl.float32), input_precision=GPREC)
-        else:
-            dk -= tl.dot(tl.trans(gg.to(q.dtype)), q, input_precision=GPREC)
-
-    tl.store(DK + base + offs_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + base + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
-    tl.store(GNK + rbase + offs_n, g_nk, mask=n_ok)
-    tl.store(GAK + rbase + offs_n, g_ak, mask=n_ok)
-    tl.store(GFK + rbase + offs_n, g_fk, mask=n_ok)
-
-
-@triton.jit
-def _hyp_attn_bwd_q_kernel(
-    Q, K, V, DO, LSE, DELTA,
-    NQ, AQ, FQ, NK, AK, FK, SC, TAU,
-    DQ, GNQ, GAQ, GFQ, RSUM,
-    H, T, W,
-    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    PREC: tl.constexpr, GPREC: tl.constexpr, GRAD_FP32: tl.constexpr, TINY: tl.constexpr,
-):
+    """Per query row: Delta = dO . O (fp32 O), the statistics (n, a, f) of q, and zeros in
+    the fp32 dq accumulator. Reads q, O (fp32), dO once; writes dq (fp32) once."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    h = bh % H
-    sc = tl.load(SC + h)
-    tau = tl.load(TAU + h)
-    coef = tau / sc
+    sc = tl.sqrt(tl.load(C + bh % H))
     base = bh.to(tl.int64) * T * D
     rbase = bh.to(tl.int64) * T
-
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
     m_ok = offs_m < T
-    d_ok = offs_d < D
-    qd_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
-    do = tl.load(DO + base + offs_m[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
-    nq = tl.load(NQ + rbase + offs_m, mask=m_ok, other=1.0)
-    aq = tl.load(AQ + rbase + offs_m, mask=m_ok, other=0.0)
-    fq = tl.load(FQ + rbase + offs_m, mask=m_ok, other=1.0)
-    lse = tl.load(LSE + rbase + offs_m, mask=m_ok, other=0.0)
-    delta = tl.load(DELTA + rbase + offs_m, mask=m_ok, other=0.0)
+    q = _load_tile(Q + base, offs_m, offs_d, T, D, True, EVEN_D).to(tl.float32)
+    o = _load_tile(O32 + base, offs_m, offs_d, T, D, True, EVEN_D).to(tl.float32)
+    do = _load_tile(DO + base, offs_m, offs_d, T, D, True, EVEN_D).to(tl.float32)
+    nq, aq, fq = _row_stats(q, sc, MAXA, MIN_NORM)
+    tl.store(NQ + rbase + offs_m, nq, mask=m_ok)
+    tl.store(AQ + rbase + offs_m, aq, mask=m_ok)
+    tl.store(FQ + rbase + offs_m, fq, mask=m_ok)
+    tl.store(DELTA + rbase + offs_m, tl.sum(o * do, 1), mask=m_ok)
+    tl.store(DQ32 + base + offs_m[:, None] * D + offs_d[None, :], tl.zeros((BM, BD), tl.float32),
+             mask=m_ok[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
+def _bwd_block(dk, dv, t_ga, t_gz, t_gn, r_acc, sc_acc,
+               k, kf, v, nk, ek, iek, fk, offs_n, start_m,
+               Q, DO, DQ32, LSE, DELTA, NQ, AQ, FQ, T, W, sc, coef, offs_d,
+               D: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr,
+               GRAD_FP32: tl.constexpr, TINY: tl.constexpr, MAXA: tl.constexpr, MIN_NORM: tl.constexpr,
+               EVEN_D: tl.constexpr, MASK: tl.constexpr):
+    """One query block against the program's key block: dk, dv and the key-side sums
+    accumulate in registers; dq (dot part + this block's share of the radial part) is added
+    to the fp32 dq buffer with atomics. The g below is dL/dz divided by -tau/sqrt(c)."""
+    offs_m = start_m + tl.arange(0, BM)
+    q = _load_tile(Q, offs_m, offs_d, T, D, MASK, EVEN_D)
+    do = _load_tile(DO, offs_m, offs_d, T, D, MASK, EVEN_D)
+    if MASK:
+        m_ok = offs_m < T
+        nq = tl.load(NQ + offs_m, mask=m_ok, other=1.0)
+        aq = tl.load(AQ + offs_m, mask=m_ok, other=0.0)
+        fq = tl.load(FQ + offs_m, mask=m_ok, other=1.0)
+        lse = tl.load(LSE + offs_m, mask=m_ok, other=0.0)
+        delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
+    else:
+        nq = tl.load(NQ + offs_m)
+        aq = tl.load(AQ + offs_m)
+        fq = tl.load(FQ + offs_m)
+        lse = tl.load(LSE + offs_m)
+        delta = tl.load(DELTA + offs_m)
     eq = tl.exp(aq)
-    ieq = tl.exp(-aq)
+    eqs = eq * 0.7071067811865476
+    ieqs = 0.7071067811865476 / eq
 
-    dq = tl.zeros((BM, BD), tl.float32)
-    g_nq = tl.zeros((BM,), tl.float32)
-    g_aq = tl.zeros((BM,), tl.float32)
-    g_fq = tl.zeros((BM,), tl.float32)
-    rsum = tl.zeros((BM,), tl.float32)
+    # Order chosen for short live ranges: dP first (one array alive through the score maths);
+    # after the scores only fm, zg, shc, rinv, lg, p (then ds) stay alive per pair; g, ga, gz,
+    # gg are consumed by reductions / matmuls as soon as formed.
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    x = nq[:, None] * nk[None, :] - tl.dot(q, tl.trans(k), input_precision=PREC)  # gap, unclamped
+    fm = tl.where(x > 0.0, fq[:, None] * fk[None, :], 0.0)  # f_q f_k [gap > 0] = -dz/d<q,k>
+    zg = x * fm  # f_q f_k max(gap, 0)
+    p1 = eqs[:, None] * iek[None, :]
+    p2 = ieqs[:, None] * ek[None, :]
+    sh = p1 - p2  # sqrt(2) sinh(a_q - a_k); p1 + p2 = sqrt(2) cosh(a_q - a_k)
+    shc = sh * (p1 + p2)  # 2 sinh cosh = dz/da_q / 2
+    z = sh * sh + zg
+    zc = tl.maximum(z, TINY)
+    rr = zc * (zc + 2.0)
+    rinv = tl.rsqrt(rr)  # d arcosh(1+z) / dz
+    lg = tl.log2(1.0 + zc + rr * rinv)  # arcosh(1+z) log2(e)
+    rinv = tl.where(z > TINY, rinv, 0.0)  # no gradient where z was clamped
+    p = tl.exp2(-coef * lg - lse[:, None])
+    if MASK:
+        allowed = ((offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] - offs_n[None, :] < W)
+                   & (offs_m < T)[:, None] & (offs_n < T)[None, :])
+        p = tl.where(allowed, p, 0.0)
+    ds = p * (dp - delta[:, None])  # dL/ds
+    r_acc += tl.sum(ds * lg, 0)  # sum d dS, up to the factor ln2/sqrt(c)
+    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
 
-    lo = tl.maximum(pid_m * BM - W + 1, 0)
-    lo = (lo // BN) * BN
-    hi = tl.minimum((pid_m + 1) * BM, T)
-    for start_n in range(lo, hi, BN):
-        offs_n = start_n + tl.arange(0, BN)
-        n_ok = offs_n < T
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-        nk = tl.load(NK + rbase + offs_n, mask=n_ok, other=1.0)
-        ak = tl.load(AK + rbase + offs_n, mask=n_ok, other=0.0)
-        fk = tl.load(FK + rbase + offs_n, mask=n_ok, other=1.0)
-        ek = tl.exp(ak)
-        iek = tl.exp(-ak)
+    g = ds * rinv
+    ga = g * shc  # half of g dz/da_q  (dz/da_k = -dz/da_q)
+    gz = g * zg  # g f_q f_k gap: gives dz/df through 1/f
+    gg = g * fm  # g * -dz/d<q,k>
+    t_ga += tl.sum(ga, 0)
+    t_gz += tl.sum(gz, 0)
+    t_gn += tl.sum(gg * nq[:, None], 0)
+    if GRAD_FP32:
+        dk += tl.dot(tl.trans(gg), q.to(tl.float32), input_precision=GPREC)
+        dq_dot = tl.dot(gg, kf, input_precision=GPREC)
+    else:
+        dk += tl.dot(tl.trans(gg.to(q.dtype)), q, input_precision=GPREC)
+        dq_dot = tl.dot(gg.to(kf.dtype), kf, input_precision=GPREC)
 
-        dot = tl.dot(q, tl.trans(k), input_precision=PREC)
-        gap_raw, gap, sh, ffk, z_raw, r, ln1p = _pair_terms(dot, nq, eq, ieq, fq, nk, ek, iek, fk, TINY)
-        s2 = -(coef * 1.4426950408889634) * ln1p
-        allowed = (n_ok[None, :] & m_ok[:, None] & (offs_n[None, :] <= offs_m[:, None])
-                   & (offs_m[:, None] - offs_n[None, :] < W))
-        p = tl.where(allowed, tl.exp2(s2 - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        rsum += tl.sum(ln1p * ds, 1)
-
-        g = tl.where(z_raw > TINY, -coef * ds / r, 0.0)
-        ch = 0.5 * (eq[:, None] * iek[None, :] + ieq[:, None] * ek[None, :])
-        g_aq += tl.sum(4.0 * g * sh * ch, 1)
-        g_fq += tl.sum(g * fk[None, :] * gap, 1)
-        gg = tl.where(gap_raw > 0.0, g * ffk, 0.0)
-        g_nq += tl.sum(gg * nk[None, :], 1)
-        if GRAD_FP32:
-            dq -= tl.dot(gg, k.to(tl.float32), input_precision=GPREC)
+    # chain rule to q for this block's pairs (linear: the shares of all key blocks add up).
+    # n, a, f of q: da/dn = sqrt(c) [a unclamped], df/dn = -f/n, df/da = 2 cosh(2a)/n.
+    s_gz = tl.sum(gz, 1)
+    g_n = tl.sum(gg * nk[None, :], 1) - s_gz / nq  # dz/dn_q (+ f's 1/n)
+    e2 = eq * eq
+    g_a = 2.0 * tl.sum(ga, 1) + s_gz * (e2 + 1.0 / e2) / (fq * nq)  # total through a
+    unclamped = sc * nq <= MAXA
+    g_t = g_n + tl.where(unclamped, g_a * sc, 0.0)
+    radial = tl.where(nq > MIN_NORM, g_t / nq, 0.0)
+    sc_acc += tl.where(unclamped, g_a * nq, 0.0)
+    dq = coef * (dq_dot - radial[:, None] * q.to(tl.float32))
+    dq_ptrs = DQ32 + offs_m[:, None] * D + offs_d[None, :]
+    if MASK:
+        if EVEN_D:
+            tl.atomic_add(dq_ptrs, dq, mask=(offs_m < T)[:, None], sem="relaxed")
         else:
-            dq -= tl.dot(gg.to(k.dtype), k, input_precision=GPREC)
+            tl.atomic_add(dq_ptrs, dq, mask=(offs_m < T)[:, None] & (offs_d < D)[None, :], sem="relaxed")
+    else:
+        if EVEN_D:
+            tl.atomic_add(dq_ptrs, dq, sem="relaxed")
+        else:
+            tl.atomic_add(dq_ptrs, dq, mask=(offs_d < D)[None, :], sem="relaxed")
+    return dk, dv, t_ga, t_gz, t_gn, r_acc, sc_acc
 
-    tl.store(DQ + base + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qd_mask)
-    tl.store(GNQ + rbase + offs_m, g_nq, mask=m_ok)
-    tl.store(GAQ + rbase + offs_m, g_aq, mask=m_ok)
-    tl.store(GFQ + rbase + offs_m, g_fq, mask=m_ok)
-    tl.store(RSUM + rbase + offs_m, rsum / sc, mask=m_ok)  # sum_j d_ij dS_ij
+
+@triton.jit
+def _hyp_attn_bwd_kernel(
+    Q, K, V, DO, LSE, DELTA, NQ, AQ, FQ, C, TAU,
+    DQ32, DK, DV, PART,
+    H, T, W, NB, PART_STRIDE,
+    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    PREC: tl.constexpr, GPREC: tl.constexpr, GRAD_FP32: tl.constexpr, TINY: tl.constexpr,
+    MAXA: tl.constexpr, MIN_NORM: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    """One program per (key block, batch*head): recomputes the scores of the query blocks in
+    the window once and produces dk, dv, its atomic share of dq and its partial sums of
+    d(c), d(tau). Per pair: 10D matmul FLOPs (QK^T, dO V^T, P^T dO, G^T Q, G K), ~45 fp32 ops
+    and 3 MUFU (rsqrt, log2, exp2); 6 row/column reductions. Bytes per pair: q, dO tiles
+    (4D/BN in bf16) and 20/BN of row scalars read, 4D/BN of fp32 atomic adds to dq."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    h = bh % H
+    sc = tl.sqrt(tl.load(C + h))
+    tau = tl.load(TAU + h)
+    coef = tau / sc
+    base = bh.to(tl.int64) * T * D
+    rbase = bh.to(tl.int64) * T
+
+    n0 = pid_n * BN
+    offs_n = n0 + tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
+    n_ok = offs_n < T
+    k = _load_tile(K + base, offs_n, offs_d, T, D, True, EVEN_D)
+    v = _load_tile(V + base, offs_n, offs_d, T, D, True, EVEN_D)
+    nk, ak, fk = _row_stats(k.to(tl.float32), sc, MAXA, MIN_NORM)
+    ek = tl.exp(ak)
+    iek = 1.0 / ek
+    if GRAD_FP32:
+        kf = k.to(tl.float32)
+    else:
+        kf = k
+
+    dk = tl.zeros((BN, BD), tl.float32)
+    dv = tl.zeros((BN, BD), tl.float32)
+    t_ga = tl.zeros((BN,), tl.float32)
+    t_gz = tl.zeros((BN,), tl.float32)
+    t_gn = tl.zeros((BN,), tl.float32)
+    r_acc = tl.zeros((BN,), tl.float32)
+    sc_acc = tl.zeros((BM,), tl.float32)
+
+    # query blocks [lo, hi) see some key of this block; [full_lo, full_hi) see all of them
+    # (m0 >= n0 + BN - 1, m0 + BM <= n0 + W, m0 + BM <= T, n0 + BN <= T): no masks there.
+    lo = (n0 // BM) * BM
+    hi = tl.minimum(n0 + BN + W - 1, T)
+    full_lo = tl.minimum(tl.maximum(lo, tl.cdiv(n0 + BN - 1, BM) * BM), hi)
+    full_hi = tl.minimum(((n0 + W) // BM) * BM, (T // BM) * BM)
+    full_hi = tl.where(n0 + BN > T, full_lo, full_hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    Qb, DOb, DQb = Q + base, DO + base, DQ32 + base
+    LSEb, DELb, NQb, AQb, FQb = LSE + rbase, DELTA + rbase, NQ + rbase, AQ + rbase, FQ + rbase
+    for start_m in range(lo, full_lo, BM):
+        dk, dv, t_ga, t_gz, t_gn, r_acc, sc_acc = _bwd_block(
+            dk, dv, t_ga, t_gz, t_gn, r_acc, sc_acc, k, kf, v, nk, ek, iek, fk, offs_n, start_m,
+            Qb, DOb, DQb, LSEb, DELb, NQb, AQb, FQb, T, W, sc, coef, offs_d,
+            D, BM, PREC, GPREC, GRAD_FP32, TINY, MAXA, MIN_NORM, EVEN_D, True)
+    for start_m in range(full_lo, full_hi, BM):
+        dk, dv, t_ga, t_gz, t_gn, r_acc, sc_acc = _bwd_block(
+            dk, dv, t_ga, t_gz, t_gn, r_acc, sc_acc, k, kf, v, nk, ek, iek, fk, offs_n, start_m,
+            Qb, DOb, DQb, LSEb, DELb, NQb, AQb, FQb, T, W, sc, coef, offs_d,
+            D, BM, PREC, GPREC, GRAD_FP32, TINY, MAXA, MIN_NORM, EVEN_D, False)
+    for start_m in range(full_hi, hi, BM):
+        dk, dv, t_ga, t_gz, t_gn, r_acc, sc_acc = _bwd_block(
+            dk, dv, t_ga, t_gz, t_gn, r_acc, sc_acc, k, kf, v, nk, ek, iek, fk, offs_n, start_m,
+            Qb, DOb, DQb, LSEb, DELb, NQb, AQb, FQb, T, W, sc, coef, offs_d,
+            D, BM, PREC, GPREC, GRAD_FP32, TINY, MAXA, MIN_NORM, EVEN_D, True)
+
+    # chain rule to k (complete sums for these keys); dz/da_k = -dz/da_q
+    g_n = t_gn - t_gz / nk
+    e2 = ek * ek
+    g_a = -2.0 * t_ga + t_gz * (e2 + 1.0 / e2) / (fk * nk)
+    unclamped = (sc * nk <= MAXA) & n_ok
+    g_t = g_n + tl.where(unclamped, g_a * sc, 0.0)
+    radial = tl.where(nk > MIN_NORM, g_t / nk, 0.0)
+    dk = coef * (dk - radial[:, None] * k.to(tl.float32))
+    kv_mask = n_ok[:, None] & (offs_d < D)[None, :]
+    kv_off = base + offs_n[:, None] * D + offs_d[None, :]
+    tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+    # per-program shares of d(c) and d(tau): s = -tau ln2 lg / sqrt(c), so
+    # dL/dtau = -ln2/sqrt(c) sum dS lg, dL/dsqrt(c) = tau ln2/c sum dS lg - coef sum g_a n [unclamped]
+    r = tl.sum(r_acc, 0) * 0.6931471805599453
+    s_a = tl.sum(sc_acc, 0) + tl.sum(tl.where(unclamped, g_a * nk, 0.0), 0)
+    d_sc = coef / sc * r - coef * s_a
+    slot = bh * NB + pid_n
+    tl.store(PART + slot, d_sc / (2.0 * sc))  # d(c) = d(sqrt c) / (2 sqrt c)
+    tl.store(PART + PART_STRIDE + slot, -r / sc)
 
 
 # ---------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------
 
-#: Block sizes per pass, (BM, BN, num_warps, num_stages): the fastest of a sweep on an H200
-#: at (8, 16, 1024, 128) bf16 (benchmarks/kernels.py --sweep, 2026-11-28; larger tiles spill
-#: the per-pair fp32 temporaries). The interpreter uses 16 x 16 blocks.
+#: Block sizes per kernel, (BM, BN, num_warps, num_stages), the picks of `benchmarks/kernels.py
+#: --sweep` on an H200 (2026-11-29; candidates in ATTN_SWEEP there): "fwd" = query
+#: block x key block of the forward, "bwd" = query block x key block of the fused backward
+#: (one program per key block), "bwd_pre" = rows per program of the Delta/statistics pass
+#: (BN unused). The interpreter uses 16 x 16 blocks.
 GPU_CONFIG = {
-    "fwd": (64, 32, 4, 2),
-    "bwd_kv": (32, 32, 4, 2),
-    "bwd_q": (32, 32, 4, 2),
+    "fwd": (64, 64, 4, 2),
+    "bwd": (32, 32, 4, 1),
+    "bwd_pre": (64, 0, 4, 1),  # all four candidates within 0.1%
 }
 #: Set True to cast dZ to the input dtype (bf16) for the dq/dk matmuls instead of tf32.
 GRAD_MATMUL_LOW_PRECISION = False
@@ -347,53 +457,61 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
-def _fwd_impl(q, k, v, nq, aq, fq, nk, ak, fk, sc, tau, window):
+_CONSTS = dict(TINY=_TINY, MAXA=geometry.MAX_TANGENT_ATANH, MIN_NORM=_MIN_NORM)
+
+
+def _fwd_impl(q, k, v, c, tau, window):
     require(q, k, v)
     B, H, T, D = q.shape
-    # fp32 output: the backward's Delta_i = dO_i . O_i must use the unrounded O (a bf16 O
-    # biases the curvature/temperature gradients by ~3e-2 relative); callers round it.
-    o = torch.empty(q.shape, device=q.device, dtype=torch.float32)
+    low = q.dtype != torch.float32
+    o = torch.empty_like(v)
+    # fp32 copy of O for 16-bit inputs: the backward's Delta_i = dO_i . O_i must use the
+    # unrounded O (a bf16 O biases the curvature/temperature gradients by ~3e-2 relative)
+    o32 = torch.empty(q.shape, device=q.device, dtype=torch.float32) if low else o.new_empty((0,))
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     if T == 0:
-        return o, lse
+        return o, o32, lse
     BM, BN, nw, ns = _config("fwd", q.device)
     prec, _, _ = _precisions(q.dtype)
-    grid = (triton.cdiv(T, BM), B * H)
-    _hyp_attn_fwd_kernel[grid](
-        q, k, v, o, lse, nq, aq, fq, nk, ak, fk, sc, tau, H, T, window,
-        D=D, BD=_block_d(D), BM=BM, BN=BN, PREC=prec, TINY=_TINY, SPLIT_P=q.dtype != torch.float32,
+    BD = _block_d(D)
+    _hyp_attn_fwd_kernel[(triton.cdiv(T, BM), B * H)](
+        q, k, v, o, o32 if low else o, lse, c, tau, H, T, window,
+        D=D, BD=BD, BM=BM, BN=BN, PREC=prec, SPLIT_P=low, EVEN_D=BD == D, **_CONSTS,
         num_warps=nw, num_stages=ns,
     )
-    return o, lse
+    return o, o32, lse
 
 
-def _bwd_impl(q, k, v, o, lse, do, nq, aq, fq, nk, ak, fk, sc, tau, window):
+def _bwd_impl(q, k, v, o, o32, lse, do, c, tau, window):
     require(q, k, v)
     B, H, T, D = q.shape
-    do = do.to(v.dtype).contiguous()  # the upstream gradient arrives in fp32 (o is fp32)
-    delta = (do.float() * o).sum(-1)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    rows = [torch.empty((B, H, T), device=q.device, dtype=torch.float32) for _ in range(7)]
-    g_nq, g_aq, g_fq, g_nk, g_ak, g_fk, rsum = rows
+    low = q.dtype != torch.float32
+    do = do.to(v.dtype).contiguous()
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
     if T == 0:
-        return dq, dk, dv, g_nq, g_aq, g_fq, g_nk, g_ak, g_fk, rsum
+        return torch.zeros_like(q), dk, dv, torch.zeros((2, H), device=q.device, dtype=torch.float32)
+    dq32 = torch.empty(q.shape, device=q.device, dtype=torch.float32)
+    rows = torch.empty((4, B, H, T), device=q.device, dtype=torch.float32)
+    nq, aq, fq, delta = rows.unbind(0)
     prec, gprec, gfp32 = _precisions(q.dtype)
     BD = _block_d(D)
-    BM, BN, nw, ns = _config("bwd_kv", q.device)
-    _hyp_attn_bwd_kv_kernel[(triton.cdiv(T, BN), B * H)](
-        q, k, v, do, lse, delta, nq, aq, fq, nk, ak, fk, sc, tau,
-        dk, dv, g_nk, g_ak, g_fk, H, T, window,
-        D=D, BD=BD, BM=BM, BN=BN, PREC=prec, GPREC=gprec, GRAD_FP32=gfp32, TINY=_TINY,
+    even_d = BD == D
+    BMp, _, nw, ns = _config("bwd_pre", q.device)
+    _hyp_attn_bwd_pre_kernel[(triton.cdiv(T, BMp), B * H)](
+        q, o32 if low else o, do, c, dq32, nq, aq, fq, delta, H, T,
+        D=D, BD=BD, BM=BMp, MAXA=_CONSTS["MAXA"], MIN_NORM=_MIN_NORM, EVEN_D=even_d,
         num_warps=nw, num_stages=ns,
     )
-    BM, BN, nw, ns = _config("bwd_q", q.device)
-    _hyp_attn_bwd_q_kernel[(triton.cdiv(T, BM), B * H)](
-        q, k, v, do, lse, delta, nq, aq, fq, nk, ak, fk, sc, tau,
-        dq, g_nq, g_aq, g_fq, rsum, H, T, window,
-        D=D, BD=BD, BM=BM, BN=BN, PREC=prec, GPREC=gprec, GRAD_FP32=gfp32, TINY=_TINY,
+    BM, BN, nw, ns = _config("bwd", q.device)
+    NB = triton.cdiv(T, BN)
+    part = torch.empty((2, B, H, NB), device=q.device, dtype=torch.float32)
+    _hyp_attn_bwd_kernel[(NB, B * H)](
+        q, k, v, do, lse, delta, nq, aq, fq, c, tau, dq32, dk, dv, part, H, T, window, NB, B * H * NB,
+        D=D, BD=BD, BM=BM, BN=BN, PREC=prec, GPREC=gprec, GRAD_FP32=gfp32, EVEN_D=even_d, **_CONSTS,
         num_warps=nw, num_stages=ns,
     )
-    return dq, dk, dv, g_nq, g_aq, g_fq, g_nk, g_ak, g_fk, rsum
+    dq = dq32.to(q.dtype) if low else dq32
+    return dq, dk, dv, part.sum(dim=(1, 3))
 
 
 # ---------------------------------------------------------------------------------------
@@ -403,56 +521,47 @@ def _bwd_impl(q, k, v, o, lse, do, nq, aq, fq, nk, ak, fk, sc, tau, window):
 
 @torch.library.custom_op("phase7fw::hyperbolic_attention_fwd", mutates_args=())
 def hyperbolic_attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    nq: torch.Tensor, aq: torch.Tensor, fq: torch.Tensor,
-    nk: torch.Tensor, ak: torch.Tensor, fk: torch.Tensor,
-    sc: torch.Tensor, tau: torch.Tensor, window: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kernel core: (o, lse2), both fp32. q, k, v contiguous (B, H, T, D); row stats (B, H, T)
-    fp32; sc = sqrt(c) and tau of shape (H,) fp32; lse2 is the row log-sum-exp in base 2."""
-    return _fwd_impl(q, k, v, nq, aq, fq, nk, ak, fk, sc, tau, window)
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor, tau: torch.Tensor, window: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kernel core: (o in v's dtype, o32 (fp32 O for 16-bit inputs, empty for fp32), lse2).
+    q, k, v contiguous (B, H, T, D) of one dtype; c and tau contiguous (H,) fp32; window
+    in [1, T]; lse2 is the row log-sum-exp of the scores in base 2."""
+    return _fwd_impl(q, k, v, c, tau, window)
 
 
 @hyperbolic_attention_fwd.register_fake
-def _(q, k, v, nq, aq, fq, nk, ak, fk, sc, tau, window):
+def _(q, k, v, c, tau, window):
     B, H, T, _ = q.shape
-    return q.new_empty(q.shape, dtype=torch.float32), q.new_empty((B, H, T), dtype=torch.float32)
+    o32 = q.new_empty(q.shape if q.dtype != torch.float32 else (0,), dtype=torch.float32)
+    return torch.empty_like(v), o32, q.new_empty((B, H, T), dtype=torch.float32)
 
 
 @torch.library.custom_op("phase7fw::hyperbolic_attention_bwd", mutates_args=())
 def hyperbolic_attention_bwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
-    nq: torch.Tensor, aq: torch.Tensor, fq: torch.Tensor,
-    nk: torch.Tensor, ak: torch.Tensor, fk: torch.Tensor,
-    sc: torch.Tensor, tau: torch.Tensor, window: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq_dot, dk_dot, dv, g_nq, g_aq, g_fq, g_nk, g_ak, g_fk, R)."""
-    return _bwd_impl(q, k, v, o, lse, do, nq, aq, fq, nk, ak, fk, sc, tau, window)
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, o32: torch.Tensor, lse: torch.Tensor,
+    do: torch.Tensor, c: torch.Tensor, tau: torch.Tensor, window: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv, d_c_tau) with d_c_tau of shape (2, H): rows d(c), d(tau)."""
+    return _bwd_impl(q, k, v, o, o32, lse, do, c, tau, window)
 
 
 @hyperbolic_attention_bwd.register_fake
-def _(q, k, v, o, lse, do, nq, aq, fq, nk, ak, fk, sc, tau, window):
-    rows = [lse.new_empty(lse.shape) for _ in range(7)]
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), *rows)
+def _(q, k, v, o, o32, lse, do, c, tau, window):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), c.new_empty((2, c.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, nq, aq, fq, nk, ak, fk, sc, tau, window = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, nq, aq, fq, nk, ak, fk, sc, tau)
+    q, k, v, c, tau, window = inputs
+    o, o32, lse = output
+    ctx.mark_non_differentiable(o32, lse)
+    ctx.save_for_backward(q, k, v, o, o32, lse, c, tau)
     ctx.window = window
 
 
-def _backward(ctx, do, dlse):
-    q, k, v, o, lse, nq, aq, fq, nk, ak, fk, sc, tau = ctx.saved_tensors
-    dq, dk, dv, g_nq, g_aq, g_fq, g_nk, g_ak, g_fk, rsum = torch.ops.phase7fw.hyperbolic_attention_bwd(
-        q, k, v, o, lse, do, nq, aq, fq, nk, ak, fk, sc, tau, ctx.window
-    )
-    rs = rsum.sum(dim=(0, 2))  # (H,)
-    d_sc = tau * rs / sc
-    d_tau = -rs
-    return dq, dk, dv, g_nq, g_aq, g_fq, g_nk, g_ak, g_fk, d_sc, d_tau, None
+def _backward(ctx, do, do32, dlse):
+    q, k, v, o, o32, lse, c, tau = ctx.saved_tensors
+    dq, dk, dv, dct = torch.ops.phase7fw.hyperbolic_attention_bwd(q, k, v, o, o32, lse, do, c, tau, ctx.window)
+    return dq, dk, dv, dct[0], dct[1], None
 
 
 hyperbolic_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -461,14 +570,6 @@ hyperbolic_attention_fwd.register_autograd(_backward, setup_context=_setup_conte
 # ---------------------------------------------------------------------------------------
 # Public entry point
 # ---------------------------------------------------------------------------------------
-
-
-def _row_stats(u: torch.Tensor, sc_rows: torch.Tensor):
-    """(n, a, f) of geometry.tangent_stats in fp32, differentiable, computed from the values
-    the kernel sees (u in its storage dtype)."""
-    n = u.float().norm(dim=-1).clamp_min(_MIN_NORM)
-    a = (sc_rows * n).clamp_max(geometry.MAX_TANGENT_ATANH)
-    return n, a, torch.sinh(2.0 * a) / n
 
 
 def hyperbolic_attention_core(q, k, v, c, tau, window: int) -> torch.Tensor:
@@ -491,15 +592,11 @@ def hyperbolic_attention_core(q, k, v, c, tau, window: int) -> torch.Tensor:
         tau = tau.expand(H) if tau.dim() == 0 else tau
         if c.shape != (H,) or tau.shape != (H,):
             raise ValueError(f"c and tau must be scalars or of shape ({H},)")
-        sc = c.sqrt()
-        sc_rows = sc.view(1, H, 1)
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        nq, aq, fq = _row_stats(q, sc_rows)
-        nk, ak, fk = _row_stats(k, sc_rows)
-        o, _ = torch.ops.phase7fw.hyperbolic_attention_fwd(
-            q, k, v, nq, aq, fq, nk, ak, fk, sc.contiguous(), tau.contiguous(), int(min(window, max(T, 1)))
+        o, _, _ = torch.ops.phase7fw.hyperbolic_attention_fwd(
+            q.contiguous(), k.contiguous(), v.contiguous(), c.contiguous(), tau.contiguous(),
+            int(min(window, max(T, 1))),
         )
-    return o.to(v.dtype)
+    return o
 
 
 def hyperbolic_attention_triton(q, k, v, c, tau, window: int) -> torch.Tensor:

@@ -264,7 +264,7 @@ def _check(N, D, V, chunk, device, dtype, case, ignore_frac=0.0, autocast=False,
 def _time(h, w, y, chunk, device, ctx) -> dict:
     import torch.nn.functional as F
 
-    from phase7fw.kernels.verify import _bench
+    from phase7fw.kernels.verify import _bench, peak_extra_mib
     from phase7fw.memory import chunked_cross_entropy
 
     ref_chunk = chunk or default_chunk_tokens(w.shape[0], 2)
@@ -282,13 +282,7 @@ def _time(h, w, y, chunk, device, ctx) -> dict:
 
         ms[f"{name}_fwd_bwd"] = _bench(fwd_bwd, device)
         if device.type == "cuda":  # peak bytes above the inputs, gradients included
-            torch.cuda.synchronize(device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-            fwd_bwd()
-            torch.cuda.synchronize(device)
-            ms[f"{name}_peak_extra_MiB"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+            ms[f"{name}_peak_extra_MiB"] = peak_extra_mib(fwd_bwd, device)
     return ms
 
 

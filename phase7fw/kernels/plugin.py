@@ -12,9 +12,9 @@ from phase7fw.hookspecs import hookimpl
 
 
 def _hyperbolic_attention(config, **context):
-    from phase7fw.kernels import attention_module
+    from phase7fw.kernels.hyperbolic_attention import hyperbolic_attention_triton
 
-    return attention_module().hyperbolic_attention_triton
+    return hyperbolic_attention_triton
 
 
 def _ar_ssm_scan(config, **context):

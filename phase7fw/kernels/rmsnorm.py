@@ -195,21 +195,16 @@ def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 def timings(impls: dict, device: torch.device) -> dict:
     """ms of each ``{name: (fwd, fwd_bwd)}`` callable: ``verify._bench`` (eager, what a step
-    sees, including the CPU cost of launching) and, on CUDA, the same replayed as a CUDA graph
-    (``<name>_gpu``: the kernels' GPU time alone; at these sizes eager is launch-bound)."""
-    from phase7fw.kernels.verify import _bench
+    sees, including the CPU cost of launching) and, on CUDA, ``verify.gpu_time_ms``
+    (``<name>_fwd_bwd_gpu``: the kernels' GPU time alone; at these sizes eager is launch-bound)."""
+    from phase7fw.kernels.verify import _bench, gpu_time_ms
 
     ms = {}
     for name, (fwd, fwd_bwd) in impls.items():
         ms[f"{name}_fwd"] = _bench(fwd, device)
         ms[f"{name}_fwd_bwd"] = _bench(fwd_bwd, device)
         if device.type == "cuda":
-            import triton.testing
-
-            try:
-                ms[f"{name}_fwd_bwd_gpu"] = float(triton.testing.do_bench_cudagraph(fwd_bwd))
-            except Exception as exc:  # noqa: BLE001 - the eager timings still stand
-                ms[f"{name}_gpu_error"] = type(exc).__name__
+            ms[f"{name}_fwd_bwd_gpu"] = gpu_time_ms(fwd_bwd)
     return ms
 
 

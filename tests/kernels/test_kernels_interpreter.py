@@ -27,14 +27,8 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / (b.double().norm() + 1e-3)).item()
 
 
-#: the default attention kernel module and the fused variant (PHASE7FW_ATTENTION_KERNEL=fused)
-ATTENTION_MODULES = ["hyperbolic_attention", "hyperbolic_attention_fused"]
-
-
-def _attention_case(B, H, T, D, W, scale=0.5, seed=0, dtype=torch.float32, module="hyperbolic_attention"):
-    import importlib
-
-    hyperbolic_attention_triton = importlib.import_module(f"phase7fw.kernels.{module}").hyperbolic_attention_triton
+def _attention_case(B, H, T, D, W, scale=0.5, seed=0, dtype=torch.float32):
+    from phase7fw.kernels.hyperbolic_attention import hyperbolic_attention_triton
 
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H, T, D, generator=g, dtype=torch.float64) * scale
@@ -65,9 +59,8 @@ def _attention_case(B, H, T, D, W, scale=0.5, seed=0, dtype=torch.float32, modul
         (1, 2, 100, 16, 40),  # window with unmasked interior blocks in both passes
     ],
 )
-@pytest.mark.parametrize("module", ATTENTION_MODULES)
-def test_attention_matches_reference(B, H, T, D, W, module):
-    out, ref, got, want = _attention_case(B, H, T, D, W, module=module)
+def test_attention_matches_reference(B, H, T, D, W):
+    out, ref, got, want = _attention_case(B, H, T, D, W)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert _rel(out, ref) < 1e-5
     for name, a, b in zip(("q", "k", "v", "c", "tau"), got, want):
@@ -79,21 +72,19 @@ def test_attention_matches_reference(B, H, T, D, W, module):
             assert _rel(a, b) < 1e-4, (name, _rel(a, b))
 
 
-@pytest.mark.parametrize("module", ATTENTION_MODULES)
-def test_attention_near_boundary_finite_and_accurate(module):
+def test_attention_near_boundary_finite_and_accurate():
     # sqrt(c)|q| up to ~6: many rows are beyond the tangent clamp (radius 0.999/sqrt(c))
-    out, ref, got, want = _attention_case(1, 2, 40, 16, 20, scale=1.5, seed=3, module=module)
+    out, ref, got, want = _attention_case(1, 2, 40, 16, 20, scale=1.5, seed=3)
     assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in got)
     assert _rel(out, ref) < 1e-4
     for name, a, b in zip(("q", "k", "v", "c", "tau"), got, want):
         assert _rel(a, b) < 1e-3, (name, _rel(a, b))
 
 
-@pytest.mark.parametrize("module", ATTENTION_MODULES)
-def test_attention_half_precision_path(module):
+def test_attention_half_precision_path():
     # fp16 is the 16-bit type the interpreter handles (bf16 is checked on the GPU): exercises
     # the split-P forward and the tf32 gradient matmuls of the half-precision path.
-    out, ref, got, want = _attention_case(1, 2, 40, 16, 24, dtype=torch.float16, module=module)
+    out, ref, got, want = _attention_case(1, 2, 40, 16, 24, dtype=torch.float16)
     assert out.dtype == torch.float16
     assert _rel(out, ref) < 2e-3
     for name, a, b in zip(("q", "k", "v", "c", "tau"), got, want):
@@ -122,55 +113,13 @@ def test_ssm_scan_matches_sequential(b, h, T, dv, r):
 
 
 def test_opcheck_attention():
-    from phase7fw.kernels import hyperbolic_attention as A
-
-    g = torch.Generator().manual_seed(0)
-    H = 2
-    q, k, v = (torch.randn(1, H, 20, 16, generator=g) * 0.5 for _ in range(3))
-    sc = torch.tensor([0.9, 1.1])
-    tau = torch.tensor([1.0, 0.7])
-    nq, aq, fq = (t.detach() for t in A._row_stats(q, sc.view(1, H, 1)))
-    nk, ak, fk = (t.detach() for t in A._row_stats(k, sc.view(1, H, 1)))
-    args = [t.requires_grad_() for t in (q, k, v, nq, aq, fq, nk, ak, fk, sc, tau)]
-    torch.library.opcheck(torch.ops.phase7fw.hyperbolic_attention_fwd.default, (*args, 7),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-
-
-def test_opcheck_attention_fused():
-    from phase7fw.kernels import hyperbolic_attention_fused  # noqa: F401 - registers the op
+    from phase7fw.kernels import hyperbolic_attention  # noqa: F401 - registers the op
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 20, 16, generator=g) * 0.5 for _ in range(3))
     args = [t.requires_grad_() for t in (q, k, v, torch.tensor([0.81, 1.21]), torch.tensor([1.0, 0.7]))]
-    torch.library.opcheck(torch.ops.phase7fw.hyperbolic_attention_fused_fwd.default, (*args, 7),
+    torch.library.opcheck(torch.ops.phase7fw.hyperbolic_attention_fwd.default, (*args, 7),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-
-
-def test_attention_variant_switch(monkeypatch):
-    from phase7fw.errors import Phase7Error
-    from phase7fw.kernels import attention_module
-    from phase7fw.kernels.plugin import _hyperbolic_attention
-
-    monkeypatch.delenv("PHASE7FW_ATTENTION_KERNEL", raising=False)
-    assert attention_module().__name__ == "phase7fw.kernels.hyperbolic_attention"
-    monkeypatch.setenv("PHASE7FW_ATTENTION_KERNEL", "fused")
-    fn = _hyperbolic_attention(None)
-    assert fn.__module__ == "phase7fw.kernels.hyperbolic_attention_fused"
-    monkeypatch.setenv("PHASE7FW_ATTENTION_KERNEL", "fast")
-    with pytest.raises(Phase7Error, match="PHASE7FW_ATTENTION_KERNEL='fast': expected one of '', 'fused'"):
-        _hyperbolic_attention(None)
-
-
-def test_engine_names_the_attention_variant(monkeypatch, tmp_path, capsys):
-    from phase7fw import Engine
-
-    monkeypatch.setenv("PHASE7FW_ATTENTION_KERNEL", "fused")
-    engine = Engine.from_recipe("recipes/phase7_tiny.toml", {"kernels.hyperbolic_attention": "triton",
-                                "run.output_dir": str(tmp_path)}, dummy_data=True, resume="never", device="cpu")
-    assert engine.model.blocks[0].attn.attention_fn.__module__ == "phase7fw.kernels.hyperbolic_attention_fused"
-    out = capsys.readouterr().out
-    assert "hyperbolic_attention=triton (" in out
-    assert "variant 'fused' (PHASE7FW_ATTENTION_KERNEL), not yet verified on a GPU" in out
 
 
 def test_opcheck_ssm():
