@@ -176,7 +176,7 @@ def _is_oom(exc: BaseException) -> bool:
 
 def bench_recipe(recipe, overrides: dict, *, steps: int, warmup: int, device: str | None = None,
                  generate: bool = False, gen_tokens: int = 64, prompt_tokens: int = 0, gemm: dict | None = None,
-                 cuda_graph: str = "off", profile_dir=None, plugins=None, progress=None) -> dict:
+                 cuda_graph: str = "auto", profile_dir=None, plugins=None, progress=None) -> dict:
     """Train ``warmup + steps`` steps of ``recipe`` on random tokens and measure them (then,
     with ``profile_dir``, two more under torch.profiler: :func:`profile_steps`); with
     ``generate`` also time cached greedy decoding at batch 1. A CUDA out-of-memory error is a
@@ -301,7 +301,7 @@ def profile_steps(trainer, device: torch.device, out_dir, label: str, steps: int
 
 
 def bench_generate(engine, new_tokens: int, prompt_tokens: int = 0, warmup_tokens: int = 8,
-                   cuda_graph: str = "off") -> dict:
+                   cuda_graph: str = "auto") -> dict:
     """Cached greedy decoding at batch 1: prefill a random prompt, then time ``new_tokens``
     tokens (each one read back to the host, as a sampler would). On a GPU the linear weights
     are stored in the training precision first (as ``phase7fw generate`` does). ``cuda_graph``
@@ -509,7 +509,7 @@ def set_memory_cap(gib: float, device: torch.device) -> None:
 def run_bench(recipe, overrides: dict, *, steps: int = 10, warmup: int = 3, device: str | None = None,
               compare_recipe=None, compare_overrides: dict | None = None, memory_cap_gib: float | None = None,
               find_max_params: bool = False, search: str = "layers", generate: bool = False, gen_tokens: int = 64,
-              cuda_graph: str = "off", profile_dir=None, plugins=None, progress=None, partial=None) -> dict:
+              cuda_graph: str = "auto", profile_dir=None, plugins=None, progress=None, partial=None) -> dict:
     """Everything ``phase7fw bench`` does; returns the JSON-able result. ``progress(str)``
     hears about each finished measurement and ``partial(result)`` gets the result so far
     after each recipe (long GPU runs keep what they measured)."""

@@ -90,7 +90,7 @@ def load_for_inference(path, *, device: str | None = None, plugins=None):
 class ChatSession:
     """A conversation with one model: the transcript and a decoder whose cache follows it."""
 
-    def __init__(self, engine, params: SamplingParams, use_cache: bool = True, cuda_graph: str = "off"):
+    def __init__(self, engine, params: SamplingParams, use_cache: bool = True, cuda_graph: str = "auto"):
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.params = params.checked()
@@ -150,7 +150,7 @@ def _lines(stdin, interactive: bool):
             return
 
 
-def run_chat(engine, params: SamplingParams, *, use_cache: bool = True, cuda_graph: str = "off", label: str = "",
+def run_chat(engine, params: SamplingParams, *, use_cache: bool = True, cuda_graph: str = "auto", label: str = "",
              stdin=None, stdout=None, stderr=None) -> int:
     """The REPL. On a terminal: a ``> `` prompt with line editing; otherwise one message per
     input line and one reply per output line (scripts, pipes, tests)."""

@@ -304,10 +304,10 @@ def build_parser(plugins_hook=None) -> argparse.ArgumentParser:
         sp.add_argument("--device", default=None, help="override train.device")
 
     def cuda_graph_flag(sp):
-        sp.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="off",
-                        help="decode with the static step captured in a CUDA graph (auto: on a CUDA device"
-                             " when the model has one; on: required; off, the default until the capture is"
-                             " verified on a GPU: the dynamic cached path)")
+        sp.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="auto",
+                        help="decode with the static step captured in a CUDA graph (auto, the default: on a"
+                             " CUDA device when the model has one, else the dynamic cached path, said in one"
+                             " line; on: required; off: the dynamic cached path)")
 
     def sampling_flags(sp):
         sp.add_argument("--max-new-tokens", type=int, default=64)

@@ -358,7 +358,7 @@ class GraphedDecoder(Decoder):
         return graph
 
 
-def make_decoder(model, *, use_cache: bool = True, cuda_graph: str = "off", device=None, autocast=None,
+def make_decoder(model, *, use_cache: bool = True, cuda_graph: str = "auto", device=None, autocast=None,
                  say: Callable[[str], None] = _stderr_line) -> Decoder:
     """The decoder for ``cuda_graph`` = auto (a captured static step on CUDA when the model has
     one), on (that, or an error) or off (the dynamic cached path). Never silently different:

@@ -535,7 +535,7 @@ class Engine:
     @torch.no_grad()
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int | None = None,
                  top_p: float | None = None, repetition_penalty: float = 1.0, seed: int | None = None,
-                 use_cache: bool = True, *, stop=None, on_text=None, cuda_graph: str = "off") -> str:
+                 use_cache: bool = True, *, stop=None, on_text=None, cuda_graph: str = "auto") -> str:
         """Continue ``prompt``; returns only the new text. Temperature 0 is greedy.
 
         ``use_cache`` decodes incrementally (the model's cache, O(1) per token for phase7);
@@ -556,7 +556,7 @@ class Engine:
         finally:
             self.model.train(was_training)
 
-    def decoder(self, use_cache: bool = True, cuda_graph: str = "off"):
+    def decoder(self, use_cache: bool = True, cuda_graph: str = "auto"):
         """A :class:`phase7fw.decoding.Decoder` over this engine's model (autocast as in training).
         ``cuda_graph``: ``auto`` captures the static decode step in a CUDA graph on a CUDA
         device (:class:`phase7fw.decoding.GraphedDecoder`), ``on`` requires it, ``off`` keeps

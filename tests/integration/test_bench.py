@@ -41,7 +41,7 @@ def test_cpu_bench_with_compare_and_generate_writes_json(tmp_path, capsys):
         assert all(v > 0 for v in run["split_s"].values())
         assert sum(run["split_s"].values()) <= run["step_time_s"] * 1.05
         assert run["generate"]["tokens_per_s"] > 0 and run["generate"]["cache"] is True
-        assert (run["generate"]["cuda_graph"], run["generate"]["path"]) == ("off", "dynamic-cache")  # the default
+        assert (run["generate"]["cuda_graph"], run["generate"]["path"]) == ("auto", "dynamic-cache")  # default, CPU
     assert (p7["attention"], llama["attention"]) == ("hyperbolic", "sdpa")
     assert data["compare"]["tokens_per_s"] == pytest.approx(p7["tokens_per_s"] / llama["tokens_per_s"])
 
