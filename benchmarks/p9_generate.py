@@ -8,8 +8,12 @@ Face transformers ``generate`` on a Llama of the same size, in one process.
 The transformers model is a ``LlamaForCausalLM`` built from the baseline recipe's shape
 (d_model, layers, heads, kv heads, SwiGLU width, vocab, RoPE theta; untied head), randomly
 initialized, in bf16 on a GPU (fp32 on a CPU). Its modes: ``static-compile`` (static cache
-and ``torch.compile(mode="reduce-overhead")`` of the forward: its fastest mode, the one P9
-names), ``static``, ``dynamic``. Each is warmed up twice, then timed with a streamer that
+and the torch.compile that ``generate`` itself applies to the forward when the cache is
+static, transformers' recommended fast path and the one P9 names), ``static`` (static cache,
+``generation_config.disable_compile = True``: eager), ``dynamic``. On transformers 5.17 /
+torch 2.11 (H200, 2026-11-29) that compile skips CUDA graphs ("mutated inputs": the cache's
+``cumulative_length``), and wrapping the forward in ``torch.compile(mode="reduce-overhead")``
+on top of it failed ("accessing tensor output of CUDAGraphs that has been overwritten"). Each is warmed up twice, then timed with a streamer that
 notes when each new token reaches the host: (N - 1) tokens over the time from the first new
 token to the last (decoding without the prefill). Greedy, no EOS.
 
@@ -76,9 +80,7 @@ def time_hf(model, mode: str, prompt: torch.Tensor, new_tokens: int, device: tor
     kwargs = dict(do_sample=False)
     if mode.startswith("static"):
         kwargs["cache_implementation"] = "static"
-    forward = model.forward
-    if mode == "static-compile":
-        model.forward = torch.compile(forward, mode="reduce-overhead", fullgraph=True)
+    gen.disable_compile = mode != "static-compile"  # generate compiles a static-cache forward itself
 
     def run() -> list:
         clock = _TokenClock(device)
@@ -89,12 +91,9 @@ def time_hf(model, mode: str, prompt: torch.Tensor, new_tokens: int, device: tor
         assert out.shape[1] == prompt.shape[1] + new_tokens, out.shape
         return clock.times
 
-    try:
-        for _ in range(2):  # compile / capture / allocate
-            run()
-        times = run()
-    finally:
-        model.forward = forward
+    for _ in range(2):  # compile / allocate
+        run()
+    times = run()
     # times[0]: the prompt; times[1]: the first new token (after the prefill); the rest: decoding
     decode = max(times[-1] - times[1], 1e-9)
     steps = len(times) - 2
