@@ -244,21 +244,13 @@ def _check_ssm(b, h, T, dv, r, device, dtype, case, timings=True) -> Row:
 def smoke(device: torch.device) -> list[Row]:
     """Compile and run each kernel on a tiny input, forward and backward."""
     rows = []
-    checks = (
+    checks = [
         ("hyperbolic_attention", lambda: _check_attention(1, 2, 40, 32, 16, device, torch.float32, "tiny", timings=False)),
         ("ar_ssm_scan", lambda: _check_ssm(1, 2, 150, 32, 8, device, torch.float32, "tiny", timings=False)),
-    )
+    ]
+    checks += [(op, lambda op=op: _module(op).smoke_rows(device)) for op in SELF_CHECKING]
     for op, fn in checks:
-        rows.append(guarded(op, "tiny", fn, first_call=True))
-    for op in SELF_CHECKING:
-        t0 = time.perf_counter()
-        try:
-            found = _module(op).smoke_rows(device)
-        except Exception as exc:  # noqa: BLE001
-            found = [Row(op, "tiny", False, _error(exc))]
-        for row in found:
-            row.ms.setdefault("first_call_incl_compile", (time.perf_counter() - t0) * 1e3)
-        rows.extend(found)
+        rows += _collect(op, "tiny", fn, first_call=True)
     return rows
 
 
@@ -277,43 +269,46 @@ def _error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
 
 
-def guarded(op: str, case: str, check, *, first_call: bool = False) -> Row:
-    """``check()`` -> Row, or a failed Row naming the exception: every kernel gets reported,
-    one failure never hides the others. ``first_call`` adds the wall time including Triton's
-    compilation (the smoke test's number)."""
+def _collect(op: str, case: str, produce, *, first_call: bool = False) -> list[Row]:
+    """The rows of ``produce()`` (a Row or a list of them), or one failed Row naming the
+    exception: every kernel gets reported, one failure never hides the others. ``first_call``
+    adds the wall time including Triton's compilation (the smoke test's number)."""
     t0 = time.perf_counter()
     try:
-        row = check()
+        got = produce()
+        rows = got if isinstance(got, list) else [got]
     except Exception as exc:  # noqa: BLE001 - a kernel that cannot run is a failed row
-        row = Row(op, case, False, _error(exc))
+        rows = [Row(op, case, False, _error(exc))]
     if first_call:
-        row.ms.setdefault("first_call_incl_compile", (time.perf_counter() - t0) * 1e3)
-    return row
+        for row in rows:
+            row.ms.setdefault("first_call_incl_compile", (time.perf_counter() - t0) * 1e3)
+    return rows
+
+
+def guarded(op: str, case: str, check, *, first_call: bool = False) -> Row:
+    """``check()`` -> Row, or a failed Row naming the exception (see :func:`_collect`)."""
+    return _collect(op, case, check, first_call=first_call)[0]
 
 
 def verify(device: torch.device, quick: bool = False, only: list[int] | None = None) -> list[Row]:
     """Every kernel against its fp64 reference at real shapes in bf16, with timings."""
     B = 2 if quick else 4
-    cases = [
-        lambda: _check_attention(B, 16, 1024, 128, 1024, device, torch.bfloat16, f"bf16 ({B},16,1024,128) full causal"),
-        lambda: _check_attention(B, 16, 1024, 128, 256, device, torch.bfloat16, f"bf16 ({B},16,1024,128) window 256"),
-        lambda: _check_attention(1, 4, 1000, 64, 100, device, torch.bfloat16, "bf16 (1,4,1000,64) window 100, odd T"),
-        lambda: _check_distance_gate(device),
-        lambda: _check_ssm(B, 8, 1024, 256, 16, device, torch.bfloat16, f"bf16 x ({B},8,1024,256) r=16"),
-        lambda: _check_ssm(1, 4, 1000, 64, 12, device, torch.bfloat16, "bf16 x (1,4,1000,64) r=12, odd T"),
+    attn, ssm, bf16 = "hyperbolic_attention", "ar_ssm_scan", torch.bfloat16
+    cases = [  # (op, check); tests/gpu runs them one by one by index
+        (attn, lambda: _check_attention(B, 16, 1024, 128, 1024, device, bf16, f"bf16 ({B},16,1024,128) full causal")),
+        (attn, lambda: _check_attention(B, 16, 1024, 128, 256, device, bf16, f"bf16 ({B},16,1024,128) window 256")),
+        (attn, lambda: _check_attention(1, 4, 1000, 64, 100, device, bf16, "bf16 (1,4,1000,64) window 100, odd T")),
+        (attn, lambda: _check_distance_gate(device)),
+        (ssm, lambda: _check_ssm(B, 8, 1024, 256, 16, device, bf16, f"bf16 x ({B},8,1024,256) r=16")),
+        (ssm, lambda: _check_ssm(1, 4, 1000, 64, 12, device, bf16, "bf16 x (1,4,1000,64) r=12, odd T")),
     ]
-    # cases 6.. : one per self-checking module (each may return several rows)
-    cases += [lambda op=op: _module(op).verify_rows(device, quick) for op in SELF_CHECKING]
+    # then one per self-checking module (each may return several rows)
+    cases += [(op, lambda op=op: _module(op).verify_rows(device, quick)) for op in SELF_CHECKING]
     rows = []
-    for i, fn in enumerate(cases):
+    for i, (op, fn) in enumerate(cases):
         if only is not None and i not in only:
             continue
-        try:
-            got = fn()
-            rows.extend(got if isinstance(got, list) else [got])
-        except Exception as exc:  # noqa: BLE001
-            label = SELF_CHECKING[i - 6] if i >= 6 else "?"
-            rows.append(Row(label, "?", False, _error(exc)))
+        rows += _collect(op, "?", fn)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
