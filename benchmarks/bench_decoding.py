@@ -13,7 +13,7 @@ path's, and its tokens/s are reported next to it. ``--precision bf16`` stores th
 weights in bf16 and decodes under autocast (as ``phase7fw generate``); token equality is then
 reported, not required (bf16 rounding may flip a near tie).
 
-    python benchmarks/bench_decoding.py --graphs --tokens 300 [--precision bf16]
+    python benchmarks/bench_decoding.py --graphs --tokens 300 [--precision bf16] [--compile-step]
 """
 
 from __future__ import annotations
@@ -71,6 +71,8 @@ def main() -> int:
     ap.add_argument("--json")
     ap.add_argument("--graphs", action="store_true", help="also the static step: eager, and a CUDA graph on CUDA")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--compile-step", action="store_true",
+                    help="with --graphs: also the step compiled by torch.compile before the capture (experimental)")
     args = ap.parse_args()
     device = torch.device(args.device)
     bf16 = args.precision == "bf16"
@@ -91,9 +93,13 @@ def main() -> int:
         line = (f"{name:24s} cached == uncached: {row['equal']} (first diff {first_diff}) | tokens/s uncached"
                 f" {row['uncached_tokens_per_s']:8.1f}  cached {row['cached_tokens_per_s']:8.1f}")
         if args.graphs:
-            modes = [("static_eager", False)] + ([("cuda_graph", True)] if device.type == "cuda" else [])
-            for label, capture in modes:
-                dec = GraphedDecoder(model, device=device, autocast=autocast, capture=capture, strict=True)
+            modes = [("static_eager", False, False)] + ([("cuda_graph", True, False)] if device.type == "cuda" else [])
+            if args.compile_step:
+                modes.append(("cuda_graph_compiled" if device.type == "cuda" else "static_compiled",
+                              device.type == "cuda", True))
+            for label, capture, compile_step in modes:
+                dec = GraphedDecoder(model, device=device, autocast=autocast, capture=capture, strict=True,
+                                     compile_step=compile_step)
                 toks, t = greedy(model, prompt, args.tokens, True, device, decoder=dec)
                 row[f"{label}_equal"] = toks == got
                 row[f"{label}_first_difference"] = first_difference(got, toks)

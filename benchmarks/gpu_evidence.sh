@@ -21,11 +21,13 @@ for stage in "$@"; do
     attention-sweep)  # block sizes of the attention (and scan) kernels on this GPU, then P3 alone
       python3 benchmarks/kernels.py --sweep --skip-verify --attention-only --out "$OUT/sweep" ;;
     decode)       # P9: CUDA-graph decoding, exactness first (exit 1 if any path's tokens differ), then speed
-      python3 benchmarks/bench_decoding.py --graphs --tokens 300 --json "$OUT/dec_graphs_fp32.json" 2>&1 | tail -8
-      python3 benchmarks/bench_decoding.py --graphs --tokens 300 --precision bf16 --json "$OUT/dec_graphs_bf16.json" 2>&1 | tail -8
-      for g in off on; do   # P9 against HF transformers generate (static cache + compile) in the same process
-        python3 benchmarks/p9_generate.py --cuda-graph $g --json "$OUT/p9_graph_$g.json" 2>&1 | tail -9
-      done ;;
+      python3 benchmarks/bench_decoding.py --graphs --compile-step --tokens 300 --json "$OUT/dec_graphs_fp32.json" 2>&1 | tail -8
+      python3 benchmarks/bench_decoding.py --graphs --compile-step --tokens 300 --precision bf16 --json "$OUT/dec_graphs_bf16.json" 2>&1 | tail -8
+      # P9 against HF transformers generate (static cache + its compile) in the same process:
+      # the graphed step as it is, then compiled before the capture (experimental)
+      python3 benchmarks/p9_generate.py --cuda-graph on --json "$OUT/p9_graph.json" 2>&1 | tail -9
+      python3 benchmarks/p9_generate.py --cuda-graph on --compile-step --hf-modes static-compile \
+          --json "$OUT/p9_graph_compiled.json" 2>&1 | tail -6 ;;
     small-gpu)    # P7: the 1.5B model under 10 GiB and 8 GiB caps (issue 7). Peak memory does not
                   # depend on the number of accumulated micro-batches, so 2 (not 16) keep it short.
       $P7 bench recipes/phase7_1.5b.toml --memory-cap-gib 10 --steps 50 --warmup 1 --grad-accum 2 \

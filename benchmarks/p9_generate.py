@@ -3,7 +3,7 @@ Face transformers ``generate`` on a Llama of the same size, in one process.
 
     python benchmarks/p9_generate.py [--recipe recipes/phase7_1.5b_standard.toml]
         [--baseline recipes/llama_1.5b.toml] [--prompt-tokens 128] [--new-tokens 128]
-        [--hf-modes static-compile,static,dynamic] [--cuda-graph off|on|auto] [--json PATH]
+        [--hf-modes static-compile,static,dynamic] [--cuda-graph off|on|auto] [--compile-step] [--json PATH]
 
 The transformers model is a ``LlamaForCausalLM`` built from the baseline recipe's shape
 (d_model, layers, heads, kv heads, SwiGLU width, vocab, RoPE theta; untied head), randomly
@@ -101,14 +101,15 @@ def time_hf(model, mode: str, prompt: torch.Tensor, new_tokens: int, device: tor
             "first_token_s": times[1] - times[0]}
 
 
-def phase7fw_generate(recipe: str, device: torch.device, prompt_tokens: int, new_tokens: int, cuda_graph: str) -> dict:
+def phase7fw_generate(recipe: str, device: torch.device, prompt_tokens: int, new_tokens: int, cuda_graph: str,
+                      compile_step: bool = False) -> dict:
     from phase7fw import Engine
     from phase7fw.bench import bench_generate
 
     engine = Engine.from_recipe(recipe, {"train.compile": False, "train.batch_size": 1, "train.grad_accum_steps": 1},
                                 dummy_data=True, resume="never", device=str(device), quiet=True)
     try:
-        res = bench_generate(engine, new_tokens, prompt_tokens, cuda_graph=cuda_graph)
+        res = bench_generate(engine, new_tokens, prompt_tokens, cuda_graph=cuda_graph, compile_step=compile_step)
         res["params"] = sum(p.numel() for p in engine.model.parameters())
         res["model"] = engine.model_name
         res["vocab_size"] = engine.model.vocab_size
@@ -127,6 +128,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--hf-modes", default="static-compile,static,dynamic")
     ap.add_argument("--cuda-graph", default="off", choices=["off", "on", "auto"], help="phase7fw's decoding path")
+    ap.add_argument("--compile-step", action="store_true",
+                    help="phase7fw: compile the static step before the CUDA-graph capture (experimental)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -146,7 +149,8 @@ def main(argv=None) -> int:
 
     ours_rows = []
     for recipe in (args.recipe, args.baseline):  # phase7fw first: the baseline's vocabulary sizes the HF model
-        row = phase7fw_generate(recipe, device, args.prompt_tokens, args.new_tokens, args.cuda_graph)
+        row = phase7fw_generate(recipe, device, args.prompt_tokens, args.new_tokens, args.cuda_graph,
+                                args.compile_step)
         row["what"] = f"phase7fw {row['model']} ({Path(recipe).stem}, {row['path']})"
         ours_rows.append(row)
         print(json.dumps(row), flush=True)

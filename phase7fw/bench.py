@@ -301,7 +301,7 @@ def profile_steps(trainer, device: torch.device, out_dir, label: str, steps: int
 
 
 def bench_generate(engine, new_tokens: int, prompt_tokens: int = 0, warmup_tokens: int = 8,
-                   cuda_graph: str = "auto") -> dict:
+                   cuda_graph: str = "auto", compile_step: bool = False) -> dict:
     """Cached greedy decoding at batch 1: prefill a random prompt, then time ``new_tokens``
     tokens (each one read back to the host, as a sampler would). On a GPU the linear weights
     are stored in the training precision first (as ``phase7fw generate`` does). ``cuda_graph``
@@ -319,7 +319,7 @@ def bench_generate(engine, new_tokens: int, prompt_tokens: int = 0, warmup_token
         new_tokens = max(1, min(new_tokens, limit - prompt_tokens - warmup_tokens))
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, engine.tokenizer.vocab_size, (prompt_tokens,), generator=g).tolist()
-    decoder = engine.decoder(use_cache=True, cuda_graph=cuda_graph)
+    decoder = engine.decoder(use_cache=True, cuda_graph=cuda_graph, compile_step=compile_step)
 
     def run(n: int) -> float:
         t0 = time.perf_counter()

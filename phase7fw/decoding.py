@@ -262,10 +262,15 @@ class GraphedDecoder(Decoder):
     :class:`Decoder`'s, so the tokens are the same. The graph is captured after the first
     prefill and reused for every later sequence. ``strict``: a failed capture is an error;
     otherwise ``say`` gets one line and decoding continues on the dynamic cached path.
+
+    ``compile_step`` (experimental, not yet measured on a GPU): the step is first compiled by
+    ``torch.compile`` (inductor fuses its many small ops; no CUDA graphs of its own), during
+    the warm-up, and the compiled step is what the graph captures. A replayed graph is bound by
+    its kernel count, which the phase7 step has ~2.6x more of than llama's.
     """
 
     def __init__(self, model, *, device=None, autocast=None, capture: bool = True, strict: bool = False,
-                 warmup_steps: int = 2, say: Callable[[str], None] = _stderr_line):
+                 warmup_steps: int = 2, compile_step: bool = False, say: Callable[[str], None] = _stderr_line):
         from phase7fw.static_decoding import supports_static_decode
 
         if not (supports_cache(model) and supports_static_decode(model)):
@@ -278,6 +283,10 @@ class GraphedDecoder(Decoder):
         self.graph = None
         self.fallback = False  # capture failed: dynamic path from then on
         self.path = "cuda-graph" if self.capture else "static-eager"
+        self.step = model.forward_static
+        if compile_step:
+            self.step = torch.compile(model.forward_static, fullgraph=True, dynamic=False)
+            self.path += "+compile"
 
     def reset(self, ids=()) -> None:
         super().reset(ids)
@@ -303,7 +312,7 @@ class GraphedDecoder(Decoder):
                 self.graph.replay()
             else:
                 with self.autocast():
-                    self.model.forward_static(self.static)
+                    self.step(self.static)
             self.fed += 1
             self.static_steps += 1
             self._last = self.static.logits.clone()  # the next step overwrites the buffer
@@ -349,17 +358,17 @@ class GraphedDecoder(Decoder):
                 # next position is past its RoPE table: the decoder slides before stepping).
                 static.pos.fill_(0)
                 with self.autocast():
-                    self.model.forward_static(static)
+                    self.step(static)  # compiles here with compile_step
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             with self.autocast():
-                self.model.forward_static(static)
+                self.step(static)
         return graph
 
 
 def make_decoder(model, *, use_cache: bool = True, cuda_graph: str = "auto", device=None, autocast=None,
-                 say: Callable[[str], None] = _stderr_line) -> Decoder:
+                 compile_step: bool = False, say: Callable[[str], None] = _stderr_line) -> Decoder:
     """The decoder for ``cuda_graph`` = auto (a captured static step on CUDA when the model has
     one), on (that, or an error) or off (the dynamic cached path). Never silently different:
     under auto on CUDA a model without a static step, or a failed capture, prints one line."""
@@ -386,7 +395,7 @@ def make_decoder(model, *, use_cache: bool = True, cuda_graph: str = "auto", dev
             raise Phase7Error(f"--cuda-graph on: {type(model).__name__} has no static decode step")
         say(f"cuda graph: {type(model).__name__} has no static decode step; decoding runs the dynamic cached path")
         return Decoder(model, use_cache=True, **plain)
-    return GraphedDecoder(model, capture=True, strict=on, say=say, **plain)
+    return GraphedDecoder(model, capture=True, strict=on, compile_step=compile_step, say=say, **plain)
 
 
 def prepare_for_inference(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:

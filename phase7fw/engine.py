@@ -556,15 +556,16 @@ class Engine:
         finally:
             self.model.train(was_training)
 
-    def decoder(self, use_cache: bool = True, cuda_graph: str = "auto"):
+    def decoder(self, use_cache: bool = True, cuda_graph: str = "auto", compile_step: bool = False):
         """A :class:`phase7fw.decoding.Decoder` over this engine's model (autocast as in training).
         ``cuda_graph``: ``auto`` captures the static decode step in a CUDA graph on a CUDA
         device (:class:`phase7fw.decoding.GraphedDecoder`), ``on`` requires it, ``off`` keeps
-        the dynamic cached path (:func:`phase7fw.decoding.make_decoder`)."""
+        the dynamic cached path (:func:`phase7fw.decoding.make_decoder`). ``compile_step``:
+        experimental, see :class:`phase7fw.decoding.GraphedDecoder`."""
         from phase7fw.decoding import make_decoder
 
         return make_decoder(self.model, use_cache=use_cache, cuda_graph=cuda_graph, device=self.device,
-                            autocast=self.autocast)
+                            autocast=self.autocast, compile_step=compile_step)
 
     def describe(self) -> list[str]:
         """The run header: what was built, its size, where output goes."""

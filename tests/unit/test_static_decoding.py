@@ -33,6 +33,26 @@ def test_static_step_equals_the_dynamic_cache_and_recomputation(kind):
 
 
 @pytest.mark.parametrize("kind", ["phase7_hybrid", "llama"])
+def test_compiled_static_step_gives_the_same_tokens(kind):
+    # compile_step: inductor's fusion of the step (what a CUDA graph would then capture);
+    # one compile serves every position (pos is a tensor), no recompiles along the way
+    import torch._dynamo
+
+    model = make(kind)
+    prompt = torch.randint(0, 257, (13,), generator=torch.Generator().manual_seed(2)).tolist()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = GraphedDecoder(model, capture=False, compile_step=True)
+    assert compiled.path == "static-eager+compile"
+    tokens, logits = greedy(compiled, prompt, 12)
+    ref_tokens, ref_logits = greedy(Decoder(model, use_cache=True), prompt, 12)
+    assert tokens == ref_tokens and compiled.static_steps >= 10
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    stats = torch._dynamo.utils.counters["stats"]
+    assert stats["unique_graphs"] == 1, dict(stats)
+
+
+@pytest.mark.parametrize("kind", ["phase7_hybrid", "llama"])
 def test_multi_token_continuation_goes_back_through_the_dynamic_path(kind):
     """A chat turn appends several tokens after static steps: the state is stored back, the
     chunk prefilled in parallel, and the static buffers reloaded."""

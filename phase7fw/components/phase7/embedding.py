@@ -139,7 +139,7 @@ def htt_embedding_reference(ids: torch.Tensor, cores, scale: torch.Tensor, d_mod
             s = s.squeeze(-1)  # r_K = 1
         slices.append(s)
     rows = torch.einsum(_GATHERED_EQ[n_cores], *slices)
-    rows = rows.reshape(dig.shape[0], math.prod(c.shape[2] for c in cores))
+    rows = rows.reshape(dig.shape[0], math.prod([c.shape[2] for c in cores]))
     rows = rows[:, :d_model] * scale
     return rows.reshape(*ids.shape, d_model)
 
