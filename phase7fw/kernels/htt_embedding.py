@@ -341,7 +341,7 @@ def _ids(vocab, n, device, seed=0):
 
 def _check(vocab, d_model, n_cores, rank, n_tokens, device, case, timings, autocast=False):
     from phase7fw.components.phase7.embedding import htt_embedding_reference
-    from phase7fw.kernels.verify import GATE, Row, _finite, _rel
+    from phase7fw.kernels.verify import _rel, gated_row
 
     m = _module(vocab, d_model, n_cores, rank, device)
     ids = _ids(vocab, n_tokens, device)
@@ -358,9 +358,7 @@ def _check(vocab, d_model, n_cores, rank, n_tokens, device, case, timings, autoc
     for k in range(n_cores):
         errors[f"dG{k + 1}"] = _rel(grads[k], ref_grads[k])
     errors["dscale"] = _rel(grads[-1], ref_grads[-1])
-    finite = _finite(out, *grads)
-    ok = finite and out.dtype == torch.float32 and all(e <= GATE for e in errors.values())
-    row = Row("htt_embedding", case, ok, "" if finite else "NaN/Inf", errors)
+    row = gated_row("htt_embedding", case, errors, (out, *grads), ok=out.dtype == torch.float32)
     del ref, ref_grads, ref_params
     if timings:
         row.ms.update(_timings(m, ids, gout, device, autocast))

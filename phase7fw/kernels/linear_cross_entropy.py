@@ -242,7 +242,7 @@ def _reference64(h, w, y):
 
 
 def _check(N, D, V, chunk, device, dtype, case, ignore_frac=0.0, autocast=False, timings=False):
-    from phase7fw.kernels.verify import GATE, Row, _finite, _rel
+    from phase7fw.kernels.verify import _rel, gated_row
 
     h, w, y = _inputs(N, D, V, device, dtype, ignore_frac)
     hi, wi = h.clone().requires_grad_(), w.clone().requires_grad_()
@@ -253,9 +253,7 @@ def _check(N, D, V, chunk, device, dtype, case, ignore_frac=0.0, autocast=False,
     ref, rdh, rdw = _reference64(h, w, y)
     errors = {"loss": _rel(loss, ref), "dhidden": _rel(dh, rdh), "dweight": _rel(dw, rdw)}
     del ref, rdh, rdw
-    finite = _finite(loss, dh, dw)
-    row = Row("cross_entropy", case, finite and all(e <= GATE for e in errors.values()),
-              "" if finite else "NaN/Inf", errors)
+    row = gated_row("cross_entropy", case, errors, (loss, dh, dw))
     if timings:
         row.ms.update(_time(hi, wi, y, chunk, device, ctx))
     return row

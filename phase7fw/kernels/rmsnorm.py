@@ -210,7 +210,7 @@ def timings(impls: dict, device: torch.device) -> dict:
 
 def _check(shape, dtype, device, case, timed, eps=1e-5, seed=0):
     from phase7fw.components.llama import rmsnorm_reference
-    from phase7fw.kernels.verify import GATE, Row, _finite, _rel
+    from phase7fw.kernels.verify import _rel, gated_row
 
     g = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(shape, generator=g).to(dtype).to(device)
@@ -223,8 +223,7 @@ def _check(shape, dtype, device, case, timed, eps=1e-5, seed=0):
     ref = rmsnorm_reference(*ref_ins, eps)
     ref_grads = torch.autograd.grad(ref, ref_ins, gy.double())
     errors = {"out": _rel(y, ref), "dx": _rel(grads[0], ref_grads[0]), "dweight": _rel(grads[1], ref_grads[1])}
-    finite = _finite(y, *grads)
-    row = Row("rmsnorm", case, finite and all(e <= GATE for e in errors.values()), "" if finite else "NaN/Inf", errors)
+    row = gated_row("rmsnorm", case, errors, (y, *grads))
     if timed:
         impls = {}
         for name, fn in (("triton", rmsnorm_triton), ("reference", rmsnorm_reference)):

@@ -153,7 +153,7 @@ def _check(rows, n, dtype, device, case, timed, seed=0):
     """gate and up as the two halves of one (rows, 2n) projection output, as in the model."""
     from phase7fw.components.llama import swiglu_reference
     from phase7fw.kernels.rmsnorm import timings
-    from phase7fw.kernels.verify import GATE, Row, _finite, _rel
+    from phase7fw.kernels.verify import _rel, gated_row
 
     gen = torch.Generator(device="cpu").manual_seed(seed)
     h = (2 * torch.randn(rows, 2 * n, generator=gen)).to(dtype).to(device)
@@ -166,8 +166,7 @@ def _check(rows, n, dtype, device, case, timed, seed=0):
     (ref_grad,) = torch.autograd.grad(ref, h_r, gy.double())
     errors = {"out": _rel(y, ref), "dgate": _rel(grad[:, :n], ref_grad[:, :n]),
               "dup": _rel(grad[:, n:], ref_grad[:, n:])}
-    finite = _finite(y, grad)
-    row = Row("swiglu", case, finite and all(e <= GATE for e in errors.values()), "" if finite else "NaN/Inf", errors)
+    row = gated_row("swiglu", case, errors, (y, grad))
     if timed:
         impls = {}
         for name, fn in (("triton", swiglu_triton), ("reference", swiglu_reference)):

@@ -47,6 +47,14 @@ def _finite(*ts) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in ts if t is not None)
 
 
+def gated_row(op: str, case: str, errors: dict, outputs, ok: bool = True) -> "Row":
+    """The row of a parity check: it passes when every output is finite, every error is
+    within GATE and ``ok`` (a check's extra condition) holds."""
+    finite = _finite(*outputs)
+    return Row(op, case, finite and ok and all(e <= GATE for e in errors.values()),
+               "" if finite else "NaN/Inf", errors)
+
+
 def _bench(fn, device) -> float:
     if device.type != "cuda":
         t0 = time.perf_counter()
@@ -140,9 +148,7 @@ def _check_attention(B, H, T, D, window, device, dtype, case, timings=True) -> R
     errors = {"out": _rel(out, ref)}
     for name, a, b in zip(("dq", "dk", "dv", "dc", "dtau"), grads, ref_grads):
         errors[name] = _rel(a, b)
-    finite = _finite(out, *grads)
-    ok = finite and all(e <= GATE for e in errors.values())
-    row = Row("hyperbolic_attention", case, ok, "" if finite else "NaN/Inf", errors)
+    row = gated_row("hyperbolic_attention", case, errors, (out, *grads))
     del ref, ref_grads, ref_ins
     if timings:
         row.ms.update(_time_attention(q, k, v, c, tau, window, device))
@@ -223,8 +229,7 @@ def _check_ssm(b, h, T, dv, r, device, dtype, case, timings=True) -> Row:
     errors = {"out": _rel(y, ref)}
     for name, a, bb in zip(("dx", "dB", "dC", "dlog_decay"), grads, ref_grads):
         errors[name] = _rel(a, bb)
-    finite = _finite(y, *grads)
-    row = Row("ar_ssm_scan", case, finite and all(e <= GATE for e in errors.values()), "" if finite else "NaN/Inf", errors)
+    row = gated_row("ar_ssm_scan", case, errors, (y, *grads))
     if timings:
         def tri():
             o = ar_ssm_scan_triton(*ins)

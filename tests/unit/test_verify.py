@@ -40,3 +40,13 @@ def test_smoke_reports_every_kernel_when_all_fail(monkeypatch):
     assert [r.detail for r in rows] == ["RuntimeError: triton missing"] * 2 + ["ValueError: bad launch"] * 4
     assert not any(r.ok for r in rows)
     assert all(r.ms["first_call_incl_compile"] >= 0 for r in rows)
+
+
+def test_gated_row_needs_finite_outputs_errors_within_the_gate_and_the_extra_condition():
+    good, bad = torch.ones(3), torch.tensor([1.0, float("nan")])
+    assert V.gated_row("op", "c", {"out": V.GATE}, (good,)).ok
+    row = V.gated_row("op", "c", {"out": 0.0}, (good, bad))
+    assert (row.ok, row.detail) == (False, "NaN/Inf")
+    assert not V.gated_row("op", "c", {"out": 0.0, "dx": 1.01 * V.GATE}, (good,)).ok
+    row = V.gated_row("op", "c", {"out": 0.0}, (good,), ok=False)
+    assert (row.ok, row.detail) == (False, "")
