@@ -8,61 +8,36 @@ loading this plugin never imports Triton.
 
 from __future__ import annotations
 
+import importlib
+
 from phase7fw.hookspecs import hookimpl
 
 
-def _hyperbolic_attention(config, **context):
-    from phase7fw.kernels.hyperbolic_attention import hyperbolic_attention_triton
+def _lazy(module: str, attr: str):
+    """A kernel factory that imports ``phase7fw.kernels.<module>`` (and Triton) only when called."""
 
-    return hyperbolic_attention_triton
+    def factory(config, **context):
+        return getattr(importlib.import_module(f"phase7fw.kernels.{module}"), attr)
 
-
-def _ar_ssm_scan(config, **context):
-    from phase7fw.kernels.ar_ssm_scan import ar_ssm_scan_triton
-
-    return ar_ssm_scan_triton
+    return factory
 
 
-def _htt_embedding(config, **context):
-    from phase7fw.kernels.htt_embedding import htt_embedding_triton
-
-    return htt_embedding_triton
-
-
-def _rmsnorm(config, **context):
-    from phase7fw.kernels.rmsnorm import rmsnorm_triton
-
-    return rmsnorm_triton
-
-
-def _swiglu(config, **context):
-    from phase7fw.kernels.swiglu import swiglu_triton
-
-    return swiglu_triton
-
-
-def _cross_entropy(config, **context):
-    from phase7fw.kernels.linear_cross_entropy import linear_cross_entropy_triton
-
-    return linear_cross_entropy_triton
-
-
-#: (op, factory, description) of every kernel this plugin provides.
+#: (op, module, implementation, description) of every kernel this plugin provides.
 KERNELS = [
-    ("hyperbolic_attention", _hyperbolic_attention,
+    ("hyperbolic_attention", "hyperbolic_attention", "hyperbolic_attention_triton",
      "fused causal sliding-window Poincare attention, fwd + bwd (grads to q, k, v, c, tau), O(T) memory"),
-    ("ar_ssm_scan", _ar_ssm_scan,
+    ("ar_ssm_scan", "ar_ssm_scan", "ar_ssm_scan_triton",
      "chunked SSD scan, fp32 state, fwd + bwd (grads to x, B, C, log_decay)"),
-    ("htt_embedding", _htt_embedding,
+    ("htt_embedding", "htt_embedding", "htt_embedding_triton",
      "fused tensor-train gather-and-contract, fwd + bwd (atomic adds into the cores), 2 or 3 cores"),
-    ("rmsnorm", _rmsnorm, "fused RMSNorm, fp32 statistics, fwd + bwd (grads to x and weight)"),
-    ("swiglu", _swiglu, "fused silu(gate) * up, fwd + bwd recomputing silu"),
-    ("cross_entropy", _cross_entropy,
+    ("rmsnorm", "rmsnorm", "rmsnorm_triton", "fused RMSNorm, fp32 statistics, fwd + bwd (grads to x and weight)"),
+    ("swiglu", "swiglu", "swiglu_triton", "fused silu(gate) * up, fwd + bwd recomputing silu"),
+    ("cross_entropy", "linear_cross_entropy", "linear_cross_entropy_triton",
      "chunked linear cross-entropy: logits one chunk at a time, grads computed in forward"),
 ]
 
 
 @hookimpl
 def register_components(register):
-    for op, factory, description in KERNELS:
-        register("kernel", f"{op}:triton", factory, description=description)
+    for op, module, attr, description in KERNELS:
+        register("kernel", f"{op}:triton", _lazy(module, attr), description=description)
