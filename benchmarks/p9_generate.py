@@ -64,14 +64,14 @@ class _TokenClock:
     """A transformers streamer that notes when each new token reaches the host (``put`` gets
     the prompt first, then one token per decoding step)."""
 
-    def __init__(self, device: torch.device):
-        self.device, self.times = device, []
+    def __init__(self):
+        self.times = []
 
     def put(self, value) -> None:
         self.times.append(time.perf_counter())
 
     def end(self) -> None:
-        pass
+        """The streamer protocol's end of generation: the clock has nothing to flush."""
 
 
 def time_hf(model, mode: str, prompt: torch.Tensor, new_tokens: int, device: torch.device) -> dict:
@@ -83,7 +83,7 @@ def time_hf(model, mode: str, prompt: torch.Tensor, new_tokens: int, device: tor
     gen.disable_compile = mode != "static-compile"  # generate compiles a static-cache forward itself
 
     def run() -> list:
-        clock = _TokenClock(device)
+        clock = _TokenClock()
         with torch.no_grad():
             out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, streamer=clock,
                                  **kwargs)

@@ -17,7 +17,8 @@ triton = pytest.importorskip("triton")
 from phase7fw.components.phase7.embedding import HTTEmbedding, htt_embedding_reference  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-    pytest.skip("TRITON_INTERPRET was unset when the kernels were imported", allow_module_level=True)
+    pytest.skip("TRITON_INTERPRET=0: these tests run the kernels in Triton's CPU interpreter (on a GPU: tests/gpu)",
+                allow_module_level=True)
 
 
 def _rel(a, b):

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 triton = pytest.importorskip("triton")
 
 if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-    pytest.skip("TRITON_INTERPRET was unset when the kernels were imported", allow_module_level=True)
+    pytest.skip("TRITON_INTERPRET=0: these tests run the kernels in Triton's CPU interpreter (on a GPU: tests/gpu)",
+                allow_module_level=True)
 
 N, D, V = 37, 24, 131  # no powers of two; V spans three interpreter blocks of 64
 
