@@ -269,11 +269,13 @@ class LlamaModel(LanguageModel):
         """The (vocab, d_model) output projection (the embedding table when tied)."""
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        h = self.forward_hidden(input_ids)
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.output is not None:
             return self.output(h)  # through the module, so hooks/FSDP wrapping see it
         return F.linear(h, self.tok_embeddings.weight)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.forward_hidden(input_ids))
 
     # -- cached decoding (phase7fw.decoding) ---------------------------------------------------
     @property
@@ -296,8 +298,7 @@ class LlamaModel(LanguageModel):
         for block, kv in zip(self.blocks, cache.layers):
             h = block.forward_cached(h, cos, sin, kv)
         cache.pos += T
-        h = self.norm(h)
-        return self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
+        return self.logits(self.norm(h))
 
     # -- static one-token step (phase7fw.static_decoding): what a CUDA graph captures
     def init_static_cache(self, cache):
@@ -313,9 +314,7 @@ class LlamaModel(LanguageModel):
         h = self.tok_embeddings(static.token)
         for block, ring in zip(self.blocks, static.layers):
             h = block.forward_static(h, cos, sin, ring, static.pos)
-        h = self.norm(h)
-        logits = self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
-        static.logits.copy_(logits[:, -1])
+        static.logits.copy_(self.logits(self.norm(h))[:, -1])
         static.pos.add_(1)
 
     # -- accounting -------------------------------------------------------------------------
