@@ -5,7 +5,13 @@ Verified against the fp64 reference on an H200 (tests/gpu) and timed in benchmar
 Same contract as :func:`phase7fw.components.phase7.attention.hyperbolic_attention_reference`:
 ``hyperbolic_attention_triton(q, k, v, c, tau, window) -> o`` with q, k, v of shape
 (B, H, T, D) (q, k already rotated), c a scalar or (H,), tau (H,), window W >= 1 (W >= T: full
-causal). Scores s_ij = -tau_h d_c(expmap0(q_i), expmap0(k_j)) for i - W < j <= i.
+causal). Scores for i - W < j <= i, by ``score``:
+
+    "distance"          s_ij = -tau_h d_ij              (the model's default)
+    "squared_distance"  s_ij = -tau_h d_ij^2
+    "dot_distance"      s_ij = <q_i, k_j> / sqrt(D) - tau_h d_ij
+
+with d_ij = d_c(expmap0(q_i), expmap0(k_j)) (MODEL.md; docs/model.md, "Quality").
 
 How it is split (MODEL.md, geometry.py): three kernels, no torch maths on (B, H, T) or
 larger tensors except one dtype cast of dq and one sum of per-program partials.
@@ -19,7 +25,8 @@ larger tensors except one dtype cast of dq and one sum of per-program partials.
       gap = max(n_q n_k - <q,k>, 0)
       sh  = sqrt(2) sinh(a_q - a_k) = e^{a_q}/sqrt(2) e^{-a_k} - e^{-a_q}/sqrt(2) e^{a_k}
       z   = max(sh^2 + f_q f_k gap, eps32^2)                              (= 2Z of geometry.py)
-      s log2(e) = -(tau/sqrt(c)) log2(1 + z + sqrt(z (z + 2)))
+      s log2(e) = -(tau/sqrt(c)) log2(1 + z + sqrt(z (z + 2)))            (m = 1)
+                = -(tau/c) ln2 log2(1 + z + sqrt(z (z + 2)))^2             (m = 2)
 
   in fp32 whatever the input dtype. It writes O in the input dtype and, for 16-bit inputs,
   an fp32 copy of O (P @ V uses a hi/lo split of P, so that copy is fp32-accurate).
@@ -27,7 +34,8 @@ larger tensors except one dtype cast of dq and one sum of per-program partials.
   one program per key block that recomputes the scores of the query blocks in its window
   once and produces dk, dv (registers), dq (fp32 atomics, dot part and radial part), and its
   partial sums of d(c) and d(tau). The chain rule from the row statistics to q, k, c is
-  finished in the kernel: with g = dL/dz, dz/d<q,k> = -f_q f_k [gap > 0],
+  finished in the kernel: with g = dL/dz (for m = 2 it carries the extra factor 2 arcosh(1+z)
+  of d(d^2) = 2 d dd, and tau/sqrt(c) becomes tau/c), dz/d<q,k> = -f_q f_k [gap > 0],
   dz/dn_q = f_q f_k n_k [gap > 0], dz/da_q = -dz/da_k = 4 sinh cosh(a_q - a_k),
   dz/df_q = f_k gap, then da/dn = sqrt(c) [a unclamped], df/dn|_a = -f/n,
   df/da = 2 cosh(2a)/n, dn/du = u/n; dL/dtau = -sum d dS, dL/dsqrt(c) = tau/sqrt(c) sum d dS
@@ -100,7 +108,8 @@ def _load_tile(P, offs_r, offs_d, T, D: tl.constexpr, CHECK_ROWS: tl.constexpr, 
 def _fwd_block(acc, m_i, l_i, q, nq, eqs, ieqs, fq, offs_m, start_n, K, V, T, W, sc, coef2, offs_d,
                D: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, TINY: tl.constexpr,
                MAXA: tl.constexpr, MIN_NORM: tl.constexpr, SPLIT_P: tl.constexpr,
-               EVEN_D: tl.constexpr, MASK: tl.constexpr):
+               EVEN_D: tl.constexpr, MASK: tl.constexpr, SQUARED: tl.constexpr, DOT: tl.constexpr,
+               ISD: tl.constexpr):
     """One key block of the forward: online-softmax update of (acc, m_i, l_i)."""
     offs_n = start_n + tl.arange(0, BN)
     k = _load_tile(K, offs_n, offs_d, T, D, MASK, EVEN_D)
@@ -116,16 +125,25 @@ def _fwd_block(acc, m_i, l_i, q, nq, eqs, ieqs, fq, offs_m, start_n, K, V, T, W,
     sh = eqs[:, None] * iek[None, :] - ieqs[:, None] * ek[None, :]
     z = tl.maximum(sh * sh + (gap * fq[:, None]) * fk[None, :], TINY)
     # log2 of 1 + z + sqrt(z (z+2)) = arcosh(1+z) log2(e): scores in base 2, s2 = s log2(e)
-    s2 = -coef2 * tl.log2(1.0 + z + tl.sqrt(z * (z + 2.0)))
+    lg = tl.log2(1.0 + z + tl.sqrt(z * (z + 2.0)))
+    if SQUARED:
+        s2 = -coef2 * (lg * lg)  # coef2 = (tau/c) ln2
+    else:
+        s2 = -coef2 * lg  # coef2 = tau/sqrt(c)
+    if DOT:
+        s2 += dot * (ISD * 1.4426950408889634)  # + <q,k>/sqrt(D), in base 2
     if MASK:
         allowed = ((offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] - offs_n[None, :] < W)
                    & (offs_n < T)[None, :])
         s2 = tl.where(allowed, s2, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s2, 1))
+    m_sub = m_new
     if MASK:
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s2 - m_new[:, None])
+        # A row with no key yet keeps m = -inf (so the first real scores, which can be far
+        # below 0, set it later); only the subtraction uses 0 there, avoiding -inf - -inf.
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_sub)
+    p = tl.exp2(s2 - m_sub[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if SPLIT_P:
         # p = hi + lo in two 16-bit parts: O keeps ~fp32 accuracy (the backward's
@@ -144,7 +162,7 @@ def _hyp_attn_fwd_kernel(
     H, T, W,
     D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     PREC: tl.constexpr, TINY: tl.constexpr, MAXA: tl.constexpr, MIN_NORM: tl.constexpr,
-    SPLIT_P: tl.constexpr, EVEN_D: tl.constexpr,
+    SPLIT_P: tl.constexpr, EVEN_D: tl.constexpr, SQUARED: tl.constexpr, DOT: tl.constexpr, ISD: tl.constexpr,
 ):
     """One program per (query block, batch*head). Per pair (D = head dim): 4D matmul FLOPs
     (QK^T, PV; 6D with the split P of bf16/fp16), ~20 fp32 ops and 3 MUFU (sqrt, log2, exp2);
@@ -156,6 +174,8 @@ def _hyp_attn_fwd_kernel(
     h = bh % H
     sc = tl.sqrt(tl.load(C + h))
     coef2 = tl.load(TAU + h) / sc  # s log2(e) = -(tau/sqrt(c)) log2(1 + w)
+    if SQUARED:
+        coef2 = coef2 / sc * 0.6931471805599453  # s log2(e) = -(tau/c) ln2 log2(1 + w)^2
     base = bh.to(tl.int64) * T * D
     rbase = bh.to(tl.int64) * T
     Qb, Kb, Vb = Q + base, K + base, V + base
@@ -182,13 +202,13 @@ def _hyp_attn_fwd_kernel(
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
     for start_n in range(lo, full_lo, BN):
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, nq, eqs, ieqs, fq, offs_m, start_n, Kb, Vb, T, W, sc, coef2,
-                                   offs_d, D, BN, PREC, TINY, MAXA, MIN_NORM, SPLIT_P, EVEN_D, True)
+                                   offs_d, D, BN, PREC, TINY, MAXA, MIN_NORM, SPLIT_P, EVEN_D, True, SQUARED, DOT, ISD)
     for start_n in range(full_lo, full_hi, BN):
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, nq, eqs, ieqs, fq, offs_m, start_n, Kb, Vb, T, W, sc, coef2,
-                                   offs_d, D, BN, PREC, TINY, MAXA, MIN_NORM, SPLIT_P, EVEN_D, False)
+                                   offs_d, D, BN, PREC, TINY, MAXA, MIN_NORM, SPLIT_P, EVEN_D, False, SQUARED, DOT, ISD)
     for start_n in range(full_hi, hi, BN):
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, nq, eqs, ieqs, fq, offs_m, start_n, Kb, Vb, T, W, sc, coef2,
-                                   offs_d, D, BN, PREC, TINY, MAXA, MIN_NORM, SPLIT_P, EVEN_D, True)
+                                   offs_d, D, BN, PREC, TINY, MAXA, MIN_NORM, SPLIT_P, EVEN_D, True, SQUARED, DOT, ISD)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_safe[:, None]
@@ -237,10 +257,13 @@ def _bwd_block(dk, dv, t_ga, t_gz, t_gn, r_acc, sc_acc,
                Q, DO, DQ32, LSE, DELTA, NQ, AQ, FQ, T, W, sc, coef, offs_d,
                D: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr,
                GRAD_FP32: tl.constexpr, TINY: tl.constexpr, MAXA: tl.constexpr, MIN_NORM: tl.constexpr,
-               EVEN_D: tl.constexpr, MASK: tl.constexpr):
+               EVEN_D: tl.constexpr, MASK: tl.constexpr, SQUARED: tl.constexpr, DOT: tl.constexpr,
+               ISD: tl.constexpr):
     """One query block against the program's key block: dk, dv and the key-side sums
     accumulate in registers; dq (dot part + this block's share of the radial part) is added
-    to the fp32 dq buffer with atomics. The g below is dL/dz divided by -tau/sqrt(c)."""
+    to the fp32 dq buffer with atomics. The g below is dL/dz divided by -coef (coef = tau/sqrt(c),
+    or tau/c for squared scores); the matmul operand gk = coef g f_q f_k [gap > 0] (+ dS/sqrt(D)
+    for the dot term of "dot_distance") is dL/d<q,k>."""
     offs_m = start_m + tl.arange(0, BM)
     q = _load_tile(Q, offs_m, offs_d, T, D, MASK, EVEN_D)
     do = _load_tile(DO, offs_m, offs_d, T, D, MASK, EVEN_D)
@@ -265,7 +288,8 @@ def _bwd_block(dk, dv, t_ga, t_gz, t_gn, r_acc, sc_acc,
     # after the scores only fm, zg, shc, rinv, lg, p (then ds) stay alive per pair; g, ga, gz,
     # gg are consumed by reductions / matmuls as soon as formed.
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-    x = nq[:, None] * nk[None, :] - tl.dot(q, tl.trans(k), input_precision=PREC)  # gap, unclamped
+    qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+    x = nq[:, None] * nk[None, :] - qk  # gap, unclamped
     fm = tl.where(x > 0.0, fq[:, None] * fk[None, :], 0.0)  # f_q f_k [gap > 0] = -dz/d<q,k>
     zg = x * fm  # f_q f_k max(gap, 0)
     p1 = eqs[:, None] * iek[None, :]
@@ -278,28 +302,40 @@ def _bwd_block(dk, dv, t_ga, t_gz, t_gn, r_acc, sc_acc,
     rinv = tl.rsqrt(rr)  # d arcosh(1+z) / dz
     lg = tl.log2(1.0 + zc + rr * rinv)  # arcosh(1+z) log2(e)
     rinv = tl.where(z > TINY, rinv, 0.0)  # no gradient where z was clamped
-    p = tl.exp2(-coef * lg - lse[:, None])
+    if SQUARED:
+        s2 = -coef * 0.6931471805599453 * (lg * lg)
+    else:
+        s2 = -coef * lg
+    if DOT:
+        s2 += qk * (ISD * 1.4426950408889634)
+    p = tl.exp2(s2 - lse[:, None])
     if MASK:
         allowed = ((offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] - offs_n[None, :] < W)
                    & (offs_m < T)[:, None] & (offs_n < T)[None, :])
         p = tl.where(allowed, p, 0.0)
     ds = p * (dp - delta[:, None])  # dL/ds
-    r_acc += tl.sum(ds * lg, 0)  # sum d dS, up to the factor ln2/sqrt(c)
     dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-
-    g = ds * rinv
+    if SQUARED:
+        r_acc += tl.sum(ds * (lg * lg), 0)  # sum dS arcosh^2, up to the factor ln2^2
+        g = ds * rinv * (1.3862943611198906 * lg)  # d(arcosh^2)/dz = 2 ln2 lg rinv
+    else:
+        r_acc += tl.sum(ds * lg, 0)  # sum dS arcosh, up to the factor ln2
+        g = ds * rinv
     ga = g * shc  # half of g dz/da_q  (dz/da_k = -dz/da_q)
     gz = g * zg  # g f_q f_k gap: gives dz/df through 1/f
     gg = g * fm  # g * -dz/d<q,k>
     t_ga += tl.sum(ga, 0)
     t_gz += tl.sum(gz, 0)
     t_gn += tl.sum(gg * nq[:, None], 0)
+    gk = coef * gg  # dL/d<q,k> of the distance term
+    if DOT:
+        gk += ds * ISD
     if GRAD_FP32:
-        dk += tl.dot(tl.trans(gg), q.to(tl.float32), input_precision=GPREC)
-        dq_dot = tl.dot(gg, kf, input_precision=GPREC)
+        dk += tl.dot(tl.trans(gk), q.to(tl.float32), input_precision=GPREC)
+        dq_dot = tl.dot(gk, kf, input_precision=GPREC)
     else:
-        dk += tl.dot(tl.trans(gg.to(q.dtype)), q, input_precision=GPREC)
-        dq_dot = tl.dot(gg.to(kf.dtype), kf, input_precision=GPREC)
+        dk += tl.dot(tl.trans(gk.to(q.dtype)), q, input_precision=GPREC)
+        dq_dot = tl.dot(gk.to(kf.dtype), kf, input_precision=GPREC)
 
     # chain rule to q for this block's pairs (linear: the shares of all key blocks add up).
     # n, a, f of q: da/dn = sqrt(c) [a unclamped], df/dn = -f/n, df/da = 2 cosh(2a)/n.
@@ -311,7 +347,7 @@ def _bwd_block(dk, dv, t_ga, t_gz, t_gn, r_acc, sc_acc,
     g_t = g_n + tl.where(unclamped, g_a * sc, 0.0)
     radial = tl.where(nq > MIN_NORM, g_t / nq, 0.0)
     sc_acc += tl.where(unclamped, g_a * nq, 0.0)
-    dq = coef * (dq_dot - radial[:, None] * q.to(tl.float32))
+    dq = dq_dot - coef * radial[:, None] * q.to(tl.float32)
     dq_ptrs = DQ32 + offs_m[:, None] * D + offs_d[None, :]
     if MASK:
         if EVEN_D:
@@ -333,7 +369,8 @@ def _hyp_attn_bwd_kernel(
     H, T, W, NB, PART_STRIDE,
     D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     PREC: tl.constexpr, GPREC: tl.constexpr, GRAD_FP32: tl.constexpr, TINY: tl.constexpr,
-    MAXA: tl.constexpr, MIN_NORM: tl.constexpr, EVEN_D: tl.constexpr,
+    MAXA: tl.constexpr, MIN_NORM: tl.constexpr, EVEN_D: tl.constexpr, SQUARED: tl.constexpr,
+    DOT: tl.constexpr, ISD: tl.constexpr,
 ):
     """One program per (key block, batch*head): recomputes the scores of the query blocks in
     the window once and produces dk, dv, its atomic share of dq and its partial sums of
@@ -346,6 +383,8 @@ def _hyp_attn_bwd_kernel(
     sc = tl.sqrt(tl.load(C + h))
     tau = tl.load(TAU + h)
     coef = tau / sc
+    if SQUARED:
+        coef = coef / sc  # s = -(tau/c) arcosh^2
     base = bh.to(tl.int64) * T * D
     rbase = bh.to(tl.int64) * T
 
@@ -385,17 +424,17 @@ def _hyp_attn_bwd_kernel(
         dk, dv, t_ga, t_gz, t_gn, r_acc, sc_acc = _bwd_block(
             dk, dv, t_ga, t_gz, t_gn, r_acc, sc_acc, k, kf, v, nk, ek, iek, fk, offs_n, start_m,
             Qb, DOb, DQb, LSEb, DELb, NQb, AQb, FQb, T, W, sc, coef, offs_d,
-            D, BM, PREC, GPREC, GRAD_FP32, TINY, MAXA, MIN_NORM, EVEN_D, True)
+            D, BM, PREC, GPREC, GRAD_FP32, TINY, MAXA, MIN_NORM, EVEN_D, True, SQUARED, DOT, ISD)
     for start_m in range(full_lo, full_hi, BM):
         dk, dv, t_ga, t_gz, t_gn, r_acc, sc_acc = _bwd_block(
             dk, dv, t_ga, t_gz, t_gn, r_acc, sc_acc, k, kf, v, nk, ek, iek, fk, offs_n, start_m,
             Qb, DOb, DQb, LSEb, DELb, NQb, AQb, FQb, T, W, sc, coef, offs_d,
-            D, BM, PREC, GPREC, GRAD_FP32, TINY, MAXA, MIN_NORM, EVEN_D, False)
+            D, BM, PREC, GPREC, GRAD_FP32, TINY, MAXA, MIN_NORM, EVEN_D, False, SQUARED, DOT, ISD)
     for start_m in range(full_hi, hi, BM):
         dk, dv, t_ga, t_gz, t_gn, r_acc, sc_acc = _bwd_block(
             dk, dv, t_ga, t_gz, t_gn, r_acc, sc_acc, k, kf, v, nk, ek, iek, fk, offs_n, start_m,
             Qb, DOb, DQb, LSEb, DELb, NQb, AQb, FQb, T, W, sc, coef, offs_d,
-            D, BM, PREC, GPREC, GRAD_FP32, TINY, MAXA, MIN_NORM, EVEN_D, True)
+            D, BM, PREC, GPREC, GRAD_FP32, TINY, MAXA, MIN_NORM, EVEN_D, True, SQUARED, DOT, ISD)
 
     # chain rule to k (complete sums for these keys); dz/da_k = -dz/da_q
     g_n = t_gn - t_gz / nk
@@ -404,20 +443,29 @@ def _hyp_attn_bwd_kernel(
     unclamped = (sc * nk <= MAXA) & n_ok
     g_t = g_n + tl.where(unclamped, g_a * sc, 0.0)
     radial = tl.where(nk > MIN_NORM, g_t / nk, 0.0)
-    dk = coef * (dk - radial[:, None] * k.to(tl.float32))
+    dk = dk - coef * radial[:, None] * k.to(tl.float32)
     kv_mask = n_ok[:, None] & (offs_d < D)[None, :]
     kv_off = base + offs_n[:, None] * D + offs_d[None, :]
     tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
-    # per-program shares of d(c) and d(tau): s = -tau ln2 lg / sqrt(c), so
-    # dL/dtau = -ln2/sqrt(c) sum dS lg, dL/dsqrt(c) = tau ln2/c sum dS lg - coef sum g_a n [unclamped]
+    # per-program shares of d(c) and d(tau): s = -tau F / sqrt(c)^m with F = arcosh (m = 1) or
+    # arcosh^2 (m = 2) and r = sum dS F, so dL/dtau = -r / sqrt(c)^m and
+    # dL/dsqrt(c) = m coef r / sqrt(c) - coef sum g_a n [unclamped] (the second term through a)
     r = tl.sum(r_acc, 0) * 0.6931471805599453
+    if SQUARED:
+        r = r * 0.6931471805599453
+        d_sc = 2.0 * coef / sc * r
+    else:
+        d_sc = coef / sc * r
     s_a = tl.sum(sc_acc, 0) + tl.sum(tl.where(unclamped, g_a * nk, 0.0), 0)
-    d_sc = coef / sc * r - coef * s_a
+    d_sc = d_sc - coef * s_a
     slot = bh * NB + pid_n
     tl.store(PART + slot, d_sc / (2.0 * sc))  # d(c) = d(sqrt c) / (2 sqrt c)
-    tl.store(PART + PART_STRIDE + slot, -r / sc)
+    if SQUARED:
+        tl.store(PART + PART_STRIDE + slot, -r / (sc * sc))
+    else:
+        tl.store(PART + PART_STRIDE + slot, -r / sc)
 
 
 # ---------------------------------------------------------------------------------------
@@ -460,7 +508,16 @@ def _block_d(D: int) -> int:
 _CONSTS = dict(TINY=_TINY, MAXA=geometry.MAX_TANGENT_ATANH, MIN_NORM=_MIN_NORM)
 
 
-def _fwd_impl(q, k, v, c, tau, window):
+SCORES = ("distance", "squared_distance", "dot_distance")
+
+
+def _score_flags(score: str, D: int) -> dict:
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {', '.join(SCORES)}; got {score!r}")
+    return dict(SQUARED=score == "squared_distance", DOT=score == "dot_distance", ISD=float(D) ** -0.5)
+
+
+def _fwd_impl(q, k, v, c, tau, window, score):
     require(q, k, v)
     B, H, T, D = q.shape
     low = q.dtype != torch.float32
@@ -476,13 +533,13 @@ def _fwd_impl(q, k, v, c, tau, window):
     BD = _block_d(D)
     _hyp_attn_fwd_kernel[(triton.cdiv(T, BM), B * H)](
         q, k, v, o, o32 if low else o, lse, c, tau, H, T, window,
-        D=D, BD=BD, BM=BM, BN=BN, PREC=prec, SPLIT_P=low, EVEN_D=BD == D, **_CONSTS,
+        D=D, BD=BD, BM=BM, BN=BN, PREC=prec, SPLIT_P=low, EVEN_D=BD == D, **_score_flags(score, D), **_CONSTS,
         num_warps=nw, num_stages=ns,
     )
     return o, o32, lse
 
 
-def _bwd_impl(q, k, v, o, o32, lse, do, c, tau, window):
+def _bwd_impl(q, k, v, o, o32, lse, do, c, tau, window, score):
     require(q, k, v)
     B, H, T, D = q.shape
     low = q.dtype != torch.float32
@@ -507,7 +564,8 @@ def _bwd_impl(q, k, v, o, o32, lse, do, c, tau, window):
     part = torch.empty((2, B, H, NB), device=q.device, dtype=torch.float32)
     _hyp_attn_bwd_kernel[(NB, B * H)](
         q, k, v, do, lse, delta, nq, aq, fq, c, tau, dq32, dk, dv, part, H, T, window, NB, B * H * NB,
-        D=D, BD=BD, BM=BM, BN=BN, PREC=prec, GPREC=gprec, GRAD_FP32=gfp32, EVEN_D=even_d, **_CONSTS,
+        D=D, BD=BD, BM=BM, BN=BN, PREC=prec, GPREC=gprec, GRAD_FP32=gfp32, EVEN_D=even_d,
+        **_score_flags(score, D), **_CONSTS,
         num_warps=nw, num_stages=ns,
     )
     dq = dq32.to(q.dtype) if low else dq32
@@ -522,15 +580,16 @@ def _bwd_impl(q, k, v, o, o32, lse, do, c, tau, window):
 @torch.library.custom_op("phase7fw::hyperbolic_attention_fwd", mutates_args=())
 def hyperbolic_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor, tau: torch.Tensor, window: int,
+    score: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Kernel core: (o in v's dtype, o32 (fp32 O for 16-bit inputs, empty for fp32), lse2).
     q, k, v contiguous (B, H, T, D) of one dtype; c and tau contiguous (H,) fp32; window
-    in [1, T]; lse2 is the row log-sum-exp of the scores in base 2."""
-    return _fwd_impl(q, k, v, c, tau, window)
+    in [1, T]; lse2 is the row log-sum-exp of the scores in base 2; ``score``: see the module."""
+    return _fwd_impl(q, k, v, c, tau, window, score)
 
 
 @hyperbolic_attention_fwd.register_fake
-def _(q, k, v, c, tau, window):
+def _(q, k, v, c, tau, window, score):
     B, H, T, _ = q.shape
     o32 = q.new_empty(q.shape if q.dtype != torch.float32 else (0,), dtype=torch.float32)
     return torch.empty_like(v), o32, q.new_empty((B, H, T), dtype=torch.float32)
@@ -539,29 +598,30 @@ def _(q, k, v, c, tau, window):
 @torch.library.custom_op("phase7fw::hyperbolic_attention_bwd", mutates_args=())
 def hyperbolic_attention_bwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, o32: torch.Tensor, lse: torch.Tensor,
-    do: torch.Tensor, c: torch.Tensor, tau: torch.Tensor, window: int,
+    do: torch.Tensor, c: torch.Tensor, tau: torch.Tensor, window: int, score: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv, d_c_tau) with d_c_tau of shape (2, H): rows d(c), d(tau)."""
-    return _bwd_impl(q, k, v, o, o32, lse, do, c, tau, window)
+    return _bwd_impl(q, k, v, o, o32, lse, do, c, tau, window, score)
 
 
 @hyperbolic_attention_bwd.register_fake
-def _(q, k, v, o, o32, lse, do, c, tau, window):
+def _(q, k, v, o, o32, lse, do, c, tau, window, score):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), c.new_empty((2, c.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, c, tau, window = inputs
+    q, k, v, c, tau, window, score = inputs
     o, o32, lse = output
     ctx.mark_non_differentiable(o32, lse)
     ctx.save_for_backward(q, k, v, o, o32, lse, c, tau)
-    ctx.window = window
+    ctx.window, ctx.score = window, score
 
 
 def _backward(ctx, do, do32, dlse):
     q, k, v, o, o32, lse, c, tau = ctx.saved_tensors
-    dq, dk, dv, dct = torch.ops.phase7fw.hyperbolic_attention_bwd(q, k, v, o, o32, lse, do, c, tau, ctx.window)
-    return dq, dk, dv, dct[0], dct[1], None
+    dq, dk, dv, dct = torch.ops.phase7fw.hyperbolic_attention_bwd(q, k, v, o, o32, lse, do, c, tau, ctx.window,
+                                                                   ctx.score)
+    return dq, dk, dv, dct[0], dct[1], None, None
 
 
 hyperbolic_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -572,10 +632,11 @@ hyperbolic_attention_fwd.register_autograd(_backward, setup_context=_setup_conte
 # ---------------------------------------------------------------------------------------
 
 
-def hyperbolic_attention_core(q, k, v, c, tau, window: int) -> torch.Tensor:
+def hyperbolic_attention_core(q, k, v, c, tau, window: int, score: str = "distance") -> torch.Tensor:
     """Like :func:`hyperbolic_attention_triton` but q, k are used in the dtype given."""
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
+    _score_flags(score, 1)  # a clear error for an unknown score before any launch
     B, H, T, D = q.shape
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must have one shape (B, H, T, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -594,19 +655,19 @@ def hyperbolic_attention_core(q, k, v, c, tau, window: int) -> torch.Tensor:
             raise ValueError(f"c and tau must be scalars or of shape ({H},)")
         o, _, _ = torch.ops.phase7fw.hyperbolic_attention_fwd(
             q.contiguous(), k.contiguous(), v.contiguous(), c.contiguous(), tau.contiguous(),
-            int(min(window, max(T, 1))),
+            int(min(window, max(T, 1))), score,
         )
     return o
 
 
-def hyperbolic_attention_triton(q, k, v, c, tau, window: int) -> torch.Tensor:
+def hyperbolic_attention_triton(q, k, v, c, tau, window: int, score: str = "distance") -> torch.Tensor:
     """Drop-in for ``hyperbolic_attention_reference`` (same arguments, output in v's dtype).
 
     q, k are rounded to v's dtype when v is bf16/fp16 (the model's RoPE returns fp32 q, k;
     the kernel reads them in the storage dtype and does all distance maths in fp32).
     """
     dtype = v.dtype if v.dtype in (torch.bfloat16, torch.float16) else torch.float32
-    return hyperbolic_attention_core(q.to(dtype), k.to(dtype), v.to(dtype), c, tau, window).to(v.dtype)
+    return hyperbolic_attention_core(q.to(dtype), k.to(dtype), v.to(dtype), c, tau, window, score).to(v.dtype)
 
 
 def flops_per_call(B: int, H: int, T: int, D: int, window: int, backward: bool = True) -> float:

@@ -134,16 +134,16 @@ def ssm_inputs(b, h, T, dv, r, device, dtype=torch.bfloat16, seed=0):
 # ---------------------------------------------------------------------------------------
 
 
-def _check_attention(B, H, T, D, window, device, dtype, case, timings=True) -> Row:
+def _check_attention(B, H, T, D, window, device, dtype, case, timings=True, score="distance") -> Row:
     from phase7fw.components.phase7.attention import hyperbolic_attention_reference
     from phase7fw.kernels.hyperbolic_attention import hyperbolic_attention_triton
     q, k, v, c, tau = attention_inputs(B, H, T, D, device, dtype)
     ins = [t.clone().requires_grad_() for t in (q, k, v, c, tau)]
-    out = hyperbolic_attention_triton(*ins, window)
+    out = hyperbolic_attention_triton(*ins, window, score=score)
     gout = torch.randn_like(out)
     grads = torch.autograd.grad(out, ins, gout)
     ref_ins = [t.detach().double().requires_grad_() for t in (q, k, v, c, tau)]
-    ref = hyperbolic_attention_reference(*ref_ins, window)
+    ref = hyperbolic_attention_reference(*ref_ins, window, score=score)
     ref_grads = torch.autograd.grad(ref, ref_ins, gout.double())
     errors = {"out": _rel(out, ref)}
     for name, a, b in zip(("dq", "dk", "dv", "dc", "dtau"), grads, ref_grads):
@@ -151,11 +151,11 @@ def _check_attention(B, H, T, D, window, device, dtype, case, timings=True) -> R
     row = gated_row("hyperbolic_attention", case, errors, (out, *grads))
     del ref, ref_grads, ref_ins
     if timings:
-        row.ms.update(_time_attention(q, k, v, c, tau, window, device))
+        row.ms.update(_time_attention(q, k, v, c, tau, window, device, score))
     return row
 
 
-def _time_attention(q, k, v, c, tau, window, device) -> dict:
+def _time_attention(q, k, v, c, tau, window, device, score="distance") -> dict:
     import torch.nn.functional as F
 
     from phase7fw.kernels.hyperbolic_attention import hyperbolic_attention_triton
@@ -163,12 +163,12 @@ def _time_attention(q, k, v, c, tau, window, device) -> dict:
     gout = torch.randn_like(v)
 
     def triton_fb():
-        o = hyperbolic_attention_triton(*ins, window)
+        o = hyperbolic_attention_triton(*ins, window, score=score)
         torch.autograd.grad(o, ins, gout)
 
     def triton_f():
         with torch.no_grad():
-            hyperbolic_attention_triton(*ins, window)
+            hyperbolic_attention_triton(*ins, window, score=score)
 
     ms = {"triton_fwd": _bench(triton_f, device), "triton_fwd_bwd": _bench(triton_fb, device)}
     if device.type == "cuda":
@@ -198,7 +198,7 @@ def _check_distance_gate(device, n=4096, D=128) -> Row:
     # near-parallel and near-equal pairs too: the hard cases for the <q,k>-only form
     k[:, :, : n // 4] = (q[:, :, : n // 4].float() * (1 + 0.05 * torch.randn_like(q[:, :, : n // 4].float()))).to(k.dtype)
     tau = torch.ones(H, device=device)
-    _, _, lse2 = hyperbolic_attention_fwd(q, k, v, c.float().contiguous(), tau, 1)
+    _, _, lse2 = hyperbolic_attention_fwd(q, k, v, c.float().contiguous(), tau, 1, "distance")
     d = -lse2.double() * math.log(2.0)
     edge = 1.0 - math.tanh(geometry.MAX_TANGENT_ATANH)
     c64 = c.double().view(H, 1)
@@ -309,6 +309,12 @@ def verify(device: torch.device, quick: bool = False, only: list[int] | None = N
     ]
     # then one per self-checking module (each may return several rows)
     cases += [(op, lambda op=op: _module(op).verify_rows(device, quick)) for op in SELF_CHECKING]
+    cases += [  # the other attention scores (attention.score in the recipe)
+        (attn, lambda: _check_attention(B, 16, 1024, 128, 1024, device, bf16,
+                                        f"bf16 ({B},16,1024,128) full causal, squared_distance", score="squared_distance")),
+        (attn, lambda: _check_attention(B, 16, 1024, 128, 256, device, bf16,
+                                        f"bf16 ({B},16,1024,128) window 256, dot_distance", score="dot_distance")),
+    ]
     rows = []
     for i, (op, fn) in enumerate(cases):
         if only is not None and i not in only:

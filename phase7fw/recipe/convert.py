@@ -7,6 +7,7 @@ keys, range checks and nested components are all reported together, each with it
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 import typing
 from typing import Any, Literal
@@ -84,6 +85,11 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
+#: True while structuring a recipe stored in a checkpoint: absent options take their
+#: ``legacy`` value (see :func:`phase7fw.recipe.options.option`).
+CHECKPOINT_RECIPE: contextvars.ContextVar[bool] = contextvars.ContextVar("checkpoint_recipe", default=False)
+
+
 def structure(raw: Any, cls: type, registry: Registry, path: str, errors: list[str]):
     """Structure ``raw`` into attrs class ``cls``; append problems to ``errors``."""
     if not isinstance(raw, dict):
@@ -112,7 +118,9 @@ def structure(raw: Any, cls: type, registry: Registry, path: str, errors: list[s
             kwargs[name] = structure(raw.get(name, {}), f.type, registry, where, errors)
             continue
         if name not in raw:
-            if f.default is attrs.NOTHING:
+            if CHECKPOINT_RECIPE.get() and "legacy" in f.metadata:
+                kwargs[name] = f.metadata["legacy"]
+            elif f.default is attrs.NOTHING:
                 errors.append(f"{where}: required")
             continue
         value = raw[name]

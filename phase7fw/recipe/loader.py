@@ -11,7 +11,7 @@ from typing import Any, Iterable, Mapping
 import tomli_w
 
 from phase7fw.errors import RecipeError
-from phase7fw.recipe.convert import structure, to_raw
+from phase7fw.recipe.convert import CHECKPOINT_RECIPE, structure, to_raw
 from phase7fw.recipe.schema import Recipe, combination_errors
 
 
@@ -96,12 +96,13 @@ def apply_overrides(raw: dict, overrides: Mapping[str, Any] | Iterable[str] | No
     return out
 
 
-def load_recipe(source, overrides=None, *, plugins=None) -> Recipe:
+def load_recipe(source, overrides=None, *, plugins=None, checkpoint: bool = False) -> Recipe:
     """Load and validate a recipe.
 
     ``source`` is a path to a TOML file or a dict of raw tables; ``overrides`` is a mapping
     ``{"train.max_steps": 20}`` or an iterable of ``"key=VALUE"`` strings. Every problem is
-    reported at once in a :class:`~phase7fw.errors.RecipeError`.
+    reported at once in a :class:`~phase7fw.errors.RecipeError`. ``checkpoint=True``: the
+    recipe stored in a checkpoint, whose absent options take their legacy values.
     """
     if plugins is None:
         from phase7fw.plugins import load_plugins
@@ -114,7 +115,11 @@ def load_recipe(source, overrides=None, *, plugins=None) -> Recipe:
         raw, label = read_toml(source), str(source)
     raw = apply_overrides(raw, overrides)
     errors: list[str] = []
-    recipe = structure(raw, Recipe, plugins.registry, "", errors)
+    token = CHECKPOINT_RECIPE.set(checkpoint)
+    try:
+        recipe = structure(raw, Recipe, plugins.registry, "", errors)
+    finally:
+        CHECKPOINT_RECIPE.reset(token)
     if errors:
         raise RecipeError(errors, source=label)
     errors = combination_errors(recipe)

@@ -21,10 +21,16 @@ class Component:
     weight: float = 1.0  # only data sources carry a weight (the share of the data mix)
 
 
-def option(default=attrs.NOTHING, *, check=None, help: str = "", factory=None):  # noqa: A002
+def option(default=attrs.NOTHING, *, check=None, help: str = "", factory=None, legacy=attrs.NOTHING):  # noqa: A002
+    """A recipe option. ``legacy``: the value that reproduces the behaviour from before the
+    option existed; a checkpoint's stored recipe (which names every option of its version)
+    that lacks the key gets it instead of ``default`` (``load_recipe(..., checkpoint=True)``),
+    so changing a default never changes what an old checkpoint computes."""
     meta = {"help": help}
     if check is not None:
         meta["check"] = check
+    if legacy is not attrs.NOTHING:
+        meta["legacy"] = legacy
     if factory is not None:
         return attrs.field(factory=factory, metadata=meta)
     return attrs.field(default=default, metadata=meta)

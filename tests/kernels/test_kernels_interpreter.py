@@ -28,7 +28,7 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / (b.double().norm() + 1e-3)).item()
 
 
-def _attention_case(B, H, T, D, W, scale=0.5, seed=0, dtype=torch.float32):
+def _attention_case(B, H, T, D, W, scale=0.5, seed=0, dtype=torch.float32, score="distance"):
     from phase7fw.kernels.hyperbolic_attention import hyperbolic_attention_triton
 
     g = torch.Generator().manual_seed(seed)
@@ -40,16 +40,17 @@ def _attention_case(B, H, T, D, W, scale=0.5, seed=0, dtype=torch.float32):
     # the kernel sees the inputs rounded to `dtype`; the reference sees the same values in fp64
     q, k, v = (t.to(dtype).double() for t in (q, k, v))
     ref_in = [t.clone().requires_grad_() for t in (q, k, v, c, tau)]
-    ref = hyperbolic_attention_reference(*ref_in, W)
+    ref = hyperbolic_attention_reference(*ref_in, W, score=score)
     gout = torch.randn(ref.shape, generator=g, dtype=torch.float64).to(dtype).double()
     ref_g = torch.autograd.grad(ref, ref_in, gout)
     ins = [t.to(dtype).clone().requires_grad_() if i < 3 else t.float().clone().requires_grad_()
            for i, t in enumerate((q, k, v, c, tau))]
-    out = hyperbolic_attention_triton(*ins, W)
+    out = hyperbolic_attention_triton(*ins, W, score=score)
     got_g = torch.autograd.grad(out, ins, gout.to(out.dtype))
     return out, ref, got_g, ref_g
 
 
+@pytest.mark.parametrize("score", ["distance", "squared_distance", "dot_distance"])
 @pytest.mark.parametrize(
     "B,H,T,D,W",
     [
@@ -60,8 +61,8 @@ def _attention_case(B, H, T, D, W, scale=0.5, seed=0, dtype=torch.float32):
         (1, 2, 100, 16, 40),  # window with unmasked interior blocks in both passes
     ],
 )
-def test_attention_matches_reference(B, H, T, D, W):
-    out, ref, got, want = _attention_case(B, H, T, D, W)
+def test_attention_matches_reference(B, H, T, D, W, score):
+    out, ref, got, want = _attention_case(B, H, T, D, W, score=score)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert _rel(out, ref) < 1e-5
     for name, a, b in zip(("q", "k", "v", "c", "tau"), got, want):
@@ -70,16 +71,24 @@ def test_attention_matches_reference(B, H, T, D, W):
             # o_i = v_i: dq, dk, dc, dtau are exactly 0 in the reference, rounding noise here
             assert (a.double() - b).norm() < 1e-3, (name, (a.double() - b).norm())
         else:
-            assert _rel(a, b) < 1e-4, (name, _rel(a, b))
+            # d(tau), d(c) sum dS * arcosh^m over all pairs; Delta = dO . O comes from the
+            # forward's fp32 O, whose ~1e-6 error is weighted by arcosh^2 (up to ~20 here)
+            # with squared scores: fp32 conditioning (1.6e-4 seen; the torch fp32 reference
+            # itself is off by 2e-5), still 60x inside the bf16 gate.
+            tol = 5e-4 if score == "squared_distance" and name in ("c", "tau") else 1e-4
+            assert _rel(a, b) < tol, (name, _rel(a, b))
 
 
-def test_attention_near_boundary_finite_and_accurate():
+@pytest.mark.parametrize("score", ["distance", "squared_distance", "dot_distance"])
+def test_attention_near_boundary_finite_and_accurate(score):
     # sqrt(c)|q| up to ~6: many rows are beyond the tangent clamp (radius 0.999/sqrt(c))
-    out, ref, got, want = _attention_case(1, 2, 40, 16, 20, scale=1.5, seed=3)
+    out, ref, got, want = _attention_case(1, 2, 40, 16, 20, scale=1.5, seed=3, score=score)
     assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in got)
     assert _rel(out, ref) < 1e-4
     for name, a, b in zip(("q", "k", "v", "c", "tau"), got, want):
-        assert _rel(a, b) < 1e-3, (name, _rel(a, b))
+        # squared scores reach -tau arcosh^2 / c ~ -100 here: see test_attention_matches_reference
+        tol = 3e-3 if score == "squared_distance" and name in ("c", "tau") else 1e-3
+        assert _rel(a, b) < tol, (name, _rel(a, b))
 
 
 def test_attention_half_precision_path():
@@ -113,13 +122,14 @@ def test_ssm_scan_matches_sequential(b, h, T, dv, r):
         assert _rel(a, bb) < 1e-4, (name, _rel(a, bb))
 
 
-def test_opcheck_attention():
+@pytest.mark.parametrize("score", ["distance", "squared_distance", "dot_distance"])
+def test_opcheck_attention(score):
     from phase7fw.kernels import hyperbolic_attention  # noqa: F401 - registers the op
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 20, 16, generator=g) * 0.5 for _ in range(3))
     args = [t.requires_grad_() for t in (q, k, v, torch.tensor([0.81, 1.21]), torch.tensor([1.0, 0.7]))]
-    torch.library.opcheck(torch.ops.phase7fw.hyperbolic_attention_fwd.default, (*args, 7),
+    torch.library.opcheck(torch.ops.phase7fw.hyperbolic_attention_fwd.default, (*args, 7, score),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 

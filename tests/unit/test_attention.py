@@ -56,22 +56,27 @@ TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=0, 
 CASES = [(8, 4), (13, 5), (16, 3), (7, 1), (9, 9), (6, 10), (12, 12), (1, 3), (20, 19)]
 
 
+@pytest.mark.parametrize("score", ["distance", "squared_distance", "dot_distance"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("T,W", CASES)
-def test_windowed_equals_dense(T, W, dtype):
+def test_windowed_equals_dense(T, W, dtype, score):
     q, k, v = qkv(2, 3, T, 8, dtype, seed=T * 100 + W)
     c, tau = head_params(3, dtype)
-    out = A.hyperbolic_attention_reference(q, k, v, c, tau, W)
-    torch.testing.assert_close(out, A.dense_masked_hyperbolic_attention(q, k, v, c, tau, W), **TOL[dtype])
+    out = A.hyperbolic_attention_reference(q, k, v, c, tau, W, score=score)
+    dense = A.dense_masked_hyperbolic_attention(q, k, v, c, tau, W, score=score)
+    # squared scores double the relative error of the fp32 dense path's distances
+    squared = score == "squared_distance"
+    tol = dict(rtol=0, atol=1e-3) if squared and dtype == torch.float32 else TOL[dtype]
+    torch.testing.assert_close(out, dense, **tol)
     assert out.dtype == dtype and out.shape == v.shape
     if dtype == torch.float32:
-        ref64 = A.dense_masked_hyperbolic_attention(*(t.double() for t in (q, k, v, c, tau)), W)
-        torch.testing.assert_close(out.double(), ref64, rtol=0, atol=1e-5)
+        ref64 = A.dense_masked_hyperbolic_attention(*(t.double() for t in (q, k, v, c, tau)), W, score=score)
+        torch.testing.assert_close(out.double(), ref64, rtol=0, atol=3e-5 if squared else 1e-5)
     # scalar curvature (float and 0-dim tensor) broadcasts over heads
-    ref = A.dense_masked_hyperbolic_attention(q, k, v, 1.7, tau, W)
-    torch.testing.assert_close(A.hyperbolic_attention_reference(q, k, v, 1.7, tau, W), ref, **TOL[dtype])
+    ref = A.dense_masked_hyperbolic_attention(q, k, v, 1.7, tau, W, score=score)
+    torch.testing.assert_close(A.hyperbolic_attention_reference(q, k, v, 1.7, tau, W, score=score), ref, **tol)
     torch.testing.assert_close(
-        A.hyperbolic_attention_reference(q, k, v, torch.tensor(1.7, dtype=dtype), tau, W), ref, **TOL[dtype]
+        A.hyperbolic_attention_reference(q, k, v, torch.tensor(1.7, dtype=dtype), tau, W, score=score), ref, **tol
     )
 
 
@@ -81,12 +86,13 @@ def test_window_one_is_identity_on_values():
     torch.testing.assert_close(A.hyperbolic_attention_reference(q, k, v, c, tau, 1), v, rtol=0, atol=0)
 
 
-def test_windowed_gradients_equal_dense_gradients():
+@pytest.mark.parametrize("score", ["distance", "squared_distance", "dot_distance"])
+def test_windowed_gradients_equal_dense_gradients(score):
     leaves = [*qkv(2, 3, 11, 6, torch.float64, seed=7), *head_params(3, torch.float64)]
 
     def grads(fn):
         ins = [t.detach().clone().requires_grad_(True) for t in leaves]
-        out = fn(*ins, 4)
+        out = fn(*ins, 4, score=score)
         (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
         return [t.grad for t in ins]
 
@@ -310,13 +316,42 @@ def test_registration_and_config():
         )
 
 
-def test_full_window_equals_plain_causal_attention_over_distances():
-    """W >= T is full causal: compare with an inline T x T computation from the same helper."""
+@pytest.mark.parametrize("power", [1, 2])
+def test_full_window_equals_plain_causal_attention_over_distances(power):
+    """W >= T is full causal: compare with an inline T x T computation from the same helper,
+    scores -tau d (power 1) and -tau d^2 (power 2, ``squared``)."""
     from phase7fw import geometry
 
     q, k, v = qkv(1, 2, 10, 4, torch.float64, seed=12)
     c, tau = head_params(2, torch.float64)
     d = geometry.pairwise_poincare_dist_from_tangent(q, k, c.view(2, 1, 1))
-    scores = (-tau.view(2, 1, 1) * d).masked_fill(~torch.ones(10, 10, dtype=torch.bool).tril(), float("-inf"))
+    scores = (-tau.view(2, 1, 1) * d**power).masked_fill(~torch.ones(10, 10, dtype=torch.bool).tril(), float("-inf"))
     expected = F.softmax(scores, -1) @ v
-    torch.testing.assert_close(A.hyperbolic_attention_reference(q, k, v, c, tau, 10**6), expected)
+    got = A.hyperbolic_attention_reference(q, k, v, c, tau, 10**6, score="squared_distance" if power == 2 else "distance")
+    torch.testing.assert_close(got, expected)
+
+
+def test_dot_distance_with_zero_temperature_is_dot_product_attention():
+    """tau = 0 leaves the dot term alone: ordinary causal softmax(q k^T / sqrt(D)) v."""
+    q, k, v = qkv(1, 2, 9, 4, torch.float64, seed=6)
+    c = torch.tensor([0.5, 1.5], dtype=torch.float64)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    got = A.hyperbolic_attention_reference(q, k, v, c, torch.zeros(2, dtype=torch.float64), 10**6, score="dot_distance")
+    torch.testing.assert_close(got, expected)
+
+
+def test_unknown_score_is_an_error():
+    q, k, v = qkv(1, 1, 4, 4, torch.float64, seed=1)
+    with pytest.raises(ValueError, match="score must be one of distance, squared_distance, dot_distance"):
+        A.hyperbolic_attention_reference(q, k, v, 1.0, torch.ones(1, dtype=torch.float64), 2, score="cosine")
+
+
+def test_squared_score_flat_limit_is_dot_product_attention():
+    """As c -> 0 the ball is flat and d ~ 2|q - k|: -tau d^2 = 8 tau <q,k> - 4 tau (|q|^2 + |k|^2),
+    whose row term cancels in the softmax: dot-product attention with a key-norm bias."""
+    q, k, v = qkv(1, 2, 9, 4, torch.float64, seed=5)
+    tau = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    logits = 8 * tau.view(2, 1, 1) * (q @ k.transpose(-1, -2)) - 4 * tau.view(2, 1, 1) * k.pow(2).sum(-1).unsqueeze(-2)
+    expected = F.softmax(logits.masked_fill(~torch.ones(9, 9, dtype=torch.bool).tril(), float("-inf")), -1) @ v
+    got = A.hyperbolic_attention_reference(q, k, v, 1e-9, tau, 10**6, score="squared_distance")
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

@@ -21,6 +21,10 @@ KINDS = {
     "phase7_sdpa_full": ("phase7_tiny", {**P7, "model.attention": {"name": "sdpa"}}),
     "phase7_sdpa_window": ("phase7_tiny", {**P7, "model.attention": {"name": "sdpa", "window": 6}}),
     "phase7_tied_dense": ("phase7_tiny", {**P7, "model.tie_embeddings": True, "model.embedding": {"name": "dense"}}),
+    "phase7_dot_distance": ("phase7_tiny", {**P7, "model.attention.score": "dot_distance"}),
+    "phase7_squared_distance": ("phase7_tiny", {**P7, "model.attention.score": "squared_distance"}),
+    "phase7_first_design_ssm": ("phase7_tiny", {**P7, "model.ssm.discretize": False, "model.ssm.out_norm": False,
+                                                "model.ssm.init_std": 0.02}),
 }
 
 

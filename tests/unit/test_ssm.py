@@ -91,6 +91,45 @@ def test_module_shapes_and_attributes():
     assert 2 <= (gate_mean * m.max_rank).item() <= 8  # effective rank
 
 
+def test_discretize_scales_the_state_input_by_the_step():
+    """S_t = lambda_t S_{t-1} + Delta_t B_t x_t^T: the scan's x input is Delta x, while the D skip
+    keeps x; without ``discretize`` the scan sees x itself."""
+    u = torch.randn(2, 9, 32)
+    on, off = _module(discretize=True), _module(discretize=False)
+    up = on.causal_conv(u)
+    x, x_in, B, C, log_decay, g = on.project(up)
+    step = -log_decay / on.A_log.float().exp().view(1, -1, 1)  # Delta = -log lambda / a
+    torch.testing.assert_close(x_in, (x.transpose(1, 2) * step.unsqueeze(-1)))
+    x2, x_in2, *_ = off.project(up)
+    torch.testing.assert_close(x_in2, x2.transpose(1, 2))
+    y = ssm.ar_ssm_scan_sequential(x_in, B, C, log_decay)
+    torch.testing.assert_close(on(u)[0], on.output(u, x, y), rtol=1e-5, atol=1e-6)
+
+
+def test_out_norm_and_unit_init_balance_the_path():
+    """The first design (std 0.02 everywhere, no norm) gave an output ~100x smaller than an
+    attention path's; with unit-variance init and the output norm it is O(1/sqrt(2 L))."""
+    u = torch.randn(2, 64, 32)
+    old = _module(discretize=False, out_norm=False, init_std=0.02)
+    new = _module()
+    rms = lambda m: m(u)[0].pow(2).mean().sqrt().item()  # noqa: E731
+    assert rms(old) < 0.02
+    assert 0.1 < rms(new) < 1.0  # out_proj std (1/sqrt(d_inner)) / sqrt(2 n_layers), n_layers 4
+    assert new.norm_weight is not None and old.norm_weight is None
+
+
+def test_checkpoint_recipes_without_new_options_keep_the_first_design():
+    """A checkpoint of phase7fw 0.1 stores [model.ssm] without discretize/out_norm: loading its
+    recipe gives the first design (legacy values), a new recipe the new defaults."""
+    from phase7fw import load_recipe
+
+    raw = {"model": {"name": "phase7", "ssm": {"name": "ar_ssm", "max_rank": 16}}}
+    stored = load_recipe(raw, checkpoint=True).model.config.ssm.config
+    fresh = load_recipe(raw).model.config.ssm.config
+    assert (stored.discretize, stored.out_norm) == (False, False)
+    assert (fresh.discretize, fresh.out_norm) == (True, True)
+
+
 def test_init_is_deterministic():
     a, b = _module(seed=5), _module(seed=5)
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):

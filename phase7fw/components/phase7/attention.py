@@ -7,8 +7,10 @@ optional context key ``n_layers`` scales the output-projection init (residual de
 
 Hyperbolic attention, per head h (spec: design/MODEL.md):
     q, k = RoPE(W_q u), RoPE(W_k u)      tangent vectors at the origin
-    s_ij = -tau_h * d_c(expmap0(q_i), expmap0(k_j))   for i - W < j <= i
+    s_ij = -tau_h * d_c(expmap0(q_i), expmap0(k_j))   for i - W < j <= i   (``score = "distance"``)
     o_i  = sum_j softmax_j(s_ij) v_j
+``score = "squared_distance"`` uses -tau_h d^2 and ``"dot_distance"`` <q_i, k_j>/sqrt(D) - tau_h d
+(measured against each other in docs/model.md, "Quality").
 with c = clamp(kappa * exp(rho), c_min, c_max), kappa set by the curvature scheduler and rho
 (``log_c``) learned per layer, tau_h = softplus(beta_h) learned per head.
 
@@ -20,6 +22,7 @@ T x T reference built from :mod:`phase7fw.geometry` ball points, for tests.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import attrs
 import torch
@@ -57,6 +60,8 @@ class HyperbolicAttentionConfig:
     init_temperature: float = option(1.0, check=positive, help="initial tau = softplus(beta) of every head")
     c_min: float = option(1e-3, check=positive, help="lower clamp of the effective curvature")
     c_max: float = option(10.0, check=positive, help="upper clamp of the effective curvature")
+    score: Literal["distance", "squared_distance", "dot_distance"] = option(
+        "distance", help="s = -tau d (distance), -tau d^2 (squared_distance) or <q,k>/sqrt(D) - tau d (dot_distance)")
 
 
 @attrs.frozen
@@ -103,11 +108,27 @@ def _in_compute_dtype(q, k, v, c, tau):
             _per_head(tau, H, dtype, q.device))
 
 
-def hyperbolic_attention_reference(q, k, v, c, tau, window: int) -> torch.Tensor:
+SCORES = ("distance", "squared_distance", "dot_distance")
+
+
+def distance_scores(d: torch.Tensor, tau: torch.Tensor, score: str, dot: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention scores from distances d and (for ``dot_distance``) the dot products <q,k>
+    already divided by sqrt(D); tau broadcasts against d."""
+    if score == "distance":
+        return -tau * d
+    if score == "squared_distance":
+        return -tau * (d * d)
+    if score == "dot_distance":
+        return dot - tau * d
+    raise ValueError(f"score must be one of {', '.join(SCORES)}; got {score!r}")
+
+
+def hyperbolic_attention_reference(q, k, v, c, tau, window: int, score: str = "distance") -> torch.Tensor:
     """Causal sliding-window hyperbolic attention, blockwise: O(T * W) memory.
 
     q, k, v: (B, H, T, D) (q, k already rotated); c: scalar tensor/float or (H,); tau: (H,);
-    window W >= 1 (W >= T: full causal). Returns (B, H, T, D) in v's dtype.
+    window W >= 1 (W >= T: full causal); ``score``: see :func:`distance_scores`.
+    Returns (B, H, T, D) in v's dtype.
 
     Queries are split into blocks of Wb = min(W, T) positions; block b's keys are blocks
     b-1 and b, which hold every key in its window. Distances come from
@@ -147,7 +168,7 @@ def hyperbolic_attention_reference(q, k, v, c, tau, window: int) -> torch.Tensor
         skb = geometry.TangentStats(*(with_previous(s).unsqueeze(-2) for s in sk))  # (B,H,nb,1,L)
         dot = qb @ kb.transpose(-1, -2)  # (B, H, nb, wb, L), L = wb or 2 wb
         d = geometry.dist_from_tangent_stats(dot, sqb, skb, c.view(H, 1, 1, 1))
-        scores = -tau.view(H, 1, 1, 1) * d
+        scores = distance_scores(d, tau.view(H, 1, 1, 1), score, dot * D**-0.5)
 
         blk = torch.arange(nb, device=q.device).view(nb, 1)
         q_pos = blk * wb + torch.arange(wb, device=q.device)  # (nb, wb)
@@ -159,7 +180,7 @@ def hyperbolic_attention_reference(q, k, v, c, tau, window: int) -> torch.Tensor
     return out.to(out_dtype)
 
 
-def dense_masked_hyperbolic_attention(q, k, v, c, tau, window: int) -> torch.Tensor:
+def dense_masked_hyperbolic_attention(q, k, v, c, tau, window: int, score: str = "distance") -> torch.Tensor:
     """Independent T x T reference: ball points from ``geometry.expmap0`` (projected to radius
     0.999/sqrt(c), matching the tangent clamp of the blockwise path), distances from
     ``geometry.pairwise_dist``, an explicit sliding-window mask. Memory O(T^2 D); tests only."""
@@ -173,7 +194,8 @@ def dense_masked_hyperbolic_attention(q, k, v, c, tau, window: int) -> torch.Ten
         d = geometry.pairwise_dist(x, y, c.view(H, 1, 1))  # (B, H, T, T)
         pos = torch.arange(T, device=q.device)
         mask = sliding_window_mask(pos, pos, window)
-        scores = (-tau.view(H, 1, 1) * d).masked_fill(~mask, float("-inf"))
+        dot = (q @ k.transpose(-1, -2)) * D**-0.5
+        scores = distance_scores(d, tau.view(H, 1, 1), score, dot).masked_fill(~mask, float("-inf"))
         out = torch.softmax(scores, dim=-1) @ v
     return out.to(out_dtype)
 
@@ -290,6 +312,7 @@ class HyperbolicAttention(_ProjectedAttention):
         init_temperature: float = 1.0,
         c_min: float = 1e-3,
         c_max: float = 10.0,
+        score: str = "distance",
         n_layers: int = 1,
     ):
         super().__init__(d_model, n_heads, seq_len, rope_theta, n_layers)
@@ -297,6 +320,9 @@ class HyperbolicAttention(_ProjectedAttention):
             raise Phase7Error(f"attention: need 0 < c_min <= c_max, got c_min={c_min}, c_max={c_max}")
         self.window, self.c_min, self.c_max = window, c_min, c_max
         self.init_temperature = init_temperature
+        if score not in SCORES:
+            raise Phase7Error(f"attention: score must be one of {', '.join(SCORES)}; got {score!r}")
+        self.score = score
         self.log_c = nn.Parameter(torch.zeros(()))  # rho: learned per-layer log-curvature
         self.beta = nn.Parameter(torch.full((n_heads,), _inverse_softplus(init_temperature)))
         # kappa from the curvature scheduler: a buffer updated in place (fill_), so a compiled
@@ -332,8 +358,40 @@ class HyperbolicAttention(_ProjectedAttention):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._qkv(x)
-        o = self.attention_fn(q, k, v, self.curvature(), self.temperature(), self.window)
+        o = self.attention_fn(q, k, v, self.curvature(), self.temperature(), self.window, score=self.score)
         return self._out(o)
+
+    @torch.no_grad()
+    def diagnostics(self, x: torch.Tensor, max_queries: int = 64) -> dict[str, float]:
+        """Statistics of this layer on input x (B, T, d_model), for the ``diagnostics``
+        callback: tangent norms of q and k before the exp-map, sqrt(c)|q| and the share of
+        rows at the tangent clamp (exp-map saturation), the ball radius sqrt(c)|x| reached,
+        curvature and temperature, and, over the last ``max_queries`` query rows, the softmax
+        entropy (nats) and the score range within each row's window."""
+        from phase7fw.components.phase7.cached import hyperbolic_scores
+
+        q, k, _ = self._qkv(x)
+        c, tau = self.curvature(), self.temperature()
+        sc = c.sqrt()
+        nq, nk = q.float().norm(dim=-1), k.float().norm(dim=-1)
+        aq = sc * nq
+        T = q.shape[-2]
+        rows = torch.arange(max(T - max_queries, 0), T, device=q.device)
+        scores = hyperbolic_scores(q[:, :, rows], k, c, tau, self.score)  # (B, H, R, T)
+        mask = sliding_window_mask(rows, torch.arange(T, device=q.device), self.window)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        logp = torch.log_softmax(scores, dim=-1)
+        entropy = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
+        spread = scores.masked_fill(~mask, float("nan"))
+        score_range = spread.nan_to_num(nan=-float("inf")).amax(-1) - spread.nan_to_num(nan=float("inf")).amin(-1)
+        return {
+            "q_norm": nq.mean().item(), "k_norm": nk.mean().item(),
+            "sqrt_c_q_norm": aq.mean().item(),
+            "saturated": (aq >= geometry.MAX_TANGENT_ATANH).float().mean().item(),
+            "ball_radius": torch.tanh(aq.clamp_max(geometry.MAX_TANGENT_ATANH)).mean().item(),
+            "curvature": c.item(), "tau_mean": tau.mean().item(), "tau_max": tau.max().item(),
+            "entropy": entropy.mean().item(), "score_range": score_range.mean().item(),
+        }
 
     # -- cached decoding (phase7fw.decoding): a ring buffer of the last W keys/values
     def init_cache(self, batch_size: int = 1):
@@ -359,7 +417,8 @@ class HyperbolicAttention(_ProjectedAttention):
         return attention_step(self, x, static, pos, hyperbolic=True)
 
     def extra_repr(self) -> str:
-        return f"heads={self.n_heads}, head_dim={self.head_dim}, window={self.window}, c in [{self.c_min}, {self.c_max}]"
+        return (f"heads={self.n_heads}, head_dim={self.head_dim}, window={self.window}, score={self.score},"
+                f" c in [{self.c_min}, {self.c_max}]")
 
 
 class SdpaAttention(_ProjectedAttention):
@@ -426,6 +485,7 @@ def build_hyperbolic_attention(config, *, d_model: int, n_heads: int, seq_len: i
         init_temperature=config.init_temperature,
         c_min=config.c_min,
         c_max=config.c_max,
+        score=config.score,
         n_layers=context.get("n_layers", 1),
     )
     # [kernels] hyperbolic_attention: swap in the Triton core (same signature, no parameters).
@@ -448,7 +508,7 @@ def register_components(register):
         "hyperbolic",
         build_hyperbolic_attention,
         HyperbolicAttentionConfig,
-        description="causal sliding-window attention scored by -tau * Poincare distance (learned curvature)",
+        description="causal sliding-window attention scored by -tau * Poincare distance (learned curvature; score variants)",
     )
     register(
         "attention",

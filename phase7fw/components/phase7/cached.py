@@ -52,8 +52,12 @@ def qkv_at(attn, u: torch.Tensor, start: int):
     return q, k, heads(attn.v_proj(u))
 
 
-def hyperbolic_scores(q: torch.Tensor, k: torch.Tensor, c: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    """-tau_h * d_c(expmap0(q_i), expmap0(k_j)) for (B, H, Tq, D) x (B, H, L, D) -> (B, H, Tq, L)."""
+def hyperbolic_scores(q: torch.Tensor, k: torch.Tensor, c: torch.Tensor, tau: torch.Tensor,
+                      score: str = "distance") -> torch.Tensor:
+    """The hyperbolic attention scores (``score``: see ``attention.distance_scores``) for
+    (B, H, Tq, D) x (B, H, L, D) -> (B, H, Tq, L)."""
+    from phase7fw.components.phase7.attention import distance_scores
+
     H = q.shape[1]
     dt = torch.float64 if torch.float64 in (q.dtype, k.dtype) else torch.float32
     with torch.autocast(q.device.type, enabled=False):
@@ -64,8 +68,9 @@ def hyperbolic_scores(q: torch.Tensor, k: torch.Tensor, c: torch.Tensor, tau: to
         sk = geometry.tangent_stats(k, c.view(H, 1))
         sq = geometry.TangentStats(*(s.unsqueeze(-1) for s in sq))
         sk = geometry.TangentStats(*(s.unsqueeze(-2) for s in sk))
-        d = geometry.dist_from_tangent_stats(q @ k.transpose(-1, -2), sq, sk, c.view(H, 1, 1))
-        return -tau.view(H, 1, 1) * d
+        dot = q @ k.transpose(-1, -2)
+        d = geometry.dist_from_tangent_stats(dot, sq, sk, c.view(H, 1, 1))
+        return distance_scores(d, tau.view(H, 1, 1), score, dot * q.shape[-1] ** -0.5)
 
 
 def hyperbolic_forward_cached(attn, u: torch.Tensor, kv: KVWindow, start: int) -> torch.Tensor:
@@ -73,8 +78,8 @@ def hyperbolic_forward_cached(attn, u: torch.Tensor, kv: KVWindow, start: int) -
     c, tau = attn.curvature(), attn.temperature()
     o = cached_window_attention(
         q, k, v, kv, attn.window,
-        scores=lambda qb, keys: hyperbolic_scores(qb, keys, c, tau),
-        prefill=lambda q_, k_, v_: attn.attention_fn(q_, k_, v_, c, tau, attn.window),
+        scores=lambda qb, keys: hyperbolic_scores(qb, keys, c, tau, attn.score),
+        prefill=lambda q_, k_, v_: attn.attention_fn(q_, k_, v_, c, tau, attn.window, score=attn.score),
     )
     return attn._out(o)
 
@@ -116,43 +121,18 @@ def _conv_last(ssm, seq: torch.Tensor) -> torch.Tensor:
     return ((seq * w).sum(-1) + bias).unsqueeze(1)
 
 
-def _project(ssm, up: torch.Tensor):
-    """The projections of ArSsm.forward for conv outputs up (b, t, d): x (b, t, H, dv) and
-    x, B, C, log-decay with heads first (b, H, t, ...)."""
-    b, t, _ = up.shape
-    H, r, dv = ssm.n_heads, ssm.max_rank, ssm.head_dim
-    xs, Bs, Cs, dt, g_logits = ssm.in_proj(up).split(ssm.proj_sizes, dim=-1)
-    g = ssm.rank_gate(g_logits if ssm.n_gated else None, (b, t, H))
-    Bs = Bs.unflatten(-1, (H, r)) * g
-    Cs = Cs.unflatten(-1, (H, r)) * g
-    log_decay = -F.softplus(dt.float() + ssm.dt_bias.float()) * ssm.A_log.float().exp()
-    x = xs.unflatten(-1, (H, dv))
-    return x, x.transpose(1, 2), Bs.transpose(1, 2), Cs.transpose(1, 2), log_decay.transpose(1, 2)
-
-
-def _output(ssm, u: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """y (b, H, t, dv) from the scan or the recurrence -> the mixer output (b, t, d_model)."""
-    b, t, _ = u.shape
-    y = y.transpose(1, 2)  # (b, t, H, dv)
-    y = y + ssm.D.view(ssm.n_heads, 1).to(x.dtype) * x
-    y = y.reshape(b, t, ssm.d_inner)
-    if ssm.z_proj is not None:
-        y = F.silu(ssm.z_proj(u)) * y
-    return ssm.out_proj(y)
-
-
 def ssm_step(ssm, u: torch.Tensor, conv: torch.Tensor, state: torch.Tensor):
     """One token u (b, 1, d) after conv tail ``conv`` (b, d, K-1) and state S (b, H, r, dv):
     (output (b, 1, d), the new conv tail, the new state). Fixed shapes, no host reads: the
     static step (:mod:`.static`) runs it too."""
     sdt = state.dtype
     seq = torch.cat([conv.to(u.dtype), u.transpose(1, 2)], dim=-1)  # (b, d, K)
-    x, xT, BT, CT, ldT = _project(ssm, _conv_last(ssm, seq))
+    x, xT, BT, CT, ldT, _ = ssm.project(_conv_last(ssm, seq))
     with torch.autocast(u.device.type, enabled=False):
         decay = ldT[:, :, 0].to(sdt).exp()[..., None, None]
         S = decay * state + BT[:, :, 0, :, None].to(sdt) * xT[:, :, 0, None, :].to(sdt)
         y = torch.einsum("bhr,bhrd->bhd", CT[:, :, 0].to(sdt), S).unsqueeze(2).to(x.dtype)
-    return _output(ssm, u, x, y), seq[..., 1:], S
+    return ssm.output(u, x, y), seq[..., 1:], S
 
 
 def ssm_forward_cached(ssm, u: torch.Tensor, cache: SsmCache) -> torch.Tensor:
@@ -172,7 +152,7 @@ def ssm_forward_cached(ssm, u: torch.Tensor, cache: SsmCache) -> torch.Tensor:
     else:
         up = F.conv1d(seq, ssm.conv_weight, ssm.conv_bias, groups=ssm.d_model).transpose(1, 2)
     cache.conv = seq[..., seq.shape[-1] - (K - 1) :]
-    x, xT, BT, CT, ldT = _project(ssm, up)
+    x, xT, BT, CT, ldT, _ = ssm.project(up)
 
     # The parallel scan (prefill), plus the entering state in closed form.
     S0 = cache.state
@@ -188,4 +168,4 @@ def ssm_forward_cached(ssm, u: torch.Tensor, cache: SsmCache) -> torch.Tensor:
         S = suffix[..., :1, None].exp() * S0 + torch.einsum("bht,bhtr,bhtd->bhrd", to_end.exp(), B32, x32)
     cache.state = S
     cache.pos += t
-    return _output(ssm, u, x, y)
+    return ssm.output(u, x, y)

@@ -6,10 +6,17 @@ Per SSM head h (MODEL.md), with u the mixer input (B, T, d_model):
     x_t = W_x u'_t                                  (d_v per head; d_inner = expand * d_model)
     g_t = [1]*min_rank ++ sigmoid(W_g u'_t + b_g)   rank gate in (0, 1]^r, r = max_rank
     B_t = (W_B u'_t) * g_t,  C_t = (W_C u'_t) * g_t
-    dt_t = W_dt u'_t + dt_bias,  lambda_t = exp(-softplus(dt_t) * exp(A_log))  in (0, 1)
-    S_t = lambda_t S_{t-1} + B_t x_t^T               (r x d_v, fp32)
+    Delta_t = softplus(W_dt u'_t + dt_bias),  lambda_t = exp(-Delta_t * exp(A_log))  in (0, 1)
+    S_t = lambda_t S_{t-1} + Delta_t B_t x_t^T       (r x d_v, fp32; ``discretize``, else B_t x_t^T)
     y_t = C_t^T S_t + D * x_t
-    out = W_out (silu(W_z u) * y)                    output gate on by default (``output_gate``)
+    out = W_out norm(silu(W_z u) * y)                output gate (``output_gate``), RMSNorm (``out_norm``)
+
+``discretize`` scales each input by its step Delta_t (Mamba's discretization): the state then
+stays O(1/a) whatever the decay, so slow heads do not drown fast ones. ``out_norm`` (Mamba-2's
+gated RMSNorm) gives the path an O(1) output whatever the state's scale. With ``init_std = 0``
+the projections start with unit-variance outputs (std 1/sqrt(fan_in)). The first design had
+neither option and std 0.02 everywhere: its output was ~100x smaller than the attention path's
+at init (docs/model.md, "Quality"), which the model never recovered from.
 
 The factory is called as ``factory(config, *, d_model, seq_len, layer_idx, **context)``;
 optional context ``n_layers`` (or ``parent.n_layers``) scales the output projection's init
@@ -156,7 +163,10 @@ class ArSsmConfig:
     chunk_size: int = option(64, check=positive, help="chunk length of the chunked scan")
     rank_penalty: float = option(1e-3, check=non_negative, help="loss weight of mean(rank gate)")
     output_gate: bool = option(True, help="multiply the SSM output by silu(W_z u) before W_out")
-    init_std: float = option(0.02, check=positive, help="std of the projection weights at init")
+    discretize: bool = option(True, legacy=False, help="scale the state's input by the step Delta_t (S += Delta B x^T)")
+    out_norm: bool = option(True, legacy=False, help="RMSNorm (learned gain) on the gated output before W_out")
+    init_std: float = option(
+        0.0, check=non_negative, help="std of the projection weights at init; 0 = 1/sqrt(fan_in) (unit-variance outputs)")
 
     def __attrs_post_init__(self):
         _validate_ranks("ar_ssm", self.max_rank, self.min_rank)
@@ -190,6 +200,8 @@ class ArSsm(nn.Module):
         chunk_size: int = 64,
         rank_penalty: float = 1e-3,
         output_gate: bool = True,
+        discretize: bool = False,
+        out_norm: bool = False,
         init_std: float = 0.02,
         out_init_std: float | None = None,
         layer_idx: int = 0,
@@ -207,8 +219,9 @@ class ArSsm(nn.Module):
         self.n_gated = max_rank - min_rank
         self.conv_size, self.chunk_size = conv_size, chunk_size
         self.rank_penalty = rank_penalty
-        self.init_std = init_std
-        self.out_init_std = init_std if out_init_std is None else out_init_std
+        self.init_std = init_std or d_model**-0.5
+        self.out_init_std = out_init_std or (init_std or d_inner**-0.5)
+        self.discretize = discretize
         self.layer_idx = layer_idx
         self.output_gate = output_gate
         #: The scan (x, B, C, log_decay, chunk_size) -> y; kernel selection may swap it.
@@ -226,6 +239,7 @@ class ArSsm(nn.Module):
         # Forced-open channels get no gate parameters (they would receive no gradient).
         self.gate_bias = nn.Parameter(torch.empty(H * self.n_gated)) if self.n_gated else None
         self.z_proj = nn.Linear(d_model, d_inner, bias=False) if output_gate else None
+        self.norm_weight = nn.Parameter(torch.empty(d_inner)) if out_norm else None
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
 
     def init_weights(self) -> None:
@@ -238,6 +252,8 @@ class ArSsm(nn.Module):
             if self.z_proj is not None:
                 self.z_proj.weight.normal_(0.0, self.init_std)
             self.out_proj.weight.normal_(0.0, self.out_init_std)
+            if self.norm_weight is not None:
+                self.norm_weight.fill_(1.0)
             dt = torch.empty(H).uniform_(math.log(DT_MIN), math.log(DT_MAX)).exp()
             self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^{-1}(dt)
             self.A_log.copy_(torch.empty(H).uniform_(A_MIN, A_MAX).log())
@@ -259,27 +275,51 @@ class ArSsm(nn.Module):
         gated = torch.sigmoid(logits + self.gate_bias.float().view(self.n_heads, self.n_gated))
         return torch.cat([ones, gated], dim=-1)
 
-    def forward(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, t, _ = u.shape
+    def project(self, up: torch.Tensor):
+        """The scan's inputs from conv outputs up (b, t, d): ``(x, x_in, B, C, log_decay, g)``
+        with x (b, t, H, dv) for the D skip, x_in = the state's input (Delta x with
+        ``discretize``), B, C (b, H, t, r), x_in (b, H, t, dv), log_decay (b, H, t) heads
+        first, and the rank gate g (b, t, H, r). Shared by the training, cached and static paths."""
+        b, t, _ = up.shape
         H, r, dv = self.n_heads, self.max_rank, self.head_dim
-        up = self.causal_conv(u)
         xs, Bs, Cs, dt, g_logits = self.in_proj(up).split(self.proj_sizes, dim=-1)
-
         g = self.rank_gate(g_logits if self.n_gated else None, (b, t, H))  # (b, t, H, r)
         Bs = Bs.unflatten(-1, (H, r)) * g
         Cs = Cs.unflatten(-1, (H, r)) * g
-        # log lambda = -softplus(dt) * a <= 0, in fp32 (small decays matter over long spans).
-        log_decay = -F.softplus(dt.float() + self.dt_bias.float()) * self.A_log.float().exp()
+        # log lambda = -Delta * a <= 0, in fp32 (small decays matter over long spans).
+        step = F.softplus(dt.float() + self.dt_bias.float())  # Delta (b, t, H)
+        log_decay = -step * self.A_log.float().exp()
         x = xs.unflatten(-1, (H, dv))
+        x_in = (x * step.unsqueeze(-1).to(x.dtype)) if self.discretize else x
+        return x, x_in.transpose(1, 2), Bs.transpose(1, 2), Cs.transpose(1, 2), log_decay.transpose(1, 2), g
 
-        y = self.scan_impl(
-            x.transpose(1, 2), Bs.transpose(1, 2), Cs.transpose(1, 2), log_decay.transpose(1, 2), self.chunk_size
-        ).transpose(1, 2)  # (b, t, H, dv)
-        y = y + self.D.view(H, 1).to(x.dtype) * x
+    def output(self, u: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The mixer output (b, t, d_model) from the scan's y (b, H, t, dv), the skip input x
+        (b, t, H, dv) and the mixer input u (for the output gate)."""
+        b, t, _ = u.shape
+        y = y.transpose(1, 2) + self.D.view(self.n_heads, 1).to(x.dtype) * x
         y = y.reshape(b, t, self.d_inner)
         if self.z_proj is not None:
             y = F.silu(self.z_proj(u)) * y
-        return self.out_proj(y), g.mean()
+        if self.norm_weight is not None:
+            y = F.rms_norm(y.float(), (self.d_inner,), self.norm_weight.float(), 1e-5).to(y.dtype)
+        return self.out_proj(y)
+
+    def forward(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, x_in, B, C, log_decay, g = self.project(self.causal_conv(u))
+        y = self.scan_impl(x_in, B, C, log_decay, self.chunk_size)  # (b, H, t, dv)
+        return self.output(u, x, y), g.mean()
+
+    @torch.no_grad()
+    def diagnostics(self, u: torch.Tensor) -> dict[str, float]:
+        """Statistics on input u (B, T, d_model) for the ``diagnostics`` callback: the
+        effective rank (mean number of open state channels), the median decay half-life in
+        tokens (ln 2 / -log lambda_t), and the output's RMS."""
+        _, _, _, _, log_decay, g = self.project(self.causal_conv(u))
+        half_life = math.log(2.0) / (-log_decay).clamp_min(1e-12)
+        y, _ = self(u)
+        return {"effective_rank": g.sum(-1).mean().item(), "half_life": half_life.median().item(),
+                "out_rms": y.float().pow(2).mean().sqrt().item()}
 
     # -- cached decoding (phase7fw.decoding): conv tail + fp32 state, O(1) per token
     def init_cache(self, batch_size: int = 1):
@@ -307,14 +347,18 @@ class ArSsm(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, d_inner={self.d_inner}, n_heads={self.n_heads},"
-            f" rank={self.min_rank}..{self.max_rank}, conv={self.conv_size}, chunk={self.chunk_size}"
+            f" rank={self.min_rank}..{self.max_rank}, conv={self.conv_size}, chunk={self.chunk_size},"
+            f" discretize={self.discretize}, out_norm={self.norm_weight is not None}"
         )
 
 
 # ----------------------------------------------------------------------------- factories
 def build_ar_ssm(config: ArSsmConfig, *, d_model: int, seq_len: int, layer_idx: int, **context) -> ArSsm:
     n_layers = context.get("n_layers") or getattr(context.get("parent"), "n_layers", None)
-    out_std = config.init_std / math.sqrt(2 * n_layers) if n_layers else config.init_std
+    d_inner = config.expand * d_model
+    out_std = config.init_std or d_inner**-0.5  # 0: unit-variance outputs
+    if n_layers:  # residual branch: shrink with depth like the other output projections
+        out_std /= math.sqrt(2 * n_layers)
     module = ArSsm(
         d_model,
         max_rank=config.max_rank,
@@ -325,6 +369,8 @@ def build_ar_ssm(config: ArSsmConfig, *, d_model: int, seq_len: int, layer_idx: 
         chunk_size=config.chunk_size,
         rank_penalty=config.rank_penalty,
         output_gate=config.output_gate,
+        discretize=config.discretize,
+        out_norm=config.out_norm,
         init_std=config.init_std,
         out_init_std=out_std,
         layer_idx=layer_idx,

@@ -53,7 +53,7 @@ def attention_step(attn, u: torch.Tensor, st: StaticAttention, pos: torch.Tensor
     v = heads(attn.v_proj(u))
     if hyperbolic:
         c, tau = attn.curvature(), attn.temperature()
-        o = ring_attention(q, k, v, st.ring, pos, lambda qb, keys: hyperbolic_scores(qb, keys, c, tau))
+        o = ring_attention(q, k, v, st.ring, pos, lambda qb, keys: hyperbolic_scores(qb, keys, c, tau, attn.score))
     else:  # sdpa with a window, as sdpa_forward_cached
         o = ring_attention(q.to(v.dtype), k.to(v.dtype), v, st.ring, pos, dot_product_scores)
     return attn._out(o)
