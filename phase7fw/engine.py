@@ -264,7 +264,7 @@ class Engine:
             raise CheckpointError(f"{path} is a sharded (FSDP) checkpoint; make one file of it first:"
                                   f" phase7fw checkpoint consolidate {path} OUT.pt")
         # One process: eval and generation never need the training run's DDP/FSDP wrapping.
-        recipe = load_recipe(tomllib.loads(recipe_text), {"parallel.strategy": "none"}, plugins=plugins)
+        recipe = load_recipe(tomllib.loads(recipe_text), {"parallel.strategy": "none"}, plugins=plugins, checkpoint=True)
         engine = cls(recipe, plugins=plugins, resume="never", device=device, with_data=with_data,
                      checkpoint={**state, "path": str(path)}, console=Console(not quiet))
         engine.checkpoint_file = str(path)
@@ -500,6 +500,14 @@ class Engine:
         from phase7fw.trainer import Trainer
 
         return Trainer(self).run()
+
+    def log(self, row: dict) -> None:
+        """Send a row (``{"step": ..., "split": ..., metric: value}``) to the trackers of the
+        running ``fit()`` (e.g. from a callback)."""
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None:
+            raise Phase7Error("engine.log(row) works during fit() only: the trackers exist while a run trains")
+        trainer._log(row)
 
     @torch.no_grad()
     def evaluate(self, batches: int | None = None) -> dict:

@@ -45,6 +45,8 @@ class Trainer:
         self.trackers: list = []
         self.callbacks: list = []
         self.consecutive_bad = 0  # non-finite steps in a row
+        self.train_seconds = 0.0  # wall time in training steps (evaluation and saving excluded)
+        engine._trainer = self  # engine.log(row) reaches this run's trackers
 
     # ------------------------------------------------------------------ setup
     def _build_trackers(self) -> None:
@@ -244,6 +246,7 @@ class Trainer:
             loss_value, grad_norm, finite, lr = result["loss"], result["grad_norm"], result["finite"], result["lr"]
             metric_sums, consecutive_bad = result["metrics"], self.consecutive_bad
             dt = time.perf_counter() - t0
+            self.train_seconds += dt
 
             if finite:
                 window["loss"] += loss_value
@@ -300,7 +303,7 @@ class Trainer:
         tok_s = window["tokens"] / window["time"] if window["time"] > 0 else 0.0
         row = {"step": e.step, "split": "train", "loss": loss, "ppl": perplexity(loss), "lr": lr,
                "grad_norm": grad_norm, "step_time_s": step_time, "tokens_per_s": tok_s, "tokens": e.tokens_seen,
-               "skipped_steps": e.skipped_steps}
+               "train_seconds": self.train_seconds, "skipped_steps": e.skipped_steps}
         row.update({k: float(v) / t.grad_accum_steps for k, v in metric_sums.items()})
         extra = {"Tok/s": f"{tok_s:,.0f}"}
         if e.curvature_scheduler is not None:
@@ -316,7 +319,8 @@ class Trainer:
         if e.val_sampler is None:
             return None
         metrics = e.evaluate()
-        row = {"step": e.step, "split": "val", "loss": metrics["loss"], "ppl": metrics["ppl"]}
+        row = {"step": e.step, "split": "val", "loss": metrics["loss"], "ppl": metrics["ppl"],
+               "tokens": e.tokens_seen, "train_seconds": self.train_seconds}
         self.console.print(val_line(e.step, metrics["loss"]))
         self._log(row)
         for cb in self.callbacks:

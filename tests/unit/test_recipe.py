@@ -149,7 +149,25 @@ def test_resolved_recipe_round_trips(tmp_path):
     assert recipe_to_dict(again)["data"]["sources"][0]["weight"] == 2.0
 
 
-@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.toml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(RECIPES.rglob("*.toml")), ids=lambda p: str(p.relative_to(RECIPES)))
 def test_every_shipped_recipe_validates(path):
     recipe = load_recipe(path)
     assert recipe.train.max_steps > 0
+
+
+def test_quality_recipes_compare_at_equal_parameters_data_and_schedule():
+    """benchmarks/quality.py compares these: parameters within 1% of the llama baseline's, and
+    the same data, tokenizer, optimizer, schedule, batch and sequence length."""
+    from phase7fw import build_model
+
+    paths = sorted((RECIPES / "quality").glob("*_100m*.toml"))
+    assert len(paths) >= 5
+    recipes = {p.stem: load_recipe(p) for p in paths}
+    params = {name: sum(t.numel() for t in build_model(r).parameters()) for name, r in recipes.items()}
+    base = params["llama_100m"]
+    for name, n in params.items():
+        assert abs(n / base - 1) < 0.01, (name, n, base)
+    shared = {name: (recipe_to_dict(r)["data"], recipe_to_dict(r)["optimizer"], recipe_to_dict(r)["lr_scheduler"],
+                     r.train.batch_size, r.train.max_steps, r.model.config.seq_len, r.run.seed)
+              for name, r in recipes.items()}
+    assert len({repr(v) for v in shared.values()}) == 1, shared

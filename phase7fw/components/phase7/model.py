@@ -107,6 +107,21 @@ class HybridBlock(nn.Module):
         h = x + mixed
         return h + self.ffn(self.norm2(h)), gate_mean
 
+    @torch.no_grad()
+    def diagnostics(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """``(forward(x)[0], stats)``: the mixer gate's mean (the attention path's share), the
+        RMS of each path's output and each path's own statistics (``attn.*``, ``ssm.*``)."""
+        u = self.norm1(x)
+        stats: dict[str, float] = {}
+        for name, part in (("attn", self.attn), ("ssm", self.ssm)):
+            if part is not None and callable(getattr(part, "diagnostics", None)):
+                stats.update({f"{name}.{k}": v for k, v in part.diagnostics(u).items()})
+        if self.attn is not None:
+            stats["attn.out_rms"] = self.attn(u).float().pow(2).mean().sqrt().item()
+        if self.gate is not None:
+            stats["gate_mean"] = torch.sigmoid(self.gate(u)).float().mean().item()
+        return self(x)[0], stats
+
     # -- cached decoding (phase7fw.decoding): each path keeps its own cache
     def supports_cache(self) -> bool:
         return all(callable(getattr(p, "forward_cached", None)) for p in (self.attn, self.ssm) if p is not None)
@@ -205,6 +220,17 @@ class Phase7Model(LanguageModel):
                 x, gm = block(x)
             gate_means.append(gm)
         return self.norm(x), gate_means
+
+    @torch.no_grad()
+    def diagnostics(self, input_ids: torch.Tensor) -> dict[str, float]:
+        """Per-layer statistics (``L{i}.<name>``) on one batch, for the ``diagnostics``
+        callback; what each name means is in docs/model.md ("Diagnostics")."""
+        x = self.embedding(input_ids).float()
+        stats = {"embedding_rms": x.pow(2).mean().sqrt().item()}
+        for i, block in enumerate(self.blocks):
+            x, block_stats = block.diagnostics(x)
+            stats.update({f"L{i}.{k}": v for k, v in block_stats.items()})
+        return stats
 
     def begin_step(self) -> None:
         if self.head is None:

@@ -1,0 +1,83 @@
+"""benchmarks/quality.py: the CPU smoke setting end to end, and the report's arithmetic."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "quality.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("quality_bench", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(name, seed, val, bpt=1.0, tok_s=1000.0):
+    """A fake worker result: val = [(step, tokens, train_seconds, loss)]."""
+    return {"name": name, "seed": seed, "params": 100, "bytes_per_token": bpt, "tokens": val[-1][1],
+            "train_seconds": val[-1][2], "tokens_per_s": tok_s, "peak_memory_gib": None, "device": "cpu",
+            "torch": "x", "val": [{"step": s, "tokens": t, "train_seconds": ts, "loss": loss} for s, t, ts, loss in val]}
+
+
+def test_summary_equal_tokens_equal_time_and_bits_per_byte():
+    q = _load()
+    fast = _run("llama_100m", 0, [(1, 10, 1.0, 3.0), (2, 20, 2.0, 2.0), (3, 30, 3.0, 1.5)])
+    slow = [_run("phase7_100m", s, [(1, 10, 2.0, 2.8 + d), (2, 20, 4.0, 1.8 + d), (3, 30, 6.0, 1.4 + d)], bpt=2.0)
+            for s, d in ((0, 0.0), (1, 0.2))]
+    summary = q.summarize([fast, *slow], jobs=1)
+    rows = {r["name"]: r for r in summary["rows"]}
+    assert summary["baseline"] == "llama_100m" and summary["time_budget_s"] == 3.0
+    p7 = rows["phase7_100m"]
+    assert p7["val_loss_end"] == pytest.approx(1.5)  # mean of 1.4 and 1.6
+    assert p7["val_loss_end_std"] == pytest.approx(math.sqrt(0.02))
+    assert p7["val_loss_early"] == pytest.approx(2.9)  # a third of the run: step 1
+    assert p7["bpb_end"] == pytest.approx(1.5 / math.log(2) / 2.0)  # loss / ln 2 x tokens / bytes
+    # equal wall clock: 3.0 s, halfway between the evaluations at 2 s and 4 s of each seed
+    assert p7["val_loss_equal_time"] == pytest.approx((2.3 + 2.5) / 2)
+    assert p7["vs_baseline"] == pytest.approx(1.5 / 1.5 - 1)
+    assert rows["llama_100m"]["val_loss_equal_time"] == pytest.approx(1.5)
+    md = q.markdown(summary)
+    assert "| phase7_100m | 0.0M | 2 |" in md and "1.5000 ± 0.1414" in md
+
+
+@pytest.mark.slow
+def test_tiny_setting_trains_two_recipes_and_writes_the_report(tmp_path):
+    out = tmp_path / "q"
+    recipes = [str(ROOT / "recipes" / "quality" / f) for f in ("llama_100m.toml", "phase7_100m.toml")]
+    proc = subprocess.run([sys.executable, str(SCRIPT), *recipes, "--setting", "tiny", "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((out / "quality.json").read_text())
+    names = [r["name"] for r in data["summary"]["rows"]]
+    assert names == ["llama_100m", "phase7_100m"]
+    for run in data["runs"]:
+        assert [v["step"] for v in run["val"]] == [4, 8]  # tiny: 8 steps, evaluation every 4
+        assert all(math.isfinite(v["loss"]) and v["loss"] > 0 for v in run["val"])
+        assert run["bytes_per_token"] == pytest.approx(1.0)  # byte tokens
+        assert run["final_val_loss"] == run["val"][-1]["loss"]
+    md = (out / "quality.md").read_text()
+    assert "| llama_100m |" in md and "| phase7_100m |" in md and "bits/byte" in md
+    assert md in proc.stdout
+    if importlib.util.find_spec("matplotlib"):
+        assert (out / "quality.png").stat().st_size > 1000
+    # --report re-renders from the JSON alone
+    (out / "quality.md").unlink()
+    again = subprocess.run([sys.executable, str(SCRIPT), "--report", str(out / "quality.json")],
+                           capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert again.returncode == 0 and (out / "quality.md").read_text() == md
+
+
+def test_missing_recipe_is_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "nope.toml"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and "nope.toml not found" in proc.stderr
