@@ -111,3 +111,35 @@ def test_selected_through_the_registry_and_rejects_bad_input():
         hyperbolic_linear_attention_triton(q, q, q, 1.0, None, 1.0, 24)
     with pytest.raises(ValueError, match="not fp64"):
         hyperbolic_linear_attention_triton(q.double(), q.double(), q.double(), 1.0, None, 1.0, 16)
+
+
+def test_phase8_model_with_the_kernel_compiles_fullgraph_and_matches_the_reference_model():
+    """The kernel inside the Phase 8 model: same loss and gradients as the torch chunked form,
+    and a block compiles with fullgraph=True (the custom ops are opaque, no graph break)."""
+    from phase7fw import build_model, load_recipe
+
+    over = {"model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2, "model.seq_len": 40,
+            "model.attention.chunk_size": 16, "model.ssm.n_heads": 2, "model.ssm.chunk_size": 8}
+    rec = load_recipe("recipes/phase8_tiny.toml", over)
+    torch.manual_seed(0)
+    ref = build_model(rec, "cpu", vocab_size=300)
+    fast = build_model(rec, "cpu", vocab_size=300, kernels={"hyperbolic_linear_attention": "triton"})
+    fast.load_state_dict(ref.state_dict())
+    assert fast.blocks[0].attn.attention_fn.__module__.endswith("hyperbolic_linear_attention.kernel")
+    for block in fast.blocks:
+        block.compile(backend="aot_eager", fullgraph=True)
+    torch._dynamo.reset()
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for model in (ref, fast):
+        model.set_curvature(0.6)
+        model.begin_step()
+        loss, _ = model.loss(ids, torch.roll(ids, -1, dims=1))
+        loss.backward()
+        model.finish_backward()
+        losses.append(loss.detach())
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5, atol=1e-5), losses
+    ref_grads = dict(ref.named_parameters())
+    for name, p in fast.named_parameters():
+        g = ref_grads[name].grad
+        assert (g - p.grad).norm() <= 1e-4 * g.norm().clamp_min(1e-12), name
