@@ -69,6 +69,18 @@ def _inverse_softplus(y: torch.Tensor) -> torch.Tensor:
     return y + torch.log(-torch.expm1(-y))
 
 
+def _assign(param: torch.Tensor, value: torch.Tensor) -> None:
+    """``param.copy_(value)``, also for a parameter sharded by FSDP2 (a DTensor: the value is
+    sharded the same way first; mixing a plain tensor into a DTensor op is an error)."""
+    value = value.to(device=param.device, dtype=param.dtype)
+    mesh = getattr(param, "device_mesh", None)
+    if mesh is not None:
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value, mesh, param.placements)
+    param.copy_(value)
+
+
 class LinearAttentionCache:
     """A layer's decode state: the fp32 state S (B, H, D+1, Dv+1), ``None`` while empty."""
 
@@ -142,7 +154,7 @@ class HyperbolicLinearAttention(nn.Module):
             if self.decay_proj is not None:
                 self.decay_proj.weight.normal_(0.0, 0.1 * std)
                 rates = torch.logspace(math.log10(DECAY_MIN), math.log10(DECAY_MAX), self.n_heads, dtype=torch.float64)
-                self.decay_proj.bias.copy_(_inverse_softplus(rates))
+                _assign(self.decay_proj.bias, _inverse_softplus(rates))
 
     # ------------------------------------------------------------------ forward
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
