@@ -106,7 +106,8 @@ def _attention_modules(model):
 
 def flops_per_token(model, seq_len: int) -> dict:
     """Training FLOPs per token (PERFORMANCE.md): 6 N_matmul + 12 L T_eff d (attention scores
-    and values, per attention layer, T_eff = window or T) + the SSM scans' FLOPs (a module's
+    and values, per attention layer, T_eff = window or T, or the module's own
+    ``attention_flops_per_token(seq_len)``) + the SSM scans' FLOPs (a module's
     ``scan_flops_per_token()`` if it declares one, else the recurrence's 12 r d_inner:
     state update and read-out, 2 r d_inner each, forward + 2x backward)."""
     custom = getattr(model, "flops_per_token", None)
@@ -115,6 +116,10 @@ def flops_per_token(model, seq_len: int) -> dict:
     matmul = 6 * model.matmul_params()
     attention = 0
     for m in _attention_modules(model):
+        declared = getattr(m, "attention_flops_per_token", None)  # e.g. a linear attention
+        if callable(declared):
+            attention += declared(seq_len)
+            continue
         window = getattr(m, "window", 0) or seq_len
         attention += 12 * min(window, seq_len) * m.n_heads * m.head_dim
     ssm = 0

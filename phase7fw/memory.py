@@ -403,7 +403,7 @@ def activation_estimate(recipe, vocab_size: int, fused_ce: bool = False) -> tupl
     """A rough estimate of the activation bytes of one training micro-batch (documented in
     docs/performance.md; the measured number comes from ``phase7fw bench``). Per token and
     block a hybrid block keeps ~30 d_model + 8 ffn bytes plus 12 bytes per attention score
-    (heads x window); checkpointing keeps each block's fp32 input instead and recomputes one
+    (heads x window, or x chunk for a linear attention); checkpointing keeps each block's fp32 input instead and recomputes one
     block at a time (x2 for its gradients); the logits cost 14 bytes per token x vocab. A fused
     cross-entropy kernel (``fused_ce``) holds one chunk of logits (at most 256 MiB: the
     Triton kernel's default chunk), an fp32 head gradient (vocab x d_model) and the hidden
@@ -414,7 +414,9 @@ def activation_estimate(recipe, vocab_size: int, fused_ce: bool = False) -> tupl
     heads = getattr(cfg, "n_heads", 0) or 0
     seq = getattr(cfg, "seq_len", 0) or 0
     attention = getattr(cfg, "attention", None)
-    window = getattr(getattr(attention, "config", None), "window", 0) or seq
+    acfg = getattr(attention, "config", None)
+    # keys scored per query: a window, a linear attention's chunk, or every earlier token
+    window = getattr(acfg, "window", 0) or getattr(acfg, "chunk_size", 0) or seq
     tokens = t.batch_size * seq
     per_block = tokens * (30 * d + 8 * _ffn_width(cfg, d) + 12 * heads * min(window, seq))
     if t.activation_checkpointing:

@@ -36,6 +36,7 @@ DEFAULT_PLUGINS = (
     "phase7fw.components.phase7.ssm",
     "phase7fw.components.phase7.curvature",
     "phase7fw.components.phase7.model",
+    "phase7fw.components.phase8.attention",
     "phase7fw.kernels.plugin",
 )
 

@@ -34,6 +34,9 @@ KERNELS = [
     ("swiglu", "swiglu", "swiglu_triton", "fused silu(gate) * up, fwd + bwd recomputing silu"),
     ("cross_entropy", "linear_cross_entropy", "linear_cross_entropy_triton",
      "chunked linear cross-entropy: logits one chunk at a time, grads computed in forward"),
+    ("hyperbolic_linear_attention", "hyperbolic_linear_attention.kernel", "hyperbolic_linear_attention_triton",
+     "chunked O(T) hyperbolic (Lorentz feature map) linear attention, fp32 state, fwd + bwd"
+     " (grads to q, k, v, c, decay)"),
 ]
 
 

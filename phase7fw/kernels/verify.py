@@ -261,7 +261,7 @@ def smoke(device: torch.device) -> list[Row]:
 
 #: Kernel modules that carry their own checks: ``smoke_rows(device)`` and
 #: ``verify_rows(device, quick)``, each returning a list of :class:`Row`.
-SELF_CHECKING = ("rmsnorm", "swiglu", "linear_cross_entropy", "htt_embedding")
+SELF_CHECKING = ("rmsnorm", "swiglu", "linear_cross_entropy", "htt_embedding", "hyperbolic_linear_attention")
 
 
 def _module(op: str):

@@ -13,7 +13,8 @@ import attrs
 
 from phase7fw.recipe.options import Component, component, in_range, non_negative, option, positive
 
-KERNEL_OPS = ("hyperbolic_attention", "ar_ssm_scan", "htt_embedding", "rmsnorm", "swiglu", "cross_entropy")
+KERNEL_OPS = ("hyperbolic_attention", "ar_ssm_scan", "htt_embedding", "rmsnorm", "swiglu", "cross_entropy",
+              "hyperbolic_linear_attention")
 KernelChoice = Literal["triton", "reference", "auto"]
 
 
@@ -72,6 +73,7 @@ class KernelsSection:
     rmsnorm: KernelChoice = "reference"
     swiglu: KernelChoice = "reference"
     cross_entropy: KernelChoice = "reference"
+    hyperbolic_linear_attention: KernelChoice = "reference"
 
 
 @attrs.frozen

@@ -13,10 +13,10 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-CASES = list(range(12))  # phase7fw.kernels.verify.verify: attention full / window / odd T,
+CASES = list(range(13))  # phase7fw.kernels.verify.verify: attention full / window / odd T,
 #   distance gate near the boundary, SSM real shape / odd T, then rmsnorm, swiglu,
-#   linear cross-entropy and HTT embedding (each of those may give several rows), then
-#   attention with squared_distance and dot_distance scores
+#   linear cross-entropy, HTT embedding and hyperbolic linear attention (each of those may
+#   give several rows), then attention with squared_distance and dot_distance scores
 
 
 @pytest.mark.parametrize("case", CASES)

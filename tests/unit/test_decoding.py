@@ -5,12 +5,15 @@ import torch
 
 from phase7fw import build_model, load_recipe
 from phase7fw.components.phase7.cached import SsmCache
+from phase7fw.components.phase8.attention import LinearAttentionCache
 from phase7fw.decoding import Decoder, KVWindow, supports_cache
 from tests.conftest import RECIPES
 
 SEQ, WINDOW = 24, 5
 SMALL = {"model.seq_len": SEQ, "model.d_model": 32, "model.n_heads": 2, "model.n_layers": 2}
 P7 = {**SMALL, "model.attention.window": WINDOW, "model.ssm.n_heads": 2, "model.ssm.chunk_size": 4,
+      "model.ssm.conv_size": 3}
+P8 = {**SMALL, "model.attention.chunk_size": 16, "model.ssm.n_heads": 2, "model.ssm.chunk_size": 4,
       "model.ssm.conv_size": 3}
 KINDS = {
     "llama": ("llama_tiny", {**SMALL, "model.ffn_hidden": 64}),
@@ -25,6 +28,9 @@ KINDS = {
     "phase7_squared_distance": ("phase7_tiny", {**P7, "model.attention.score": "squared_distance"}),
     "phase7_first_design_ssm": ("phase7_tiny", {**P7, "model.ssm.discretize": False, "model.ssm.out_norm": False,
                                                 "model.ssm.init_std": 0.02}),
+    # Phase 8: the linear attention (chunk 16 < SEQ, not a divisor), with and without the SSM
+    "phase8_hybrid": ("phase8_tiny", P8),
+    "phase8_attention_only": ("phase8_tiny", {**P8, "model.mixer": "attention"}),
 }
 
 
@@ -101,10 +107,12 @@ def _layer_state(layer_cache):
             out += list(part.view())
         elif isinstance(part, SsmCache):
             out += [part.conv, part.state]
+        elif isinstance(part, LinearAttentionCache):
+            out += [part.state]
     return out
 
 
-@pytest.mark.parametrize("kind", ["phase7_hybrid", "phase7_sdpa_full", "llama"])
+@pytest.mark.parametrize("kind", ["phase7_hybrid", "phase7_sdpa_full", "llama", "phase8_hybrid"])
 def test_prefill_leaves_the_cache_as_stepping_does(kind):
     model = make(kind)
     ids = torch.randint(0, 257, (1, 19), generator=torch.Generator().manual_seed(3))

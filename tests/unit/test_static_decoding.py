@@ -52,7 +52,7 @@ def test_compiled_static_step_gives_the_same_tokens(kind):
     assert stats["unique_graphs"] == 1, dict(stats)
 
 
-@pytest.mark.parametrize("kind", ["phase7_hybrid", "llama"])
+@pytest.mark.parametrize("kind", ["phase7_hybrid", "llama", "phase8_hybrid"])
 def test_multi_token_continuation_goes_back_through_the_dynamic_path(kind):
     """A chat turn appends several tokens after static steps: the state is stored back, the
     chunk prefilled in parallel, and the static buffers reloaded."""
@@ -83,7 +83,7 @@ class _Record(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("kind", ["phase7_hybrid", "phase7_sdpa_window", "llama"])
+@pytest.mark.parametrize("kind", ["phase7_hybrid", "phase7_sdpa_window", "llama", "phase8_hybrid"])
 def test_the_step_is_static(kind):
     """The same ops on the same shapes before and after the ring wraps, no host reads of
     device values, and the buffers keep their addresses: what CUDA graph capture needs."""

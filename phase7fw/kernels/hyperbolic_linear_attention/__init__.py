@@ -1,0 +1,86 @@
+"""Hyperbolic linear attention (Phase 8): causal attention in O(T) time and O(1) state.
+
+One op, three forms that agree to 1e-5 in fp32 (tests/unit/test_hyperbolic_linear_attention.py):
+
+- :func:`hyperbolic_linear_attention_chunked` -- chunked parallel form for training (the
+  torch reference of the Triton kernel in :mod:`.kernel`, selected by ``[kernels]
+  hyperbolic_linear_attention = "triton"``);
+- :func:`hyperbolic_linear_attention_step` -- the recurrence, one token at a time, for
+  cached decoding (state (B, H, D+1, Dv+1) fp32, no growth with the context);
+- :func:`hyperbolic_linear_attention_quadratic` -- the T x T masked form, tests only.
+
+What it computes, per head with curvature c > 0 (docs/model.md, "Phase 8"): queries and keys
+are tangent vectors at the origin of the Poincare ball, mapped into the ball by expmap0
+(a = sqrt(c)|u| clamped so the points stay within Euclidean radius 0.905/sqrt(c)) and lifted
+to the hyperboloid of the Lorentz model. Keys use their Lorentz point, queries the same
+point divided by its time coordinate (the Beltrami-Klein point (1, kappa), |kappa| <= 0.995):
+
+    phi_k(k) = (cosh 2b, sinh 2b * f(k/|k|))       phi_q(q) = (1, tanh 2a * f(q/|q|))
+
+(f: optional focusing of the direction, identity by default). The weight of a pair,
+phi_q . phi_k = cosh 2b (1 + kappa_q . kappa_k), is the ambient inner product of the two
+points of the upper sheet divided by the query's time coordinate, a per-query factor that
+the normalization cancels. It is >= 1 - 0.995^2 ~ 0.01 > 0 for any q, k, so, with a
+per-token decay lambda_t = exp(log_decay_t) in (0, 1],
+
+    S_t = lambda_t S_{t-1} + phi_k(k_t) [v_t, 1]^T        o_t = phi_q(q_t) S_t[:, :Dv] / phi_q(q_t) S_t[:, Dv]
+
+The normalizer includes the token's own weight (>= 0.01, with decay factor 1), so the
+division never sees zero (it is still clamped at 1e-6); o_t is a convex combination of the
+values. Gradients flow to q, k, v, the decay and the curvature.
+
+Layout: :mod:`.reference` (torch forms), :mod:`.kernel` (Triton, imported lazily),
+:mod:`.verify` (the parity rows of ``phase7fw doctor``); the kernel is registered with the
+others in :mod:`phase7fw.kernels.plugin`. Nothing here imports a component or Triton.
+"""
+
+from __future__ import annotations
+
+from phase7fw.kernels.hyperbolic_linear_attention.reference import (
+    DEN_EPS,
+    MAX_ATANH,
+    MAX_KLEIN_RADIUS,
+    empty_state,
+    feature_map,
+    hyperbolic_linear_attention_chunked,
+    hyperbolic_linear_attention_quadratic,
+    hyperbolic_linear_attention_step,
+)
+
+__all__ = [
+    "DEN_EPS",
+    "MAX_ATANH",
+    "MAX_KLEIN_RADIUS",
+    "empty_state",
+    "feature_map",
+    "hyperbolic_linear_attention",
+    "hyperbolic_linear_attention_chunked",
+    "hyperbolic_linear_attention_quadratic",
+    "hyperbolic_linear_attention_step",
+    "hyperbolic_linear_attention_triton",
+    "smoke_rows",
+    "verify_rows",
+]
+
+#: The op's public function (the chunked torch form); components call this one and kernel
+#: selection may replace it with :func:`hyperbolic_linear_attention_triton` (same signature).
+hyperbolic_linear_attention = hyperbolic_linear_attention_chunked
+
+
+def hyperbolic_linear_attention_triton(*args, **kwargs):
+    """The Triton implementation (imports Triton on first use); see :mod:`.kernel`."""
+    from phase7fw.kernels.hyperbolic_linear_attention.kernel import hyperbolic_linear_attention_triton as impl
+
+    return impl(*args, **kwargs)
+
+
+def smoke_rows(device):
+    from phase7fw.kernels.hyperbolic_linear_attention.verify import smoke_rows as rows
+
+    return rows(device)
+
+
+def verify_rows(device, quick: bool = False):
+    from phase7fw.kernels.hyperbolic_linear_attention.verify import verify_rows as rows
+
+    return rows(device, quick)

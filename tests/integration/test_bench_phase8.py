@@ -1,0 +1,52 @@
+"""benchmarks/phase8_vs_phase7.py on the CPU: the table, the JSON and Markdown files, equal
+parameter counts, and a length that does not fit reported as "out of memory"."""
+
+import importlib.util
+import json
+
+from tests.conftest import ROOT
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("phase8_vs_phase7", ROOT / "benchmarks" / "phase8_vs_phase7.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_phase8_vs_phase7_on_tiny_sizes(tmp_path, capsys, monkeypatch):
+    import phase7fw.bench
+
+    real = phase7fw.bench.bench_recipe
+
+    def bench_or_oom(recipe, overrides, **kw):  # the longest length "does not fit"
+        if overrides["model.seq_len"] == 64:
+            return {"oom": True, "error": "CUDA out of memory. Tried to allocate 2.00 GiB"}
+        return real(recipe, overrides, **kw)
+
+    monkeypatch.setattr(phase7fw.bench, "bench_recipe", bench_or_oom)
+    out = tmp_path / "res" / "cmp"
+    argv = ["--lengths", "32,64", "--tokens-per-step", "64", "--steps", "1", "--warmup", "0", "--d-model", "32",
+            "--quality-tokens", "128", "--quality-seq-len", "32", "--quality-files", "5", "--out", str(out)]
+    assert _script().main(argv) == 0
+    text = capsys.readouterr().out
+    assert "CPU run: tiny sizes" in text and "| T |" in text and "out of memory" in text
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["environment"]["cpu"] is True and data["lengths"] == [32, 64]
+    speed = {(r["model"], r["seq_len"]): r for r in data["speed"]}
+    assert len(speed) == 6
+    assert all(speed[m, 64]["oom"] for m in ("phase7 (window)", "phase8 (linear)", "llama (sdpa)"))
+    ran = [speed[m, 32] for m in ("phase7 (window)", "phase8 (linear)", "llama (sdpa)")]
+    assert all(r["tokens_per_s"] > 0 and r["batch_size"] == 2 and not r["oom"] for r in ran)
+    params = [r["params"] for r in ran]
+    assert max(params) / min(params) < 1.05  # equal parameter counts (llama's FFN matched)
+    quality = data["quality"]
+    assert [q["model"] for q in quality] == ["phase7 (window)", "phase8 (linear)", "llama (sdpa)"]
+    assert all(q["tokens"] == 128 and q["val_loss"] > 0 for q in quality)
+    md = out.with_suffix(".md").read_text()
+    assert "out of memory" in md and "Validation loss" in md
+
+
+def test_bad_lengths_are_one_message(capsys):
+    assert _script().main(["--lengths", "1k,2k"]) == 2
+    assert "comma-separated integers" in capsys.readouterr().err
