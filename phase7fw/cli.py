@@ -45,9 +45,10 @@ def cmd_run(args) -> int:
     summary = engine.fit()
     if not engine.dist.is_main:
         return 0
-    best = summary["best_val_loss"]
+    best, bpb = summary["best_val_loss"], summary.get("best_val_bpb")
     print(f"Done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}"
           + (f", best val loss {best:.4f}" if best is not None else "")
+          + (f" ({bpb:.4f} bits per byte)" if best is not None and bpb is not None else "")
           + f"; checkpoint {summary['final_checkpoint']}")
     return 0
 
@@ -134,7 +135,8 @@ def cmd_eval(args) -> int:
     path = find_checkpoint(args.checkpoint, args.runs_dir)
     engine = Engine.from_checkpoint(path, device=args.device, with_data=True, plugins=_plugins())
     m = engine.evaluate(args.batches)
-    print(f"{path} (step {engine.step}): val loss {m['loss']:.4f} | ppl {m['ppl']:.2f}"
+    bpb = f" | bpb {m['bpb']:.4f}" if m.get("bpb") is not None else ""
+    print(f"{path} (step {engine.step}): val loss {m['loss']:.4f} | ppl {m['ppl']:.2f}{bpb}"
           f" | {m['tokens']:,} tokens")
     if args.json:
         print(json.dumps({"checkpoint": str(path), "step": engine.step, **m}))

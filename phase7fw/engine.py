@@ -36,7 +36,7 @@ import torch
 
 from phase7fw import __version__, distributed, memory
 from phase7fw.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_sharded_checkpoint
-from phase7fw.console import Console, human
+from phase7fw.console import Console, bits_per_byte, human
 from phase7fw.data import MixtureSampler, load_mix
 from phase7fw.errors import CheckpointError, Phase7Error
 from phase7fw.optim_groups import param_groups
@@ -147,6 +147,8 @@ class Engine:
         self.registry = plugins.registry
         self.step = 0
         self.best_val_loss = math.inf
+        self.best_val_bpb: float | None = None
+        self.last_val: dict = {}  # the latest evaluate() result with its step (model cards)
         self.skipped_steps = 0
         self.tokens_seen = 0
         self.tracker_state: dict = {}
@@ -371,7 +373,8 @@ class Engine:
             "recipe": recipe_to_toml(self.recipe),
             "tokenizer": self.tokenizer.state(),
             "tokenizer_fingerprint": self.tokenizer.fingerprint(),
-            "metrics": {"best_val_loss": self.best_val_loss, "skipped_steps": self.skipped_steps,
+            "metrics": {"best_val_loss": self.best_val_loss, "best_val_bpb": self.best_val_bpb,
+                        "last_val": self.last_val, "skipped_steps": self.skipped_steps,
                         "tokens_seen": self.tokens_seen},
         }
 
@@ -467,6 +470,9 @@ class Engine:
         self.step = int(state.get("step", 0))
         metrics = state.get("metrics") or {}
         self.best_val_loss = float(metrics.get("best_val_loss", math.inf))
+        self.best_val_bpb = metrics.get("best_val_bpb")
+        self.last_val = dict(metrics.get("last_val") or {})
+        self.tokens_seen = int(metrics.get("tokens_seen", 0))
         if not full:
             return
         try:
@@ -488,7 +494,6 @@ class Engine:
         if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.skipped_steps = int(metrics.get("skipped_steps", 0))
-        self.tokens_seen = int(metrics.get("tokens_seen", 0))
         self.tracker_state = dict(state.get("trackers") or {})
         if self.curvature_scheduler is not None:
             self.model.set_curvature(self.curvature_scheduler.value(self.step))
@@ -503,7 +508,8 @@ class Engine:
 
     @torch.no_grad()
     def evaluate(self, batches: int | None = None) -> dict:
-        """Mean validation loss and perplexity over ``train.eval_batches`` fixed batches."""
+        """Mean validation loss, perplexity and bits per byte (``bpb``: None when the data has
+        no text, e.g. synthetic tokens) over ``train.eval_batches`` fixed batches."""
         if self.val_sampler is None:
             if self.train_sampler is None:
                 raise Phase7Error("evaluate needs data: build the engine with data (from_checkpoint(..., with_data=True))")
@@ -512,6 +518,7 @@ class Engine:
         was_training = self.model.training
         self.model.eval()
         total = torch.zeros((), device=self.device)
+        n_bytes = [self.val_sampler.batch_bytes(i) for i in range(n)]  # this rank's rows
         try:
             for i in range(n):
                 x, y = (t.to(self.device) for t in self.val_sampler.batch(i))
@@ -523,7 +530,12 @@ class Engine:
         finally:
             self.model.train(was_training)
         loss = float(distributed.all_mean(total, self.dist)) / n
-        return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": n * self.val_sampler.batch_size * self.seq_len}
+        tokens = n * self.val_sampler.batch_size * self.seq_len  # per rank; every rank has as many
+        bpb = None
+        if all(b is not None for b in n_bytes):
+            mean_bytes = float(distributed.all_mean(torch.tensor(float(sum(n_bytes)), device=self.device), self.dist))
+            bpb = bits_per_byte(loss, tokens, mean_bytes)
+        return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "bpb": bpb, "tokens": tokens}
 
     def autocast(self):
         precision = self.recipe.train.precision
