@@ -219,7 +219,9 @@ class Phase7Model(LanguageModel):
             grad = self.tied_table.grad
             if grad is not None:
                 grad = reduce(grad) if reduce is not None else grad
-                self.embedding.weight_matrix().backward(grad.to(self.tied_table.dtype))
+                table = self.embedding.weight_matrix()
+                if table.requires_grad:  # not when the embedding is frozen (train.freeze)
+                    table.backward(grad.to(self.tied_table.dtype))
             self.tied_table.grad = None
             self.tied_table.requires_grad_(False)
             self._step_table = False
