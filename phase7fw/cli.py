@@ -234,6 +234,21 @@ def cmd_checkpoint(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from phase7fw.hf_export import export_checkpoint
+
+    export_checkpoint(args.checkpoint, args.output, dtype=args.dtype, force=args.force, check=args.check,
+                      plugins=_plugins())
+    return 0
+
+
+def cmd_import_hf(args) -> int:
+    from phase7fw.hf_export import import_folder
+
+    import_folder(args.folder, args.output, plugins=_plugins())
+    return 0
+
+
 def cmd_later(feature: str, issue: str):
     def run(args) -> int:
         print(f"error: {feature} is not in this version yet ({issue}).", file=sys.stderr)
@@ -333,6 +348,22 @@ def build_parser(plugins_hook=None) -> argparse.ArgumentParser:
     ev.add_argument("--batches", type=int, default=None)
     ev.add_argument("--json", action="store_true", help="also print the metrics as one JSON line")
     ev.set_defaults(func=cmd_eval)
+
+    exp = sub.add_parser("export", help="write a Hugging Face model folder (config.json, model.safetensors, tokenizer)")
+    exp.add_argument("checkpoint", metavar="CHECKPOINT|RUN_DIR",
+                     help="a checkpoint file, a run folder (best > final > latest step) or a sharded FSDP checkpoint")
+    exp.add_argument("--output", "-o", required=True, metavar="DIR", help="the folder to write")
+    exp.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights in model.safetensors")
+    exp.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    exp.add_argument("--check", action="store_true",
+                     help="load the folder with transformers and compare its logits with phase7fw's (fp32)")
+    exp.set_defaults(func=cmd_export)
+
+    imp = sub.add_parser("import-hf", help="a folder written by phase7fw export -> a checkpoint that resumes and"
+                                           " fine-tunes")
+    imp.add_argument("folder", metavar="DIR")
+    imp.add_argument("--output", "-o", required=True, metavar="CHECKPOINT.pt")
+    imp.set_defaults(func=cmd_import_hf)
 
     gen = sub.add_parser("generate", help="continue a prompt with a trained checkpoint (streams to stdout)")
     checkpoint_arg(gen)

@@ -41,6 +41,8 @@ class InitSource:
     #: tensors keyed by this framework's parameter names, or a function of the built model
     #: giving them (an exported folder's names are converted by the model that reads them)
     weights: object
+    metrics: dict = attrs.Factory(dict)  # best/last validation of the source (kept by import-hf)
+    init_from: dict | None = None  # the source's own source, if it was fine-tuned
 
     def model_state(self, model) -> dict:
         return self.weights(model) if callable(self.weights) else self.weights
@@ -87,7 +89,7 @@ def load_source(path: str, plugins) -> InitSource:
         tokenizer_fingerprint=state.get("tokenizer_fingerprint"), step=int(state.get("step", 0)),
         tokens_seen=int(metrics.get("tokens_seen", 0)), curvature_offset=int(state.get("curvature_offset", 0)),
         lineage=[*before.get("lineage", []), {k: v for k, v in before.items() if k != "lineage"}] if before else [],
-        weights=state["model"],
+        weights=state["model"], metrics=metrics, init_from=before or None,
     )
 
 
