@@ -133,6 +133,8 @@ def cmd_eval(args) -> int:
     from phase7fw.engine import Engine
 
     path = find_checkpoint(args.checkpoint, args.runs_dir)
+    if args.tasks:
+        return _eval_tasks(args, path)
     engine = Engine.from_checkpoint(path, device=args.device, with_data=True, plugins=_plugins())
     m = engine.evaluate(args.batches)
     bpb = f" | bpb {m['bpb']:.4f}" if m.get("bpb") is not None else ""
@@ -140,6 +142,28 @@ def cmd_eval(args) -> int:
           f" | {m['tokens']:,} tokens")
     if args.json:
         print(json.dumps({"checkpoint": str(path), "step": engine.step, **m}))
+    return 0
+
+
+def _eval_tasks(args, path) -> int:
+    """``eval --tasks``: lm-evaluation-harness on the checkpoint (phase7fw/lm_harness.py)."""
+    from pathlib import Path
+
+    from phase7fw.engine import Engine
+    from phase7fw.lm_harness import load_tasks, results_table, run_tasks
+
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.limit is not None and args.limit <= 0:
+        raise Phase7Error(f"--limit must be > 0, got {args.limit}")
+    load_tasks(names, args.include_path or [])  # bad names / unreachable datasets before the model loads
+    engine = Engine.from_checkpoint(path, device=args.device, plugins=_plugins())
+    engine.checkpoint_file = str(path)
+    out = Path(args.output) if args.output else Path(path).parent / f"lm_eval_{engine.model_name}_step{engine.step}.json"
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    results = run_tasks(engine, names, include_paths=args.include_path or [], num_fewshot=args.num_fewshot,
+                        limit=limit, output=out, log_samples=args.log_samples)
+    print(results_table(results))
+    print(f"wrote {out}")
     return 0
 
 
@@ -343,10 +367,20 @@ def build_parser(plugins_hook=None) -> argparse.ArgumentParser:
     cons.add_argument("out")
     cons.set_defaults(func=cmd_checkpoint)
 
-    ev = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint")
+    ev = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a checkpoint, or"
+                                     " lm-evaluation-harness tasks (--tasks)")
     checkpoint_arg(ev)
     ev.add_argument("--batches", type=int, default=None)
     ev.add_argument("--json", action="store_true", help="also print the metrics as one JSON line")
+    harness = ev.add_argument_group("benchmarks (lm-evaluation-harness, pip install 'phase7fw[eval]')")
+    harness.add_argument("--tasks", metavar="NAMES", help="comma-separated lm-eval task names (hellaswag,arc_easy)")
+    harness.add_argument("--include-path", action="append", metavar="DIR", help="a folder of local task YAML files")
+    harness.add_argument("--num-fewshot", type=int, default=None, help="examples in the prompt (default: the task's)")
+    harness.add_argument("--limit", type=float, default=None,
+                         help="documents per task (a number >= 1) or a fraction of them (< 1)")
+    harness.add_argument("--output", metavar="PATH",
+                         help="results JSON (default: lm_eval_<model>_step<N>.json next to the checkpoint)")
+    harness.add_argument("--log-samples", action="store_true", help="keep every document's answers in the JSON")
     ev.set_defaults(func=cmd_eval)
 
     exp = sub.add_parser("export", help="write a Hugging Face model folder (config.json, model.safetensors, tokenizer)")
