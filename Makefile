@@ -6,7 +6,7 @@ RECIPE_OUT ?= recipes/my_recipe.toml
 
 .PHONY: test check-phase7-env recipe data-lite train-phase7-1.5b train-phase7-1.5b-test \
 	train-phase7-1.5b-resume chat-phase7-1.5b bench-phase7-1.5b triton-attn verify-phase7 \
-	train-phase7-small quickstart
+	train-phase7-small quickstart finetune-phase7
 
 test:                       ; $(PY) -m pytest -q
 check-phase7-env:           ; $(P7) doctor
@@ -21,3 +21,4 @@ bench-phase7-1.5b:          ; $(P7) bench recipes/phase7_1.5b_standard.toml --co
 triton-attn:                ; $(P7) doctor --verify
 verify-phase7:              ; $(P7) doctor --verify
 train-phase7-small:         ; $(P7) run recipes/phase7_small.toml
+finetune-phase7:            ; $(P7) run recipes/finetune_example.toml

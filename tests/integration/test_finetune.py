@@ -154,3 +154,21 @@ def test_eval_of_a_checkpoint_uses_the_curvature_of_its_step(tmp_path):
     again = Engine.from_checkpoint(ckpt, with_data=True)
     assert again.model.blocks[0].attn.kappa.item() == pytest.approx(source.curvature_scheduler.value(source.step))
     assert again.evaluate()["loss"] == pytest.approx(summary_val, rel=1e-6)
+
+
+def test_the_shipped_example_finetunes_the_quickstart_model(tmp_path):
+    """recipes/finetune_example.toml as README and docs/finetune.md run it (make finetune-phase7),
+    from a folder holding runs/phase7_quickstart and data/finetune/*.txt (relative paths)."""
+    quick = {"run.output_dir": str(tmp_path / "runs" / "phase7_quickstart"), "train.max_steps": 1,
+             "train.batch_size": 2, "train.eval_every": 0, "train.save_every": 0, "train.eval_batches": 1,
+             "data.sources": [{"name": "python_stdlib", "max_files": 20}]}
+    Engine.from_recipe(RECIPES / "phase7_quickstart.toml", quick, quiet=True).fit()
+    (tmp_path / "data").mkdir()
+    _text_files(tmp_path / "data")
+    (tmp_path / "data" / "mydata").rename(tmp_path / "data" / "finetune")
+    proc = run_cli("run", RECIPES / "finetune_example.toml", "--set", "train.max_steps=2", "--set",
+                   "train.batch_size=2", "--set", "train.eval_batches=1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Fine-tuning from runs/phase7_quickstart/phase7_best.pt (its step 1)" in proc.stdout, proc.stdout
+    assert (tmp_path / "runs" / "phase7_finetune" / "phase7_final.pt").is_file()
+    assert " | BPB: " in proc.stdout
