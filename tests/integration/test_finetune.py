@@ -124,28 +124,28 @@ def _error(proc):
 
 
 def test_mismatches_exit_2_with_the_differing_keys(tmp_path):
+    from phase7fw.errors import Phase7Error
+
     _, ckpt = _source(tmp_path, "llama_tiny.toml", **{"train.max_steps": 1})
+    base = tiny_overrides(tmp_path / "x", **{"train.init_from": str(ckpt)})
 
-    def run(*sets, recipe="llama_tiny.toml"):
-        args = ["run", RECIPES / recipe, "--set", f"train.init_from={json.dumps(str(ckpt))}",
-                "--set", f"run.output_dir={json.dumps(str(tmp_path / 'x'))}"]
-        for s in sets:
-            args += ["--set", s]
-        return run_cli(*args)
+    def error(recipe="llama_tiny.toml", **over):
+        with pytest.raises(Phase7Error) as info:
+            Engine.from_recipe(RECIPES / recipe, {**base, **over}, quiet=True)
+        return str(info.value)
 
-    sizes = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.seq_len=32"]
-    err = _error(run(*sizes, "model.ffn_hidden=48"))
-    assert "model.ffn_hidden: source 64, recipe 48" in err
-    err = _error(run(*sizes, "model.ffn_hidden=64", "model.vocab_size=300", "model.tie_embeddings=true"))
-    assert "model.vocab_size: source 0, recipe 300; model.tie_embeddings: source false" in err.replace("False", "false")
-    err = _error(run(*sizes, "model.ffn_hidden=64", 'data.tokenizer={name="bpe", vocab_size=300}'))
-    assert "data.tokenizer.name: source 'bytes', recipe 'bpe'" in err
-    err = _error(run(recipe="phase7_tiny.toml"))
-    assert "holds a 'llama' model, the recipe builds 'phase7'" in err
-    err = _error(run(*sizes, "model.ffn_hidden=64", 'train.freeze=["nothing.*"]'))
-    assert "train.freeze: 'nothing.*' matches no parameter" in err
-    missing = run_cli("run", RECIPES / "llama_tiny.toml", "--set", 'train.init_from="no/such.pt"')
-    assert "train.init_from: no such file or folder 'no/such.pt'" in _error(missing)
+    assert "model.ffn_hidden: source 64, recipe 48" in error(**{"model.ffn_hidden": 48})
+    assert ("model.vocab_size: source 0, recipe 300; model.tie_embeddings: source False, recipe True"
+            in error(**{"model.vocab_size": 300, "model.tie_embeddings": True}))
+    assert "data.tokenizer.name: source 'bytes', recipe 'bpe'" in error(**{"data.tokenizer": {"name": "bpe"}})
+    assert "holds a 'llama' model, the recipe builds 'phase7'" in error("phase7_tiny.toml")
+    assert "train.freeze: 'nothing.*' matches no parameter" in error(**{"train.freeze": ["nothing.*"]})
+    assert "train.init_from: no such file or folder 'no/such.pt'" in error(**{"train.init_from": "no/such.pt"})
+    # the command line: exit code 2, the message, no traceback
+    proc = run_cli("run", RECIPES / "llama_tiny.toml", "--set", f"train.init_from={json.dumps(str(ckpt))}",
+                   "--set", f"run.output_dir={json.dumps(str(tmp_path / 'y'))}")
+    err = _error(proc)
+    assert "does not match the recipe: model.d_model: source 32, recipe 128" in err
 
 
 def test_eval_of_a_checkpoint_uses_the_curvature_of_its_step(tmp_path):
