@@ -130,6 +130,17 @@ def test_phase7_variants_and_bf16(tmp_path):
          "model.mixer": "ssm", "model.ssm.output_gate": False, "model.ssm.expand": 2},
         {"model.mixer": "attention", "model.ssm": {"name": "none"}},
     ]
+    # Options the model may have gained (the modeling file implements them; a recipe can only
+    # set them where the component declares them).
+    import attrs
+
+    from phase7fw.components.phase7.attention import HyperbolicAttentionConfig
+    from phase7fw.components.phase7.ssm import ArSsmConfig
+
+    if "score" in attrs.fields_dict(HyperbolicAttentionConfig):
+        variants += [{"model.attention.score": "squared_distance"}, {"model.attention.score": "dot_distance"}]
+    if {"discretize", "out_norm"} <= set(attrs.fields_dict(ArSsmConfig)):
+        variants += [{"model.ssm.discretize": flag, "model.ssm.out_norm": not flag} for flag in (True, False)]
     for i, over in enumerate(variants):
         engine, ckpt = _train(tmp_path / f"v{i}", "phase7_tiny.toml", **{"train.max_steps": 1, **over})
         out = export_checkpoint(ckpt, tmp_path / f"hf{i}", log=lambda _: None)
@@ -150,9 +161,9 @@ def test_unknown_option_is_refused_not_ignored(trained, tmp_path):
     _, ckpt = trained["phase7"]
     out = export_checkpoint(ckpt, tmp_path / "hf", log=lambda _: None)
     config = json.loads((out / "config.json").read_text())
-    config["phase7"]["attention"]["score"] = "something new"
+    config["phase7"]["attention"]["future_option"] = "something new"
     (out / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"does not implement the option\(s\) \['score'\]"):
+    with pytest.raises(ValueError, match=r"does not implement the option\(s\) \[.future_option.\]"):
         _hf_logits(out, torch.zeros(1, 4, dtype=torch.long))
 
 

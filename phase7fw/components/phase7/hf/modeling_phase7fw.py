@@ -200,13 +200,21 @@ def tangent_stats(u, c):
     return n, a, torch.sinh(2.0 * a) / n
 
 
+SCORES = ("distance", "squared_distance", "dot_distance")
+
+
 class HyperbolicAttention(_Projected):
-    """Scores s_ij = -tau_h * d_c(expmap0(q_i), expmap0(k_j)) on the Poincare ball of curvature -c,
-    causal sliding window; d from <q, k> and per-row scalars (1 - c|x|^2 never formed by subtraction)."""
+    """Scores from d = d_c(expmap0(q_i), expmap0(k_j)) on the Poincare ball of curvature -c: -tau_h d
+    (``score = "distance"``, the default of exports without the option), -tau_h d^2 ("squared_distance")
+    or <q_i, k_j> / sqrt(D) - tau_h d ("dot_distance"); causal sliding window; d from <q, k> and per-row
+    scalars (1 - c|x|^2 never formed by subtraction)."""
 
     def __init__(self, opts, d_model, n_heads, curvature):
         super().__init__(d_model, n_heads)
         self.window, self.theta = opts["window"], opts["rope_theta"]
+        self.score = opts.get("score", "distance")
+        if self.score not in SCORES:
+            raise ValueError(f"attention score {self.score!r} is not implemented by this modeling file ({SCORES})")
         self.c_min, self.c_max, self.kappa = opts["c_min"], opts["c_max"], curvature
         self.log_c = nn.Parameter(torch.zeros(()))
         self.beta = nn.Parameter(torch.zeros(n_heads))
@@ -220,9 +228,16 @@ class HyperbolicAttention(_Projected):
             v = v.float()
             nq, aq, fq = (s.unsqueeze(-1) for s in tangent_stats(q, c))
             nk, ak, fk = (s.unsqueeze(-2) for s in tangent_stats(k, c))
-            gap = (nq * nk - q @ k.transpose(-1, -2)).clamp_min(0.0)
+            dot = q @ k.transpose(-1, -2)
+            gap = (nq * nk - dot).clamp_min(0.0)
             z = torch.sinh(aq - ak).pow(2) + 0.5 * fq * fk * gap
-            scores = -tau * arcosh1p(2.0 * z) / c.sqrt()
+            d = arcosh1p(2.0 * z) / c.sqrt()
+            if self.score == "distance":
+                scores = -tau * d
+            elif self.score == "squared_distance":
+                scores = -tau * (d * d)
+            else:
+                scores = dot * self.head_dim**-0.5 - tau * d
             scores = scores.masked_fill(~window_mask(T, self.window, x.device), float("-inf"))
             o = torch.softmax(scores, dim=-1) @ v
         return self.out(o.to(out_dtype))
@@ -244,7 +259,7 @@ class SdpaAttention(_Projected):
         return self.out(o)
 
 
-ATTENTIONS = {"hyperbolic": (HyperbolicAttention, {"window", "rope_theta", "c_min", "c_max"}),
+ATTENTIONS = {"hyperbolic": (HyperbolicAttention, {"window", "rope_theta", "c_min", "c_max", "score"}),
               "sdpa": (SdpaAttention, {"window", "rope_theta"})}
 
 
@@ -276,7 +291,9 @@ def ssm_scan(x, B, C, log_decay, chunk):
 
 
 class ArSsm(nn.Module):
-    """Adaptive-rank semiseparable SSM: causal depthwise conv, projections, rank gate, decayed state."""
+    """Adaptive-rank semiseparable SSM: causal depthwise conv, projections, rank gate, decayed state.
+    ``discretize``: the state's input is Delta_t x_t; ``out_norm``: RMSNorm of the gated output before
+    W_out (both off for exports without the options, as the models that wrote them)."""
 
     def __init__(self, opts, d_model):
         super().__init__()
@@ -293,6 +310,8 @@ class ArSsm(nn.Module):
         self.D = nn.Parameter(torch.zeros(H))
         self.gate_bias = nn.Parameter(torch.zeros(H * self.n_gated)) if self.n_gated else None
         self.z_proj = nn.Linear(d_model, self.d_inner, bias=False) if opts["output_gate"] else None
+        self.discretize = bool(opts.get("discretize", False))
+        self.norm_weight = nn.Parameter(torch.ones(self.d_inner)) if opts.get("out_norm", False) else None
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
 
     def forward(self, u):
@@ -307,17 +326,22 @@ class ArSsm(nn.Module):
                                   + self.gate_bias.float().view(H, self.n_gated))
             g = torch.cat([g, gated], dim=-1)
         Bs, Cs = Bs.unflatten(-1, (H, r)) * g, Cs.unflatten(-1, (H, r)) * g
-        log_decay = -F.softplus(dt.float() + self.dt_bias.float()) * self.A_log.float().exp()
+        step = F.softplus(dt.float() + self.dt_bias.float())  # Delta
+        log_decay = -step * self.A_log.float().exp()
         x = xs.unflatten(-1, (H, dv))
-        y = ssm_scan(x.transpose(1, 2), Bs.transpose(1, 2), Cs.transpose(1, 2), log_decay.transpose(1, 2),
+        x_in = x * step.unsqueeze(-1).to(x.dtype) if self.discretize else x
+        y = ssm_scan(x_in.transpose(1, 2), Bs.transpose(1, 2), Cs.transpose(1, 2), log_decay.transpose(1, 2),
                      self.chunk).to(x.dtype).transpose(1, 2)
         y = (y + self.D.view(H, 1).to(x.dtype) * x).reshape(b, t, self.d_inner)
         if self.z_proj is not None:
             y = F.silu(self.z_proj(u)) * y
+        if self.norm_weight is not None:
+            y = F.rms_norm(y.float(), (self.d_inner,), self.norm_weight.float(), 1e-5).to(y.dtype)
         return self.out_proj(y)
 
 
-SSMS = {"ar_ssm": (ArSsm, {"max_rank", "min_rank", "n_heads", "expand", "conv_size", "output_gate"}),
+SSMS = {"ar_ssm": (ArSsm, {"max_rank", "min_rank", "n_heads", "expand", "conv_size", "output_gate", "discretize",
+                           "out_norm"}),
         "none": (None, set())}
 
 
