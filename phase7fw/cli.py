@@ -158,7 +158,8 @@ def _eval_tasks(args, path) -> int:
     load_tasks(names, args.include_path or [])  # bad names / unreachable datasets before the model loads
     engine = Engine.from_checkpoint(path, device=args.device, plugins=_plugins())
     engine.checkpoint_file = str(path)
-    out = Path(args.output) if args.output else Path(path).parent / f"lm_eval_{engine.model_name}_step{engine.step}.json"
+    default = Path(path).parent / f"lm_eval_{engine.model_name}_step{engine.step}.json"
+    out = Path(args.output) if args.output else default
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     results = run_tasks(engine, names, include_paths=args.include_path or [], num_fewshot=args.num_fewshot,
                         limit=limit, output=out, log_samples=args.log_samples)
