@@ -284,6 +284,7 @@ class Trainer:
             "steps": e.step,
             "final_loss": last_loss,
             "final_val_loss": val,
+            "final_val_bpb": e.last_val.get("bpb") if val is not None else None,
             "best_val_loss": e.best_val_loss if math.isfinite(e.best_val_loss) else None,
             "best_val_bpb": e.best_val_bpb if math.isfinite(e.best_val_loss) else None,
             "tokens": e.tokens_seen,

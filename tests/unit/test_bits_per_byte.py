@@ -67,7 +67,7 @@ def test_bpb_is_logged_printed_and_kept_in_checkpoints(tmp_path, capsys):
     rows = [json.loads(r) for r in (tmp_path / "run" / "training_log.jsonl").read_text().splitlines()]
     val = [r for r in rows if r["split"] == "val"][-1]
     assert val["bpb"] == pytest.approx(bits_per_byte(val["loss"], 1, engine.sources[0].bytes_per_token))
-    assert summary["best_val_bpb"] == val["bpb"]
+    assert summary["best_val_bpb"] == val["bpb"] and summary["final_val_bpb"] == val["bpb"]
     reloaded = Engine.from_checkpoint(tmp_path / "run" / "llama_final.pt")
     assert reloaded.best_val_bpb == val["bpb"] and reloaded.last_val["bpb"] == val["bpb"]
 
