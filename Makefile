@@ -7,7 +7,7 @@ RECIPE_OUT ?= recipes/my_recipe.toml
 .PHONY: test check-phase7-env recipe data-lite train-phase7-1.5b train-phase7-1.5b-test \
 	train-phase7-1.5b-resume chat-phase7-1.5b bench-phase7-1.5b triton-attn verify-phase7 \
 	train-phase7-small quickstart bench-quality train-phase8 train-phase8-test train-phase8-resume train-phase8-long \
-	chat-phase8 bench-phase8-vs-phase7
+	chat-phase8 bench-phase8-vs-phase7 finetune-phase7
 
 test:                       ; $(PY) -m pytest -q
 check-phase7-env:           ; $(P7) doctor
@@ -29,3 +29,4 @@ train-phase8-resume:        ; $(P7) run recipes/phase8_small.toml --resume $(if 
 train-phase8-long:          ; $(P7) run recipes/phase8_1.5b_long.toml
 chat-phase8:                ; $(P7) chat $(if $(CHECKPOINT),$(CHECKPOINT),runs/phase8_small)
 bench-phase8-vs-phase7:     ; $(PY) benchmarks/phase8_vs_phase7.py
+finetune-phase7:            ; $(P7) run recipes/finetune_example.toml

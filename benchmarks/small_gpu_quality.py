@@ -63,6 +63,7 @@ def train(mode: str, steps: int, extra: dict, out_dir: str) -> dict:
         "mode": mode, "params": n_params, "steps": summary.get("steps"),
         "final_train_loss_mean20": sum(r["loss"] for r in tail) / len(tail),
         "final_val_loss": summary.get("final_val_loss"),
+        "final_val_bpb": summary.get("final_val_bpb"),
         "first_loss": train_rows[0]["loss"] if train_rows else None,
         "tokens_per_s": summary.get("tokens", 0) / wall if wall > 0 else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated(engine.device) / 2**30 if engine.device.type == "cuda" else None,
@@ -95,13 +96,15 @@ def main(argv=None) -> int:
     result = {"runs": rows, "gap_train": gap_train, "gap_val": gap_val,
               "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
               "date": time.strftime("%Y-%m-%d")}
-    print("| mode | params | first loss | final train loss (mean of last 20) | val loss | tokens/s | peak GiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| mode | params | first loss | final train loss (mean of last 20) | val loss | val bits/byte | tokens/s"
+          " | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         peak = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "-"
         val = f"{r['final_val_loss']:.4f}" if r["final_val_loss"] is not None else "-"
+        bpb = f"{r['final_val_bpb']:.4f}" if r["final_val_bpb"] is not None else "-"
         print(f"| {r['mode']} | {r['params'] / 1e6:.1f}M | {r['first_loss']:.4f} | {r['final_train_loss_mean20']:.4f} "
-              f"| {val} | {r['tokens_per_s']:,.0f} | {peak} |")
+              f"| {val} | {bpb} | {r['tokens_per_s']:,.0f} | {peak} |")
     print(f"gap small-gpu vs standard: train {gap_train:+.2%}" + (f", val {gap_val:+.2%}" if gap_val is not None else ""))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "quality.json").write_text(json.dumps(result, indent=2))

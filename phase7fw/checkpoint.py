@@ -87,8 +87,11 @@ def save_sharded_checkpoint(path: str | os.PathLike, tensors: dict, extra: dict,
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", mmap: bool = False) -> dict:
     """Load a phase7fw checkpoint safely; every failure is a :class:`CheckpointError`.
+
+    ``mmap=True`` maps the file instead of reading it: tensors are read when used (taking
+    the weights of a large checkpoint does not read its optimizer state).
 
     For a sharded (FSDP) checkpoint directory this returns its plain state with
     ``sharded=True`` and ``path``; the tensors are read by the engine with DCP."""
@@ -103,7 +106,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; truncation breaks it
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated (not a torch zip archive)")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(

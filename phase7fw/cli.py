@@ -45,9 +45,10 @@ def cmd_run(args) -> int:
     summary = engine.fit()
     if not engine.dist.is_main:
         return 0
-    best = summary["best_val_loss"]
+    best, bpb = summary["best_val_loss"], summary.get("best_val_bpb")
     print(f"Done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}"
           + (f", best val loss {best:.4f}" if best is not None else "")
+          + (f" ({bpb:.4f} bits per byte)" if best is not None and bpb is not None else "")
           + f"; checkpoint {summary['final_checkpoint']}")
     return 0
 
@@ -132,12 +133,38 @@ def cmd_eval(args) -> int:
     from phase7fw.engine import Engine
 
     path = find_checkpoint(args.checkpoint, args.runs_dir)
+    if args.tasks:
+        return _eval_tasks(args, path)
     engine = Engine.from_checkpoint(path, device=args.device, with_data=True, plugins=_plugins())
     m = engine.evaluate(args.batches)
-    print(f"{path} (step {engine.step}): val loss {m['loss']:.4f} | ppl {m['ppl']:.2f}"
+    bpb = f" | bpb {m['bpb']:.4f}" if m.get("bpb") is not None else ""
+    print(f"{path} (step {engine.step}): val loss {m['loss']:.4f} | ppl {m['ppl']:.2f}{bpb}"
           f" | {m['tokens']:,} tokens")
     if args.json:
         print(json.dumps({"checkpoint": str(path), "step": engine.step, **m}))
+    return 0
+
+
+def _eval_tasks(args, path) -> int:
+    """``eval --tasks``: lm-evaluation-harness on the checkpoint (phase7fw/lm_harness.py)."""
+    from pathlib import Path
+
+    from phase7fw.engine import Engine
+    from phase7fw.lm_harness import load_tasks, results_table, run_tasks
+
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.limit is not None and args.limit <= 0:
+        raise Phase7Error(f"--limit must be > 0, got {args.limit}")
+    load_tasks(names, args.include_path or [])  # bad names / unreachable datasets before the model loads
+    engine = Engine.from_checkpoint(path, device=args.device, plugins=_plugins())
+    engine.checkpoint_file = str(path)
+    default = Path(path).parent / f"lm_eval_{engine.model_name}_step{engine.step}.json"
+    out = Path(args.output) if args.output else default
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    results = run_tasks(engine, names, include_paths=args.include_path or [], num_fewshot=args.num_fewshot,
+                        limit=limit, output=out, log_samples=args.log_samples)
+    print(results_table(results))
+    print(f"wrote {out}")
     return 0
 
 
@@ -229,6 +256,21 @@ def cmd_checkpoint(args) -> int:
 
     out = consolidate(args.src, args.out)
     print(f"wrote {out} (one file: eval, generate, chat and single-process runs load it)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from phase7fw.hf_export import export_checkpoint
+
+    export_checkpoint(args.checkpoint, args.output, dtype=args.dtype, force=args.force, check=args.check,
+                      plugins=_plugins())
+    return 0
+
+
+def cmd_import_hf(args) -> int:
+    from phase7fw.hf_export import import_folder
+
+    import_folder(args.folder, args.output, plugins=_plugins())
     return 0
 
 
@@ -326,11 +368,37 @@ def build_parser(plugins_hook=None) -> argparse.ArgumentParser:
     cons.add_argument("out")
     cons.set_defaults(func=cmd_checkpoint)
 
-    ev = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint")
+    ev = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a checkpoint, or"
+                                     " lm-evaluation-harness tasks (--tasks)")
     checkpoint_arg(ev)
     ev.add_argument("--batches", type=int, default=None)
     ev.add_argument("--json", action="store_true", help="also print the metrics as one JSON line")
+    harness = ev.add_argument_group("benchmarks (lm-evaluation-harness, pip install 'phase7fw[eval]')")
+    harness.add_argument("--tasks", metavar="NAMES", help="comma-separated lm-eval task names (hellaswag,arc_easy)")
+    harness.add_argument("--include-path", action="append", metavar="DIR", help="a folder of local task YAML files")
+    harness.add_argument("--num-fewshot", type=int, default=None, help="examples in the prompt (default: the task's)")
+    harness.add_argument("--limit", type=float, default=None,
+                         help="documents per task (a number >= 1) or a fraction of them (< 1)")
+    harness.add_argument("--output", metavar="PATH",
+                         help="results JSON (default: lm_eval_<model>_step<N>.json next to the checkpoint)")
+    harness.add_argument("--log-samples", action="store_true", help="keep every document's answers in the JSON")
     ev.set_defaults(func=cmd_eval)
+
+    exp = sub.add_parser("export", help="write a Hugging Face model folder (config.json, model.safetensors, tokenizer)")
+    exp.add_argument("checkpoint", metavar="CHECKPOINT|RUN_DIR",
+                     help="a checkpoint file, a run folder (best > final > latest step) or a sharded FSDP checkpoint")
+    exp.add_argument("--output", "-o", required=True, metavar="DIR", help="the folder to write")
+    exp.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights in model.safetensors")
+    exp.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    exp.add_argument("--check", action="store_true",
+                     help="load the folder with transformers and compare its logits with phase7fw's (fp32)")
+    exp.set_defaults(func=cmd_export)
+
+    imp = sub.add_parser("import-hf", help="a folder written by phase7fw export -> a checkpoint that resumes and"
+                                           " fine-tunes")
+    imp.add_argument("folder", metavar="DIR")
+    imp.add_argument("--output", "-o", required=True, metavar="CHECKPOINT.pt")
+    imp.set_defaults(func=cmd_import_hf)
 
     gen = sub.add_parser("generate", help="continue a prompt with a trained checkpoint (streams to stdout)")
     checkpoint_arg(gen)

@@ -19,8 +19,19 @@ def step_line(step: int, loss: float, lr: float, grad_norm: float, step_time: fl
     return line
 
 
-def val_line(step: int, loss: float) -> str:
-    return f"Val  {step:>6} | Loss: {loss:.4f} | PPL: {perplexity(loss):.2f}"
+def val_line(step: int, loss: float, bpb: float | None = None) -> str:
+    """``Val     300 | Loss: 1.2345 | PPL: 3.44 | BPB: 1.6543`` (BPB when the data has text)."""
+    line = f"Val  {step:>6} | Loss: {loss:.4f} | PPL: {perplexity(loss):.2f}"
+    return line + (f" | BPB: {bpb:.4f}" if bpb is not None else "")
+
+
+def bits_per_byte(loss: float, tokens: float, n_bytes: float | None) -> float | None:
+    """Mean loss (nats per token) over ``tokens`` tokens that came from ``n_bytes`` bytes of
+    UTF-8 text, as bits per byte: loss / ln 2 * tokens / bytes. Tokenizer-independent, so
+    models with different vocabularies compare. None when the byte count is unknown."""
+    if not n_bytes:
+        return None
+    return loss / math.log(2) * tokens / n_bytes
 
 
 def perplexity(loss: float) -> float:

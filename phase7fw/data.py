@@ -7,6 +7,11 @@ training part and a held-out validation tail (``data.val_fraction``). The
 :class:`MixtureSampler` draws each window's source by weight and its offset uniformly, from
 a random generator seeded by (seed, split, batch index): batch ``i`` is the same whatever
 happened before it, so resuming only needs the index.
+
+Bits per byte: the cache records how many UTF-8 bytes of text each source's tokens came
+from, so a source has a bytes-per-token ratio (EOS tokens included in the count, as they
+are in the loss), and :meth:`MixtureSampler.batch_bytes` gives the bytes behind a batch's
+targets. Sources without text (synthetic tokens) have no ratio and no bits per byte.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class SourceTokens:
     train: np.ndarray
     val: np.ndarray
     info: dict = attrs.Factory(dict)  # cache status, path, document count (for reports)
+    bytes_per_token: float | None = None  # UTF-8 bytes of source text per token; None: unknown
 
 
 def split_tokens(label: str, weight: float, tokens: np.ndarray, val_fraction: float, window: int) -> SourceTokens:
@@ -134,15 +140,17 @@ def load_mix(recipe, registry, tokenizer, *, cache_dir: str, dummy_data: bool = 
             got = cached_tokens(b.label, b.identity, b.source.texts(), tokenizer, cache_dir, workers=workers,
                                 total=count if callable(count) else None)
             tokens = got.tokens
-            info = {"status": got.status, "path": str(got.path), "n_docs": got.meta["n_docs"]}
+            info = {"status": got.status, "path": str(got.path), "n_docs": got.meta["n_docs"],
+                    "n_bytes": got.meta.get("n_bytes")}
         else:
             tokens = _uncached_tokens(b, tokenizer)
-            info = {"status": "generated", "path": None, "n_docs": None}
+            info = {"status": "generated", "path": None, "n_docs": None, "n_bytes": None}
         info.update(n_tokens=len(tokens), dtype=str(tokens.dtype), seconds=time.perf_counter() - start)
         where = f" at {info['path']}" if info["path"] else ""
         log(f"{b.label}: {info['status']}, {len(tokens):,} tokens ({tokens.dtype}){where}")
         src = split_tokens(label, b.weight, tokens, recipe.data.val_fraction, seq_len + 1)
         src.info = info
+        src.bytes_per_token = info["n_bytes"] / len(tokens) if info["n_bytes"] else None
         out.append(src)
     return out
 
@@ -188,6 +196,7 @@ class MixtureSampler:
             raise Phase7Error(f"no data source has a {split} split of more than {seq_len} tokens")
         self.arrays = [self.arrays[i] for i in keep]
         self.labels = [sources[i].label for i in keep]
+        self.bytes_per_token = [getattr(sources[i], "bytes_per_token", None) for i in keep]
         weights = np.asarray([sources[i].weight for i in keep], dtype=np.float64)
         self.probs = weights / weights.sum()
         self.seq_len, self.batch_size = seq_len, batch_size
@@ -211,6 +220,14 @@ class MixtureSampler:
             rows[r] = self.arrays[s][start : start + window]  # reads one window of a memmap
         t = torch.from_numpy(rows)
         return t[:, :-1], t[:, 1:]
+
+    def batch_bytes(self, index: int) -> float | None:
+        """UTF-8 bytes of text behind the targets of batch ``index`` (seq_len tokens a row, each
+        row at its source's bytes-per-token ratio); None when a row's source has no ratio."""
+        ratios = [self.bytes_per_token[s] for s in self._draw(index)[0]]
+        if any(r is None for r in ratios):
+            return None
+        return float(sum(ratios)) * self.seq_len
 
     def source_of_rows(self, index: int) -> np.ndarray:
         """Which source each row of batch ``index`` came from (for tests and stats)."""

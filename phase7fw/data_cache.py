@@ -4,7 +4,7 @@ Layout, under ``<cache_dir>/tokens/``::
 
     <source>-<key>/tokens.bin    token ids, one flat array (uint16 when the vocabulary fits, else uint32)
                    index.npy     int64 end offset of every document (its EOS included)
-                   meta.json     what was tokenized with what, token and document counts, max id
+                   meta.json     what was tokenized with what, token, document and UTF-8 byte counts, max id
 
 ``key`` hashes the source's name and options, what the source says identifies its data
 (``cache_identity()``: file sizes and mtimes, a dataset fingerprint, ...), the tokenizer's
@@ -95,7 +95,7 @@ def cached_tokens(
     root = Path(cache_dir).expanduser() / "tokens"
     final = root / f"{_safe(identity['name'])}-{key}"
     if (final / "meta.json").is_file():
-        return _open(final, "cached")
+        return _with_byte_count(_open(final, "cached"), texts)
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(root)
     tmp = root / f".tmp-{final.name}-{socket.gethostname()}-{os.getpid()}"
@@ -121,6 +121,21 @@ def cached_tokens(
     return _open(final, "prepared")
 
 
+def _with_byte_count(got: CachedTokens, texts: Iterable[str]) -> CachedTokens:
+    """Entries written before byte counts were recorded get theirs now (bits per byte needs
+    it): the texts are read once, not tokenized, and meta.json is rewritten in place."""
+    if "n_bytes" in got.meta:
+        return got
+    try:
+        got.meta["n_bytes"] = sum(len(t.encode("utf-8")) for t in texts)
+    except Phase7Error:  # the source cannot be read any more: no bits per byte for it
+        return got
+    tmp = got.path / f".meta.json.{os.getpid()}.tmp"
+    _write_json(tmp, got.meta)
+    os.replace(tmp, got.path / "meta.json")
+    return got
+
+
 def _open(path: Path, status: str) -> CachedTokens:
     meta = json.loads((path / "meta.json").read_text())
     tokens = np.memmap(path / "tokens.bin", dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["n_tokens"],))
@@ -130,16 +145,17 @@ def _open(path: Path, status: str) -> CachedTokens:
 def _write_shard(tmp: Path, label, texts, tokenizer, dtype, workers, total) -> dict:
     eos, vocab = tokenizer.eos_id, tokenizer.vocab_size
     doc_lengths: list[np.ndarray] = []
-    n_tokens, max_id = 0, -1
+    n_tokens, n_bytes, max_id = 0, 0, -1
     bar = tqdm(total=total, desc=f"tokenize {label}", unit="doc", disable=None, leave=False, file=sys.stderr)
     with open(tmp / "tokens.bin", "wb") as out:
-        for ids, lengths in _encode_all(_chunks(texts), tokenizer, dtype, workers):
+        for ids, lengths, chunk_bytes in _encode_all(_chunks(texts), tokenizer, dtype, workers):
             if len(ids):
                 max_id = max(max_id, int(ids.max()))
                 if max_id >= vocab:
                     raise Phase7Error(f"{label}: token id {max_id} is outside the tokenizer's vocabulary ({vocab})")
             out.write(ids.tobytes())
             n_tokens += len(ids)
+            n_bytes += chunk_bytes
             doc_lengths.append(lengths)
             bar.update(len(lengths))
         out.flush()
@@ -150,8 +166,9 @@ def _write_shard(tmp: Path, label, texts, tokenizer, dtype, workers, total) -> d
         raise Phase7Error(f"{label}: the source is empty ({n_docs} documents, no text)")
     ends = np.cumsum(np.concatenate(doc_lengths)).astype(np.int64)
     np.save(tmp / "index.npy", ends)
-    return {"dtype": dtype.str, "n_tokens": n_tokens, "n_docs": n_docs, "max_id": max_id, "eos_id": eos,
-            "vocab_size": vocab, "label": label}
+    # n_bytes: UTF-8 bytes of the text these tokens came from, for bits per byte (data.py).
+    return {"dtype": dtype.str, "n_tokens": n_tokens, "n_docs": n_docs, "n_bytes": n_bytes, "max_id": max_id,
+            "eos_id": eos, "vocab_size": vocab, "label": label}
 
 
 def _chunks(texts: Iterable[str]) -> Iterator[list[str]]:
@@ -168,8 +185,9 @@ def _chunks(texts: Iterable[str]) -> Iterator[list[str]]:
         yield chunk
 
 
-def _encode_chunk(docs: list[str], tokenizer=None, dtype=None) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of the documents, each followed by EOS, and each document's length."""
+def _encode_chunk(docs: list[str], tokenizer=None, dtype=None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Token ids of the documents, each followed by EOS, each document's length, and the
+    documents' size in UTF-8 bytes."""
     if tokenizer is None:  # in a pool worker
         tokenizer, dtype = _WORKER_TOKENIZER
     eos = np.asarray([tokenizer.eos_id], dtype=np.int64)
@@ -183,7 +201,7 @@ def _encode_chunk(docs: list[str], tokenizer=None, dtype=None) -> tuple[np.ndarr
     ids = np.concatenate(parts)
     # Ids above the dtype's range would wrap: clamp to a value the caller's range check rejects.
     ids = np.minimum(ids, np.iinfo(dtype).max).astype(dtype)
-    return ids, lengths
+    return ids, lengths, sum(len(doc.encode("utf-8")) for doc in docs)
 
 
 def _init_worker(tokenizer, dtype) -> None:

@@ -5,7 +5,8 @@ Build order (``Engine.BUILD_ORDER``; each step is recorded in ``engine.build_ste
 1. seed            torch's RNG seeded from ``run.seed``
 2. plugins         built-in and installed plugins fill the registry
 3. recipe          the TOML recipe, validated strictly (overrides applied)
-4. tokenizer       built from ``[data.tokenizer]`` (or from the checkpoint's saved state)
+4. tokenizer       built from ``[data.tokenizer]`` (or from the checkpoint's saved state; with
+                   ``train.init_from``, from the source's: phase7fw/finetune.py)
 5. data            sources loaded, tokenized, split into train/validation, mixture samplers
 6. model           built on the meta device (no memory) from ``[model]``; weights cast to
                    ``train.param_dtype`` there (phase7fw/memory.py)
@@ -19,7 +20,8 @@ Build order (``Engine.BUILD_ORDER``; each step is recorded in ``engine.build_ste
 12. optimizer      from ``[optimizer]`` with decay / no-decay parameter groups (and its
                    backward hooks with ``train.optimizer_in_backward``)
 13. schedulers     ``[lr_scheduler]`` and ``[curvature_scheduler]``
-14. resume         checkpoint loaded (``resume="auto"|"never"|PATH``)
+14. resume         checkpoint loaded (``resume="auto"|"never"|PATH``), or else the weights of
+                   ``train.init_from`` (a new run at step 0)
 15. trackers       created when ``fit()`` starts (they must not exist for eval or chat)
 16. loop           ``fit()``
 
@@ -34,9 +36,9 @@ from pathlib import Path
 
 import torch
 
-from phase7fw import __version__, distributed, memory
+from phase7fw import __version__, distributed, finetune, memory
 from phase7fw.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_sharded_checkpoint
-from phase7fw.console import Console, human
+from phase7fw.console import Console, bits_per_byte, human
 from phase7fw.data import MixtureSampler, load_mix
 from phase7fw.errors import CheckpointError, Phase7Error
 from phase7fw.optim_groups import param_groups
@@ -147,6 +149,8 @@ class Engine:
         self.registry = plugins.registry
         self.step = 0
         self.best_val_loss = math.inf
+        self.best_val_bpb: float | None = None
+        self.last_val: dict = {}  # the latest evaluate() result with its step (model cards)
         self.skipped_steps = 0
         self.tokens_seen = 0
         self.tracker_state: dict = {}
@@ -161,7 +165,20 @@ class Engine:
         self.output_dir = Path(recipe.output_dir)
         self.model_name = recipe.model.name
 
+        # Fine-tuning (train.init_from): the source is read now, because the tokenizer comes
+        # from it; a run that resumes takes it from the checkpoint it resumes instead.
+        self.init_source = None
+        self.init_record: dict | None = None  # the source, as checkpoints and model cards name it
+        self.curvature_offset = 0  # steps of the curvature schedule done before this run
+        self.resume_target = None if checkpoint is not None else self._resume_target(resume)
         tok_state = checkpoint.get("tokenizer") if checkpoint else None
+        if checkpoint is None and recipe.train.init_from:
+            if self.resume_target is not None:
+                tok_state = load_checkpoint(self.resume_target, mmap=True).get("tokenizer")
+            else:
+                self.init_source = finetune.load_source(recipe.train.init_from, plugins)
+                finetune.check_recipe(recipe, self.init_source)
+                tok_state = self.init_source.tokenizer_state
         self.tokenizer = build_tokenizer(recipe, plugins, state=tok_state)
         self._done("tokenizer")
 
@@ -176,6 +193,10 @@ class Engine:
         self.model = build_model(recipe, "meta", plugins=plugins, vocab_size=vocab, kernels=self.kernels)
         self.vocab_size = vocab
         self.seq_len = self.model.seq_len
+        self.frozen = finetune.freeze(self.model, recipe.train.freeze) if recipe.train.freeze else None
+        if self.init_source is not None:  # names and shapes, before any memory is allocated
+            finetune.check_weights(self.model, self.init_source.model_state(self.model),
+                                   f"train.init_from = {self.init_source.path!r}")
         memory.setup_model(self)  # train.param_dtype (cast on meta), train.ce_chunk_tokens
         self._done("model")
         self._done("kernels")
@@ -230,8 +251,10 @@ class Engine:
 
         if checkpoint is not None:
             self._load_state(checkpoint, checkpoint.get("path", "<checkpoint>"), full=False)
-        else:
-            self._resume(resume)
+        elif self.resume_target is not None:
+            self._resume(self.resume_target)
+        elif self.init_source is not None:
+            self._start_from(self.init_source)
         self._done("resume")
 
     # ------------------------------------------------------------------ construction
@@ -369,9 +392,12 @@ class Engine:
             "data": self.train_sampler.state_dict() if self.train_sampler else None,
             "trackers": self.tracker_state,
             "recipe": recipe_to_toml(self.recipe),
+            "init_from": self.init_record,
+            "curvature_offset": self.curvature_offset,
             "tokenizer": self.tokenizer.state(),
             "tokenizer_fingerprint": self.tokenizer.fingerprint(),
-            "metrics": {"best_val_loss": self.best_val_loss, "skipped_steps": self.skipped_steps,
+            "metrics": {"best_val_loss": self.best_val_loss, "best_val_bpb": self.best_val_bpb,
+                        "last_val": self.last_val, "skipped_steps": self.skipped_steps,
                         "tokens_seen": self.tokens_seen},
         }
 
@@ -392,7 +418,8 @@ class Engine:
         distributed.barrier(self.dist)
         return path
 
-    def _resume(self, resume: str) -> None:
+    def _resume_target(self, resume: str) -> Path | None:
+        """The checkpoint this run continues (``--resume``), or None for a new run."""
         if resume == "never":
             existing = latest_checkpoint(self.output_dir)
             if existing is not None:
@@ -400,16 +427,33 @@ class Engine:
                     f"{self.output_dir} already holds checkpoints of a run ({existing.name}); continue it"
                     " with --resume auto, or start a new one in another folder (--set run.output_dir=...)"
                 )
-            return
+            return None
         if resume == "auto":
-            path = latest_checkpoint(self.output_dir)
-            if path is None:
-                return
-        else:
-            path = Path(resume)
+            return latest_checkpoint(self.output_dir)
+        return Path(resume)
+
+    def _resume(self, path: Path) -> None:
         self._load_state(load_checkpoint(path, map_location="cpu"), str(path), full=True)
         self.console.print(f"Resumed from {path} at step {self.step}")
         self.resumed_from = str(path)
+
+    def _start_from(self, source) -> None:
+        """``train.init_from``: the source's weights, everything else new (step 0)."""
+        finetune.load_weights_into(self, source)
+        self.init_record = source.record()
+        self._continue_curvature(source.curvature_offset + source.step)
+        self.console.print(f"Fine-tuning from {source.path} (its step {source.step}): weights loaded, step 0,"
+                           " fresh optimizer, LR schedule and data position")
+
+    def _continue_curvature(self, offset: int) -> None:
+        """Run the curvature schedule ``offset`` steps in (the steps of the runs before this one)."""
+        self.curvature_offset = int(offset)
+        if self.curvature_scheduler is None:
+            return
+        if self.curvature_offset:
+            inner = getattr(self.curvature_scheduler, "inner", self.curvature_scheduler)
+            self.curvature_scheduler = finetune.ShiftedCurvature(inner, self.curvature_offset)
+        self.model.set_curvature(self.curvature_scheduler.value(self.step))
 
     def _load_model_and_optimizer(self, state: dict, where: str, full: bool) -> None:
         from torch.distributed.checkpoint.state_dict import (
@@ -467,6 +511,12 @@ class Engine:
         self.step = int(state.get("step", 0))
         metrics = state.get("metrics") or {}
         self.best_val_loss = float(metrics.get("best_val_loss", math.inf))
+        self.best_val_bpb = metrics.get("best_val_bpb")
+        self.last_val = dict(metrics.get("last_val") or {})
+        self.tokens_seen = int(metrics.get("tokens_seen", 0))
+        self.init_record = state.get("init_from")
+        # The model's curvature is that of the checkpoint's step, also for eval and generation.
+        self._continue_curvature(int(state.get("curvature_offset", 0)))
         if not full:
             return
         try:
@@ -488,10 +538,7 @@ class Engine:
         if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.skipped_steps = int(metrics.get("skipped_steps", 0))
-        self.tokens_seen = int(metrics.get("tokens_seen", 0))
         self.tracker_state = dict(state.get("trackers") or {})
-        if self.curvature_scheduler is not None:
-            self.model.set_curvature(self.curvature_scheduler.value(self.step))
 
     # ------------------------------------------------------------------ running
     def fit(self) -> dict:
@@ -511,7 +558,8 @@ class Engine:
 
     @torch.no_grad()
     def evaluate(self, batches: int | None = None) -> dict:
-        """Mean validation loss and perplexity over ``train.eval_batches`` fixed batches."""
+        """Mean validation loss, perplexity and bits per byte (``bpb``: None when the data has
+        no text, e.g. synthetic tokens) over ``train.eval_batches`` fixed batches."""
         if self.val_sampler is None:
             if self.train_sampler is None:
                 raise Phase7Error("evaluate needs data: build the engine with data (from_checkpoint(..., with_data=True))")
@@ -520,6 +568,7 @@ class Engine:
         was_training = self.model.training
         self.model.eval()
         total = torch.zeros((), device=self.device)
+        n_bytes = [self.val_sampler.batch_bytes(i) for i in range(n)]  # this rank's rows
         try:
             for i in range(n):
                 x, y = (t.to(self.device) for t in self.val_sampler.batch(i))
@@ -531,7 +580,12 @@ class Engine:
         finally:
             self.model.train(was_training)
         loss = float(distributed.all_mean(total, self.dist)) / n
-        return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": n * self.val_sampler.batch_size * self.seq_len}
+        tokens = n * self.val_sampler.batch_size * self.seq_len  # per rank; every rank has as many
+        bpb = None
+        if all(b is not None for b in n_bytes):
+            mean_bytes = float(distributed.all_mean(torch.tensor(float(sum(n_bytes)), device=self.device), self.dist))
+            bpb = bits_per_byte(loss, tokens, mean_bytes)
+        return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "bpb": bpb, "tokens": tokens}
 
     def autocast(self):
         precision = self.recipe.train.precision
@@ -599,5 +653,11 @@ class Engine:
             f" | optimizer {r.optimizer.name} | lr schedule {r.lr_scheduler.name}"
         )
         lines.append("kernels: " + ", ".join(f"{op}={impl}" for op, impl in self.kernels.items()))
+        if self.init_record:
+            lines.append(f"fine-tuning from {self.init_record['path']} (its step {self.init_record['step']},"
+                         f" {human(self.init_record['tokens_seen'])} tokens)")
+        if self.frozen:
+            frozen, total = self.frozen
+            lines.append(f"frozen: {human(frozen)} of {human(total)} parameters ({', '.join(r.train.freeze)})")
         lines += memory.plan_lines(self)
         return lines

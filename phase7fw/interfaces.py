@@ -35,6 +35,20 @@ from torch import nn
 from phase7fw.errors import Phase7Error
 
 
+class HFModel:
+    """A model in the Hugging Face layout, as a model component exports it (``phase7fw export``).
+
+    ``config``: config.json's model keys (``architectures``, ``model_type``, sizes, and
+    ``auto_map`` when the model ships its own code); ``tensors``: weights by Hugging Face
+    name; ``files``: extra files of the folder (a self-contained modeling file, torch only);
+    ``generation``: generation_config.json keys of the model (e.g. ``use_cache``).
+    """
+
+    def __init__(self, config: dict, tensors: dict, files: dict | None = None, generation: dict | None = None):
+        self.config, self.tensors = config, tensors
+        self.files, self.generation = dict(files or {}), dict(generation or {})
+
+
 class LanguageModel(nn.Module):
     """A causal LM: ``forward(input_ids) -> logits`` of shape (batch, seq, vocab)."""
 
@@ -102,6 +116,16 @@ class LanguageModel(nn.Module):
             f"model {type(self).__name__} has no curvature; remove [curvature_scheduler] from the recipe"
         )
 
+    def hf_export(self) -> HFModel:
+        """This model as a Hugging Face model (phase7fw/hf_export.py writes the folder)."""
+        raise Phase7Error(f"model {type(self).__name__} has no Hugging Face export (its component does not"
+                          " implement hf_export)")
+
+    def hf_import(self, tensors: dict, config: dict) -> dict:
+        """The inverse of :meth:`hf_export`: exported tensors -> this model's state dict."""
+        raise Phase7Error(f"model {type(self).__name__} cannot read a Hugging Face folder (its component does not"
+                          " implement hf_import)")
+
     def parameter_breakdown(self) -> dict[str, int]:
         """Parameter count per component (embedding, attention, ffn, norms, head, ...)."""
         return {"total": sum(p.numel() for p in self.parameters())}
@@ -137,6 +161,12 @@ class Tokenizer:
     def fingerprint(self) -> str:
         """A short string that changes when the token ids would change (cache keys)."""
         return type(self).__name__
+
+    def hf_tokenizer(self) -> tuple[str, str]:
+        """(tokenizer.json text in the Hugging Face tokenizers format, the EOS token's text):
+        what ``phase7fw export`` writes so that ``AutoTokenizer`` loads this tokenizer."""
+        raise Phase7Error(f"tokenizer {type(self).__name__} has no Hugging Face form (it does not implement"
+                          " hf_tokenizer)")
 
 
 class DataSource:

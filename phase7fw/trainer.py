@@ -287,7 +287,9 @@ class Trainer:
             "steps": e.step,
             "final_loss": last_loss,
             "final_val_loss": val,
+            "final_val_bpb": e.last_val.get("bpb") if val is not None else None,
             "best_val_loss": e.best_val_loss if math.isfinite(e.best_val_loss) else None,
+            "best_val_bpb": e.best_val_bpb if math.isfinite(e.best_val_loss) else None,
             "tokens": e.tokens_seen,
             "skipped_steps": e.skipped_steps,
             "output_dir": str(e.output_dir),
@@ -321,12 +323,16 @@ class Trainer:
         metrics = e.evaluate()
         row = {"step": e.step, "split": "val", "loss": metrics["loss"], "ppl": metrics["ppl"],
                "tokens": e.tokens_seen, "train_seconds": self.train_seconds}
-        self.console.print(val_line(e.step, metrics["loss"]))
+        if metrics.get("bpb") is not None:
+            row["bpb"] = metrics["bpb"]
+        self.console.print(val_line(e.step, metrics["loss"], metrics.get("bpb")))
         self._log(row)
+        e.last_val = {"step": e.step, **metrics}
         for cb in self.callbacks:
             cb.on_eval_end(e, row)
         if metrics["loss"] < e.best_val_loss:
             e.best_val_loss = metrics["loss"]
+            e.best_val_bpb = metrics.get("bpb")
             self._save("best")
         return metrics["loss"]
 

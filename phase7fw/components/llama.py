@@ -332,6 +332,61 @@ class LlamaModel(LanguageModel):
         parts["total"] = sum(parts.values())
         return parts
 
+    # -- Hugging Face (phase7fw export / import-hf): a native LlamaForCausalLM, no custom code
+    def hf_export(self):
+        """transformers' Llama layout: the fused qkv and gate/up matrices are split into
+        q/k/v_proj and gate/up_proj. RoPE needs no permutation: both rotate the two halves
+        of the head (rotate-half), and the scores are the same softmax(q k^T / sqrt(d))."""
+        from phase7fw.interfaces import HFModel
+
+        c, hd = self.config, self.head_dim
+        n_kv = c.n_kv_heads or c.n_heads
+        config = {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": self.vocab_size,
+            "hidden_size": c.d_model, "intermediate_size": resolve_ffn_hidden(c), "num_hidden_layers": c.n_layers,
+            "num_attention_heads": c.n_heads, "num_key_value_heads": n_kv, "head_dim": hd, "hidden_act": "silu",
+            "max_position_embeddings": c.seq_len, "rms_norm_eps": c.norm_eps, "initializer_range": c.init_std,
+            "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+            "rope_theta": c.rope_theta,  # the key transformers 4.x reads
+            "tie_word_embeddings": c.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+        }
+        t = {"model.embed_tokens.weight": self.tok_embeddings.weight, "model.norm.weight": self.norm.weight}
+        for i, b in enumerate(self.blocks):
+            pre = f"model.layers.{i}."
+            q, k, v = b.attn.wqkv.weight.split([c.n_heads * hd, n_kv * hd, n_kv * hd])
+            gate, up = b.ffn.w13.weight.chunk(2)
+            t.update({pre + "self_attn.q_proj.weight": q, pre + "self_attn.k_proj.weight": k,
+                      pre + "self_attn.v_proj.weight": v, pre + "self_attn.o_proj.weight": b.attn.wo.weight,
+                      pre + "mlp.gate_proj.weight": gate, pre + "mlp.up_proj.weight": up,
+                      pre + "mlp.down_proj.weight": b.ffn.w2.weight,
+                      pre + "input_layernorm.weight": b.attn_norm.weight,
+                      pre + "post_attention_layernorm.weight": b.ffn_norm.weight})
+        if self.output is not None:
+            t["lm_head.weight"] = self.output.weight
+        return HFModel(config, t, generation={"use_cache": True})
+
+    def hf_import(self, tensors: dict, config: dict) -> dict:
+        def take(name):
+            if name not in tensors:
+                raise Phase7Error(f"the exported llama has no tensor {name!r}")
+            return tensors[name]
+
+        state = {"tok_embeddings.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
+        for i in range(len(self.blocks)):
+            pre = f"model.layers.{i}."
+            state.update({
+                f"blocks.{i}.attn.wqkv.weight": torch.cat([take(pre + f"self_attn.{p}_proj.weight") for p in "qkv"]),
+                f"blocks.{i}.attn.wo.weight": take(pre + "self_attn.o_proj.weight"),
+                f"blocks.{i}.ffn.w13.weight": torch.cat([take(pre + "mlp.gate_proj.weight"),
+                                                         take(pre + "mlp.up_proj.weight")]),
+                f"blocks.{i}.ffn.w2.weight": take(pre + "mlp.down_proj.weight"),
+                f"blocks.{i}.attn_norm.weight": take(pre + "input_layernorm.weight"),
+                f"blocks.{i}.ffn_norm.weight": take(pre + "post_attention_layernorm.weight"),
+            })
+        if self.output is not None:
+            state["output.weight"] = take("lm_head.weight")
+        return state
+
     def matmul_params(self) -> int:
         """Attention + FFN + LM head; the embedding lookup is not a matmul, but a tied
         table is used once as the head matmul, so it counts once either way."""

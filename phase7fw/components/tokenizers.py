@@ -51,6 +51,25 @@ class BytesTokenizer(Tokenizer):
     def fingerprint(self) -> str:
         return "bytes-v1"
 
+    def hf_tokenizer(self) -> tuple[str, str]:
+        """A byte-level BPE without merges: every byte is one token whose id is the byte's
+        value (the GPT-2 byte-to-character map names them), EOS is the special token 256."""
+        tk = _tokenizers()
+        chars = _byte_chars()
+        tok = tk.Tokenizer(tk.models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+        tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = tk.decoders.ByteLevel()
+        tok.add_special_tokens([tk.AddedToken(DEFAULT_EOS, special=True)])
+        return tok.to_str(), DEFAULT_EOS
+
+
+def _byte_chars() -> list[str]:
+    """The printable character that byte-level tokenizers use for each byte value: printable
+    Latin-1 bytes stand for themselves, the others for 256, 257, ... in order."""
+    keep = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+
 
 def build_bytes(config, **context):
     return BytesTokenizer()
@@ -99,6 +118,10 @@ class _JsonTokenizer(Tokenizer):
         n = tok.get_vocab_size(with_added_tokens=True)
         return tok.decode([int(i) for i in ids if 0 <= int(i) < n], skip_special_tokens=True)
 
+    def hf_tokenizer(self) -> tuple[str, str]:
+        self._require()
+        return self._json, self.eos_token
+
 
 # ---------------------------------------------------------------------------------- bpe
 def _check_vocab(v):
@@ -124,6 +147,7 @@ class BPETokenizer(_JsonTokenizer):
         self.config = config
         self.vocab_size = config.vocab_size
         self.eos_id = 0
+        self.eos_token = config.eos_token
         self.sample_chars = config.sample_chars
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.path: Path | None = None

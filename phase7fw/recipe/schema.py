@@ -53,6 +53,14 @@ class TrainSection:
     ce_chunk_tokens: int = option(
         0, check=non_negative, help="compute the cross-entropy over chunks of N tokens (0: all logits at once)"
     )
+    # Fine-tuning (docs/finetune.md)
+    init_from: str = option(
+        "", help="start from the weights of this checkpoint, run folder or exported Hugging Face folder: step 0,"
+        " fresh optimizer, LR schedule and data; [model] and [data.tokenizer] must be the source's"
+    )
+    freeze: list[str] = option(
+        factory=list, help='parameters not to train, as name patterns (fnmatch): ["embedding.*", "blocks.0.*"]'
+    )
 
 
 @attrs.frozen

@@ -91,6 +91,15 @@ def test_fsdp_resume_continues_identically_and_consolidates(tmp_path, single):
     for k in reference:
         torch.testing.assert_close(merged[k], reference[k], rtol=1e-4, atol=1e-6, msg=k)
 
+    # export reads a sharded checkpoint directly (consolidated on the way)
+    proc = run_cli("export", full / "llama_final.pt", "--output", tmp_path / "hf", env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0 and "consolidating" in proc.stdout, proc.stderr
+    from safetensors.torch import load_file
+
+    exported = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert torch.equal(exported["model.embed_tokens.weight"], merged["tok_embeddings.weight"])
+    assert torch.equal(exported["lm_head.weight"], merged["output.weight"])
+
     # a sharded checkpoint is refused where it cannot be used, with the way out
     proc = run_cli("eval", full / "llama_final.pt")
     assert proc.returncode == 2 and "consolidate" in proc.stderr

@@ -138,7 +138,7 @@ def test_set_validated_like_the_file(tmp_path):
                                                  "grad_accum_steps, precision, grad_clip, activation_checkpointing, "
                                                  "compile, log_every, eval_every, eval_batches, save_every, "
                                                  "max_nonfinite_steps, device, param_dtype, optimizer_in_backward, "
-                                                 "ce_chunk_tokens)"]
+                                                 "ce_chunk_tokens, init_from, freeze)"]
 
 
 def test_resolved_recipe_round_trips(tmp_path):

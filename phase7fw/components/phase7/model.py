@@ -245,7 +245,9 @@ class Phase7Model(LanguageModel):
             grad = self.tied_table.grad
             if grad is not None:
                 grad = reduce(grad) if reduce is not None else grad
-                self.embedding.weight_matrix().backward(grad.to(self.tied_table.dtype))
+                table = self.embedding.weight_matrix()
+                if table.requires_grad:  # not when the embedding is frozen (train.freeze)
+                    table.backward(grad.to(self.tied_table.dtype))
             self.tied_table.grad = None
             self.tied_table.requires_grad_(False)
             self._step_table = False
@@ -342,6 +344,32 @@ class Phase7Model(LanguageModel):
         emb = sum(p.numel() for p in self.embedding.parameters())
         head = self.vocab_size * self.config.d_model if self.head is None else 0  # tied: a V x D matmul
         return sum(p.numel() for p in self.parameters() if p.dim() >= 2) - emb + head
+
+    # -- Hugging Face (phase7fw export / import-hf): hf/modeling_phase7fw.py, torch only
+    def hf_export(self):
+        """Parameter names unchanged; config.json gets the whole [model] section (vocab_size and
+        ffn_hidden resolved) under "phase7" and the current curvature scale kappa; the folder
+        gets hf/modeling_phase7fw.py, which refuses options it does not implement."""
+        from importlib.resources import files
+
+        from phase7fw.interfaces import HFModel
+        from phase7fw.recipe.convert import to_raw
+
+        section = {"name": "phase7", **to_raw(self.config), "vocab_size": self.vocab_size,
+                   "ffn_hidden": ffn_width(self.config)}
+        kappa = next((float(b.attn._kappa) for b in self.blocks if hasattr(b.attn, "_kappa")), 1.0)
+        code = files("phase7fw.components.phase7").joinpath("hf", "modeling_phase7fw.py").read_text(encoding="utf-8")
+        config = {
+            "architectures": ["Phase7fwForCausalLM"], "model_type": "phase7fw",
+            "auto_map": {"AutoConfig": "modeling_phase7fw.Phase7fwConfig",
+                         "AutoModelForCausalLM": "modeling_phase7fw.Phase7fwForCausalLM"},
+            "phase7": section, "curvature": kappa, "tie_word_embeddings": False,
+        }
+        return HFModel(config, dict(self.state_dict()), files={"modeling_phase7fw.py": code},
+                       generation={"use_cache": False})
+
+    def hf_import(self, tensors: dict, config: dict) -> dict:
+        return dict(tensors)  # the same names (the engine checks them against the model)
 
     def describe_extra(self) -> list[str]:
         ratio = getattr(self.embedding, "compression_ratio", None)
