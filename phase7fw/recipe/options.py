@@ -21,10 +21,14 @@ class Component:
     weight: float = 1.0  # only data sources carry a weight (the share of the data mix)
 
 
-def option(default=attrs.NOTHING, *, check=None, help: str = "", factory=None):  # noqa: A002
+def option(default=attrs.NOTHING, *, check=None, help: str = "", factory=None, one_or_many: bool = False):  # noqa: A002
+    """``one_or_many``: a list option that also accepts a single value (``"a.txt"`` means
+    ``["a.txt"]``), as Hugging Face's ``data_files`` does."""
     meta = {"help": help}
     if check is not None:
         meta["check"] = check
+    if one_or_many:
+        meta["one_or_many"] = True
     if factory is not None:
         return attrs.field(factory=factory, metadata=meta)
     return attrs.field(default=default, metadata=meta)
