@@ -30,6 +30,7 @@ DEFAULT_PLUGINS = (
     "phase7fw.components.data_sources",
     "phase7fw.components.tokenizers",
     "phase7fw.components.trackers",
+    "phase7fw.components.callbacks",
     "phase7fw.components.phase7.embedding",
     "phase7fw.components.phase7.attention",
     "phase7fw.components.phase7.ssm",

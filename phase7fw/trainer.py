@@ -42,9 +42,13 @@ class Trainer:
         self.console = engine.console
         self.interrupted = False
         self.hard_stop = False
+        self.nothing_new = False  # stopped in the first step: nothing to save
         self.trackers: list = []
         self.callbacks: list = []
         self.consecutive_bad = 0  # non-finite steps in a row
+        self.steps_done = 0  # optimizer steps finished by this process (0: nothing new to save)
+        self.step_started = None  # perf_counter() when the running step began
+        self.last_step_s = None  # duration of the last finished step
 
     # ------------------------------------------------------------------ setup
     def _build_trackers(self) -> None:
@@ -87,11 +91,29 @@ class Trainer:
             self.hard_stop = True
             raise KeyboardInterrupt
         self.interrupted = True
-        self.console.print("\nInterrupted: finishing this step, saving a checkpoint (Ctrl-C again to quit now)")
+        if self.steps_done == 0 and not self.engine.dist.distributed:
+            # The first step of this process is running: the weights are still those of the
+            # start (the resumed checkpoint, or the seeded init), so there is nothing to save
+            # and no reason to wait for a step of unknown length. (Under torchrun every rank
+            # must stop at the same step: the flag is shared at the step's end instead.)
+            self.hard_stop = self.nothing_new = True
+            raise KeyboardInterrupt
+        eta = ""
+        if self.last_step_s is not None and self.step_started is not None:
+            left = self.last_step_s - (time.perf_counter() - self.step_started)
+            eta = f", about {max(left, 0.0):.0f} s" if left >= 1 else ""
+        self.console.print(f"\nInterrupted: finishing this step{eta}, then saving a checkpoint"
+                           " (Ctrl-C again to quit now without saving it)")
 
     # ------------------------------------------------------------------ loop
     def run(self) -> dict:
         e = self.engine
+        if e.step >= self.train.max_steps:  # a finished run: say so and touch no file
+            return {"steps": e.step, "already_complete": True, "max_steps": self.train.max_steps,
+                    "final_loss": None, "last_logged_loss": None, "final_val_loss": None,
+                    "best_val_loss": e.best_val_loss if math.isfinite(e.best_val_loss) else None,
+                    "tokens": e.tokens_seen, "skipped_steps": e.skipped_steps, "output_dir": str(e.output_dir),
+                    "final_checkpoint": getattr(e, "resumed_from", None)}
         if e.dist.is_main:
             e.output_dir.mkdir(parents=True, exist_ok=True)
             (e.output_dir / "resolved_recipe.toml").write_text(recipe_to_toml(self.recipe))
@@ -112,7 +134,11 @@ class Trainer:
             summary = self._loop()
         except KeyboardInterrupt:
             self.console.close_bar()
-            if self.hard_stop:
+            if self.nothing_new:
+                where = getattr(e, "resumed_from", None)
+                self.console.print(f"Stopped by Ctrl-C during the first step (step {e.step + 1}): nothing new to save"
+                                   + (f"; {where} still holds step {e.step}." if where else "."))
+            elif self.hard_stop:
                 self.console.print("Stopped by a second Ctrl-C without saving this step.")
             else:
                 path = self._save(e.step)
@@ -238,12 +264,14 @@ class Trainer:
         self.consecutive_bad = 0
         window = {"loss": 0.0, "n": 0, "time": 0.0, "tokens": 0, "steps": 0}
         last_loss = math.nan
+        self.last_logged = None  # (mean loss, first step, last step) of the last logged window
         while e.step < t.max_steps:
-            t0 = time.perf_counter()
+            t0 = self.step_started = time.perf_counter()
             result = self.train_step()
             loss_value, grad_norm, finite, lr = result["loss"], result["grad_norm"], result["finite"], result["lr"]
             metric_sums, consecutive_bad = result["metrics"], self.consecutive_bad
-            dt = time.perf_counter() - t0
+            dt = self.last_step_s = time.perf_counter() - t0
+            self.steps_done += 1
 
             if finite:
                 window["loss"] += loss_value
@@ -280,9 +308,12 @@ class Trainer:
 
         val = self._evaluate() if e.val_sampler is not None else None
         final = self._save("final")
+        logged = self.last_logged
         return {
             "steps": e.step,
-            "final_loss": last_loss,
+            "final_loss": last_loss,  # the last step's loss
+            "last_logged_loss": logged[0] if logged else None,  # the mean of the last logged window
+            "last_logged_steps": logged[1:] if logged else None,
             "final_val_loss": val,
             "best_val_loss": e.best_val_loss if math.isfinite(e.best_val_loss) else None,
             "tokens": e.tokens_seen,
@@ -296,6 +327,7 @@ class Trainer:
         if window["steps"] == 0:
             return
         loss = window["loss"] / window["n"] if window["n"] else math.nan
+        self.last_logged = (loss, e.step - window["steps"] + 1, e.step)
         step_time = window["time"] / window["steps"]
         tok_s = window["tokens"] / window["time"] if window["time"] > 0 else 0.0
         row = {"step": e.step, "split": "train", "loss": loss, "ppl": perplexity(loss), "lr": lr,
