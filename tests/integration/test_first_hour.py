@@ -230,6 +230,93 @@ def test_doctor_without_torch_says_so():
     assert "warning" not in proc.stderr
 
 
+# ----------------------------------------------------------------------------- item 4: the README
+def readme_blocks() -> list[str]:
+    """The fenced bash blocks of README.md, in order (.ci/run runs the second)."""
+    blocks, inside, current = [], False, []
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.strip() == "```bash":
+            inside, current = True, []
+        elif line.strip() == "```" and inside:
+            inside = False
+            blocks.append("\n".join(current))
+        elif inside:
+            current.append(line)
+    return blocks
+
+
+def test_readme_first_command_trains_and_shows_a_sample(tmp_path):
+    first = readme_blocks()[0]
+    run = next(part.strip() for part in first.split("&&") if part.strip().startswith("phase7fw run "))
+    recipe = run.split()[2]
+    assert (ROOT / recipe).is_file()
+    out = tmp_path / "quickstart"
+    # the first command's recipe, for a few steps (the whole run is about two minutes on 2 cores)
+    proc = run_cli("run", recipe, "--set", "train.max_steps=3", "--set", "train.log_every=1",
+                   "--set", "train.eval_every=0", "--set", "train.eval_batches=1", "--set", f"run.output_dir={out}")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("Samples at step 3"))
+    assert all(lines[at + i].lstrip().startswith("def ") for i in (1, 2, 3, 4))  # 4 samples of the prompt
+    assert lines[-1].startswith("Done: 3 steps")
+    # the README's next suggestion works on what the first command wrote
+    text = (ROOT / "README.md").read_text()
+    gen = text.split("Then try `", 1)[1].split("`", 1)[0]
+    assert gen.startswith("phase7fw generate runs/phase7_quickstart/phase7_final.pt")
+    args = gen.replace("runs/phase7_quickstart", str(out)).split()[1:]
+    import shlex
+
+    proc = run_cli(*shlex.split(" ".join(args)))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.lstrip().startswith("def ") and len(proc.stdout.strip()) > len("def ") + 3
+
+
+# ----------------------------------------------------------------------------- item 10: the docs
+def test_docs_name_only_files_that_exist():
+    import re
+
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "benchmarks").glob("*.md"))]
+    names = {p.name for p in ROOT.rglob("*.md") if ".venv" not in p.parts}
+    problems = []
+    for doc in docs:
+        text = doc.read_text()
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):  # markdown links
+            if not target.startswith(("http://", "https://")) and not (doc.parent / target).exists():
+                problems.append(f"{doc.name}: link to {target}")
+        for mention in re.findall(r"[\w./-]*[A-Za-z]\w*\.md\b", text):  # files named in the text
+            if mention.rsplit("/", 1)[-1] not in names:
+                problems.append(f"{doc.name}: names {mention}")
+    assert not problems, problems
+    recipes = (ROOT / "docs" / "recipes.md").read_text()
+    assert "not in this version" not in recipes
+    assert "Not yet measured on a GPU" not in (ROOT / "docs" / "performance.md").read_text()
+
+
+def test_docs_wizard_example_runs_as_written(tmp_path):
+    line = next(l for l in (ROOT / "docs" / "data.md").read_text().splitlines()
+                if l.startswith("printf ") and "recipe new --interactive" in l)
+    out = tmp_path / "mix.toml"
+    command = line.replace("/tmp/mix.toml", str(out)).replace("| phase7fw ", f"| {sys.executable} -m phase7fw ")
+    proc = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    import tomllib
+
+    ref = tomllib.loads(out.read_text())["extends"]
+    assert (out.parent / ref).resolve() == (ROOT / "recipes" / "phase7_tiny.toml").resolve()
+    assert not ref.startswith("../" * (len(out.parent.resolve().parts) - 1))  # never climbs to the root
+    proc = run_cli("recipe", "validate", out, cwd=tmp_path)  # from anywhere
+    assert proc.returncode == 0, proc.stderr
+    # the README's wizard example runs on a fresh checkout: every file it names is shipped
+    block = next(b for b in readme_blocks() if "recipe new --preset" in b)
+    command = block.replace("\\\n", " ").splitlines()
+    command = next(c for c in command if "recipe new --preset" in c)
+    command = command.replace("--output my.toml", f"--output {tmp_path / 'my.toml'}")
+    command = command.replace("phase7fw recipe new", f"{sys.executable} -m phase7fw recipe new", 1)
+    proc = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"wrote {tmp_path / 'my.toml'}: valid" in proc.stdout
+
+
 def test_sample_callback_prints_reproducible_one_line_samples(tmp_path, capsys):
     from phase7fw import Engine
     from phase7fw.components.callbacks import Sample, SampleConfig, printable
