@@ -9,6 +9,12 @@ step whose update was dropped, not a step that is retried.
 
 With ``train.optimizer_in_backward`` each parameter is updated inside backward instead
 (:meth:`Trainer._train_step_in_backward`, :class:`phase7fw.memory.OptimizerInBackward`).
+
+Ctrl-C (:meth:`Trainer._on_sigint`) finishes the running step and saves, but never waits for
+a long one: in the first step of the process there is nothing new to save (stop at once);
+a later step expected to need more than ``ROLLBACK_AFTER_S`` more, still in forward/backward
+(no weight changed yet), is dropped -- its start's data position and RNG states are restored
+and the step before is saved. A second Ctrl-C stops without saving.
 """
 
 from __future__ import annotations
@@ -30,11 +36,17 @@ from phase7fw.recipe import recipe_to_dict, recipe_to_toml
 from phase7fw.recipe.convert import structure_component
 
 
+#: a first Ctrl-C finishes the running step unless that would take longer than this
+ROLLBACK_AFTER_S = 5.0
+
+
 def _untimed(name: str):
     return contextlib.nullcontext()
 
 
 class Trainer:
+    track_rollback = False  # run() turns it on (bench calls train_step without it)
+
     def __init__(self, engine):
         self.engine = engine
         self.recipe = engine.recipe
@@ -49,6 +61,10 @@ class Trainer:
         self.steps_done = 0  # optimizer steps finished by this process (0: nothing new to save)
         self.step_started = None  # perf_counter() when the running step began
         self.last_step_s = None  # duration of the last finished step
+        # While a step is still in forward/backward (no weight has changed yet): the data position
+        # and RNG states of its start, so a Ctrl-C can drop the step and save the one before
+        self.rollback_point = None
+        self.rolled_back = False
 
     # ------------------------------------------------------------------ setup
     def _build_trackers(self) -> None:
@@ -91,17 +107,24 @@ class Trainer:
             self.hard_stop = True
             raise KeyboardInterrupt
         self.interrupted = True
+        # (Under torchrun every rank must stop at the same step: the flag is shared at the end
+        # of the step instead.)
         if self.steps_done == 0 and not self.engine.dist.distributed:
             # The first step of this process is running: the weights are still those of the
             # start (the resumed checkpoint, or the seeded init), so there is nothing to save
-            # and no reason to wait for a step of unknown length. (Under torchrun every rank
-            # must stop at the same step: the flag is shared at the step's end instead.)
+            # and no reason to wait for a step of unknown length.
             self.hard_stop = self.nothing_new = True
             raise KeyboardInterrupt
-        eta = ""
+        left = None
         if self.last_step_s is not None and self.step_started is not None:
             left = self.last_step_s - (time.perf_counter() - self.step_started)
-            eta = f", about {max(left, 0.0):.0f} s" if left >= 1 else ""
+        if left is not None and left > ROLLBACK_AFTER_S and self.rollback_point is not None \
+                and not self.engine.dist.distributed:
+            # A long step still in forward/backward: drop it and save the step before (its
+            # weights and optimizer state are untouched until the update)
+            self.rolled_back = True
+            raise KeyboardInterrupt
+        eta = f", about {left:.0f} s" if left is not None and left >= 1 else ""
         self.console.print(f"\nInterrupted: finishing this step{eta}, then saving a checkpoint"
                            " (Ctrl-C again to quit now without saving it)")
 
@@ -126,6 +149,7 @@ class Trainer:
             cb.on_run_start(e)
         e._done("loop")
 
+        self.track_rollback = not e.dist.distributed
         old_handler = None
         if threading.current_thread() is threading.main_thread():
             old_handler = signal.signal(signal.SIGINT, self._on_sigint)
@@ -138,6 +162,16 @@ class Trainer:
                 where = getattr(e, "resumed_from", None)
                 self.console.print(f"Stopped by Ctrl-C during the first step (step {e.step + 1}): nothing new to save"
                                    + (f"; {where} still holds step {e.step}." if where else "."))
+            elif self.rolled_back:
+                position, rng = self.rollback_point
+                e.train_sampler.position = position
+                torch.set_rng_state(rng[0])
+                if rng[1] is not None:
+                    torch.cuda.set_rng_state_all(rng[1])
+                path = self._save(e.step)
+                self.console.print(f"Stopped by Ctrl-C during step {e.step + 1}, before its update (it would have taken"
+                                   f" ~{self.last_step_s:.0f} s more); checkpoint of step {e.step} saved to {path}."
+                                   " Continue with the same command and --resume auto.")
             elif self.hard_stop:
                 self.console.print("Stopped by a second Ctrl-C without saving this step.")
             else:
@@ -168,6 +202,9 @@ class Trainer:
         section = timer.section if timer is not None else _untimed
         if getattr(e, "in_backward", None) is not None:  # train.optimizer_in_backward
             return self._train_step_in_backward(section)
+        if self.track_rollback:
+            cuda_rng = torch.cuda.get_rng_state_all() if e.device.type == "cuda" else None
+            self.rollback_point = (e.train_sampler.position, (torch.get_rng_state(), cuda_rng))
         loss_sum = torch.zeros((), device=e.device)
         metric_sums: dict[str, float] = {}
         model.begin_step()
@@ -184,6 +221,7 @@ class Trainer:
             loss_sum += loss.detach().float()
             for k, v in metrics.items():  # tensors stay on the device until logged
                 metric_sums[k] = metric_sums.get(k, 0.0) + (v.detach() if isinstance(v, torch.Tensor) else v)
+        self.rollback_point = None  # from here on the step finishes
         with section("backward"):
             model.finish_backward(reduce=lambda g: distributed.all_mean(g, e.dist))
         with section("optimizer"):

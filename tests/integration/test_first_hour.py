@@ -113,6 +113,41 @@ def test_ctrl_c_in_a_long_first_step_stops_at_once(tmp_path, capsys):
     assert not list((tmp_path / "run").glob("*.pt"))  # the start has nothing to save
 
 
+def test_ctrl_c_in_a_long_later_step_saves_the_step_before_and_resumes_exactly(tmp_path, monkeypatch):
+    import phase7fw.trainer
+    from phase7fw import Engine
+
+    monkeypatch.setattr(phase7fw.trainer, "ROLLBACK_AFTER_S", -1.0)  # every step counts as long
+    over = tiny_overrides(tmp_path, **{"train.max_steps": 5, "train.eval_every": 0, "train.save_every": 0})
+
+    def train_losses(folder):
+        rows = [json.loads(line) for line in (folder / "training_log.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if r["split"] == "train"]
+
+    Engine.from_recipe(LLAMA, {**over, "run.output_dir": str(tmp_path / "ref")}, quiet=True).fit()
+    engine = Engine.from_recipe(LLAMA, over, quiet=True)
+    real, calls = engine._loss_fn, {"n": 0}
+
+    def slow_third(x, y):  # step 3 would take a minute; Ctrl-C comes 0.3 s into it
+        calls["n"] += 1
+        if calls["n"] == 3:
+            threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+            for _ in range(600):
+                time.sleep(0.1)
+        return real(x, y)
+
+    engine._loss_fn = slow_third
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        engine.fit()
+    assert time.perf_counter() - t0 < 30
+    assert [p.name for p in (tmp_path / "run").glob("*.pt")] == ["llama_step_2.pt"]
+    resumed = Engine.from_recipe(LLAMA, over, quiet=True)  # --resume auto
+    assert resumed.step == 2
+    resumed.fit()
+    assert train_losses(tmp_path / "run") == train_losses(tmp_path / "ref")  # the dropped step, redone exactly
+
+
 # ----------------------------------------------------------------------------- items 2 and 3
 def test_resume_latest_with_nothing_to_resume_is_an_error(tmp_path):
     out = tmp_path / "run"
