@@ -24,13 +24,13 @@ ENTRY_POINT_GROUP = "phase7fw"
 #: Built-in components, registered exactly like third-party plugins.
 DEFAULT_PLUGINS = (
     "phase7fw.components.llama",
+    "phase7fw.components.sampling",
     "phase7fw.components.optimizers",
     "phase7fw.components.lowmem",
     "phase7fw.components.lr_schedulers",
     "phase7fw.components.data_sources",
     "phase7fw.components.tokenizers",
     "phase7fw.components.trackers",
-    "phase7fw.components.callbacks",
     "phase7fw.components.phase7.embedding",
     "phase7fw.components.phase7.attention",
     "phase7fw.components.phase7.ssm",

@@ -354,7 +354,7 @@ def test_docs_wizard_example_runs_as_written(tmp_path):
 
 def test_sample_callback_prints_reproducible_one_line_samples(tmp_path, capsys):
     from phase7fw import Engine
-    from phase7fw.components.callbacks import Sample, SampleConfig, printable
+    from phase7fw.components.sampling import Sample, SampleConfig, printable
 
     engine = Engine.from_recipe(LLAMA, tiny_overrides(tmp_path, **{"train.max_steps": 2}), dummy_data=True, quiet=True)
     cb = Sample(SampleConfig(prompt="x = ", count=3, stop="\n", max_new_tokens=20, seed=5))

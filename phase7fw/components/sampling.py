@@ -1,7 +1,6 @@
-"""Built-in callbacks (``[[callbacks]]`` in a recipe).
-
-``sample``: print what the model writes for a prompt at the end of the run (and, with
-``at_eval``, after every validation), so a run shows what it learned, not only a loss::
+"""The built-in ``sample`` callback (``[[callbacks]]`` in a recipe): print what the model
+writes for a prompt at the end of the run (and, with ``at_eval``, after every validation), so
+a run shows what it learned, not only a loss::
 
     [[callbacks]]
     name = "sample"
