@@ -176,16 +176,22 @@ def free_memory() -> None:
 
 
 def _is_oom(exc: BaseException) -> bool:
+    from phase7fw.preflight import ResourceError
+
+    if isinstance(exc, ResourceError):
+        return exc.kind == "memory"
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def bench_recipe(recipe, overrides: dict, *, steps: int, warmup: int, device: str | None = None,
                  generate: bool = False, gen_tokens: int = 64, prompt_tokens: int = 0, gemm: dict | None = None,
-                 cuda_graph: str = "auto", profile_dir=None, plugins=None, progress=None) -> dict:
+                 cuda_graph: str = "auto", profile_dir=None, plugins=None, progress=None,
+                 allow_cpu: bool = False) -> dict:
     """Train ``warmup + steps`` steps of ``recipe`` on random tokens and measure them (then,
     with ``profile_dir``, two more under torch.profiler: :func:`profile_steps`); with
-    ``generate`` also time cached greedy decoding at batch 1. A CUDA out-of-memory error is a
-    result (``{"oom": true}``), not a crash."""
+    ``generate`` also time cached greedy decoding at batch 1. A CUDA out-of-memory error, or a
+    memory plan larger than the device (phase7fw/preflight.py), is a result (``{"oom": true}``),
+    not a crash. ``allow_cpu``: measure a GPU-sized recipe on a CPU anyway."""
     from phase7fw.engine import Engine
     from phase7fw.trainer import Trainer
 
@@ -198,7 +204,8 @@ def bench_recipe(recipe, overrides: dict, *, steps: int, warmup: int, device: st
         t_build = time.perf_counter()
         try:
             engine = Engine.from_recipe(recipe, {**overrides, "run.output_dir": tmp}, dummy_data=True,
-                                        resume="never", device=device, plugins=plugins, quiet=True)
+                                        resume="never", device=device, plugins=plugins, quiet=True,
+                                        allow_cpu=allow_cpu)
             dev = engine.device
             t = engine.recipe.train
             model = engine.model
@@ -426,11 +433,25 @@ def _fmt_split(r: dict) -> str:
     return " + ".join(f"{k} {s[k] * 1e3:.1f}" for k in PHASES) + " ms"
 
 
-def _summary(r: dict) -> str:
+def _rate(tflops: float) -> str:
+    """FLOP/s in a unit that shows the number (a CPU GEMM is a few GFLOP/s, not "0.0 TFLOP/s")."""
+    return f"{tflops:.1f} TFLOP/s" if tflops >= 1 else f"{tflops * 1e3:.1f} GFLOP/s"
+
+
+def _mfu(r: dict, cpu: bool) -> str:
+    """MFU against the H200 peak and the measured GEMM; on a CPU only against the measured
+    GEMM (a GPU's peak says nothing about a CPU run)."""
+    vs_gemm = f"{100 * r['mfu_vs_gemm']:.2f}% of the measured GEMM" if "mfu_vs_gemm" in r else ""
+    if cpu:
+        return vs_gemm or "n/a on CPU (no GEMM measured)"
+    return f"{100 * r['mfu']:.2f}% of {PEAK_TFLOPS} TFLOP/s" + (f" | {vs_gemm}" if vs_gemm else "")
+
+
+def _summary(r: dict, cpu: bool = False) -> str:
     if "tokens_per_s" not in r:
         return f"{r['recipe']}: out of memory"
     gen = f", decoding {r['generate']['tokens_per_s']:.1f} tokens/s" if "generate" in r else ""
-    return f"{r['recipe']}: {r['tokens_per_s']:,.0f} tokens/s, MFU {100 * r['mfu']:.2f}%{gen}"
+    return f"{r['recipe']}: {r['tokens_per_s']:,.0f} tokens/s, MFU {_mfu(r, cpu)}{gen}"
 
 
 def report_lines(result: dict) -> list[str]:
@@ -440,8 +461,8 @@ def report_lines(result: dict) -> list[str]:
         lines.append("CPU numbers (no CUDA GPU): the MFU and memory targets are GPU targets; these are not comparable")
     gemm = result.get("gemm")
     if gemm:
-        lines.append(f"measured GEMM {gemm['dtype']} {gemm['n']}^3: {gemm['tflops']:.1f} TFLOP/s"
-                     f" (MFU denominators: {PEAK_TFLOPS} peak and this)")
+        lines.append(f"measured GEMM {gemm['dtype']} {gemm['n']}^3: {_rate(gemm['tflops'])}"
+                     + (" (the MFU denominator)" if env["cpu"] else f" (MFU denominators: {PEAK_TFLOPS} peak and this)"))
     if result.get("memory_cap_gib"):
         lines.append(f"memory cap: {result['memory_cap_gib']} GiB (set_per_process_memory_fraction)")
     for r in result["runs"]:
@@ -455,9 +476,7 @@ def report_lines(result: dict) -> list[str]:
             f" | compile {r['compile']} | {r['steps']} steps after {r['warmup']} warm-up",
             f"  tokens/s     {r['tokens_per_s']:,.0f}",
             f"  step time    {r['step_time_s'] * 1e3:.1f} ms = {_fmt_split(r)}",
-            f"  MFU          {100 * r['mfu']:.2f}% of {PEAK_TFLOPS} TFLOP/s"
-            + (f" | {100 * r['mfu_vs_gemm']:.2f}% of the measured GEMM" if "mfu_vs_gemm" in r else "")
-            + f" ({r['flops_per_token'] / 1e9:.4g} GFLOP/token)",
+            f"  MFU          {_mfu(r, env['cpu'])} ({r['flops_per_token'] / 1e9:.4g} GFLOP/token)",
             "  peak memory  " + (f"{r['peak_memory_gib']:.2f} GiB" if r["peak_memory_gib"] is not None else "n/a on CPU"),
             f"  attention    {r['attention']} "
             + (f"(SDPA backend: {r['sdpa_backend']})" if r["attention"] == "sdpa"
@@ -514,7 +533,8 @@ def set_memory_cap(gib: float, device: torch.device) -> None:
 def run_bench(recipe, overrides: dict, *, steps: int = 10, warmup: int = 3, device: str | None = None,
               compare_recipe=None, compare_overrides: dict | None = None, memory_cap_gib: float | None = None,
               find_max_params: bool = False, search: str = "layers", generate: bool = False, gen_tokens: int = 64,
-              cuda_graph: str = "auto", profile_dir=None, plugins=None, progress=None, partial=None) -> dict:
+              cuda_graph: str = "auto", profile_dir=None, plugins=None, progress=None, partial=None,
+              allow_cpu: bool = False) -> dict:
     """Everything ``phase7fw bench`` does; returns the JSON-able result. ``progress(str)``
     hears about each finished measurement and ``partial(result)`` gets the result so far
     after each recipe (long GPU runs keep what they measured)."""
@@ -533,19 +553,21 @@ def run_bench(recipe, overrides: dict, *, steps: int = 10, warmup: int = 3, devi
     result["gemm"] = measure_gemm_tflops(dev)
     free_memory()
     kw = dict(steps=steps, warmup=warmup, device=str(dev), generate=generate, gen_tokens=gen_tokens,
-              cuda_graph=cuda_graph, gemm=result["gemm"], profile_dir=profile_dir, plugins=plugins, progress=progress)
-    say(f"GEMM: {result['gemm']['tflops']:.1f} TFLOP/s")
+              cuda_graph=cuda_graph, gemm=result["gemm"], profile_dir=profile_dir, plugins=plugins, progress=progress,
+              allow_cpu=allow_cpu)
+    say(f"GEMM: {_rate(result['gemm']['tflops'])}")
     result["runs"] = runs = [bench_recipe(recipe, overrides, **kw)]
-    say(_summary(runs[-1]))
+    cpu = dev.type != "cuda"
+    say(_summary(runs[-1], cpu))
     keep(result)
     if compare_recipe is not None:
         runs.append(bench_recipe(compare_recipe, compare_overrides or {}, **kw))
-        say(_summary(runs[-1]))
+        say(_summary(runs[-1], cpu))
         result["compare"] = compare(runs[0], runs[1])
         keep(result)
     if find_max_params:
         result["max_params"] = max_params(recipe, overrides, dimension=search, device=str(dev), plugins=plugins,
                                           progress=progress)
     if math.isfinite(result["gemm"]["tflops"]):
-        result["gemm"]["tflops"] = round(result["gemm"]["tflops"], 2)
+        result["gemm"]["tflops"] = float(f"{result['gemm']['tflops']:.4g}")  # a CPU's 0.05 stays 0.05
     return result

@@ -41,16 +41,33 @@ def cmd_run(args) -> int:
 
     plugins = _plugins()
     engine = Engine(_recipe(args, plugins), plugins=plugins, dummy_data=args.dummy_data, resume=args.resume,
-                    device=args.device)
+                    device=args.device, allow_cpu=args.allow_cpu)
     summary = engine.fit()
     if not engine.dist.is_main:
         return 0
-    best, bpb = summary["best_val_loss"], summary.get("best_val_bpb")
-    print(f"Done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}"
-          + (f", best val loss {best:.4f}" if best is not None else "")
-          + (f" ({bpb:.4f} bits per byte)" if best is not None and bpb is not None else "")
-          + f"; checkpoint {summary['final_checkpoint']}")
+    print(done_line(summary))
     return 0
+
+
+def done_line(summary: dict) -> str:
+    """The last line of ``phase7fw run``: every loss says what it is."""
+    if summary.get("already_complete"):
+        return (f"{summary['output_dir']}: already complete at step {summary['steps']} (train.max_steps ="
+                f" {summary['max_steps']}); nothing was trained or written. Raise train.max_steps to continue"
+                f" (--set train.max_steps=N), or start a new run with --resume never --set run.output_dir=DIR")
+    parts = [f"Done: {summary['steps']} steps"]
+    logged, span = summary.get("last_logged_loss"), summary.get("last_logged_steps")
+    if logged is not None and span:
+        first, last = span
+        parts.append(f"train loss {logged:.4f} (mean of step{'s' if last > first else ''}"
+                     f" {first}{'-' + str(last) if last > first else ''})")
+    if summary.get("final_loss") is not None:
+        parts.append(f"last step's loss {summary['final_loss']:.4f}")
+    for key, label in (("final_val", "val loss"), ("best_val", "best val loss")):
+        loss, bpb = summary.get(f"{key}_loss"), summary.get(f"{key}_bpb")
+        if loss is not None:
+            parts.append(f"{label} {loss:.4f}" + (f" ({bpb:.4f} bits per byte)" if bpb is not None else ""))
+    return " | ".join(parts) + f"; checkpoint {summary['final_checkpoint']}"
 
 
 def cmd_recipe(args) -> int:
@@ -195,12 +212,26 @@ def cmd_generate(args) -> int:
         sys.stdout.flush()
 
     stream(args.prompt)
+    stop = [unescape(t) for t in args.stop or []] or None
     engine.generate(args.prompt, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
                     top_k=params.top_k, top_p=params.top_p, repetition_penalty=params.repetition_penalty,
-                    seed=params.seed, use_cache=not args.no_cache, stop=args.stop, on_text=stream,
+                    seed=params.seed, use_cache=not args.no_cache, stop=stop, on_text=stream,
                     cuda_graph=args.cuda_graph)
     stream("\n")
     return 0
+
+
+def unescape(text: str) -> str:
+    """``\\n``, ``\\t`` and ``\\\\`` in a command-line argument (a newline is awkward to type)."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in "nt\\":
+            out.append({"n": "\n", "t": "\t", "\\": "\\"}[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
 
 
 def cmd_chat(args) -> int:
@@ -242,7 +273,7 @@ def cmd_bench(args) -> int:
                        compare_recipe=args.compare, compare_overrides=base_over,
                        memory_cap_gib=args.memory_cap_gib, find_max_params=args.max_params, search=args.search,
                        generate=args.generate, gen_tokens=args.gen_tokens, cuda_graph=args.cuda_graph,
-                       profile_dir=args.profile, plugins=plugins,
+                       profile_dir=args.profile, plugins=plugins, allow_cpu=args.allow_cpu,
                        progress=lambda text: print(text, file=sys.stderr, flush=True), partial=write_json)
     print("\n".join(report_lines(result)))
     write_json(result)
@@ -295,10 +326,14 @@ def build_parser(plugins_hook=None) -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train a recipe")
     run.add_argument("recipe")
     with_set(run)
-    run.add_argument("--resume", default="auto", metavar="auto|never|PATH",
-                     help="auto: continue from the newest checkpoint in run.output_dir (default)")
+    run.add_argument("--resume", default="auto", metavar="auto|latest|never|PATH",
+                     help="auto: continue from the newest checkpoint in run.output_dir if there is one, else start"
+                          " (default); latest: continue from it, an error if there is none; never: start, an error"
+                          " if checkpoints exist; PATH: continue from that checkpoint")
     run.add_argument("--dummy-data", action="store_true", help="train on random tokens (checks the machinery)")
     run.add_argument("--device", default=None, help="override train.device")
+    run.add_argument("--allow-cpu", action="store_true",
+                     help="train a GPU-sized recipe on the CPU anyway (by default it stops with an estimate)")
     run.set_defaults(func=cmd_run)
 
     rec = sub.add_parser("recipe", help="validate, show or create recipes")
@@ -404,7 +439,9 @@ def build_parser(plugins_hook=None) -> argparse.ArgumentParser:
     checkpoint_arg(gen)
     gen.add_argument("--prompt", required=True)
     sampling_flags(gen)
-    gen.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
+    gen.add_argument("--stop", action="append", metavar="TEXT",
+                     help="stop before this text (repeatable); \\n and \\t are a newline and a tab: --stop '\\n' ends"
+                          " at the end of the line")
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive chat with a trained model (/help inside)")
@@ -434,6 +471,7 @@ def build_parser(plugins_hook=None) -> argparse.ArgumentParser:
                        help="after the timed steps, profile 2 more (torch.profiler): a Chrome trace and an ops table"
                             " per recipe in DIR")
     bench.add_argument("--device", default=None)
+    bench.add_argument("--allow-cpu", action="store_true", help="benchmark a GPU-sized recipe on the CPU anyway")
     bench.set_defaults(func=cmd_bench)
 
     if plugins_hook is not None:
@@ -441,13 +479,30 @@ def build_parser(plugins_hook=None) -> argparse.ArgumentParser:
     return p
 
 
+def _torch_missing() -> str | None:
+    """Every command needs torch (the built-in components are torch modules): without it, one
+    message instead of a warning per plugin and a traceback."""
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:
+        return (f"torch is not installed for {sys.executable} ({exc}); install it: pip install torch==2.13.0"
+                " (the CPU build), or the torch build for your CUDA from pytorch.org")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     global _LOADED
     argv = sys.argv[1:] if argv is None else argv
     _LOADED = None
+    from phase7fw.threads import prepare_environment
+
+    prepare_environment()  # before torch is imported (by plugins or the command)
     # Under torchrun every message names its rank; torchrun stops the other ranks when one exits.
     world = int(os.environ.get("WORLD_SIZE", "1"))
     who = f"[rank {os.environ.get('RANK', '0')}/{world}] " if world > 1 else ""
+    if not {"-h", "--help", "--version"} & set(argv) and (missing := _torch_missing()):
+        print(f"error: {who}{missing}", file=sys.stderr)
+        return 2
     try:
         args = build_parser(_plugins().hook.register_commands).parse_args(argv)
         return int(args.func(args) or 0)
@@ -457,6 +512,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{who}interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (phase7fw components | head): not an error of ours. Point
+        # stdout at /dev/null so the interpreter's final flush does not fail again.
+        from phase7fw.console import silence_stdout
+
+        silence_stdout()
+        return 0
     except Exception:
         if not who:
             raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 from tqdm import tqdm
@@ -48,8 +49,21 @@ def human(n: float) -> str:
     return str(int(n))
 
 
+def silence_stdout() -> None:
+    """After a closed pipe (``phase7fw ... | head``): the rest of stdout goes to /dev/null, so
+    later prints and the interpreter's final flush do not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # a stdout without a file descriptor (captured in tests)
+        pass
+
+
 class Console:
-    """Prints lines (around a progress bar when stderr is a terminal). Silent on rank != 0."""
+    """Prints lines (around a progress bar when stderr is a terminal). Silent on rank != 0.
+    A closed stdout (``phase7fw run ... | head``) silences the console; the run goes on and
+    writes its log and checkpoints as usual."""
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
@@ -58,10 +72,14 @@ class Console:
     def print(self, text: str = "") -> None:
         if not self.enabled:
             return
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stdout)
-        else:
-            print(text, flush=True)
+        try:
+            if self.bar is not None:
+                self.bar.write(text, file=sys.stdout)
+            else:
+                print(text, flush=True)
+        except BrokenPipeError:
+            silence_stdout()
+            self.enabled = False
 
     def start_bar(self, total: int, initial: int) -> None:
         if self.enabled and sys.stderr.isatty():

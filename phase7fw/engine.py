@@ -6,7 +6,10 @@ Build order (``Engine.BUILD_ORDER``; each step is recorded in ``engine.build_ste
 2. plugins         built-in and installed plugins fill the registry
 3. recipe          the TOML recipe, validated strictly (overrides applied)
 4. tokenizer       built from ``[data.tokenizer]`` (or from the checkpoint's saved state; with
-                   ``train.init_from``, from the source's: phase7fw/finetune.py)
+                   ``train.init_from``, from the source's: phase7fw/finetune.py); then a
+                   training engine checks, on a meta-device copy of the model, that the
+                   checkpoint to resume holds this model and that the run fits this machine
+                   (phase7fw/preflight.py), before any data is read or memory allocated
 5. data            sources loaded, tokenized, split into train/validation, mixture samplers
 6. model           built on the meta device (no memory) from ``[model]``; weights cast to
                    ``train.param_dtype`` there (phase7fw/memory.py)
@@ -34,9 +37,10 @@ import math
 import os
 from pathlib import Path
 
+import attrs
 import torch
 
-from phase7fw import __version__, distributed, finetune, memory
+from phase7fw import __version__, distributed, finetune, memory, preflight, threads
 from phase7fw.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_sharded_checkpoint
 from phase7fw.console import Console, bits_per_byte, human
 from phase7fw.data import MixtureSampler, load_mix
@@ -75,6 +79,17 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise Phase7Error(f"train.device is {name!r} but CUDA is not available on this machine")
     return device
+
+
+def resolve_precision(recipe: Recipe, device: torch.device) -> Recipe:
+    """``train.precision = "auto"``: bf16 autocast on a GPU that supports it, fp32 elsewhere
+    (a CPU without bf16 matrix units gains nothing from bf16 autocast, and some lose a lot);
+    bf16 whenever the weights are bf16 (``train.param_dtype``), which needs bf16 autocast."""
+    t = recipe.train
+    if t.precision != "auto":
+        return recipe
+    bf16 = t.param_dtype == "bf16" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return attrs.evolve(recipe, train=attrs.evolve(t, precision="bf16" if bf16 else "fp32"))
 
 
 def build_tokenizer(recipe: Recipe, plugins: Plugins, state: dict | None = None):
@@ -141,8 +156,11 @@ class Engine:
         with_data: bool = True,
         checkpoint: dict | None = None,
         console: Console | None = None,
+        allow_cpu: bool = False,
     ):
         self.build_steps: list[str] = []
+        self.model_differences: list[str] = []  # model keys that differ from a resumed checkpoint's
+        self.machine: dict = {}  # what the preflight estimated (phase7fw/preflight.py)
         self.console = console or Console()
         self.recipe = recipe
         self.plugins = plugins
@@ -162,6 +180,9 @@ class Engine:
         if not self.dist.is_main:
             self.console = Console(False)  # one console, one set of files: rank 0's
         self.device = resolve_device(device_name)
+        self.precision_auto = recipe.train.precision == "auto"
+        self.recipe = recipe = resolve_precision(recipe, self.device)
+        self.threads = threads.configure(self.device.type)
         self.output_dir = Path(recipe.output_dir)
         self.model_name = recipe.model.name
 
@@ -170,17 +191,22 @@ class Engine:
         self.init_source = None
         self.init_record: dict | None = None  # the source, as checkpoints and model cards name it
         self.curvature_offset = 0  # steps of the curvature schedule done before this run
-        self.resume_target = None if checkpoint is not None else self._resume_target(resume)
+        # A training run finds the checkpoint it resumes first (--resume): (state, path) or None.
+        self._resume_from = None if checkpoint is not None else self._find_resume(resume)
         tok_state = checkpoint.get("tokenizer") if checkpoint else None
         if checkpoint is None and recipe.train.init_from:
-            if self.resume_target is not None:
-                tok_state = load_checkpoint(self.resume_target, mmap=True).get("tokenizer")
+            if self._resume_from is not None:
+                tok_state = self._resume_from[0].get("tokenizer")
             else:
                 self.init_source = finetune.load_source(recipe.train.init_from, plugins)
                 finetune.check_recipe(recipe, self.init_source)
                 tok_state = self.init_source.tokenizer_state
         self.tokenizer = build_tokenizer(recipe, plugins, state=tok_state)
         self._done("tokenizer")
+
+        self.kernels = self._select_kernels()
+        if checkpoint is None:  # a training run: fail before data is read or memory allocated
+            self._preflight(allow_cpu)
 
         self.train_sampler = self.val_sampler = None
         self.sources = []
@@ -189,7 +215,6 @@ class Engine:
         self._done("data")
 
         vocab = model_vocab_size(recipe, self.tokenizer)
-        self.kernels = self._select_kernels()
         self.model = build_model(recipe, "meta", plugins=plugins, vocab_size=vocab, kernels=self.kernels)
         self.vocab_size = vocab
         self.seq_len = self.model.seq_len
@@ -251,25 +276,31 @@ class Engine:
 
         if checkpoint is not None:
             self._load_state(checkpoint, checkpoint.get("path", "<checkpoint>"), full=False)
-        elif self.resume_target is not None:
-            self._resume(self.resume_target)
+        elif self._resume_from is not None:
+            state, path = self._resume_from
+            self._load_state(state, str(path), full=True)
+            self.console.print(f"Resumed from {path} at step {self.step}")
+            self.resumed_from = str(path)
         elif self.init_source is not None:
             self._start_from(self.init_source)
+        self._resume_from = None  # the loaded state is not kept alive
         self._done("resume")
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_recipe(cls, recipe, overrides=None, *, dummy_data: bool = False, resume: str = "auto",
-                    device: str | None = None, plugins: Plugins | None = None, quiet: bool = False) -> "Engine":
+                    device: str | None = None, plugins: Plugins | None = None, quiet: bool = False,
+                    allow_cpu: bool = False) -> "Engine":
         """Build a run from a recipe path (or dict, or :class:`Recipe`) and overrides
-        (``{"train.max_steps": 20}`` or ``["train.max_steps=20"]``)."""
+        (``{"train.max_steps": 20}`` or ``["train.max_steps=20"]``). ``allow_cpu``: build a
+        GPU-sized recipe on a CPU anyway (:mod:`phase7fw.preflight`)."""
         plugins = plugins or load_plugins()
         if not isinstance(recipe, Recipe):
             recipe = load_recipe(recipe, overrides, plugins=plugins)
         elif overrides:
             recipe = load_recipe(recipe_to_dict(recipe), overrides, plugins=plugins)
         return cls(recipe, plugins=plugins, dummy_data=dummy_data, resume=resume, device=device,
-                   console=Console(not quiet))
+                   console=Console(not quiet), allow_cpu=allow_cpu)
 
     @classmethod
     def from_checkpoint(cls, path, *, device: str | None = None, with_data: bool = False,
@@ -359,10 +390,7 @@ class Engine:
                                       " use \"reference\" or \"auto\"")
                 chosen[op] = "triton"
                 reasons[op] = why
-        if any(v == "triton" for v in chosen.values()) or reasons:
-            self.console.print("kernels: " + ", ".join(
-                f"{op}={impl}" + (f" ({reasons[op]})" if op in reasons else "") for op, impl in chosen.items()
-                if impl == "triton" or op in reasons))
+        self.kernel_reasons = reasons  # printed once, in the run header (describe)
         return chosen
 
     # ------------------------------------------------------------------ state
@@ -418,24 +446,42 @@ class Engine:
         distributed.barrier(self.dist)
         return path
 
-    def _resume_target(self, resume: str) -> Path | None:
-        """The checkpoint this run continues (``--resume``), or None for a new run."""
-        if resume == "never":
-            existing = latest_checkpoint(self.output_dir)
-            if existing is not None:
+    def _find_resume(self, resume: str):
+        """The checkpoint ``resume`` asks for, loaded: (state, path), or None for a fresh run.
+        ``auto``: the newest in ``run.output_dir`` if there is one; ``latest``: the newest, an
+        error if there is none; ``never``: an error if there is one; else a path."""
+        if resume in ("never", "auto", "latest"):
+            path = latest_checkpoint(self.output_dir)
+            if resume == "never" and path is not None:
                 raise Phase7Error(
-                    f"{self.output_dir} already holds checkpoints of a run ({existing.name}); continue it"
+                    f"{self.output_dir} already holds checkpoints of a run ({path.name}); continue it"
                     " with --resume auto, or start a new one in another folder (--set run.output_dir=...)"
                 )
-            return None
-        if resume == "auto":
-            return latest_checkpoint(self.output_dir)
-        return Path(resume)
+            if resume == "latest" and path is None:
+                raise CheckpointError(
+                    f"--resume latest: {self.output_dir} holds no checkpoint to resume (no *_step_N.pt or"
+                    " *_final.pt); give a checkpoint file (--resume PATH), or start a new run with"
+                    " --resume auto (the default)"
+                )
+            if path is None or resume == "never":
+                return None
+        else:
+            path = Path(resume)
+        return load_checkpoint(path, map_location="cpu"), path
 
-    def _resume(self, path: Path) -> None:
-        self._load_state(load_checkpoint(path, map_location="cpu"), str(path), full=True)
-        self.console.print(f"Resumed from {path} at step {self.step}")
-        self.resumed_from = str(path)
+    def _preflight(self, allow_cpu: bool) -> None:
+        """Checks on the model built on the meta device, before data or weights exist: the
+        checkpoint to resume holds this model, and the run fits this machine (phase7fw/preflight.py)."""
+        with torch.random.fork_rng(devices=[]):  # building never moves the seeded RNG
+            vocab = model_vocab_size(self.recipe, self.tokenizer)
+            model, optimizer = preflight.meta_model(self.recipe, self.plugins, vocab, self.kernels)
+        if self._resume_from is not None:
+            state, path = self._resume_from
+            self.model_differences = preflight.check_checkpoint_fits(state, str(path), self.recipe, model,
+                                                                     self.plugins)
+        self.machine = preflight.check_machine(self.recipe, model, optimizer, vocab, self.device,
+                                               world_size=self.dist.world_size,
+                                               strategy=self.recipe.parallel.strategy, allow_cpu=allow_cpu)
 
     def _start_from(self, source) -> None:
         """``train.init_from``: the source's weights, everything else new (step 0)."""
@@ -489,7 +535,13 @@ class Engine:
         except CheckpointError:
             raise
         except (RuntimeError, KeyError, ValueError) as exc:
-            raise CheckpointError(f"{where} does not fit the model of this recipe: {exc}") from None
+            # torch's text ends with advice for its own API (StateDictOptions(strict=False)),
+            # which a user of the CLI cannot follow: keep what is wrong, not the advice
+            detail = " ".join(line.strip() for line in str(exc).splitlines()
+                              if line.strip() and "StateDictOptions" not in line and "strict=False" not in line)
+            raise CheckpointError(f"{where} does not fit the model of this recipe: {detail[:500]}; resume it with"
+                                  " the recipe it was trained with, or start a new run in another folder"
+                                  " (--resume never --set run.output_dir=DIR)") from None
 
     def _load_state(self, state: dict, where: str, *, full: bool) -> None:
         """Load a checkpoint into the built run; ``full`` also restores training state."""
@@ -539,6 +591,8 @@ class Engine:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.skipped_steps = int(metrics.get("skipped_steps", 0))
         self.tracker_state = dict(state.get("trackers") or {})
+        if self.curvature_scheduler is not None:  # its own state is loaded now
+            self.model.set_curvature(self.curvature_scheduler.value(self.step))
 
     # ------------------------------------------------------------------ running
     def fit(self) -> dict:
@@ -637,7 +691,9 @@ class Engine:
         parts = ", ".join(f"{k} {human(v)}" for k, v in breakdown.items() if k != "total")
         lines = [
             f"phase7fw {__version__} | run {r.run.name!r} -> {self.output_dir}",
-            f"device {self.device} | precision {r.train.precision} | torch {torch.__version__}",
+            f"device {self.device} | precision {r.train.precision}" + (" (auto)" if self.precision_auto else "")
+            + (f" | {self.threads} CPU thread{'s' if self.threads > 1 else ''}" if self.device.type == "cpu" else "")
+            + f" | torch {torch.__version__}",
             f"model {self.model_name}: {human(total)} parameters ({total:,})" + (f" = {parts}" if parts else ""),
         ]
         extra = getattr(self.model, "describe_extra", None)
@@ -652,12 +708,17 @@ class Engine:
             f" = {t.batch_size * t.grad_accum_steps * self.seq_len:,} tokens/step | steps {t.max_steps}"
             f" | optimizer {r.optimizer.name} | lr schedule {r.lr_scheduler.name}"
         )
-        lines.append("kernels: " + ", ".join(f"{op}={impl}" for op, impl in self.kernels.items()))
+        why = sorted(set(getattr(self, "kernel_reasons", {}).values()))
+        lines.append("kernels: " + ", ".join(f"{op}={impl}" for op, impl in self.kernels.items())
+                     + (f" ({'; '.join(why)})" if why else ""))
         if self.init_record:
             lines.append(f"fine-tuning from {self.init_record['path']} (its step {self.init_record['step']},"
                          f" {human(self.init_record['tokens_seen'])} tokens)")
         if self.frozen:
             frozen, total = self.frozen
             lines.append(f"frozen: {human(frozen)} of {human(total)} parameters ({', '.join(r.train.freeze)})")
+        if self.model_differences:
+            lines.append("note: the model settings differ from the resumed checkpoint's (the weights still fit): "
+                         + "; ".join(self.model_differences))
         lines += memory.plan_lines(self)
         return lines

@@ -24,6 +24,7 @@ ENTRY_POINT_GROUP = "phase7fw"
 #: Built-in components, registered exactly like third-party plugins.
 DEFAULT_PLUGINS = (
     "phase7fw.components.llama",
+    "phase7fw.components.sampling",
     "phase7fw.components.optimizers",
     "phase7fw.components.lowmem",
     "phase7fw.components.lr_schedulers",

@@ -9,6 +9,12 @@ step whose update was dropped, not a step that is retried.
 
 With ``train.optimizer_in_backward`` each parameter is updated inside backward instead
 (:meth:`Trainer._train_step_in_backward`, :class:`phase7fw.memory.OptimizerInBackward`).
+
+Ctrl-C (:meth:`Trainer._on_sigint`) finishes the running step and saves, but never waits for
+a long one: in the first step of the process there is nothing new to save (stop at once);
+a later step expected to need more than ``ROLLBACK_AFTER_S`` more, still in forward/backward
+(no weight changed yet), is dropped -- its start's data position and RNG states are restored
+and the step before is saved. A second Ctrl-C stops without saving.
 """
 
 from __future__ import annotations
@@ -30,11 +36,17 @@ from phase7fw.recipe import recipe_to_dict, recipe_to_toml
 from phase7fw.recipe.convert import structure_component
 
 
+#: a first Ctrl-C finishes the running step unless that would take longer than this
+ROLLBACK_AFTER_S = 5.0
+
+
 def _untimed(name: str):
     return contextlib.nullcontext()
 
 
 class Trainer:
+    track_rollback = False  # run() turns it on (bench calls train_step without it)
+
     def __init__(self, engine):
         self.engine = engine
         self.recipe = engine.recipe
@@ -42,11 +54,19 @@ class Trainer:
         self.console = engine.console
         self.interrupted = False
         self.hard_stop = False
+        self.nothing_new = False  # stopped in the first step: nothing to save
         self.trackers: list = []
         self.callbacks: list = []
         self.consecutive_bad = 0  # non-finite steps in a row
         self.train_seconds = 0.0  # wall time in training steps (evaluation and saving excluded)
         engine._trainer = self  # engine.log(row) reaches this run's trackers
+        self.steps_done = 0  # optimizer steps finished by this process (0: nothing new to save)
+        self.step_started = None  # perf_counter() when the running step began
+        self.last_step_s = None  # duration of the last finished step
+        # While a step is still in forward/backward (no weight has changed yet): the data position
+        # and RNG states of its start, so a Ctrl-C can drop the step and save the one before
+        self.rollback_point = None
+        self.rolled_back = False
 
     # ------------------------------------------------------------------ setup
     def _build_trackers(self) -> None:
@@ -89,11 +109,36 @@ class Trainer:
             self.hard_stop = True
             raise KeyboardInterrupt
         self.interrupted = True
-        self.console.print("\nInterrupted: finishing this step, saving a checkpoint (Ctrl-C again to quit now)")
+        # (Under torchrun every rank must stop at the same step: the flag is shared at the end
+        # of the step instead.)
+        if self.steps_done == 0 and not self.engine.dist.distributed:
+            # The first step of this process is running: the weights are still those of the
+            # start (the resumed checkpoint, or the seeded init), so there is nothing to save
+            # and no reason to wait for a step of unknown length.
+            self.hard_stop = self.nothing_new = True
+            raise KeyboardInterrupt
+        left = None
+        if self.last_step_s is not None and self.step_started is not None:
+            left = self.last_step_s - (time.perf_counter() - self.step_started)
+        if left is not None and left > ROLLBACK_AFTER_S and self.rollback_point is not None \
+                and not self.engine.dist.distributed:
+            # A long step still in forward/backward: drop it and save the step before (its
+            # weights and optimizer state are untouched until the update)
+            self.rolled_back = True
+            raise KeyboardInterrupt
+        eta = f", about {left:.0f} s" if left is not None and left >= 1 else ""
+        self.console.print(f"\nInterrupted: finishing this step{eta}, then saving a checkpoint"
+                           " (Ctrl-C again to quit now without saving it)")
 
     # ------------------------------------------------------------------ loop
     def run(self) -> dict:
         e = self.engine
+        if e.step >= self.train.max_steps:  # a finished run: say so and touch no file
+            return {"steps": e.step, "already_complete": True, "max_steps": self.train.max_steps,
+                    "final_loss": None, "last_logged_loss": None, "final_val_loss": None,
+                    "best_val_loss": e.best_val_loss if math.isfinite(e.best_val_loss) else None,
+                    "tokens": e.tokens_seen, "skipped_steps": e.skipped_steps, "output_dir": str(e.output_dir),
+                    "final_checkpoint": getattr(e, "resumed_from", None)}
         if e.dist.is_main:
             e.output_dir.mkdir(parents=True, exist_ok=True)
             (e.output_dir / "resolved_recipe.toml").write_text(recipe_to_toml(self.recipe))
@@ -106,6 +151,7 @@ class Trainer:
             cb.on_run_start(e)
         e._done("loop")
 
+        self.track_rollback = not e.dist.distributed
         old_handler = None
         if threading.current_thread() is threading.main_thread():
             old_handler = signal.signal(signal.SIGINT, self._on_sigint)
@@ -114,7 +160,21 @@ class Trainer:
             summary = self._loop()
         except KeyboardInterrupt:
             self.console.close_bar()
-            if self.hard_stop:
+            if self.nothing_new:
+                where = getattr(e, "resumed_from", None)
+                self.console.print(f"Stopped by Ctrl-C during the first step (step {e.step + 1}): nothing new to save"
+                                   + (f"; {where} still holds step {e.step}." if where else "."))
+            elif self.rolled_back:
+                position, rng = self.rollback_point
+                e.train_sampler.position = position
+                torch.set_rng_state(rng[0])
+                if rng[1] is not None:
+                    torch.cuda.set_rng_state_all(rng[1])
+                path = self._save(e.step)
+                self.console.print(f"Stopped by Ctrl-C during step {e.step + 1}, before its update (it would have taken"
+                                   f" ~{self.last_step_s:.0f} s more); checkpoint of step {e.step} saved to {path}."
+                                   " Continue with the same command and --resume auto.")
+            elif self.hard_stop:
                 self.console.print("Stopped by a second Ctrl-C without saving this step.")
             else:
                 path = self._save(e.step)
@@ -144,6 +204,9 @@ class Trainer:
         section = timer.section if timer is not None else _untimed
         if getattr(e, "in_backward", None) is not None:  # train.optimizer_in_backward
             return self._train_step_in_backward(section)
+        if self.track_rollback:
+            cuda_rng = torch.cuda.get_rng_state_all() if e.device.type == "cuda" else None
+            self.rollback_point = (e.train_sampler.position, (torch.get_rng_state(), cuda_rng))
         loss_sum = torch.zeros((), device=e.device)
         metric_sums: dict[str, float] = {}
         model.begin_step()
@@ -160,6 +223,7 @@ class Trainer:
             loss_sum += loss.detach().float()
             for k, v in metrics.items():  # tensors stay on the device until logged
                 metric_sums[k] = metric_sums.get(k, 0.0) + (v.detach() if isinstance(v, torch.Tensor) else v)
+        self.rollback_point = None  # from here on the step finishes
         with section("backward"):
             model.finish_backward(reduce=lambda g: distributed.all_mean(g, e.dist))
         with section("optimizer"):
@@ -240,13 +304,15 @@ class Trainer:
         self.consecutive_bad = 0
         window = {"loss": 0.0, "n": 0, "time": 0.0, "tokens": 0, "steps": 0}
         last_loss = math.nan
+        self.last_logged = None  # (mean loss, first step, last step) of the last logged window
         while e.step < t.max_steps:
-            t0 = time.perf_counter()
+            t0 = self.step_started = time.perf_counter()
             result = self.train_step()
             loss_value, grad_norm, finite, lr = result["loss"], result["grad_norm"], result["finite"], result["lr"]
             metric_sums, consecutive_bad = result["metrics"], self.consecutive_bad
-            dt = time.perf_counter() - t0
+            dt = self.last_step_s = time.perf_counter() - t0
             self.train_seconds += dt
+            self.steps_done += 1
 
             if finite:
                 window["loss"] += loss_value
@@ -283,9 +349,12 @@ class Trainer:
 
         val = self._evaluate() if e.val_sampler is not None else None
         final = self._save("final")
+        logged = self.last_logged
         return {
             "steps": e.step,
-            "final_loss": last_loss,
+            "final_loss": last_loss,  # the last step's loss
+            "last_logged_loss": logged[0] if logged else None,  # the mean of the last logged window
+            "last_logged_steps": logged[1:] if logged else None,
             "final_val_loss": val,
             "final_val_bpb": e.last_val.get("bpb") if val is not None else None,
             "best_val_loss": e.best_val_loss if math.isfinite(e.best_val_loss) else None,
@@ -301,6 +370,7 @@ class Trainer:
         if window["steps"] == 0:
             return
         loss = window["loss"] / window["n"] if window["n"] else math.nan
+        self.last_logged = (loss, e.step - window["steps"] + 1, e.step)
         step_time = window["time"] / window["steps"]
         tok_s = window["tokens"] / window["time"] if window["time"] > 0 else 0.0
         row = {"step": e.step, "split": "train", "loss": loss, "ppl": perplexity(loss), "lr": lr,

@@ -154,11 +154,22 @@ def _steps_for(tokens: int, recipe) -> tuple[int, int]:
     return max(1, math.ceil(tokens / per_step)), per_step
 
 
+def extends_ref(preset: Path, output: Path) -> str:
+    """How the new recipe names its preset: relative to the recipe's own folder (the loader
+    reads it from there) when the two share a folder below the root, so a project moves as a
+    whole; else absolute (``/tmp/mix.toml`` extending ``/home/me/phase7fw/recipes/...`` would
+    otherwise climb to the root: ``../home/me/...``)."""
+    preset, folder = preset.resolve(), output.resolve().parent
+    if os.path.commonpath([preset, folder]) == os.path.dirname(os.path.abspath(os.sep)):
+        return str(preset)
+    return os.path.relpath(preset, folder)
+
+
 def build_recipe(*, preset: Path, sources: list[dict], tokenizer: dict | None, tokens: int | None,
                  output: Path, plugins) -> tuple[dict, list[str]]:
     """The new recipe's tables (on top of ``preset``) and its header comment lines."""
     base = load_recipe(preset, plugins=plugins)
-    body: dict = {"extends": os.path.relpath(preset, output.resolve().parent)}
+    body: dict = {"extends": extends_ref(preset, output)}
     body["run"] = {"name": output.stem}
     notes = [f"Written by `phase7fw recipe new` on {time.strftime('%Y-%m-%d')}: preset {preset.stem}"
              f" ({describe_preset(preset) or preset.name})",

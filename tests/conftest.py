@@ -10,6 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from phase7fw.threads import prepare_environment
+
+# Before any test imports torch: OpenMP threads sleep while they wait, as in the CLI (the
+# suite's own subprocesses share the same few cores with this process).
+prepare_environment()
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 

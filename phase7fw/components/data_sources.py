@@ -57,7 +57,8 @@ def _expand(patterns, who: str) -> list[str]:
 
 @attrs.frozen
 class TextFilesConfig:
-    paths: list[str] = option(help="glob patterns of plain-text files (** allowed), relative to the working directory")
+    paths: list[str] = option(help="glob patterns of plain-text files (** allowed), relative to the working"
+                                   " directory; one pattern or an array", one_or_many=True)
 
 
 class TextFiles(DataSource):
@@ -155,7 +156,7 @@ class HFDatasetConfig:
     config: str = option("", help='the dataset configuration ("": its default)')
     split: str = option("train", help='split to read; slices work ("train[:10%]")')
     data_files: list[str] = option(factory=list, help="data files or glob patterns (local ones relative to the"
-                                                      " working directory)")
+                                                      " working directory); one string or an array", one_or_many=True)
     text_field: str = option("text", help="the column that holds each document's text")
     revision: str = option("", help="hub revision (branch, tag or commit) to pin; \"\": the default branch")
     streaming: bool = option(False, help="stream instead of downloading the whole dataset first")

@@ -124,6 +124,13 @@ def structure(raw: Any, cls: type, registry: Registry, path: str, errors: list[s
                 errors.append(f"{where}: required")
             continue
         value = raw[name]
+        if f.metadata.get("one_or_many") and not isinstance(value, (list, tuple)):
+            (item,) = typing.get_args(f.type)[:1] or (str,)
+            try:
+                value = [_CONVERTER.structure(value, item)]  # "a.txt" is ["a.txt"]
+            except (TypeError, ValueError):
+                errors.append(f"{where}: expected a {item.__name__} or an array of them, got {_describe(value)}")
+                continue
         before = len(errors)
         result = _structure_leaf(value, f.type, where, errors)
         if len(errors) == before:

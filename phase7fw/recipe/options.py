@@ -21,16 +21,21 @@ class Component:
     weight: float = 1.0  # only data sources carry a weight (the share of the data mix)
 
 
-def option(default=attrs.NOTHING, *, check=None, help: str = "", factory=None, legacy=attrs.NOTHING):  # noqa: A002
+def option(default=attrs.NOTHING, *, check=None, help: str = "", factory=None,  # noqa: A002
+           legacy=attrs.NOTHING, one_or_many: bool = False):
     """A recipe option. ``legacy``: the value that reproduces the behaviour from before the
     option existed; a checkpoint's stored recipe (which names every option of its version)
     that lacks the key gets it instead of ``default`` (``load_recipe(..., checkpoint=True)``),
-    so changing a default never changes what an old checkpoint computes."""
+    so changing a default never changes what an old checkpoint computes. ``one_or_many``: a
+    list option that also accepts a single value (``"a.txt"`` means ``["a.txt"]``), as Hugging
+    Face's ``data_files`` does."""
     meta = {"help": help}
     if check is not None:
         meta["check"] = check
     if legacy is not attrs.NOTHING:
         meta["legacy"] = legacy
+    if one_or_many:
+        meta["one_or_many"] = True
     if factory is not None:
         return attrs.field(factory=factory, metadata=meta)
     return attrs.field(default=default, metadata=meta)

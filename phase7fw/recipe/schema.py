@@ -30,7 +30,9 @@ class TrainSection:
     max_steps: int = option(1000, check=positive, help="optimizer steps")
     batch_size: int = option(8, check=positive, help="sequences per micro-batch")
     grad_accum_steps: int = option(1, check=positive, help="micro-batches per optimizer step")
-    precision: Literal["bf16", "fp16", "fp32"] = option("fp32", help="autocast dtype (fp16 uses a grad scaler)")
+    precision: Literal["bf16", "fp16", "fp32", "auto"] = option(
+        "fp32", help='autocast dtype (fp16 uses a grad scaler); "auto": bf16 on a GPU that has it, else fp32'
+    )
     grad_clip: float = option(1.0, check=non_negative, help="max global grad norm; 0 disables clipping")
     activation_checkpointing: bool = option(False, help="recompute block activations in backward")
     compile: bool = option(False, help="torch.compile the model for training")
@@ -110,7 +112,7 @@ def combination_errors(recipe: "Recipe") -> list[str]:
                 " gradients before the update; use precision = \"bf16\""
             )
     if t.param_dtype == "bf16":
-        if t.precision != "bf16":
+        if t.precision not in ("bf16", "auto"):
             errors.append(
                 f"train.param_dtype = \"bf16\" with train.precision = {t.precision!r}: bf16 weights need bf16"
                 " autocast; set train.precision = \"bf16\""

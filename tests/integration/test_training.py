@@ -86,10 +86,21 @@ def test_resume_auto_log_has_no_duplicate_steps(tmp_path):
     assert [r["step"] for r in rows(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
 
 
-def test_incompatible_checkpoint_is_a_clear_error(tmp_path):
+def test_incompatible_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
     Engine.from_recipe(TINY, tiny_overrides(tmp_path, **{"train.max_steps": 3})).fit()
-    with pytest.raises(CheckpointError, match="does not fit the model of this recipe"):
+    import phase7fw.engine
+
+    def not_now(*args, **kwargs):
+        raise AssertionError("data was read or weights allocated before the checkpoint was checked")
+
+    monkeypatch.setattr(phase7fw.engine, "load_mix", not_now)
+    monkeypatch.setattr(phase7fw.engine, "materialize", not_now)
+    with pytest.raises(CheckpointError) as info:
         Engine.from_recipe(TINY, tiny_overrides(tmp_path, **{"model.d_model": 48}))
+    msg = str(info.value)
+    # in the recipe's terms (from the recipe stored in the checkpoint), not torch's
+    assert "does not fit this recipe's model: model.d_model: 32 in the checkpoint, 48 in the recipe" in msg
+    assert "resolved_recipe.toml --resume" in msg and "StateDictOptions" not in msg
 
 
 def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):

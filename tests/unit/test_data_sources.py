@@ -149,3 +149,23 @@ def test_text_files_errors(tmp_path):
         TextFiles(TextFilesConfig(paths=[str(tmp_path / "*.none")]))
     with pytest.raises(Phase7Error, match="'paths' is empty"):
         TextFiles(TextFilesConfig(paths=[]))
+
+
+def test_data_files_and_paths_accept_one_string_like_load_dataset():
+    from phase7fw.plugins import load_plugins
+    from phase7fw.recipe import load_recipe, recipe_to_dict
+
+    write("jsonl")
+    with open("notes.txt", "w") as f:
+        f.write("a plain text document")
+    plugins = load_plugins()
+    recipe = load_recipe({"data": {"sources": [{"name": "hf_dataset", "path": "json", "data_files": "*.jsonl"},
+                                               {"name": "text_files", "paths": "*.txt"}]}}, plugins=plugins)
+    hf, txt = recipe.data.sources
+    assert hf.config.data_files == ["*.jsonl"] and txt.config.paths == ["*.txt"]
+    assert recipe_to_dict(recipe)["data"]["sources"][0]["data_files"] == ["*.jsonl"]  # saved as an array
+    built = [plugins.registry.build("data_source", s.name, s.config, cache_dir="", seed=0) for s in (hf, txt)]
+    assert list(built[0].texts()) == DOCS
+    assert list(built[1].texts()) == ["a plain text document"]
+    with pytest.raises(Phase7Error, match=r"data.sources\[0\].data_files: expected a str or an array of them, got int 3"):
+        load_recipe({"data": {"sources": [{"name": "hf_dataset", "path": "json", "data_files": 3}]}}, plugins=plugins)

@@ -57,7 +57,7 @@ warmup_step = 10
     assert "lr_scheduler.warmup_step: unknown key; did you mean 'warmup_steps'?" in errs
     assert "train.batch_size: must be > 0, got 0" in errs
     assert "train.max_steps: expected int, got float 10.7" in errs
-    assert "train.precision: expected one of 'bf16', 'fp16', 'fp32', got 'fp8'" in errs
+    assert "train.precision: expected one of 'bf16', 'fp16', 'fp32', 'auto', got 'fp8'" in errs
     assert "train.compile: expected bool, got int 1" in errs
     assert len(errs) == 6
 
