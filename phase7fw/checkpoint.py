@@ -105,10 +105,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"refusing to load {path}: it is not a plain tensor checkpoint (weights-only loading"
-            f" rejected it: {first}). phase7fw never unpickles arbitrary objects."
+            f" rejected it: {weights_only_reason(exc)}). phase7fw never unpickles arbitrary objects."
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {exc}") from None
@@ -120,6 +119,16 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
             f" understands ({FORMAT_VERSION}); upgrade phase7fw"
         )
     return state
+
+
+def weights_only_reason(exc: BaseException) -> str:
+    """The one line of torch's long weights-only refusal that says what was refused."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    for line in text.splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].split(". Please", 1)[0].strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 _STEP_RE = re.compile(r"_step_(\d+)\.pt$")
@@ -147,20 +156,18 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 
 def consolidate(src: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Turn a sharded (FSDP) checkpoint directory into one file that a single process loads
-    (chat, eval, generate, ``Engine.from_checkpoint``). Needs no process group."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    (chat, eval, generate, ``Engine.from_checkpoint``). Needs no process group; the folder is
+    read without unpickling anything but plain data (phase7fw/dcp_safe.py)."""
+    from phase7fw.dcp_safe import load_full
 
     src, out = Path(src), Path(out)
     extra = load_checkpoint(src)
     if not extra.get("sharded"):
         raise CheckpointError(f"{src} is already a single-file checkpoint")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".full", dir=out.parent if out.parent.exists() else None)
-    os.close(fd)
-    try:
-        dcp_to_torch_save(str(src), tmp)
-        tensors = torch.load(tmp, map_location="cpu", weights_only=True)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    tensors = load_full(src)
+    for key in ("model", "optimizer"):
+        if not isinstance(tensors.get(key), dict):
+            raise CheckpointError(f"{src} holds no {key} state; it was not written by phase7fw")
     skip = {"sharded", "path", "rng_per_rank", "format", "format_version"}
     state = {k: v for k, v in extra.items() if k not in skip}
     return save_checkpoint(out, {**state, "model": tensors["model"], "optimizer": tensors["optimizer"]})

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -203,7 +204,9 @@ class Engine:
             # weights rank 0 initializes: the same init as a single-process run.
             self._loss_fn = distributed.wrap(self.model, self.dist, train.precision, self.device)
             self._done("parallel")
-            materialize(self.model, self.device)
+            with warnings.catch_warnings():  # this init is overwritten by rank 0's weights below
+                warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
+                materialize(self.model, self.device)
             self._broadcast_init_from_rank0()
             self._done("materialize")
         else:
@@ -430,11 +433,11 @@ class Engine:
                 if int(state.get("world_size", 0)) != self.dist.world_size:
                     raise CheckpointError(f"{where} was sharded over {state.get('world_size')} processes, this run"
                                           f" has {self.dist.world_size}; use the same number of processes")
-                import torch.distributed.checkpoint as dcp
+                from phase7fw.dcp_safe import load_sharded
 
                 model_state, optim_state = get_state_dict(self.model, self.optimizer)
                 target = {"model": model_state, "optimizer": optim_state} if full else {"model": model_state}
-                dcp.load(target, checkpoint_id=state["path"])
+                load_sharded(target, state["path"])
                 state = {**state, **target}
             if full:
                 set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
