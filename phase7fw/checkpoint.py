@@ -121,6 +121,36 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     return state
 
 
+def upgrade_shapes(model_state: dict, optim_state: dict | None, shapes: dict[str, tuple]) -> tuple[dict, dict | None]:
+    """Reshape parameters saved with an older, equivalent shape to the model's current one.
+
+    Equivalent means the same values in a shape that differs only by size-1 dimensions: the
+    phase7 attention's ``log_c`` was a 0-dim scalar before FSDP2 support made it ``(1,)``.
+    Optimizer state tensors of such a parameter that had its old shape are reshaped too
+    (keyed by parameter name, the layout of every phase7fw checkpoint). Anything else is
+    left for the loader to report."""
+    def squeezed(shape) -> tuple:
+        return tuple(d for d in shape if d != 1)
+
+    renamed = {}
+    for name, new in shapes.items():
+        old = model_state.get(name)
+        if isinstance(old, torch.Tensor) and tuple(old.shape) != tuple(new) and squeezed(old.shape) == squeezed(new):
+            renamed[name] = tuple(old.shape)
+    if not renamed:
+        return model_state, optim_state
+    model_state = {k: v.reshape(shapes[k]) if k in renamed else v for k, v in model_state.items()}
+    states = (optim_state or {}).get("state")
+    if isinstance(states, dict):
+        states = dict(states)
+        for name, old_shape in renamed.items():
+            if isinstance(states.get(name), dict):
+                states[name] = {k: v.reshape(shapes[name]) if isinstance(v, torch.Tensor) and tuple(v.shape) == old_shape
+                                else v for k, v in states[name].items()}
+        optim_state = {**optim_state, "state": states}
+    return model_state, optim_state
+
+
 def weights_only_reason(exc: BaseException) -> str:
     """The one line of torch's long weights-only refusal that says what was refused."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))

@@ -30,13 +30,18 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from pathlib import Path
 
 import torch
 
 from phase7fw import __version__, distributed, memory
-from phase7fw.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_sharded_checkpoint
+from phase7fw.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_sharded_checkpoint,
+    upgrade_shapes,
+)
 from phase7fw.console import Console, human
 from phase7fw.data import MixtureSampler, load_mix
 from phase7fw.errors import CheckpointError, Phase7Error
@@ -177,6 +182,9 @@ class Engine:
         self.model = build_model(recipe, "meta", plugins=plugins, vocab_size=vocab, kernels=self.kernels)
         self.vocab_size = vocab
         self.seq_len = self.model.seq_len
+        check_strategy = getattr(self.model, "check_strategy", None)
+        if callable(check_strategy):
+            check_strategy(recipe.parallel.strategy)
         memory.setup_model(self)  # train.param_dtype (cast on meta), train.ce_chunk_tokens
         self._done("model")
         self._done("kernels")
@@ -201,12 +209,12 @@ class Engine:
         self._done("compile")
         if strategy == "fsdp":
             # Shard on the meta device, allocate only this rank's shards, then copy in the
-            # weights rank 0 initializes: the same init as a single-process run.
+            # weights and buffers rank 0 initializes: the same init as a single-process run.
+            # The sharded model is never initialized itself (init code may mix plain tensors
+            # with the DTensor parameters; rank 0's values replace everything anyway).
             self._loss_fn = distributed.wrap(self.model, self.dist, train.precision, self.device)
             self._done("parallel")
-            with warnings.catch_warnings():  # this init is overwritten by rank 0's weights below
-                warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
-                materialize(self.model, self.device)
+            self.model.to_empty(device=self.device)
             self._broadcast_init_from_rank0()
             self._done("materialize")
         else:
@@ -284,6 +292,13 @@ class Engine:
             full = reference.state_dict()
         set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True,
                                                                         broadcast_from_rank0=True))
+        # Buffers (RoPE tables, the curvature) are not sharded and not all in the state dict.
+        ref_buffers = dict(reference.named_buffers()) if self.dist.is_main else {}
+        with torch.no_grad():
+            for name, buf in self.model.named_buffers():
+                if self.dist.is_main:
+                    buf.copy_(ref_buffers[name])
+                distributed.broadcast_tensor(buf, self.dist)
 
     def _seed(self) -> None:
         torch.manual_seed(self.recipe.run.seed)
@@ -439,6 +454,10 @@ class Engine:
                 target = {"model": model_state, "optimizer": optim_state} if full else {"model": model_state}
                 load_sharded(target, state["path"])
                 state = {**state, **target}
+            if not state.get("sharded"):  # older single-file checkpoints: equivalent shapes
+                shapes = {name: tuple(p.shape) for name, p in self.model.named_parameters()}
+                model_sd, optim_sd = upgrade_shapes(state["model"], state.get("optimizer") if full else None, shapes)
+                state = {**state, "model": model_sd, "optimizer": optim_sd}
             if full:
                 set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                                optim_state_dict=memory.adapt_optimizer_state(state["optimizer"], self.optimizer))

@@ -82,6 +82,10 @@ class LanguageModel(nn.Module):
         ``reduce(tensor) -> tensor`` averages a gradient over data-parallel ranks; apply it
         to any gradient made here, since the wrapper's all-reduce has already happened."""
 
+    def check_strategy(self, strategy: str) -> None:
+        """Raise a :class:`Phase7Error` naming the option when this model cannot train under
+        ``parallel.strategy`` (called on the meta model, before any memory is used)."""
+
     def init_weights(self) -> None:
         """Initialize every parameter and buffer (called after materializing from meta)."""
         raise NotImplementedError(f"{type(self).__name__} must implement init_weights()")

@@ -1,0 +1,134 @@
+"""Every shipped model kind trains under DDP and FSDP2 (2 CPU processes, gloo) with the loss
+curve of one process, and an FSDP checkpoint consolidates into a file that loads in one process.
+
+The model kinds are the ``model.name`` values of the shipped recipes, so a new model that gets
+a recipe is covered without editing this file; phase7's ablations (ABLATIONS) run as well.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from phase7fw.checkpoint import consolidate
+from phase7fw.engine import Engine, build_model
+from phase7fw.plugins import load_plugins
+from phase7fw.recipe import load_recipe
+from tests.conftest import RECIPES, ROOT
+
+pytestmark = pytest.mark.slow
+
+STEPS = 3
+#: shrink whatever of these a model has (tiny runs; every shipped model has them today)
+SHRINK = {"d_model": 32, "n_layers": 2, "n_heads": 2, "seq_len": 32, "ffn_hidden": 64}
+STRATEGIES = ("ddp", "fsdp")
+#: phase7 variants that change which parameters exist (the ablations of MODEL.md), and the
+#: strategies each trains under (tied embeddings and FSDP: refused, see the last test)
+ABLATIONS = {
+    "phase7": {
+        "attention_only": ({"model.mixer": "attention"}, STRATEGIES),
+        "ssm_only": ({"model.mixer": "ssm"}, STRATEGIES),
+        "sdpa": ({"model.attention": {"name": "sdpa"}}, STRATEGIES),
+        "tied": ({"model.tie_embeddings": True}, ("ddp",)),
+    },
+}
+
+
+def shipped_model_kinds() -> dict[str, str]:
+    """model.name -> the shipped recipe with the fewest parameters that uses it."""
+    plugins = load_plugins()
+    best: dict[str, tuple[int, str]] = {}
+    for path in sorted(RECIPES.glob("*.toml")):
+        recipe = load_recipe(path, plugins=plugins)
+        n = sum(p.numel() for p in build_model(recipe, "meta", plugins=plugins, vocab_size=256).parameters())
+        if recipe.model.name not in best or n < best[recipe.model.name][0]:
+            best[recipe.model.name] = (n, path.name)
+    return {kind: name for kind, (_, name) in best.items()}
+
+
+KINDS = shipped_model_kinds()
+VARIANTS = [(kind, "base", {}, STRATEGIES) for kind in KINDS] + [
+    (kind, name, over, strategies) for kind, table in ABLATIONS.items() if kind in KINDS
+    for name, (over, strategies) in table.items()]
+RUNS = [(kind, name, extra, strategy) for kind, name, extra, strategies in VARIANTS for strategy in strategies]
+FSDP = [(kind, name, extra) for kind, name, extra, strategy in RUNS if strategy == "fsdp"]
+
+
+def overrides(kind: str, extra: dict, out, batch_size: int, strategy: str) -> dict:
+    recipe = load_recipe(RECIPES / KINDS[kind])
+    fields = {f for f in dir(recipe.model.config) if not f.startswith("_")}
+    over = {f"model.{k}": v for k, v in SHRINK.items() if k in fields}
+    over.update({"run.output_dir": str(out), "train.max_steps": STEPS, "train.log_every": 1, "train.eval_every": 0,
+                 "train.eval_batches": 1, "train.save_every": 0, "train.batch_size": batch_size,
+                 "parallel.strategy": strategy, **extra})
+    return over
+
+
+def rows(out, split="train"):
+    lines = (out / "training_log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every variant: one process with batch 4 (here), and 2 ranks x batch 2 under DDP and
+    FSDP (one torchrun launch)."""
+    root = tmp_path_factory.mktemp("models")
+    spec = []
+    for kind, name, extra, strategies in VARIANTS:
+        single = root / f"{kind}-{name}-single"
+        Engine.from_recipe(RECIPES / KINDS[kind], overrides(kind, extra, single, 4, "none"), dummy_data=True,
+                           resume="never", quiet=True).fit()
+        for strategy in strategies:
+            spec.append({"recipe": str(RECIPES / KINDS[kind]),
+                         "overrides": overrides(kind, extra, root / f"{kind}-{name}-{strategy}", 2, strategy)})
+    (root / "spec.json").write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "integration" / "dist_worker.py"), str(root / "spec.json")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return root
+
+
+def test_the_shipped_recipes_have_the_expected_model_kinds():
+    assert {"phase7", "llama"} <= set(KINDS)
+
+
+@pytest.mark.parametrize("kind,name,extra,strategy", RUNS, ids=[f"{k}-{n}-{s}" for k, n, _, s in RUNS])
+def test_two_ranks_follow_the_loss_curve_of_one_process(runs, kind, name, extra, strategy):
+    one, two = rows(runs / f"{kind}-{name}-single"), rows(runs / f"{kind}-{name}-{strategy}")
+    assert [r["step"] for r in two] == list(range(1, STEPS + 1))
+    for a, b in zip(one, two):
+        assert math.isfinite(b["loss"])
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    val_one, val_two = rows(runs / f"{kind}-{name}-single", "val"), rows(runs / f"{kind}-{name}-{strategy}", "val")
+    assert len(val_two) == 1 and val_two[0]["loss"] == pytest.approx(val_one[0]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("kind,name,extra", FSDP, ids=[f"{k}-{n}" for k, n, _ in FSDP])
+def test_an_fsdp_checkpoint_consolidates_and_loads_in_one_process(runs, tmp_path, kind, name, extra):
+    sharded = runs / f"{kind}-{name}-fsdp" / f"{kind}_final.pt"
+    assert sharded.is_dir()
+    merged = consolidate(sharded, tmp_path / "merged.pt")
+    engine = Engine.from_checkpoint(merged, device="cpu")
+    reference = torch.load(runs / f"{kind}-{name}-single" / f"{kind}_final.pt", weights_only=True)["model"]
+    loaded = engine.model.state_dict()
+    assert loaded.keys() == reference.keys()
+    for key, value in reference.items():
+        torch.testing.assert_close(loaded[key], value, rtol=1e-4, atol=1e-6, msg=key)
+    assert engine.step == STEPS
+
+
+def test_tied_embeddings_under_fsdp_are_refused_before_any_work(tmp_path):
+    from tests.conftest import run_cli
+
+    proc = run_cli("run", RECIPES / KINDS["phase7"], "--dummy-data", "--set", "model.tie_embeddings=true", "--set",
+                   'parallel.strategy="fsdp"', "--set", f"run.output_dir={tmp_path}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert 'model.tie_embeddings = true with parallel.strategy = "fsdp": not supported' in proc.stderr
