@@ -28,6 +28,7 @@ from phase7fw.console import perplexity, step_line, val_line
 from phase7fw.errors import TrainingAborted
 from phase7fw.recipe import recipe_to_dict, recipe_to_toml
 from phase7fw.recipe.convert import structure_component
+from phase7fw.run_lock import RunLock, RunLocked
 
 
 def _untimed(name: str):
@@ -91,6 +92,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def run(self) -> dict:
+        """Train holding the output folder's lock (phase7fw/run_lock.py): a second run on the
+        same folder stops here, before it writes anything."""
+        e = self.engine
+        lock, refused = None, None
+        if e.dist.is_main:
+            try:
+                lock = RunLock(e.output_dir).acquire()
+            except RunLocked as exc:
+                refused = str(exc)
+        refused = distributed.broadcast_object(refused, e.dist)  # every rank stops alike
+        if refused:
+            raise RunLocked(refused)
+        try:
+            return self._run()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run(self) -> dict:
         e = self.engine
         if e.dist.is_main:
             e.output_dir.mkdir(parents=True, exist_ok=True)
