@@ -393,6 +393,14 @@ class Engine:
                         "tokens_seen": self.tokens_seen},
         }
 
+    @torch.no_grad()
+    def weights_finite(self) -> bool:
+        """True when no parameter holds NaN or Inf (on every rank: all ranks get the answer)."""
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
+        flags = [torch.isfinite(t).all() for t in local if t.numel()]
+        ok = torch.stack(flags).all().float() if flags else torch.ones((), device=self.device)
+        return float(distributed.all_mean(ok.to(self.device), self.dist)) == 1.0
+
     def save(self, path) -> Path:
         """Write a complete checkpoint to ``path``, atomically: one file, or with FSDP a
         directory of that name holding the shards (torch.distributed.checkpoint)."""

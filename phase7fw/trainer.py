@@ -46,6 +46,7 @@ class Trainer:
         self.trackers: list = []
         self.callbacks: list = []
         self.consecutive_bad = 0  # non-finite steps in a row
+        self.last_good: str | None = getattr(engine, "resumed_from", None)  # newest checkpoint with finite weights
 
     # ------------------------------------------------------------------ setup
     def _build_trackers(self) -> None:
@@ -136,8 +137,11 @@ class Trainer:
                 self.console.print("Stopped by a second Ctrl-C without saving this step.")
             else:
                 path = self._save(e.step)
-                self.console.print(f"Stopped by Ctrl-C at step {e.step}; checkpoint saved to {path}."
-                                   " Continue with the same command and --resume auto.")
+                if path is not None:
+                    self.console.print(f"Stopped by Ctrl-C at step {e.step}; checkpoint saved to {path}."
+                                       " Continue with the same command and --resume auto.")
+                else:
+                    self.console.print(f"Stopped by Ctrl-C at step {e.step}; {self._last_good_text()}")
             raise
         finally:
             self.console.close_bar()
@@ -281,11 +285,12 @@ class Trainer:
                            "lr": lr, "skipped": True, "skipped_steps": e.skipped_steps})
                 if consecutive_bad >= t.max_nonfinite_steps:
                     path = self._save(e.step)
+                    where = (f"The weights are those of the last finite update, saved to {path}" if path else
+                             self._last_good_text())
                     raise TrainingAborted(
                         f"stopping: {consecutive_bad} non-finite steps in a row (last at step {e.step}:"
-                        f" loss {loss_value}, grad norm {grad_norm}). The weights are those of the last"
-                        f" finite update, saved to {path}; lower optimizer.lr, raise lr_scheduler.warmup_steps"
-                        " or use precision = \"bf16\"/\"fp32\", then resume."
+                        f" loss {loss_value}, grad norm {grad_norm}). {where}; lower optimizer.lr, raise"
+                        " lr_scheduler.warmup_steps or use precision = \"bf16\"/\"fp32\", then resume."
                     )
 
             if e.step % t.log_every == 0 or e.step == t.max_steps:
@@ -300,6 +305,9 @@ class Trainer:
 
         val = self._evaluate() if e.val_sampler is not None else None
         final = self._save("final")
+        if final is None:
+            raise TrainingAborted(f"training reached step {e.step} with non-finite weights, so no final checkpoint"
+                                  f" was written. {self._last_good_text()}")
         return {
             "steps": e.step,
             "final_loss": last_loss,
@@ -346,11 +354,24 @@ class Trainer:
             self._save("best")
         return metrics["loss"]
 
-    def _save(self, tag) -> str:
+    def _save(self, tag) -> str | None:
+        """Write the checkpoint ``tag``; None (and a console line) when the weights are not
+        finite: a NaN checkpoint would only replace a good one."""
         e = self.engine
-        e.tracker_state = self._tracker_state()
         path = checkpoint_path(e.output_dir, e.model_name, tag)
+        if not e.weights_finite():
+            self.console.print(f"Not saving {path.name}: the weights hold NaN or Inf.")
+            return None
+        e.tracker_state = self._tracker_state()
         e.save(path)
+        if tag != "best":
+            self.last_good = str(path)
         for cb in self.callbacks:
             cb.on_checkpoint(e, str(path))
         return str(path)
+
+    def _last_good_text(self) -> str:
+        if self.last_good:
+            return (f"The weights are not finite (NaN/Inf), so no checkpoint was written; the last good checkpoint"
+                    f" is {self.last_good}")
+        return "The weights are not finite (NaN/Inf), so no checkpoint was written; this run saved none before"
