@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from phase7fw.errors import CheckpointError
+from phase7fw.fileio import disk_error, writing
 
 FORMAT = "phase7fw-checkpoint"
 FORMAT_VERSION = 1
@@ -28,20 +29,28 @@ def checkpoint_path(output_dir: str | os.PathLike, model_name: str, tag: str | i
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
-    """Write ``state`` atomically: temporary file in the same folder, fsync, rename."""
+    """Write ``state`` atomically: temporary file in the same folder, fsync, rename. A full
+    disk or a read-only folder is a :class:`~phase7fw.fileio.DiskError` and leaves no file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                writer = _Writer(fh)
+                try:
+                    torch.save(payload, writer)
+                except Exception:
+                    if writer.error is not None:  # torch reports a failed write as "unexpected pos"
+                        raise writer.error from None
+                    raise
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -53,6 +62,24 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
     return path
 
 
+class _Writer:
+    """The file torch.save writes to. torch swallows an OSError raised by ``write`` and fails
+    later with an unrelated message; this keeps the OSError (a full disk) to raise instead."""
+
+    def __init__(self, fh):
+        self.fh, self.error = fh, None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
 def save_sharded_checkpoint(path: str | os.PathLike, tensors: dict, extra: dict, ctx) -> Path:
     """An FSDP checkpoint: a directory ``path`` with every rank's shards of ``tensors``
     (torch.distributed.checkpoint) and ``extra.pt`` (rank 0's plain state). Written into a
@@ -62,21 +89,37 @@ def save_sharded_checkpoint(path: str | os.PathLike, tensors: dict, extra: dict,
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
+    from torch.distributed.checkpoint.api import CheckpointException
+
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp"
     if ctx.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        with writing(tmp):
+            tmp.mkdir(parents=True)
     if ctx.distributed:
         dist.barrier()
-    dcp.save(tensors, checkpoint_id=str(tmp))
+    try:
+        dcp.save(tensors, checkpoint_id=str(tmp))
+    except CheckpointException as exc:  # every rank gets every rank's failure
+        if ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for failure in exc.failures.values():
+            inner = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(inner, OSError):
+                raise disk_error(inner, path) from None
+        raise
     rng = [None] * ctx.world_size
     if ctx.distributed:
         dist.all_gather_object(rng, extra["rng"])
     else:
         rng = [extra["rng"]]
     if ctx.is_main:
-        save_checkpoint(tmp / "extra.pt", {**extra, "sharded": True, "rng_per_rank": rng})
+        try:
+            save_checkpoint(tmp / "extra.pt", {**extra, "sharded": True, "rng_per_rank": rng})
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         old = path.parent / f".{path.name}.old"
         if path.exists():
             os.replace(path, old)
@@ -85,6 +128,47 @@ def save_sharded_checkpoint(path: str | os.PathLike, tensors: dict, extra: dict,
     if ctx.distributed:
         dist.barrier()
     return path
+
+
+def remove_interrupted_saves(output_dir: str | os.PathLike) -> list[str]:
+    """Clean up after saves that a killed process left half done: temporary checkpoint files
+    and folders are removed, and a sharded checkpoint caught between its two renames gets its
+    previous version back. Only while no live run holds the folder (its lock is taken for
+    the clean-up; a folder in use or not writable is left alone). Returns what was done."""
+    from phase7fw.fileio import DiskError
+    from phase7fw.run_lock import RunLock, RunLocked
+
+    if not Path(output_dir).is_dir():
+        return []
+    try:
+        lock = RunLock(output_dir).acquire()
+    except (RunLocked, DiskError):
+        return []
+    try:
+        with writing(output_dir):
+            return _remove_interrupted_saves(Path(output_dir))
+    finally:
+        lock.release()
+
+
+def _remove_interrupted_saves(folder: Path) -> list[str]:
+    import shutil
+
+    done: list[str] = []
+    for old in folder.glob(".*.old"):
+        name = folder / old.name[1 : -len(".old")]
+        if not name.exists():  # killed after moving the old version aside: put it back
+            os.replace(old, name)
+            done.append(f"restored {name.name} (a save was interrupted)")
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    for tmp in folder.glob(".*.tmp"):
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        done.append(f"removed {tmp.name} (left by an interrupted save)")
+    return done
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:

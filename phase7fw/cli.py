@@ -205,11 +205,9 @@ def cmd_bench(args) -> int:
         load_recipe(args.compare, base_over, plugins=plugins)
     def write_json(result: dict) -> None:
         if args.json:
-            from pathlib import Path
+            from phase7fw.fileio import write_text_atomic
 
-            out = Path(args.json)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=2) + "\n")
+            write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
 
     result = run_bench(args.recipe, main_over, steps=args.steps, warmup=args.warmup, device=args.device,
                        compare_recipe=args.compare, compare_overrides=base_over,

@@ -40,6 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from phase7fw.errors import Phase7Error
+from phase7fw.fileio import disk_error
 
 FORMAT = 1
 CHUNK_CHARS = 4_000_000  # text per worker task: large enough to amortize pickling
@@ -112,23 +113,29 @@ def cached_tokens(
         except DamagedEntry as exc:
             rebuilt = f"rebuilt (the cached entry was damaged: {exc})"
             _discard(final)
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(root)
     tmp = root / f".tmp-{final.name}-{socket.gethostname()}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(root)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise disk_error(exc, final) from None
     try:
         if callable(total):
             total = total()
-        meta = _write_shard(tmp, label, texts, tokenizer, dtype, workers or default_workers(), total)
+        try:
+            meta = _write_shard(tmp, label, texts, tokenizer, dtype, workers or default_workers(), total)
+        except OSError as exc:  # full disk, read-only cache: one message (the folder is removed below)
+            raise disk_error(exc, final) from None
         meta.update(format=FORMAT, key=key, source=identity, tokenizer=tokenizer.fingerprint(),
                     created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        _write_json(tmp / "meta.json", meta)
         try:
+            _write_json(tmp / "meta.json", meta)
             os.rename(tmp, final)
-        except OSError:
+        except OSError as exc:
             if not (final / "meta.json").is_file():  # not a concurrent writer winning the race
-                raise
+                raise disk_error(exc, final) from None
             shutil.rmtree(tmp, ignore_errors=True)
             return _open(final, "cached", key)
     except BaseException:
@@ -364,18 +371,3 @@ def _remove_stale_temps(root: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         except OSError:
             pass
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

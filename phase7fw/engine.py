@@ -38,6 +38,7 @@ from phase7fw import __version__, distributed, memory
 from phase7fw.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
+    remove_interrupted_saves,
     save_checkpoint,
     save_sharded_checkpoint,
     upgrade_shapes,
@@ -419,6 +420,10 @@ class Engine:
         return path
 
     def _resume(self, resume: str) -> None:
+        if self.dist.is_main:  # saves a killed run left half done, before looking for checkpoints
+            for line in remove_interrupted_saves(self.output_dir):
+                self.console.print(line)
+        distributed.barrier(self.dist)
         if resume == "never":
             existing = latest_checkpoint(self.output_dir)
             if existing is not None:

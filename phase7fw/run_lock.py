@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from phase7fw.errors import Phase7Error
+from phase7fw.fileio import writing
 
 LOCK_NAME = ".phase7fw.lock"
 
@@ -31,7 +32,11 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with writing(self.path):  # the first write of a run: a read-only or full folder stops here
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return self._acquire()
+
+    def _acquire(self) -> "RunLock":
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows

@@ -26,6 +26,7 @@ from phase7fw import distributed
 from phase7fw.checkpoint import checkpoint_path
 from phase7fw.console import perplexity, step_line, val_line
 from phase7fw.errors import TrainingAborted
+from phase7fw.fileio import write_text_atomic
 from phase7fw.recipe import recipe_to_dict, recipe_to_toml
 from phase7fw.recipe.convert import structure_component
 from phase7fw.run_lock import RunLock, RunLocked
@@ -114,8 +115,7 @@ class Trainer:
     def _run(self) -> dict:
         e = self.engine
         if e.dist.is_main:
-            e.output_dir.mkdir(parents=True, exist_ok=True)
-            (e.output_dir / "resolved_recipe.toml").write_text(recipe_to_toml(self.recipe))
+            write_text_atomic(e.output_dir / "resolved_recipe.toml", recipe_to_toml(self.recipe))
         distributed.barrier(e.dist)
         self._build_trackers()
         for line in e.describe():

@@ -113,3 +113,18 @@ def test_a_non_utf8_tokenizer_file_is_a_clear_error(tmp_path):
     bad.write_bytes(b"{\"model\": \xff\xfe}")
     with pytest.raises(Phase7Error, match=f"{bad} is not a tokenizer.json: not UTF-8 text"):
         FileTokenizer(FileConfig(path=str(bad)))
+
+
+def test_a_full_disk_while_tokenizing_is_one_message_and_leaves_no_partial_entry(tmp_path, monkeypatch):
+    import errno
+
+    import phase7fw.data_cache as data_cache
+    from phase7fw.fileio import DiskError
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(data_cache.np, "save", full)
+    with pytest.raises(DiskError, match=r"no space left on .* while writing .*/tokens/src-"):
+        cached_tokens("src", {"name": "src"}, iter(DOCS), BytesTokenizer(), tmp_path, workers=1)
+    assert list((tmp_path / "tokens").iterdir()) == []
