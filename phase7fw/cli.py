@@ -17,16 +17,46 @@ from phase7fw.errors import Phase7Error
 _LOADED = None
 
 
+def _report(err) -> None:
+    print(f"warning: plugin {err.name} failed and is disabled: {err}", file=sys.stderr)
+
+
 def _plugins():
-    """Plugins of this process, loaded once; load failures are warnings (errors when strict)."""
+    """Plugins of this process, loaded once; a failing plugin is a warning line (an error
+    when strict), here and whenever one of its hooks fails later."""
     global _LOADED
     if _LOADED is None:
         from phase7fw.plugins import load_plugins
 
-        _LOADED = load_plugins()
-        for err in _LOADED.load_errors:
-            print(f"warning: plugin {err.name} failed to load: {err}", file=sys.stderr)
+        _LOADED = load_plugins(report=_report)
     return _LOADED
+
+
+def _plugin_commands(plugins):
+    """The ``register_commands`` hook: a plugin that fails in it loses the commands it added."""
+    from phase7fw.plugins import CURRENT_PLUGIN
+
+    def call(subparsers):
+        owners: dict[str, str] = {}
+        add_parser = subparsers.add_parser
+
+        def add(name, **kwargs):
+            owners[name] = CURRENT_PLUGIN.get()
+            return add_parser(name, **kwargs)
+
+        subparsers.add_parser = add
+        before = len(plugins.load_errors)
+        try:
+            plugins.call("register_commands", subparsers=subparsers)
+        finally:
+            subparsers.add_parser = add_parser
+        failed = {e.name for e in plugins.load_errors[before:]}
+        for name, owner in owners.items():
+            if owner in failed:
+                subparsers.choices.pop(name, None)
+                subparsers._choices_actions[:] = [a for a in subparsers._choices_actions if a.dest != name]
+
+    return call
 
 
 def _recipe(args, plugins):
@@ -90,16 +120,15 @@ def cmd_data(args) -> int:
 def cmd_plugins(args) -> int:
     plugins = _plugins()
     rows = plugins.describe()
-    errors = [{"name": e.name, "dist": e.dist, "error": f"{type(e.error).__name__}: {e.error}"}
-              for e in plugins.load_errors]
+    errors = [{"name": e.name, "dist": e.dist, "hook": e.hook, "error": e.reason} for e in plugins.load_errors]
     if args.json:
         print(json.dumps({"plugins": rows, "errors": errors}, indent=2))
         return 0
     for row in rows:
         kind = "built-in" if row["builtin"] else row["dist"]
         print(f"{row['name']} ({kind}, {row['version']}): {', '.join(row['components']) or '-'}")
-    for err in errors:
-        print(f"FAILED {err['name']} ({err['dist']}): {err['error']}")
+    for err in plugins.load_errors:
+        print(f"FAILED {err.name} ({err}), disabled")
     return 0
 
 
@@ -379,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     who = f"[rank {os.environ.get('RANK', '0')}/{world}] " if world > 1 else ""
     try:
-        args = build_parser(_plugins().hook.register_commands).parse_args(argv)
+        args = build_parser(_plugin_commands(_plugins())).parse_args(argv)
         return int(args.func(args) or 0)
     except Phase7Error as exc:
         print(f"error: {who}{exc}", file=sys.stderr)

@@ -246,6 +246,12 @@ class Engine:
             self._resume(resume)
         self._done("resume")
 
+    @property
+    def plugin_errors(self) -> list:
+        """Plugins that failed and were disabled (:class:`phase7fw.plugins.PluginLoadError`:
+        ``name``, ``dist`` = "distribution==version", ``error``, ``hook``)."""
+        return self.plugins.load_errors
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_recipe(cls, recipe, overrides=None, *, dummy_data: bool = False, resume: str = "auto",

@@ -27,6 +27,7 @@ from phase7fw.checkpoint import checkpoint_path
 from phase7fw.console import perplexity, step_line, val_line
 from phase7fw.errors import TrainingAborted
 from phase7fw.fileio import write_text_atomic
+from phase7fw.hookspecs import hookimpl
 from phase7fw.recipe import recipe_to_dict, recipe_to_toml
 from phase7fw.recipe.convert import structure_component
 from phase7fw.run_lock import RunLock, RunLocked
@@ -34,6 +35,34 @@ from phase7fw.run_lock import RunLock, RunLocked
 
 def _untimed(name: str):
     return contextlib.nullcontext()
+
+
+class CallbackHooks:
+    """A recipe ``Callback`` as lifecycle hook implementations (hookspecs.py), called after
+    the plugins' (trylast); its errors stop the run like any error of the run."""
+
+    def __init__(self, callback):
+        self.callback = callback
+
+    @hookimpl(trylast=True)
+    def run_start(self, engine):
+        self.callback.on_run_start(engine)
+
+    @hookimpl(trylast=True)
+    def step_end(self, engine, row):
+        self.callback.on_step_end(engine, row)
+
+    @hookimpl(trylast=True)
+    def eval_end(self, engine, row):
+        self.callback.on_eval_end(engine, row)
+
+    @hookimpl(trylast=True)
+    def checkpoint_saved(self, engine, path):
+        self.callback.on_checkpoint(engine, path)
+
+    @hookimpl(trylast=True)
+    def run_end(self, engine, summary):
+        self.callback.on_run_end(engine, summary)
 
 
 class Trainer:
@@ -65,6 +94,13 @@ class Trainer:
             )
             self.trackers.append((spec.name, tracker))
         self.callbacks = [e.registry.build("callback", s.name, s.config) for s in r.callbacks]
+        # The recipe's callbacks implement the lifecycle hooks for this run (trylast: after
+        # the plugins'; pluggy calls trylast implementations in registration order).
+        self._callback_names = []
+        for i, cb in enumerate(self.callbacks):
+            name = f"phase7fw.callback[{i}]:{r.callbacks[i].name}"
+            e.plugins.pm.register(CallbackHooks(cb), name=name)
+            self._callback_names.append(name)
         e._done("trackers")
 
     def _log(self, row: dict) -> None:
@@ -109,6 +145,9 @@ class Trainer:
         try:
             return self._run()
         finally:
+            for name in getattr(self, "_callback_names", ()):
+                if e.plugins.pm.has_plugin(name):
+                    e.plugins.pm.unregister(name=name)
             if lock is not None:
                 lock.release()
 
@@ -120,9 +159,7 @@ class Trainer:
         self._build_trackers()
         for line in e.describe():
             self.console.print(line)
-        e.plugins.hook.run_start(engine=e)
-        for cb in self.callbacks:
-            cb.on_run_start(e)
+        e.plugins.call("run_start", engine=e)
         e._done("loop")
 
         old_handler = None
@@ -149,9 +186,7 @@ class Trainer:
                 signal.signal(signal.SIGINT, old_handler)
             for _, tracker in self.trackers:
                 tracker.finish()
-        e.plugins.hook.run_end(engine=e, summary=summary)
-        for cb in self.callbacks:
-            cb.on_run_end(e, summary)
+        e.plugins.call("run_end", engine=e, summary=summary)
         return summary
 
     def train_step(self, timer=None) -> dict:
@@ -336,8 +371,7 @@ class Trainer:
             extra["Curv"] = f"{row['curvature']:.3f}"
         self.console.print(step_line(e.step, loss, lr, grad_norm, step_time, extra))
         self._log(row)
-        for cb in self.callbacks:
-            cb.on_step_end(e, row)
+        e.plugins.call("step_end", engine=e, row=row)
 
     def _evaluate(self) -> float | None:
         e = self.engine
@@ -347,8 +381,7 @@ class Trainer:
         row = {"step": e.step, "split": "val", "loss": metrics["loss"], "ppl": metrics["ppl"]}
         self.console.print(val_line(e.step, metrics["loss"]))
         self._log(row)
-        for cb in self.callbacks:
-            cb.on_eval_end(e, row)
+        e.plugins.call("eval_end", engine=e, row=row)
         if metrics["loss"] < e.best_val_loss:
             e.best_val_loss = metrics["loss"]
             self._save("best")
@@ -366,8 +399,7 @@ class Trainer:
         e.save(path)
         if tag != "best":
             self.last_good = str(path)
-        for cb in self.callbacks:
-            cb.on_checkpoint(e, str(path))
+        e.plugins.call("checkpoint_saved", engine=e, path=str(path))
         return str(path)
 
     def _last_good_text(self) -> str:
