@@ -70,6 +70,21 @@ BUILD_ORDER = (
 )
 
 
+def planned_steps(state: dict) -> int | None:
+    """The ``train.max_steps`` a checkpoint's run was planned for (older checkpoints: read
+    from the recipe they hold)."""
+    steps = state.get("max_steps")
+    if isinstance(steps, int):
+        return steps
+    try:
+        import tomllib
+
+        steps = tomllib.loads(state.get("recipe") or "")["train"]["max_steps"]
+    except (tomllib.TOMLDecodeError, KeyError, TypeError):
+        return None
+    return steps if isinstance(steps, int) else None
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -384,6 +399,7 @@ class Engine:
         return {
             "phase7fw_version": __version__,
             "step": self.step,
+            "max_steps": self.recipe.train.max_steps,  # what the LR schedule is planned for
             "model_name": self.model_name,
             "world_size": self.dist.world_size,
             "strategy": self.dist.strategy,
@@ -516,8 +532,9 @@ class Engine:
                 self.curvature_scheduler.load_state_dict(state["curvature_scheduler"])
             if self.scaler is not None and state.get("grad_scaler"):
                 self.scaler.load_state_dict(state["grad_scaler"])
-        except (KeyError, ValueError, RuntimeError) as exc:
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
             raise CheckpointError(f"{where}: scheduler state does not fit this recipe: {exc}") from None
+        self._replan_if_extended(state, where)
         if self.train_sampler is not None and state.get("data"):
             self.train_sampler.load_state_dict(state["data"])
         rng = state.get("rng") or {}
@@ -533,6 +550,24 @@ class Engine:
         self.tracker_state = dict(state.get("trackers") or {})
         if self.curvature_scheduler is not None:
             self.model.set_curvature(self.curvature_scheduler.value(self.step))
+
+    def _replan_if_extended(self, state: dict, where: str) -> None:
+        """A run resumed with another ``train.max_steps``: the LR schedule follows the new
+        length (said in one line), or the resume is refused; never the old plan silently."""
+        planned, wanted = planned_steps(state), self.recipe.train.max_steps
+        if planned is None or planned == wanted:
+            return
+        replan = getattr(self.lr_scheduler, "replan", None)
+        if not callable(replan):
+            raise CheckpointError(
+                f"{where} was planned for train.max_steps = {planned}, the recipe says {wanted}, and lr_scheduler"
+                f" {self.recipe.lr_scheduler.name!r} cannot re-plan its schedule; keep train.max_steps = {planned}"
+                " or start a new run (--resume never, another run.output_dir)")
+        before = self.optimizer.param_groups[0]["lr"]
+        replan(wanted)
+        after = self.optimizer.param_groups[0]["lr"]
+        self.console.print(f"train.max_steps changed from {planned} to {wanted}: the LR schedule is re-planned for"
+                           f" {wanted} steps (lr at step {self.step}: {before:.3g} -> {after:.3g})")
 
     # ------------------------------------------------------------------ running
     def fit(self) -> dict:
