@@ -202,7 +202,71 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
             f"{path} has checkpoint format {state['format_version']}, newer than this phase7fw"
             f" understands ({FORMAT_VERSION}); upgrade phase7fw"
         )
+    problem = field_problem(state)
+    if problem:
+        raise CheckpointError(f"{path} is damaged or was edited by hand: {problem}")
     return state
+
+
+def _int(v) -> bool:
+    return type(v) is int
+
+
+def _tensor_dict(v) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())
+
+
+def _rng(v) -> bool:
+    def byte_tensor(t):
+        return isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1
+
+    return isinstance(v, dict) and byte_tensor(v.get("torch", torch.zeros(0, dtype=torch.uint8))) and (
+        "cuda" not in v or isinstance(v["cuda"], (list, tuple)) and all(map(byte_tensor, v["cuda"])))
+
+
+def _metrics(v) -> bool:
+    numbers = {"best_val_loss": (int, float), "skipped_steps": int, "tokens_seen": int}
+    return isinstance(v, dict) and all(k not in v or type(v[k]) in (kind if isinstance(kind, tuple) else (kind,))
+                                       for k, kind in numbers.items())
+
+
+def _data(v) -> bool:
+    return v is None or isinstance(v, dict) and _int(v.get("position")) and v["position"] >= 0
+
+
+#: what each field of a checkpoint must be, when present (a description and a test)
+FIELDS = {
+    "step": ("an integer >= 0", lambda v: _int(v) and v >= 0),
+    "max_steps": ("an integer >= 1", lambda v: _int(v) and v >= 1),
+    "world_size": ("an integer >= 1", lambda v: _int(v) and v >= 1),
+    "model_name": ("a string", lambda v: isinstance(v, str)),
+    "strategy": ("a string", lambda v: isinstance(v, str)),
+    "recipe": ("the TOML text of a recipe", lambda v: isinstance(v, str)),
+    "model": ("a table of named tensors", _tensor_dict),
+    "optimizer": ("an optimizer state (state, param_groups)",
+                  lambda v: isinstance(v, dict) and isinstance(v.get("state", {}), dict)
+                  and isinstance(v.get("param_groups", []), list)),
+    "lr_scheduler": ("a table", lambda v: isinstance(v, dict)),
+    "curvature_scheduler": ("a table or nothing", lambda v: v is None or isinstance(v, dict)),
+    "grad_scaler": ("a table or nothing", lambda v: v is None or isinstance(v, dict)),
+    "rng": ("RNG states (uint8 tensors)", _rng),
+    "rng_per_rank": ("a list of RNG states", lambda v: v is None or isinstance(v, list) and all(map(_rng, v))),
+    "data": ("a sampler position (a table with position >= 0)", _data),
+    "trackers": ("a table", lambda v: isinstance(v, dict)),
+    "tokenizer": ("a table or nothing", lambda v: v is None or isinstance(v, dict)),
+    "tokenizer_fingerprint": ("a string or nothing", lambda v: v is None or isinstance(v, str)),
+    "metrics": ("a table of numbers", _metrics),
+}
+
+
+def field_problem(state: dict) -> str | None:
+    """The first field of ``state`` with the wrong type, as a message (None: all fine)."""
+    for name, (what, ok) in FIELDS.items():
+        if name in state and not ok(state[name]):
+            got = type(state[name]).__name__
+            return f"{name!r} must be {what}, it is a {got}" + (
+                f" ({state[name]!r})" if isinstance(state[name], (str, int, float)) and len(repr(state[name])) < 40 else "")
+    return None
 
 
 def upgrade_shapes(model_state: dict, optim_state: dict | None, shapes: dict[str, tuple]) -> tuple[dict, dict | None]:

@@ -91,10 +91,14 @@ def cmd_recipe(args) -> int:
         return cmd_new(args, _plugins())
     if not args.recipe:
         raise Phase7Error(f"phase7fw recipe {args.action} needs a RECIPE file")
-    recipe = _recipe(args, _plugins())
+    plugins = _plugins()
+    recipe = _recipe(args, plugins)
     if args.action == "show":
         print(recipe_to_toml(recipe), end="")
     else:
+        from phase7fw.engine import check_buildable
+
+        check_buildable(recipe, plugins)  # what run builds before data and device: model, optimizer, ...
         print(f"{args.recipe}: valid (model {recipe.model.name}, {recipe.train.max_steps} steps)")
     return 0
 
@@ -160,6 +164,8 @@ def cmd_eval(args) -> int:
     from phase7fw.chat import find_checkpoint
     from phase7fw.engine import Engine
 
+    if args.batches is not None and args.batches < 1:  # before the model and the data load
+        raise Phase7Error(f"--batches must be >= 1, got {args.batches}")
     path = find_checkpoint(args.checkpoint, args.runs_dir)
     engine = Engine.from_checkpoint(path, device=args.device, with_data=True, plugins=_plugins())
     m = engine.evaluate(args.batches)

@@ -96,11 +96,14 @@ def cached_tokens(
     *,
     workers: int | None = None,
     total: int | Callable[[], int | None] | None = None,
+    warnings: Callable[[], list[str]] | None = None,
 ) -> CachedTokens:
     """The source's tokens from the cache, tokenizing ``texts`` first when they are not there.
 
     ``texts`` is only iterated on a cache miss; ``total`` (the number of documents, or a
-    function giving it, called only on a miss) sizes the progress bar.
+    function giving it, called only on a miss) sizes the progress bar; ``warnings()``
+    (called after ``texts`` was read) gives lines kept in meta.json, so a cached entry
+    reports them too.
     """
     dtype = token_dtype(tokenizer.vocab_size)
     key = digest({"format": FORMAT, "source": identity, "tokenizer": tokenizer.fingerprint(), "dtype": dtype.str})
@@ -129,7 +132,7 @@ def cached_tokens(
         except OSError as exc:  # full disk, read-only cache: one message (the folder is removed below)
             raise disk_error(exc, final) from None
         meta.update(format=FORMAT, key=key, source=identity, tokenizer=tokenizer.fingerprint(),
-                    created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                    created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), warnings=list(warnings() if warnings else []))
         try:
             _write_json(tmp / "meta.json", meta)
             os.rename(tmp, final)

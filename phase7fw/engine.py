@@ -45,7 +45,7 @@ from phase7fw.checkpoint import (
 )
 from phase7fw.console import Console, human
 from phase7fw.data import MixtureSampler, load_mix
-from phase7fw.errors import CheckpointError, Phase7Error
+from phase7fw.errors import CheckpointError, Phase7Error, RecipeError
 from phase7fw.optim_groups import param_groups
 from phase7fw.plugins import Plugins, load_plugins
 from phase7fw.recipe import KERNEL_OPS, Recipe, load_recipe, recipe_to_dict, recipe_to_toml
@@ -138,6 +138,38 @@ def build_model(recipe: Recipe | str, device: str | torch.device = "meta", *, pl
     if str(device) != "meta":
         materialize(model, torch.device(device))
     return model
+
+
+def check_buildable(recipe: Recipe, plugins: Plugins) -> None:
+    """Build every part of a run that needs neither data nor a device -- tokenizer, model (on
+    the meta device), its strategy and memory switches, optimizer, schedulers, data sources
+    and callbacks -- so ``phase7fw recipe validate`` reports what ``run`` would (a
+    :class:`Phase7Error`), in seconds and without memory."""
+    from types import SimpleNamespace
+
+    from phase7fw.data import build_sources
+
+    tokenizer = build_tokenizer(recipe, plugins)
+    model = build_model(recipe, "meta", plugins=plugins, vocab_size=model_vocab_size(recipe, tokenizer))
+    check_strategy = getattr(model, "check_strategy", None)
+    if callable(check_strategy):
+        check_strategy(recipe.parallel.strategy)
+    run = SimpleNamespace(recipe=recipe, model=model)
+    memory.setup_model(run)
+    if recipe.train.activation_checkpointing:
+        model.enable_activation_checkpointing()
+    registry, max_steps = plugins.registry, recipe.train.max_steps
+    run.optimizer = registry.build("optimizer", recipe.optimizer.name, recipe.optimizer.config,
+                                   params=param_groups(model))
+    memory.setup_optimizer(run)
+    registry.build("lr_scheduler", recipe.lr_scheduler.name, recipe.lr_scheduler.config, optimizer=run.optimizer,
+                   max_steps=max_steps)
+    if recipe.curvature_scheduler is not None:
+        spec = recipe.curvature_scheduler
+        model.set_curvature(registry.build("curvature_scheduler", spec.name, spec.config, max_steps=max_steps).value(0))
+    build_sources(recipe, registry, cache_dir=cache_dir(recipe))
+    for spec in recipe.callbacks:
+        registry.build("callback", spec.name, spec.config)
 
 
 def materialize(model: torch.nn.Module, device: torch.device) -> None:
@@ -296,8 +328,16 @@ class Engine:
         if state.get("sharded"):
             raise CheckpointError(f"{path} is a sharded (FSDP) checkpoint; make one file of it first:"
                                   f" phase7fw checkpoint consolidate {path} OUT.pt")
+        try:
+            raw = tomllib.loads(recipe_text)
+        except tomllib.TOMLDecodeError as exc:
+            raise CheckpointError(f"the recipe stored in {path} is not valid TOML ({exc}); it was damaged or"
+                                  " edited by hand") from None
         # One process: eval and generation never need the training run's DDP/FSDP wrapping.
-        recipe = load_recipe(tomllib.loads(recipe_text), {"parallel.strategy": "none"}, plugins=plugins)
+        try:
+            recipe = load_recipe(raw, {"parallel.strategy": "none"}, plugins=plugins)
+        except RecipeError as exc:
+            raise RecipeError(exc.errors, source=f"stored in {path}") from None
         engine = cls(recipe, plugins=plugins, resume="never", device=device, with_data=with_data,
                      checkpoint={**state, "path": str(path)}, console=Console(not quiet))
         engine.checkpoint_file = str(path)
@@ -532,6 +572,8 @@ class Engine:
                 self.curvature_scheduler.load_state_dict(state["curvature_scheduler"])
             if self.scaler is not None and state.get("grad_scaler"):
                 self.scaler.load_state_dict(state["grad_scaler"])
+            if callable(getattr(self.lr_scheduler, "get_lr", None)):
+                self.lr_scheduler.get_lr()  # a scheduler state with wrong values fails here, not mid-run
         except (KeyError, ValueError, RuntimeError, TypeError) as exc:
             raise CheckpointError(f"{where}: scheduler state does not fit this recipe: {exc}") from None
         self._replan_if_extended(state, where)
@@ -584,6 +626,8 @@ class Engine:
             if self.train_sampler is None:
                 raise Phase7Error("evaluate needs data: build the engine with data (from_checkpoint(..., with_data=True))")
             raise Phase7Error("data.val_fraction is 0: there is no validation split to evaluate on")
+        if batches is not None and (not isinstance(batches, int) or batches < 1):
+            raise Phase7Error(f"evaluate: batches must be an integer >= 1 (or None: train.eval_batches), got {batches!r}")
         n = batches or self.recipe.train.eval_batches
         was_training = self.model.training
         self.model.eval()

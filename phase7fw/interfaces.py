@@ -162,6 +162,11 @@ class DataSource:
     def describe(self) -> str:
         return type(self).__name__
 
+    def read_warnings(self) -> list[str]:
+        """Problems the last pass over ``texts()`` met but worked around (files skipped or
+        decoded lossily), one line each, with counts; the data log shows them."""
+        return []
+
 
 class Tracker:
     """Receives every logged row (dicts with ``step`` and ``split``)."""
@@ -178,7 +183,8 @@ class Tracker:
 
 
 class Callback:
-    """Per-step hooks into the training loop, called in recipe order."""
+    """Per-step hooks into the training loop, called in recipe order (through the lifecycle
+    hooks of hookspecs.py: a recipe's callbacks are their implementations for the run)."""
 
     def on_run_start(self, engine) -> None: ...
 
