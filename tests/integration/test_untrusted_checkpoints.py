@@ -101,3 +101,19 @@ def test_metadata_reader_accepts_real_dcp_metadata_and_rejects_escaping_paths(tm
     (tmp_path / "ok" / ".metadata").write_bytes(b"\x80\x04garbage")
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         read_metadata(tmp_path / "ok")
+
+
+def test_every_other_command_that_reads_a_folder_never_runs_it(tmp_path, capsys):
+    """eval / generate / chat on the folder or on its run folder, and --resume auto finding it."""
+    from phase7fw.cli import main
+
+    marker = tmp_path / "marker"
+    run_dir = tmp_path / "run"
+    src = sharded_folder(run_dir / "llama_final.pt", marker)
+    for args in (["eval", src], ["eval", run_dir], ["generate", src, "--prompt", "x"], ["chat", run_dir]):
+        code = main([str(a) for a in args])
+        err = capsys.readouterr().err
+        assert code == 2 and "is a sharded (FSDP) checkpoint" in err and "consolidate" in err, (args, err)
+        assert not marker.exists()
+    proc = run_cli("run", TINY, *SMALL, "--set", 'parallel.strategy="fsdp"', "--set", f"run.output_dir={run_dir}")
+    assert_refused(proc, marker, f"refusing to load {src / '.metadata'}", "builtins.exec")
