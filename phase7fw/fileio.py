@@ -32,6 +32,10 @@ def disk_error(exc: OSError, path: str | os.PathLike) -> DiskError:
     if exc.errno in _READ_ONLY:
         where = exc.filename or path
         return DiskError(f"{where} is read-only ({_READ_ONLY[exc.errno]}); cannot write {path}")
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):  # a folder on the way is a file
+        blocker = next((p for p in Path(os.path.abspath(path)).parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            return DiskError(f"cannot write {path}: {blocker} is a file, not a folder")
     return DiskError(f"cannot write {path}: {exc.strerror or exc}")
 
 

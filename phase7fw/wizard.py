@@ -205,7 +205,10 @@ def write_recipe(body: dict, notes: list[str], output: Path, plugins, *, force: 
         with writing(output):
             os.replace(tmp, output)
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # its folder could not be made: there is no temporary file
+            pass
     return recipe
 
 
