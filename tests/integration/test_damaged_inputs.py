@@ -29,10 +29,10 @@ def cli(capsys, *args):
 
 
 def test_sampling_settings_must_be_finite(tmp_path, capsys):
-    for flag, value, message in [("--temperature", "nan", "temperature must be a finite number >= 0"),
-                                 ("--temperature", "inf", "temperature must be a finite number >= 0"),
+    for flag, value, message in [("--temperature", "nan", "temperature must be >= 0 (0 = greedy) and finite"),
+                                 ("--temperature", "inf", "temperature must be >= 0 (0 = greedy) and finite"),
                                  ("--top-p", "nan", "top_p must be in (0, 1]"),
-                                 ("--repetition-penalty", "inf", "repetition_penalty must be a finite number > 0")]:
+                                 ("--repetition-penalty", "inf", "repetition_penalty must be > 0 (1 = off) and finite")]:
         for command in (["generate", tmp_path / "any.pt", "--prompt", "x"], ["chat", tmp_path / "any.pt"]):
             code, _, err = cli(capsys, *command, flag, value)
             assert code == 2 and err.startswith("error: ") and message in err, (command, flag, err)
