@@ -38,19 +38,27 @@ ABLATIONS = {
 }
 
 
-def shipped_model_kinds() -> dict[str, str]:
-    """model.name -> the shipped recipe with the fewest parameters that uses it."""
-    plugins = load_plugins()
-    best: dict[str, tuple[int, str]] = {}
+def shipped_model_kinds() -> dict[str, list]:
+    """model.name -> the shipped recipes that use it (read at collection: no model is built
+    here, so no kernel module is imported before tests/kernels sets TRITON_INTERPRET)."""
+    plugins, kinds = load_plugins(), {}
     for path in sorted(RECIPES.glob("*.toml")):
-        recipe = load_recipe(path, plugins=plugins)
-        n = sum(p.numel() for p in build_model(recipe, "meta", plugins=plugins, vocab_size=256).parameters())
-        if recipe.model.name not in best or n < best[recipe.model.name][0]:
-            best[recipe.model.name] = (n, path.name)
-    return {kind: name for kind, (_, name) in best.items()}
+        kinds.setdefault(load_recipe(path, plugins=plugins).model.name, []).append(path)
+    return kinds
 
 
 KINDS = shipped_model_kinds()
+
+
+def smallest_recipe(kind: str):
+    """The recipe of ``kind`` with the fewest parameters (counted on the meta device)."""
+    plugins = load_plugins()
+
+    def size(path):
+        model = build_model(load_recipe(path, plugins=plugins), "meta", plugins=plugins, vocab_size=256)
+        return sum(p.numel() for p in model.parameters())
+
+    return min(KINDS[kind], key=size)
 VARIANTS = [(kind, "base", {}, STRATEGIES) for kind in KINDS] + [
     (kind, name, over, strategies) for kind, table in ABLATIONS.items() if kind in KINDS
     for name, (over, strategies) in table.items()]
@@ -58,8 +66,8 @@ RUNS = [(kind, name, extra, strategy) for kind, name, extra, strategies in VARIA
 FSDP = [(kind, name, extra) for kind, name, extra, strategy in RUNS if strategy == "fsdp"]
 
 
-def overrides(kind: str, extra: dict, out, batch_size: int, strategy: str) -> dict:
-    recipe = load_recipe(RECIPES / KINDS[kind])
+def overrides(recipe_path, extra: dict, out, batch_size: int, strategy: str) -> dict:
+    recipe = load_recipe(recipe_path)
     fields = {f for f in dir(recipe.model.config) if not f.startswith("_")}
     over = {f"model.{k}": v for k, v in SHRINK.items() if k in fields}
     over.update({"run.output_dir": str(out), "train.max_steps": STEPS, "train.log_every": 1, "train.eval_every": 0,
@@ -79,13 +87,14 @@ def runs(tmp_path_factory):
     FSDP (one torchrun launch)."""
     root = tmp_path_factory.mktemp("models")
     spec = []
+    chosen = {kind: smallest_recipe(kind) for kind in KINDS}
     for kind, name, extra, strategies in VARIANTS:
         single = root / f"{kind}-{name}-single"
-        Engine.from_recipe(RECIPES / KINDS[kind], overrides(kind, extra, single, 4, "none"), dummy_data=True,
+        Engine.from_recipe(chosen[kind], overrides(chosen[kind], extra, single, 4, "none"), dummy_data=True,
                            resume="never", quiet=True).fit()
         for strategy in strategies:
-            spec.append({"recipe": str(RECIPES / KINDS[kind]),
-                         "overrides": overrides(kind, extra, root / f"{kind}-{name}-{strategy}", 2, strategy)})
+            spec.append({"recipe": str(chosen[kind]),
+                         "overrides": overrides(chosen[kind], extra, root / f"{kind}-{name}-{strategy}", 2, strategy)})
     (root / "spec.json").write_text(json.dumps(spec))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "tests" / "integration" / "dist_worker.py"), str(root / "spec.json")]
@@ -128,7 +137,7 @@ def test_an_fsdp_checkpoint_consolidates_and_loads_in_one_process(runs, tmp_path
 def test_tied_embeddings_under_fsdp_are_refused_before_any_work(tmp_path):
     from tests.conftest import run_cli
 
-    proc = run_cli("run", RECIPES / KINDS["phase7"], "--dummy-data", "--set", "model.tie_embeddings=true", "--set",
+    proc = run_cli("run", RECIPES / "phase7_tiny.toml", "--dummy-data", "--set", "model.tie_embeddings=true", "--set",
                    'parallel.strategy="fsdp"', "--set", f"run.output_dir={tmp_path}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert 'model.tie_embeddings = true with parallel.strategy = "fsdp": not supported' in proc.stderr
