@@ -19,8 +19,11 @@ Build order (``Engine.BUILD_ORDER``; each step is recorded in ``engine.build_ste
 12. optimizer      from ``[optimizer]`` with decay / no-decay parameter groups (and its
                    backward hooks with ``train.optimizer_in_backward``)
 13. schedulers     ``[lr_scheduler]`` and ``[curvature_scheduler]``
-14. resume         checkpoint loaded (``resume="auto"|"never"|PATH``)
-15. trackers       created when ``fit()`` starts (they must not exist for eval or chat)
+14. resume         leftovers of saves a killed run left half done cleaned up, then the
+                   checkpoint loaded (``resume="auto"|"never"|PATH``; a changed
+                   ``train.max_steps`` re-plans the LR schedule)
+15. trackers       created when ``fit()`` starts (they must not exist for eval or chat);
+                   ``fit()`` first takes the output folder's lock (phase7fw/run_lock.py)
 16. loop           ``fit()``
 
 Components are reached only through the registry; the engine never imports one by name.
