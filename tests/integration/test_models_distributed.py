@@ -1,8 +1,10 @@
 """Every shipped model kind trains under DDP and FSDP2 (2 CPU processes, gloo) with the loss
 curve of one process, and an FSDP checkpoint consolidates into a file that loads in one process.
 
-The model kinds are the ``model.name`` values of the shipped recipes, so a new model that gets
-a recipe is covered without editing this file; phase7's ablations (ABLATIONS) run as well.
+A model kind is a model with its components (``model.name`` and the names of the nested
+``[model.*]`` components: a phase7 model with another attention is another kind), found in the
+shipped recipes: a new model, or a new component that gets a recipe, is covered without
+editing this file. The ablations of MODEL.md (ABLATIONS) run as well.
 """
 
 import json
@@ -11,6 +13,7 @@ import os
 import subprocess
 import sys
 
+import attrs
 import pytest
 import torch
 
@@ -18,6 +21,7 @@ from phase7fw.checkpoint import consolidate
 from phase7fw.engine import Engine, build_model
 from phase7fw.plugins import load_plugins
 from phase7fw.recipe import load_recipe
+from phase7fw.recipe.options import Component
 from tests.conftest import RECIPES, ROOT
 
 pytestmark = pytest.mark.slow
@@ -26,24 +30,37 @@ STEPS = 3
 #: shrink whatever of these a model has (tiny runs; every shipped model has them today)
 SHRINK = {"d_model": 32, "n_layers": 2, "n_heads": 2, "seq_len": 32, "ffn_hidden": 64}
 STRATEGIES = ("ddp", "fsdp")
-#: phase7 variants that change which parameters exist (the ablations of MODEL.md), and the
-#: strategies each trains under (tied embeddings and FSDP: refused, see the last test)
+#: variants of the kind of this recipe that change which parameters exist (the ablations of
+#: MODEL.md), and the strategies each trains under (tied embeddings and FSDP: refused, see the
+#: last test)
+ABLATION_BASE = "phase7_tiny.toml"
 ABLATIONS = {
-    "phase7": {
-        "attention_only": ({"model.mixer": "attention"}, STRATEGIES),
-        "ssm_only": ({"model.mixer": "ssm"}, STRATEGIES),
-        "sdpa": ({"model.attention": {"name": "sdpa"}}, STRATEGIES),
-        "tied": ({"model.tie_embeddings": True}, ("ddp",)),
-    },
+    "attention_only": ({"model.mixer": "attention"}, STRATEGIES),
+    "ssm_only": ({"model.mixer": "ssm"}, STRATEGIES),
+    "sdpa": ({"model.attention": {"name": "sdpa"}}, STRATEGIES),
+    "tied": ({"model.tie_embeddings": True}, ("ddp",)),
 }
 
 
+def kind_of(recipe) -> str:
+    """``llama``, ``phase7:htt/hyperbolic/ar_ssm/hybrid``: the model and its component names."""
+    def names(config):
+        for field in attrs.fields(type(config)):
+            value = getattr(config, field.name)
+            if isinstance(value, Component):
+                yield value.name
+                yield from names(value.config)
+
+    parts = list(names(recipe.model.config))
+    return recipe.model.name + (":" + "/".join(parts) if parts else "")
+
+
 def shipped_model_kinds() -> dict[str, list]:
-    """model.name -> the shipped recipes that use it (read at collection: no model is built
-    here, so no kernel module is imported before tests/kernels sets TRITON_INTERPRET)."""
+    """kind -> the shipped recipes of that kind (read at collection: no model is built here,
+    so no kernel module is imported before tests/kernels sets TRITON_INTERPRET)."""
     plugins, kinds = load_plugins(), {}
     for path in sorted(RECIPES.glob("*.toml")):
-        kinds.setdefault(load_recipe(path, plugins=plugins).model.name, []).append(path)
+        kinds.setdefault(kind_of(load_recipe(path, plugins=plugins)), []).append(path)
     return kinds
 
 
@@ -59,11 +76,17 @@ def smallest_recipe(kind: str):
         return sum(p.numel() for p in model.parameters())
 
     return min(KINDS[kind], key=size)
+
+
+ABLATED = next((k for k, paths in KINDS.items() if RECIPES / ABLATION_BASE in paths), None)
 VARIANTS = [(kind, "base", {}, STRATEGIES) for kind in KINDS] + [
-    (kind, name, over, strategies) for kind, table in ABLATIONS.items() if kind in KINDS
-    for name, (over, strategies) in table.items()]
+    (ABLATED, name, over, strategies) for name, (over, strategies) in ABLATIONS.items() if ABLATED]
 RUNS = [(kind, name, extra, strategy) for kind, name, extra, strategies in VARIANTS for strategy in strategies]
 FSDP = [(kind, name, extra) for kind, name, extra, strategy in RUNS if strategy == "fsdp"]
+
+
+def folder(kind: str, name: str, what: str) -> str:
+    return f"{kind.replace(':', '-').replace('/', '_')}-{name}-{what}"
 
 
 def overrides(recipe_path, extra: dict, out, batch_size: int, strategy: str) -> dict:
@@ -89,12 +112,12 @@ def runs(tmp_path_factory):
     spec = []
     chosen = {kind: smallest_recipe(kind) for kind in KINDS}
     for kind, name, extra, strategies in VARIANTS:
-        single = root / f"{kind}-{name}-single"
+        single = root / folder(kind, name, "single")
         Engine.from_recipe(chosen[kind], overrides(chosen[kind], extra, single, 4, "none"), dummy_data=True,
                            resume="never", quiet=True).fit()
         for strategy in strategies:
             spec.append({"recipe": str(chosen[kind]),
-                         "overrides": overrides(chosen[kind], extra, root / f"{kind}-{name}-{strategy}", 2, strategy)})
+                         "overrides": overrides(chosen[kind], extra, root / folder(kind, name, strategy), 2, strategy)})
     (root / "spec.json").write_text(json.dumps(spec))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "tests" / "integration" / "dist_worker.py"), str(root / "spec.json")]
@@ -105,28 +128,29 @@ def runs(tmp_path_factory):
 
 
 def test_the_shipped_recipes_have_the_expected_model_kinds():
-    assert {"phase7", "llama"} <= set(KINDS)
+    assert {"llama", "phase7:htt/hyperbolic/ar_ssm/hybrid"} <= set(KINDS) and ABLATED is not None
 
 
 @pytest.mark.parametrize("kind,name,extra,strategy", RUNS, ids=[f"{k}-{n}-{s}" for k, n, _, s in RUNS])
 def test_two_ranks_follow_the_loss_curve_of_one_process(runs, kind, name, extra, strategy):
-    one, two = rows(runs / f"{kind}-{name}-single"), rows(runs / f"{kind}-{name}-{strategy}")
+    one, two = rows(runs / folder(kind, name, "single")), rows(runs / folder(kind, name, strategy))
     assert [r["step"] for r in two] == list(range(1, STEPS + 1))
     for a, b in zip(one, two):
         assert math.isfinite(b["loss"])
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
-    val_one, val_two = rows(runs / f"{kind}-{name}-single", "val"), rows(runs / f"{kind}-{name}-{strategy}", "val")
+    val_one, val_two = rows(runs / folder(kind, name, "single"), "val"), rows(runs / folder(kind, name, strategy), "val")
     assert len(val_two) == 1 and val_two[0]["loss"] == pytest.approx(val_one[0]["loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize("kind,name,extra", FSDP, ids=[f"{k}-{n}" for k, n, _ in FSDP])
 def test_an_fsdp_checkpoint_consolidates_and_loads_in_one_process(runs, tmp_path, kind, name, extra):
-    sharded = runs / f"{kind}-{name}-fsdp" / f"{kind}_final.pt"
+    model_name = kind.split(":")[0]
+    sharded = runs / folder(kind, name, "fsdp") / f"{model_name}_final.pt"
     assert sharded.is_dir()
     merged = consolidate(sharded, tmp_path / "merged.pt")
     engine = Engine.from_checkpoint(merged, device="cpu")
-    reference = torch.load(runs / f"{kind}-{name}-single" / f"{kind}_final.pt", weights_only=True)["model"]
+    reference = torch.load(runs / folder(kind, name, "single") / f"{model_name}_final.pt", weights_only=True)["model"]
     loaded = engine.model.state_dict()
     assert loaded.keys() == reference.keys()
     for key, value in reference.items():
