@@ -62,7 +62,7 @@ def test_a_second_run_on_the_same_folder_is_refused_and_the_first_loses_nothing(
 @pytest.mark.slow
 def test_a_lock_left_by_a_killed_run_is_stale(tmp_path):
     out = tmp_path / "run"
-    first = start_run(out)
+    first = start_run(out, "--set", "train.save_every=0")  # no checkpoint: --resume never below stays valid
     first.kill()  # SIGKILL: no cleanup, the lock file stays behind
     first.communicate(timeout=60)
     assert (out / LOCK_NAME).exists()
