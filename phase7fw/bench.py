@@ -35,6 +35,7 @@ import torch
 
 from phase7fw.console import human
 from phase7fw.errors import Phase7Error
+from phase7fw.fileio import write_text_atomic, writing
 
 PEAK_TFLOPS = 989.4  # H200 SXM bf16 dense (datasheet), the MFU denominator of PERFORMANCE.md
 PHASES = ("data", "forward", "backward", "optimizer")
@@ -290,9 +291,10 @@ def profile_steps(trainer, device: torch.device, out_dir, label: str, steps: int
             trainer.train_step()
         synchronize(device)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     trace = out / f"{label}.trace.json"
-    prof.export_chrome_trace(str(trace))
+    with writing(trace):
+        out.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace))
 
     def device_us(e):  # the attribute was renamed (cuda -> device) across torch versions
         return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
@@ -307,7 +309,7 @@ def profile_steps(trainer, device: torch.device, out_dir, label: str, steps: int
     lines += [f"{r['op'][:60]:<{width}}  {r['calls_per_step']:10.1f}  {r['self_ms_per_step']:17.3f}"
               f"  {r['self_host_ms_per_step']:17.3f}" for r in rows[:40]]
     table = out / f"{label}.ops.txt"
-    table.write_text("\n".join(lines) + "\n")
+    write_text_atomic(table, "\n".join(lines) + "\n")
     aten = sum(e.count for e in events if e.key.startswith("aten::")) / steps
     return {"steps": steps, "trace": str(trace), "table": str(table), "aten_ops_per_step": aten, "top": rows[:10]}
 

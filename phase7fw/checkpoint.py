@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from phase7fw.errors import CheckpointError
+from phase7fw.fileio import disk_error, writing
 
 FORMAT = "phase7fw-checkpoint"
 FORMAT_VERSION = 1
@@ -28,20 +29,28 @@ def checkpoint_path(output_dir: str | os.PathLike, model_name: str, tag: str | i
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
-    """Write ``state`` atomically: temporary file in the same folder, fsync, rename."""
+    """Write ``state`` atomically: temporary file in the same folder, fsync, rename. A full
+    disk or a read-only folder is a :class:`~phase7fw.fileio.DiskError` and leaves no file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                writer = _Writer(fh)
+                try:
+                    torch.save(payload, writer)
+                except Exception:
+                    if writer.error is not None:  # torch reports a failed write as "unexpected pos"
+                        raise writer.error from None
+                    raise
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -53,6 +62,24 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
     return path
 
 
+class _Writer:
+    """The file torch.save writes to. torch swallows an OSError raised by ``write`` and fails
+    later with an unrelated message; this keeps the OSError (a full disk) to raise instead."""
+
+    def __init__(self, fh):
+        self.fh, self.error = fh, None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
 def save_sharded_checkpoint(path: str | os.PathLike, tensors: dict, extra: dict, ctx) -> Path:
     """An FSDP checkpoint: a directory ``path`` with every rank's shards of ``tensors``
     (torch.distributed.checkpoint) and ``extra.pt`` (rank 0's plain state). Written into a
@@ -62,21 +89,37 @@ def save_sharded_checkpoint(path: str | os.PathLike, tensors: dict, extra: dict,
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
+    from torch.distributed.checkpoint.api import CheckpointException
+
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp"
     if ctx.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        with writing(tmp):
+            tmp.mkdir(parents=True)
     if ctx.distributed:
         dist.barrier()
-    dcp.save(tensors, checkpoint_id=str(tmp))
+    try:
+        dcp.save(tensors, checkpoint_id=str(tmp))
+    except CheckpointException as exc:  # every rank gets every rank's failure
+        if ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for failure in exc.failures.values():
+            inner = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(inner, OSError):
+                raise disk_error(inner, path) from None
+        raise
     rng = [None] * ctx.world_size
     if ctx.distributed:
         dist.all_gather_object(rng, extra["rng"])
     else:
         rng = [extra["rng"]]
     if ctx.is_main:
-        save_checkpoint(tmp / "extra.pt", {**extra, "sharded": True, "rng_per_rank": rng})
+        try:
+            save_checkpoint(tmp / "extra.pt", {**extra, "sharded": True, "rng_per_rank": rng})
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         old = path.parent / f".{path.name}.old"
         if path.exists():
             os.replace(path, old)
@@ -85,6 +128,47 @@ def save_sharded_checkpoint(path: str | os.PathLike, tensors: dict, extra: dict,
     if ctx.distributed:
         dist.barrier()
     return path
+
+
+def remove_interrupted_saves(output_dir: str | os.PathLike) -> list[str]:
+    """Clean up after saves that a killed process left half done: temporary checkpoint files
+    and folders are removed, and a sharded checkpoint caught between its two renames gets its
+    previous version back. Only while no live run holds the folder (its lock is taken for
+    the clean-up; a folder in use or not writable is left alone). Returns what was done."""
+    from phase7fw.fileio import DiskError
+    from phase7fw.run_lock import RunLock, RunLocked
+
+    if not Path(output_dir).is_dir():
+        return []
+    try:
+        lock = RunLock(output_dir).acquire()
+    except (RunLocked, DiskError):
+        return []
+    try:
+        with writing(output_dir):
+            return _remove_interrupted_saves(Path(output_dir))
+    finally:
+        lock.release()
+
+
+def _remove_interrupted_saves(folder: Path) -> list[str]:
+    import shutil
+
+    done: list[str] = []
+    for old in folder.glob(".*.old"):
+        name = folder / old.name[1 : -len(".old")]
+        if not name.exists():  # killed after moving the old version aside: put it back
+            os.replace(old, name)
+            done.append(f"restored {name.name} (a save was interrupted)")
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    for tmp in folder.glob(".*.tmp"):
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        done.append(f"removed {tmp.name} (left by an interrupted save)")
+    return done
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu", mmap: bool = False) -> dict:
@@ -108,10 +192,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", mmap: bool = Fa
     try:
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"refusing to load {path}: it is not a plain tensor checkpoint (weights-only loading"
-            f" rejected it: {first}). phase7fw never unpickles arbitrary objects."
+            f" rejected it: {weights_only_reason(exc)}). phase7fw never unpickles arbitrary objects."
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {exc}") from None
@@ -122,7 +205,111 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", mmap: bool = Fa
             f"{path} has checkpoint format {state['format_version']}, newer than this phase7fw"
             f" understands ({FORMAT_VERSION}); upgrade phase7fw"
         )
+    problem = field_problem(state)
+    if problem:
+        raise CheckpointError(f"{path} is damaged or was edited by hand: {problem}")
     return state
+
+
+def _int(v) -> bool:
+    return type(v) is int
+
+
+def _tensor_dict(v) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())
+
+
+def _rng(v) -> bool:
+    def byte_tensor(t):
+        return isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1
+
+    return isinstance(v, dict) and byte_tensor(v.get("torch", torch.zeros(0, dtype=torch.uint8))) and (
+        "cuda" not in v or isinstance(v["cuda"], (list, tuple)) and all(map(byte_tensor, v["cuda"])))
+
+
+def _metrics(v) -> bool:
+    numbers = {"best_val_loss": (int, float), "skipped_steps": int, "tokens_seen": int}
+    return isinstance(v, dict) and all(k not in v or type(v[k]) in (kind if isinstance(kind, tuple) else (kind,))
+                                       for k, kind in numbers.items())
+
+
+def _data(v) -> bool:
+    return v is None or isinstance(v, dict) and _int(v.get("position")) and v["position"] >= 0
+
+
+#: what each field of a checkpoint must be, when present (a description and a test)
+FIELDS = {
+    "step": ("an integer >= 0", lambda v: _int(v) and v >= 0),
+    "max_steps": ("an integer >= 1", lambda v: _int(v) and v >= 1),
+    "world_size": ("an integer >= 1", lambda v: _int(v) and v >= 1),
+    "model_name": ("a string", lambda v: isinstance(v, str)),
+    "strategy": ("a string", lambda v: isinstance(v, str)),
+    "recipe": ("the TOML text of a recipe", lambda v: isinstance(v, str)),
+    "model": ("a table of named tensors", _tensor_dict),
+    "optimizer": ("an optimizer state (state, param_groups)",
+                  lambda v: isinstance(v, dict) and isinstance(v.get("state", {}), dict)
+                  and isinstance(v.get("param_groups", []), list)),
+    "lr_scheduler": ("a table", lambda v: isinstance(v, dict)),
+    "curvature_scheduler": ("a table or nothing", lambda v: v is None or isinstance(v, dict)),
+    "grad_scaler": ("a table or nothing", lambda v: v is None or isinstance(v, dict)),
+    "rng": ("RNG states (uint8 tensors)", _rng),
+    "rng_per_rank": ("a list of RNG states", lambda v: v is None or isinstance(v, list) and all(map(_rng, v))),
+    "data": ("a sampler position (a table with position >= 0)", _data),
+    "trackers": ("a table", lambda v: isinstance(v, dict)),
+    "tokenizer": ("a table or nothing", lambda v: v is None or isinstance(v, dict)),
+    "tokenizer_fingerprint": ("a string or nothing", lambda v: v is None or isinstance(v, str)),
+    "metrics": ("a table of numbers", _metrics),
+}
+
+
+def field_problem(state: dict) -> str | None:
+    """The first field of ``state`` with the wrong type, as a message (None: all fine)."""
+    for name, (what, ok) in FIELDS.items():
+        if name in state and not ok(state[name]):
+            got = type(state[name]).__name__
+            return f"{name!r} must be {what}, it is a {got}" + (
+                f" ({state[name]!r})" if isinstance(state[name], (str, int, float)) and len(repr(state[name])) < 40 else "")
+    return None
+
+
+def upgrade_shapes(model_state: dict, optim_state: dict | None, shapes: dict[str, tuple]) -> tuple[dict, dict | None]:
+    """Reshape parameters saved with an older, equivalent shape to the model's current one.
+
+    Equivalent means the same values in a shape that differs only by size-1 dimensions: the
+    phase7 attention's ``log_c`` was a 0-dim scalar before FSDP2 support made it ``(1,)``.
+    Optimizer state tensors of such a parameter that had its old shape are reshaped too
+    (keyed by parameter name, the layout of every phase7fw checkpoint). Anything else is
+    left for the loader to report."""
+    def squeezed(shape) -> tuple:
+        return tuple(d for d in shape if d != 1)
+
+    renamed = {}
+    for name, new in shapes.items():
+        old = model_state.get(name)
+        if isinstance(old, torch.Tensor) and tuple(old.shape) != tuple(new) and squeezed(old.shape) == squeezed(new):
+            renamed[name] = tuple(old.shape)
+    if not renamed:
+        return model_state, optim_state
+    model_state = {k: v.reshape(shapes[k]) if k in renamed else v for k, v in model_state.items()}
+    states = (optim_state or {}).get("state")
+    if isinstance(states, dict):
+        states = dict(states)
+        for name, old_shape in renamed.items():
+            if isinstance(states.get(name), dict):
+                states[name] = {k: v.reshape(shapes[name]) if isinstance(v, torch.Tensor) and tuple(v.shape) == old_shape
+                                else v for k, v in states[name].items()}
+        optim_state = {**optim_state, "state": states}
+    return model_state, optim_state
+
+
+def weights_only_reason(exc: BaseException) -> str:
+    """The one line of torch's long weights-only refusal that says what was refused."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    for line in text.splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].split(". Please", 1)[0].strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 _STEP_RE = re.compile(r"_step_(\d+)\.pt$")
@@ -150,20 +337,18 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 
 def consolidate(src: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Turn a sharded (FSDP) checkpoint directory into one file that a single process loads
-    (chat, eval, generate, ``Engine.from_checkpoint``). Needs no process group."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    (chat, eval, generate, ``Engine.from_checkpoint``). Needs no process group; the folder is
+    read without unpickling anything but plain data (phase7fw/dcp_safe.py)."""
+    from phase7fw.dcp_safe import load_full
 
     src, out = Path(src), Path(out)
     extra = load_checkpoint(src)
     if not extra.get("sharded"):
         raise CheckpointError(f"{src} is already a single-file checkpoint")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".full", dir=out.parent if out.parent.exists() else None)
-    os.close(fd)
-    try:
-        dcp_to_torch_save(str(src), tmp)
-        tensors = torch.load(tmp, map_location="cpu", weights_only=True)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    tensors = load_full(src)
+    for key in ("model", "optimizer"):
+        if not isinstance(tensors.get(key), dict):
+            raise CheckpointError(f"{src} holds no {key} state; it was not written by phase7fw")
     skip = {"sharded", "path", "rng_per_rank", "format", "format_version"}
     state = {k: v for k, v in extra.items() if k not in skip}
     return save_checkpoint(out, {**state, "model": tensors["model"], "optimizer": tensors["optimizer"]})

@@ -17,16 +17,46 @@ from phase7fw.errors import Phase7Error
 _LOADED = None
 
 
+def _report(err) -> None:
+    print(f"warning: plugin {err.name} failed and is disabled: {err}", file=sys.stderr)
+
+
 def _plugins():
-    """Plugins of this process, loaded once; load failures are warnings (errors when strict)."""
+    """Plugins of this process, loaded once; a failing plugin is a warning line (an error
+    when strict), here and whenever one of its hooks fails later."""
     global _LOADED
     if _LOADED is None:
         from phase7fw.plugins import load_plugins
 
-        _LOADED = load_plugins()
-        for err in _LOADED.load_errors:
-            print(f"warning: plugin {err.name} failed to load: {err}", file=sys.stderr)
+        _LOADED = load_plugins(report=_report)
     return _LOADED
+
+
+def _plugin_commands(plugins):
+    """The ``register_commands`` hook: a plugin that fails in it loses the commands it added."""
+    from phase7fw.plugins import CURRENT_PLUGIN
+
+    def call(subparsers):
+        owners: dict[str, str] = {}
+        add_parser = subparsers.add_parser
+
+        def add(name, **kwargs):
+            owners[name] = CURRENT_PLUGIN.get()
+            return add_parser(name, **kwargs)
+
+        subparsers.add_parser = add
+        before = len(plugins.load_errors)
+        try:
+            plugins.call("register_commands", subparsers=subparsers)
+        finally:
+            subparsers.add_parser = add_parser
+        failed = {e.name for e in plugins.load_errors[before:]}
+        for name, owner in owners.items():
+            if owner in failed:
+                subparsers.choices.pop(name, None)
+                subparsers._choices_actions[:] = [a for a in subparsers._choices_actions if a.dest != name]
+
+    return call
 
 
 def _recipe(args, plugins):
@@ -79,10 +109,14 @@ def cmd_recipe(args) -> int:
         return cmd_new(args, _plugins())
     if not args.recipe:
         raise Phase7Error(f"phase7fw recipe {args.action} needs a RECIPE file")
-    recipe = _recipe(args, _plugins())
+    plugins = _plugins()
+    recipe = _recipe(args, plugins)
     if args.action == "show":
         print(recipe_to_toml(recipe), end="")
     else:
+        from phase7fw.engine import check_buildable
+
+        check_buildable(recipe, plugins)  # what run builds before data and device: model, optimizer, ...
         print(f"{args.recipe}: valid (model {recipe.model.name}, {recipe.train.max_steps} steps)")
     return 0
 
@@ -108,16 +142,15 @@ def cmd_data(args) -> int:
 def cmd_plugins(args) -> int:
     plugins = _plugins()
     rows = plugins.describe()
-    errors = [{"name": e.name, "dist": e.dist, "error": f"{type(e.error).__name__}: {e.error}"}
-              for e in plugins.load_errors]
+    errors = [{"name": e.name, "dist": e.dist, "hook": e.hook, "error": e.reason} for e in plugins.load_errors]
     if args.json:
         print(json.dumps({"plugins": rows, "errors": errors}, indent=2))
         return 0
     for row in rows:
         kind = "built-in" if row["builtin"] else row["dist"]
         print(f"{row['name']} ({kind}, {row['version']}): {', '.join(row['components']) or '-'}")
-    for err in errors:
-        print(f"FAILED {err['name']} ({err['dist']}): {err['error']}")
+    for err in plugins.load_errors:
+        print(f"FAILED {err.name} ({err}), disabled")
     return 0
 
 
@@ -149,6 +182,8 @@ def cmd_eval(args) -> int:
     from phase7fw.chat import find_checkpoint
     from phase7fw.engine import Engine
 
+    if args.batches is not None and args.batches < 1:  # before the model and the data load
+        raise Phase7Error(f"--batches must be >= 1, got {args.batches}")
     path = find_checkpoint(args.checkpoint, args.runs_dir)
     if args.tasks:
         return _eval_tasks(args, path)
@@ -263,11 +298,9 @@ def cmd_bench(args) -> int:
         load_recipe(args.compare, base_over, plugins=plugins)
     def write_json(result: dict) -> None:
         if args.json:
-            from pathlib import Path
+            from phase7fw.fileio import write_text_atomic
 
-            out = Path(args.json)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=2) + "\n")
+            write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
 
     result = run_bench(args.recipe, main_over, steps=args.steps, warmup=args.warmup, device=args.device,
                        compare_recipe=args.compare, compare_overrides=base_over,
@@ -504,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {who}{missing}", file=sys.stderr)
         return 2
     try:
-        args = build_parser(_plugins().hook.register_commands).parse_args(argv)
+        args = build_parser(_plugin_commands(_plugins())).parse_args(argv)
         return int(args.func(args) or 0)
     except Phase7Error as exc:
         print(f"error: {who}{exc}", file=sys.stderr)

@@ -137,11 +137,14 @@ def load_mix(recipe, registry, tokenizer, *, cache_dir: str, dummy_data: bool = 
         label = f"{b.label} {b.source.describe()}"
         if b.tokenizes_texts:
             count = getattr(b.source, "num_documents", None)
+            notes = getattr(b.source, "read_warnings", None)
             got = cached_tokens(b.label, b.identity, b.source.texts(), tokenizer, cache_dir, workers=workers,
-                                total=count if callable(count) else None)
+                                total=count if callable(count) else None, warnings=notes if callable(notes) else None)
             tokens = got.tokens
             info = {"status": got.status, "path": str(got.path), "n_docs": got.meta["n_docs"],
                     "n_bytes": got.meta.get("n_bytes")}
+            for line in got.meta.get("warnings") or ():
+                log(f"warning: {b.label}: {line}")
         else:
             tokens = _uncached_tokens(b, tokenizer)
             info = {"status": "generated", "path": None, "n_docs": None, "n_bytes": None}

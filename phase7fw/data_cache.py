@@ -12,6 +12,13 @@ fingerprint, the dtype and the format version, so any change that would change t
 gives a new entry and an unchanged recipe finds the old one. A shard is written into a
 temporary folder and renamed into place only when complete, so an interrupted run leaves
 no half-written entry. Tokenization runs on every core, in document chunks, in order.
+
+An entry is checked whenever it is opened (:func:`check_entry`): meta.json readable and
+complete, tokens.bin exactly ``n_tokens`` ids long, index.npy consistent with both, and a
+checksum of evenly spaced blocks of tokens.bin written at preparation (a few MiB read, so
+a random or overwritten file is caught without reading a huge shard) plus a token-range
+check of those blocks. A damaged entry is never trained on: it is moved aside and the
+source is tokenized again, and the data log says which file was damaged and how.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from phase7fw.errors import Phase7Error
+from phase7fw.fileio import disk_error
 
 FORMAT = 1
 CHUNK_CHARS = 4_000_000  # text per worker task: large enough to amortize pickling
@@ -72,7 +80,11 @@ class CachedTokens:
     doc_ends: np.ndarray
     meta: dict
     path: Path
-    status: str  # "cached" or "prepared"
+    status: str  # "cached", "prepared" or "rebuilt (...)"
+
+
+class DamagedEntry(Exception):
+    """A cache entry failed its check; the message names the file and the problem."""
 
 
 def cached_tokens(
@@ -84,41 +96,59 @@ def cached_tokens(
     *,
     workers: int | None = None,
     total: int | Callable[[], int | None] | None = None,
+    warnings: Callable[[], list[str]] | None = None,
 ) -> CachedTokens:
     """The source's tokens from the cache, tokenizing ``texts`` first when they are not there.
 
     ``texts`` is only iterated on a cache miss; ``total`` (the number of documents, or a
-    function giving it, called only on a miss) sizes the progress bar.
+    function giving it, called only on a miss) sizes the progress bar; ``warnings()``
+    (called after ``texts`` was read) gives lines kept in meta.json, so a cached entry
+    reports them too.
     """
     dtype = token_dtype(tokenizer.vocab_size)
     key = digest({"format": FORMAT, "source": identity, "tokenizer": tokenizer.fingerprint(), "dtype": dtype.str})
     root = Path(cache_dir).expanduser() / "tokens"
     final = root / f"{_safe(identity['name'])}-{key}"
-    if (final / "meta.json").is_file():
-        return _with_byte_count(_open(final, "cached"), texts)
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(root)
+    rebuilt = ""
+    if final.exists():
+        try:
+            return _with_byte_count(_open(final, "cached", key), texts)
+        except DamagedEntry as exc:
+            rebuilt = f"rebuilt (the cached entry was damaged: {exc})"
+            _discard(final)
     tmp = root / f".tmp-{final.name}-{socket.gethostname()}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(root)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise disk_error(exc, final) from None
     try:
         if callable(total):
             total = total()
-        meta = _write_shard(tmp, label, texts, tokenizer, dtype, workers or default_workers(), total)
-        meta.update(format=FORMAT, key=key, source=identity, tokenizer=tokenizer.fingerprint(),
-                    created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        _write_json(tmp / "meta.json", meta)
         try:
+            meta = _write_shard(tmp, label, texts, tokenizer, dtype, workers or default_workers(), total)
+        except OSError as exc:  # full disk, read-only cache: one message (the folder is removed below)
+            raise disk_error(exc, final) from None
+        meta.update(format=FORMAT, key=key, source=identity, tokenizer=tokenizer.fingerprint(),
+                    created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), warnings=list(warnings() if warnings else []))
+        try:
+            _write_json(tmp / "meta.json", meta)
             os.rename(tmp, final)
-        except OSError:
+        except OSError as exc:
             if not (final / "meta.json").is_file():  # not a concurrent writer winning the race
-                raise
+                raise disk_error(exc, final) from None
             shutil.rmtree(tmp, ignore_errors=True)
-            return _open(final, "cached")
+            return _open(final, "cached", key)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return _open(final, "prepared")
+    try:
+        return _open(final, rebuilt or "prepared", key)
+    except DamagedEntry as exc:  # just written: the disk or the filesystem misbehaves
+        raise Phase7Error(f"{label}: the token cache entry written just now fails its check ({exc}); check the"
+                          f" disk holding {root}") from None
 
 
 def _with_byte_count(got: CachedTokens, texts: Iterable[str]) -> CachedTokens:
@@ -136,10 +166,94 @@ def _with_byte_count(got: CachedTokens, texts: Iterable[str]) -> CachedTokens:
     return got
 
 
-def _open(path: Path, status: str) -> CachedTokens:
-    meta = json.loads((path / "meta.json").read_text())
+def _open(path: Path, status: str, key: str | None = None) -> CachedTokens:
+    meta, doc_ends = check_entry(path, key)
     tokens = np.memmap(path / "tokens.bin", dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["n_tokens"],))
-    return CachedTokens(tokens, np.load(path / "index.npy"), meta, path, status)
+    return CachedTokens(tokens, doc_ends, meta, path, status)
+
+
+_META_FIELDS = {"dtype": str, "n_tokens": int, "n_docs": int, "max_id": int, "vocab_size": int, "format": int}
+
+
+def check_entry(path: Path, key: str | None = None) -> tuple[dict, np.ndarray]:
+    """meta.json and the document index of a cache entry, after checking every file against
+    them; raises :class:`DamagedEntry` naming the damaged file."""
+    try:
+        meta = json.loads((path / "meta.json").read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise DamagedEntry(f"{path / 'meta.json'} is missing") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DamagedEntry(f"{path / 'meta.json'} is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise DamagedEntry(f"{path / 'meta.json'} is not a JSON object")
+    for field, kind in _META_FIELDS.items():
+        if type(meta.get(field)) is not kind:
+            raise DamagedEntry(f"{path / 'meta.json'}: {field} is missing or not {kind.__name__}")
+    if meta["format"] != FORMAT or (key is not None and meta.get("key") != key):
+        raise DamagedEntry(f"{path / 'meta.json'} describes another entry (format or key differ)")
+    if meta["dtype"] not in (np.dtype(np.uint16).str, np.dtype(np.uint32).str) or meta["n_tokens"] < 1:
+        raise DamagedEntry(f"{path / 'meta.json'}: dtype {meta['dtype']!r} / n_tokens {meta['n_tokens']} are invalid")
+    dtype = np.dtype(meta["dtype"])
+    bin_path = path / "tokens.bin"
+    expected = meta["n_tokens"] * dtype.itemsize
+    size = bin_path.stat().st_size if bin_path.is_file() else None
+    if size != expected:
+        got = "missing" if size is None else f"{size:,} bytes"
+        raise DamagedEntry(f"{bin_path} is {got}; meta.json says {meta['n_tokens']:,} tokens x {dtype.itemsize} bytes"
+                           f" = {expected:,} bytes (truncated or replaced)")
+    try:
+        doc_ends = np.load(path / "index.npy", allow_pickle=False)
+    except FileNotFoundError:
+        raise DamagedEntry(f"{path / 'index.npy'} is missing") from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise DamagedEntry(f"{path / 'index.npy'} is unreadable ({exc})") from None
+    if (doc_ends.ndim != 1 or doc_ends.dtype != np.int64 or len(doc_ends) != meta["n_docs"] or not len(doc_ends)
+            or doc_ends[-1] != meta["n_tokens"] or doc_ends[0] < 1 or np.any(np.diff(doc_ends) < 1)):
+        raise DamagedEntry(f"{path / 'index.npy'} does not describe {meta['n_docs']:,} documents ending at token"
+                           f" {meta['n_tokens']:,}")
+    blocks = _sample_blocks(bin_path, size)
+    want = meta.get("sample_sha256")
+    if want is not None and _sample_digest(size, blocks) != want:
+        raise DamagedEntry(f"{bin_path} does not match the checksum written when it was prepared (overwritten or"
+                           " corrupted)")
+    ids = np.frombuffer(b"".join(b[: len(b) - len(b) % dtype.itemsize] for b in blocks), dtype=dtype)
+    if len(ids) and int(ids.max()) >= meta["vocab_size"]:
+        raise DamagedEntry(f"{bin_path} holds token id {int(ids.max())}, outside the vocabulary ({meta['vocab_size']})")
+    return meta, doc_ends
+
+
+SAMPLE_BLOCKS, SAMPLE_BYTES = 64, 1 << 16
+
+
+def _sample_blocks(path: Path, size: int) -> list[bytes]:
+    """``SAMPLE_BLOCKS`` evenly spaced blocks (the whole file when it is small)."""
+    with open(path, "rb") as fh:
+        if size <= SAMPLE_BLOCKS * SAMPLE_BYTES:
+            return [fh.read()]
+        out = []
+        for i in range(SAMPLE_BLOCKS):
+            offset = (size - SAMPLE_BYTES) * i // (SAMPLE_BLOCKS - 1)
+            offset -= offset % 4  # keep ids whole for both dtypes
+            fh.seek(offset)
+            out.append(fh.read(SAMPLE_BYTES))
+        return out
+
+
+def _sample_digest(size: int, blocks: list[bytes]) -> str:
+    h = hashlib.sha256(str(size).encode())
+    for block in blocks:
+        h.update(block)
+    return h.hexdigest()
+
+
+def _discard(entry: Path) -> None:
+    """Move a damaged entry out of the way (a reader may still map it), then delete it."""
+    aside = entry.with_name(f".damaged-{entry.name}-{socket.gethostname()}-{os.getpid()}")
+    try:
+        os.rename(entry, aside)
+    except FileNotFoundError:  # another process moved it first
+        return
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _write_shard(tmp: Path, label, texts, tokenizer, dtype, workers, total) -> dict:
@@ -161,6 +275,7 @@ def _write_shard(tmp: Path, label, texts, tokenizer, dtype, workers, total) -> d
         out.flush()
         os.fsync(out.fileno())
     bar.close()
+    size = (tmp / "tokens.bin").stat().st_size
     n_docs = sum(len(x) for x in doc_lengths)
     if n_tokens == n_docs:  # nothing but the EOS of each document
         raise Phase7Error(f"{label}: the source is empty ({n_docs} documents, no text)")
@@ -168,7 +283,8 @@ def _write_shard(tmp: Path, label, texts, tokenizer, dtype, workers, total) -> d
     np.save(tmp / "index.npy", ends)
     # n_bytes: UTF-8 bytes of the text these tokens came from, for bits per byte (data.py).
     return {"dtype": dtype.str, "n_tokens": n_tokens, "n_docs": n_docs, "n_bytes": n_bytes, "max_id": max_id,
-            "eos_id": eos, "vocab_size": vocab, "label": label}
+            "eos_id": eos, "vocab_size": vocab, "label": label,
+            "sample_sha256": _sample_digest(size, _sample_blocks(tmp / "tokens.bin", size))}
 
 
 def _chunks(texts: Iterable[str]) -> Iterator[list[str]]:
@@ -266,7 +382,7 @@ def _safe(name: str) -> str:
 def _remove_stale_temps(root: Path) -> None:
     """Remove temporary folders that processes of this host left when they were killed."""
     host = socket.gethostname()
-    for tmp in root.glob(".tmp-*"):
+    for tmp in [*root.glob(".tmp-*"), *root.glob(".damaged-*")]:
         head, _, pid = tmp.name.rpartition("-")
         if not head.endswith(f"-{host}") or not pid.isdigit():
             continue
@@ -276,18 +392,3 @@ def _remove_stale_temps(root: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         except OSError:
             pass
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

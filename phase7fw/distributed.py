@@ -152,6 +152,12 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
+def broadcast_tensor(tensor: torch.Tensor, ctx: DistContext) -> None:
+    """Rank 0's values into ``tensor`` on every rank, in place."""
+    if ctx.distributed:
+        dist.broadcast(tensor, src=0)
+
+
 def broadcast_object(obj, ctx: DistContext):
     if not ctx.distributed:
         return obj

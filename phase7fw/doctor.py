@@ -36,10 +36,19 @@ def run_doctor(require_gpu: bool = False, verify: bool = False) -> int:
     for name in ("datasets", "tokenizers", "wandb"):
         print(f"{name:<9} {_version(name)}")
 
-    plugins = _plugins()
+    from phase7fw.plugins import PluginError
+
+    try:
+        plugins = _plugins()
+    except PluginError as exc:  # a broken built-in: say so and check the rest
+        print(f"plugins   FAILED: {exc}")
+        for w in warnings:
+            print(f"warning: {w}")
+        print("error: phase7fw's own plugins do not load; reinstall phase7fw", file=sys.stderr)
+        return 1
     print(f"plugins   {len(plugins.describe())} loaded, {len(plugins.load_errors)} failed")
     for err in plugins.load_errors:
-        warnings.append(f"plugin {err.name} failed to load: {err}")
+        warnings.append(f"plugin {err.name} failed and is disabled: {err}")
     from phase7fw.kernels import triton_usable
 
     kernels = plugins.registry.entries("kernel")

@@ -23,9 +23,12 @@ Build order (``Engine.BUILD_ORDER``; each step is recorded in ``engine.build_ste
 12. optimizer      from ``[optimizer]`` with decay / no-decay parameter groups (and its
                    backward hooks with ``train.optimizer_in_backward``)
 13. schedulers     ``[lr_scheduler]`` and ``[curvature_scheduler]``
-14. resume         checkpoint loaded (``resume="auto"|"never"|PATH``), or else the weights of
+14. resume         leftovers of saves a killed run left half done cleaned up, then the
+                   checkpoint loaded (``resume="auto"|"latest"|"never"|PATH``; a changed
+                   ``train.max_steps`` re-plans the LR schedule), or else the weights of
                    ``train.init_from`` (a new run at step 0)
-15. trackers       created when ``fit()`` starts (they must not exist for eval or chat)
+15. trackers       created when ``fit()`` starts (they must not exist for eval or chat);
+                   ``fit()`` first takes the output folder's lock (phase7fw/run_lock.py)
 16. loop           ``fit()``
 
 Components are reached only through the registry; the engine never imports one by name.
@@ -41,10 +44,17 @@ import attrs
 import torch
 
 from phase7fw import __version__, distributed, finetune, memory, preflight, threads
-from phase7fw.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_sharded_checkpoint
+from phase7fw.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    remove_interrupted_saves,
+    save_checkpoint,
+    save_sharded_checkpoint,
+    upgrade_shapes,
+)
 from phase7fw.console import Console, bits_per_byte, human
 from phase7fw.data import MixtureSampler, load_mix
-from phase7fw.errors import CheckpointError, Phase7Error
+from phase7fw.errors import CheckpointError, Phase7Error, RecipeError
 from phase7fw.optim_groups import param_groups
 from phase7fw.plugins import Plugins, load_plugins
 from phase7fw.recipe import KERNEL_OPS, Recipe, load_recipe, recipe_to_dict, recipe_to_toml
@@ -67,6 +77,21 @@ BUILD_ORDER = (
     "trackers",
     "loop",
 )
+
+
+def planned_steps(state: dict) -> int | None:
+    """The ``train.max_steps`` a checkpoint's run was planned for (older checkpoints: read
+    from the recipe they hold)."""
+    steps = state.get("max_steps")
+    if isinstance(steps, int):
+        return steps
+    try:
+        import tomllib
+
+        steps = tomllib.loads(state.get("recipe") or "")["train"]["max_steps"]
+    except (tomllib.TOMLDecodeError, KeyError, TypeError):
+        return None
+    return steps if isinstance(steps, int) else None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -133,6 +158,38 @@ def build_model(recipe: Recipe | str, device: str | torch.device = "meta", *, pl
     if str(device) != "meta":
         materialize(model, torch.device(device))
     return model
+
+
+def check_buildable(recipe: Recipe, plugins: Plugins) -> None:
+    """Build every part of a run that needs neither data nor a device -- tokenizer, model (on
+    the meta device), its strategy and memory switches, optimizer, schedulers, data sources
+    and callbacks -- so ``phase7fw recipe validate`` reports what ``run`` would (a
+    :class:`Phase7Error`), in seconds and without memory."""
+    from types import SimpleNamespace
+
+    from phase7fw.data import build_sources
+
+    tokenizer = build_tokenizer(recipe, plugins)
+    model = build_model(recipe, "meta", plugins=plugins, vocab_size=model_vocab_size(recipe, tokenizer))
+    check_strategy = getattr(model, "check_strategy", None)
+    if callable(check_strategy):
+        check_strategy(recipe.parallel.strategy)
+    run = SimpleNamespace(recipe=recipe, model=model)
+    memory.setup_model(run)
+    if recipe.train.activation_checkpointing:
+        model.enable_activation_checkpointing()
+    registry, max_steps = plugins.registry, recipe.train.max_steps
+    run.optimizer = registry.build("optimizer", recipe.optimizer.name, recipe.optimizer.config,
+                                   params=param_groups(model))
+    memory.setup_optimizer(run)
+    registry.build("lr_scheduler", recipe.lr_scheduler.name, recipe.lr_scheduler.config, optimizer=run.optimizer,
+                   max_steps=max_steps)
+    if recipe.curvature_scheduler is not None:
+        spec = recipe.curvature_scheduler
+        model.set_curvature(registry.build("curvature_scheduler", spec.name, spec.config, max_steps=max_steps).value(0))
+    build_sources(recipe, registry, cache_dir=cache_dir(recipe))
+    for spec in recipe.callbacks:
+        registry.build("callback", spec.name, spec.config)
 
 
 def materialize(model: torch.nn.Module, device: torch.device) -> None:
@@ -222,6 +279,9 @@ class Engine:
         if self.init_source is not None:  # names and shapes, before any memory is allocated
             finetune.check_weights(self.model, self.init_source.model_state(self.model),
                                    f"train.init_from = {self.init_source.path!r}")
+        check_strategy = getattr(self.model, "check_strategy", None)
+        if callable(check_strategy):
+            check_strategy(recipe.parallel.strategy)
         memory.setup_model(self)  # train.param_dtype (cast on meta), train.ce_chunk_tokens
         self._done("model")
         self._done("kernels")
@@ -246,10 +306,12 @@ class Engine:
         self._done("compile")
         if strategy == "fsdp":
             # Shard on the meta device, allocate only this rank's shards, then copy in the
-            # weights rank 0 initializes: the same init as a single-process run.
+            # weights and buffers rank 0 initializes: the same init as a single-process run.
+            # The sharded model is never initialized itself (init code may mix plain tensors
+            # with the DTensor parameters; rank 0's values replace everything anyway).
             self._loss_fn = distributed.wrap(self.model, self.dist, train.precision, self.device)
             self._done("parallel")
-            materialize(self.model, self.device)
+            self.model.to_empty(device=self.device)
             self._broadcast_init_from_rank0()
             self._done("materialize")
         else:
@@ -286,6 +348,12 @@ class Engine:
         self._resume_from = None  # the loaded state is not kept alive
         self._done("resume")
 
+    @property
+    def plugin_errors(self) -> list:
+        """Plugins that failed and were disabled (:class:`phase7fw.plugins.PluginLoadError`:
+        ``name``, ``dist`` = "distribution==version", ``error``, ``hook``)."""
+        return self.plugins.load_errors
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_recipe(cls, recipe, overrides=None, *, dummy_data: bool = False, resume: str = "auto",
@@ -317,8 +385,16 @@ class Engine:
         if state.get("sharded"):
             raise CheckpointError(f"{path} is a sharded (FSDP) checkpoint; make one file of it first:"
                                   f" phase7fw checkpoint consolidate {path} OUT.pt")
+        try:
+            raw = tomllib.loads(recipe_text)
+        except tomllib.TOMLDecodeError as exc:
+            raise CheckpointError(f"the recipe stored in {path} is not valid TOML ({exc}); it was damaged or"
+                                  " edited by hand") from None
         # One process: eval and generation never need the training run's DDP/FSDP wrapping.
-        recipe = load_recipe(tomllib.loads(recipe_text), {"parallel.strategy": "none"}, plugins=plugins, checkpoint=True)
+        try:
+            recipe = load_recipe(raw, {"parallel.strategy": "none"}, plugins=plugins, checkpoint=True)
+        except RecipeError as exc:
+            raise RecipeError(exc.errors, source=f"stored in {path}") from None
         engine = cls(recipe, plugins=plugins, resume="never", device=device, with_data=with_data,
                      checkpoint={**state, "path": str(path)}, console=Console(not quiet))
         engine.checkpoint_file = str(path)
@@ -335,6 +411,13 @@ class Engine:
             full = reference.state_dict()
         set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True,
                                                                         broadcast_from_rank0=True))
+        # Buffers (RoPE tables, the curvature) are not sharded and not all in the state dict.
+        ref_buffers = dict(reference.named_buffers()) if self.dist.is_main else {}
+        with torch.no_grad():
+            for name, buf in self.model.named_buffers():
+                if self.dist.is_main:
+                    buf.copy_(ref_buffers[name])
+                distributed.broadcast_tensor(buf, self.dist)
 
     def _seed(self) -> None:
         torch.manual_seed(self.recipe.run.seed)
@@ -410,6 +493,7 @@ class Engine:
         return {
             "phase7fw_version": __version__,
             "step": self.step,
+            "max_steps": self.recipe.train.max_steps,  # what the LR schedule is planned for
             "model_name": self.model_name,
             "world_size": self.dist.world_size,
             "strategy": self.dist.strategy,
@@ -428,6 +512,14 @@ class Engine:
                         "last_val": self.last_val, "skipped_steps": self.skipped_steps,
                         "tokens_seen": self.tokens_seen},
         }
+
+    @torch.no_grad()
+    def weights_finite(self) -> bool:
+        """True when no parameter holds NaN or Inf (on every rank: all ranks get the answer)."""
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
+        flags = [torch.isfinite(t).all() for t in local if t.numel()]
+        ok = torch.stack(flags).all().float() if flags else torch.ones((), device=self.device)
+        return float(distributed.all_mean(ok.to(self.device), self.dist)) == 1.0
 
     def save(self, path) -> Path:
         """Write a complete checkpoint to ``path``, atomically: one file, or with FSDP a
@@ -449,7 +541,12 @@ class Engine:
     def _find_resume(self, resume: str):
         """The checkpoint ``resume`` asks for, loaded: (state, path), or None for a fresh run.
         ``auto``: the newest in ``run.output_dir`` if there is one; ``latest``: the newest, an
-        error if there is none; ``never``: an error if there is one; else a path."""
+        error if there is none; ``never``: an error if there is one; else a path. Saves a killed
+        run left half done are cleaned up first (phase7fw.checkpoint.remove_interrupted_saves)."""
+        if self.dist.is_main:
+            for line in remove_interrupted_saves(self.output_dir):
+                self.console.print(line)
+        distributed.barrier(self.dist)
         if resume in ("never", "auto", "latest"):
             path = latest_checkpoint(self.output_dir)
             if resume == "never" and path is not None:
@@ -520,12 +617,16 @@ class Engine:
                 if int(state.get("world_size", 0)) != self.dist.world_size:
                     raise CheckpointError(f"{where} was sharded over {state.get('world_size')} processes, this run"
                                           f" has {self.dist.world_size}; use the same number of processes")
-                import torch.distributed.checkpoint as dcp
+                from phase7fw.dcp_safe import load_sharded
 
                 model_state, optim_state = get_state_dict(self.model, self.optimizer)
                 target = {"model": model_state, "optimizer": optim_state} if full else {"model": model_state}
-                dcp.load(target, checkpoint_id=state["path"])
+                load_sharded(target, state["path"])
                 state = {**state, **target}
+            if not state.get("sharded"):  # older single-file checkpoints: equivalent shapes
+                shapes = {name: tuple(p.shape) for name, p in self.model.named_parameters()}
+                model_sd, optim_sd = upgrade_shapes(state["model"], state.get("optimizer") if full else None, shapes)
+                state = {**state, "model": model_sd, "optimizer": optim_sd}
             if full:
                 set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                                optim_state_dict=memory.adapt_optimizer_state(state["optimizer"], self.optimizer))
@@ -577,8 +678,11 @@ class Engine:
                 self.curvature_scheduler.load_state_dict(state["curvature_scheduler"])
             if self.scaler is not None and state.get("grad_scaler"):
                 self.scaler.load_state_dict(state["grad_scaler"])
-        except (KeyError, ValueError, RuntimeError) as exc:
+            if callable(getattr(self.lr_scheduler, "get_lr", None)):
+                self.lr_scheduler.get_lr()  # a scheduler state with wrong values fails here, not mid-run
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
             raise CheckpointError(f"{where}: scheduler state does not fit this recipe: {exc}") from None
+        self._replan_if_extended(state, where)
         if self.train_sampler is not None and state.get("data"):
             self.train_sampler.load_state_dict(state["data"])
         rng = state.get("rng") or {}
@@ -593,6 +697,24 @@ class Engine:
         self.tracker_state = dict(state.get("trackers") or {})
         if self.curvature_scheduler is not None:  # its own state is loaded now
             self.model.set_curvature(self.curvature_scheduler.value(self.step))
+
+    def _replan_if_extended(self, state: dict, where: str) -> None:
+        """A run resumed with another ``train.max_steps``: the LR schedule follows the new
+        length (said in one line), or the resume is refused; never the old plan silently."""
+        planned, wanted = planned_steps(state), self.recipe.train.max_steps
+        if planned is None or planned == wanted:
+            return
+        replan = getattr(self.lr_scheduler, "replan", None)
+        if not callable(replan):
+            raise CheckpointError(
+                f"{where} was planned for train.max_steps = {planned}, the recipe says {wanted}, and lr_scheduler"
+                f" {self.recipe.lr_scheduler.name!r} cannot re-plan its schedule; keep train.max_steps = {planned}"
+                " or start a new run (--resume never, another run.output_dir)")
+        before = self.optimizer.param_groups[0]["lr"]
+        replan(wanted)
+        after = self.optimizer.param_groups[0]["lr"]
+        self.console.print(f"train.max_steps changed from {planned} to {wanted}: the LR schedule is re-planned for"
+                           f" {wanted} steps (lr at step {self.step}: {before:.3g} -> {after:.3g})")
 
     # ------------------------------------------------------------------ running
     def fit(self) -> dict:
@@ -618,6 +740,8 @@ class Engine:
             if self.train_sampler is None:
                 raise Phase7Error("evaluate needs data: build the engine with data (from_checkpoint(..., with_data=True))")
             raise Phase7Error("data.val_fraction is 0: there is no validation split to evaluate on")
+        if batches is not None and (not isinstance(batches, int) or batches < 1):
+            raise Phase7Error(f"evaluate: batches must be an integer >= 1 (or None: train.eval_batches), got {batches!r}")
         n = batches or self.recipe.train.eval_batches
         was_training = self.model.training
         self.model.eval()

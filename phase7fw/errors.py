@@ -26,6 +26,5 @@ class CheckpointError(Phase7Error):
 
 
 class TrainingAborted(Phase7Error):
-    """Training stopped on purpose (too many non-finite steps in a row)."""
-
-    exit_code = 1
+    """Training stopped on purpose (too many non-finite steps in a row, non-finite weights):
+    exit code 2 like any other refusal, with the path of the last good checkpoint."""

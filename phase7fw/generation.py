@@ -4,6 +4,7 @@ generation loop (stop strings, streaming)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Iterable
 
 import torch
@@ -74,14 +75,14 @@ class SamplingParams:
         problems = []
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
             problems.append(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
-        if self.temperature < 0:
-            problems.append(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
+            problems.append(f"temperature must be >= 0 (0 = greedy) and finite, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             problems.append(f"top_k must be >= 1 (or none), got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             problems.append(f"top_p must be in (0, 1] (or none), got {self.top_p}")
-        if not self.repetition_penalty > 0:
-            problems.append(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            problems.append(f"repetition_penalty must be > 0 (1 = off) and finite, got {self.repetition_penalty}")
         if problems:
             raise Phase7Error("; ".join(problems))
         return self

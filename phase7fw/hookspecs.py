@@ -18,9 +18,30 @@ def register_components(register):
     """
 
 
+# The run lifecycle: one mechanism. The trainer calls these hooks through pluggy; every
+# plugin may implement them, and the recipe's [[callbacks]] (``Callback`` components) are
+# attached as implementations for the duration of their run (after the plugins', in recipe
+# order), so ``tryfirst``/``trylast`` and hook wrappers order both alike.
+
+
 @hookspec
 def run_start(engine):
     """Called once when ``Engine.fit`` starts, after the whole run is built."""
+
+
+@hookspec
+def step_end(engine, row):
+    """Called after each logged training window with its log row (``train.log_every``)."""
+
+
+@hookspec
+def eval_end(engine, row):
+    """Called after each evaluation with its log row (``"split": "val"``)."""
+
+
+@hookspec
+def checkpoint_saved(engine, path):
+    """Called after each checkpoint is written, with its path."""
 
 
 @hookspec

@@ -96,6 +96,10 @@ class LanguageModel(nn.Module):
         ``reduce(tensor) -> tensor`` averages a gradient over data-parallel ranks; apply it
         to any gradient made here, since the wrapper's all-reduce has already happened."""
 
+    def check_strategy(self, strategy: str) -> None:
+        """Raise a :class:`Phase7Error` naming the option when this model cannot train under
+        ``parallel.strategy`` (called on the meta model, before any memory is used)."""
+
     def init_weights(self) -> None:
         """Initialize every parameter and buffer (called after materializing from meta)."""
         raise NotImplementedError(f"{type(self).__name__} must implement init_weights()")
@@ -188,6 +192,11 @@ class DataSource:
     def describe(self) -> str:
         return type(self).__name__
 
+    def read_warnings(self) -> list[str]:
+        """Problems the last pass over ``texts()`` met but worked around (files skipped or
+        decoded lossily), one line each, with counts; the data log shows them."""
+        return []
+
 
 class Tracker:
     """Receives every logged row (dicts with ``step`` and ``split``)."""
@@ -204,7 +213,8 @@ class Tracker:
 
 
 class Callback:
-    """Per-step hooks into the training loop, called in recipe order."""
+    """Per-step hooks into the training loop, called in recipe order (through the lifecycle
+    hooks of hookspecs.py: a recipe's callbacks are their implementations for the run)."""
 
     def on_run_start(self, engine) -> None: ...
 

@@ -1,17 +1,26 @@
 """Plugin manager: built-in components and third-party plugins, loaded the same way.
 
 Built-ins are the modules in :data:`DEFAULT_PLUGINS`; third-party plugins are entry points
-of the group ``phase7fw``. Each one is loaded on its own: a plugin that fails to import is
-recorded in :data:`load_errors` (``distribution==version: error``) and the others still load,
-unless ``PHASE7FW_STRICT_PLUGINS=1``. ``PHASE7FW_DISABLE_PLUGINS=name,...`` blocks plugins by
-name (entry-point name, distribution name or built-in module name).
+of the group ``phase7fw``. Every hook is called through pluggy (so ``tryfirst``/``trylast``,
+hook wrappers and ordering work), with each plugin's implementations guarded: a third-party
+plugin that fails -- to import (``sys.exit`` included), with a hook the spec does not know,
+in ``register_components`` (a broken config class, a duplicate name), in
+``register_commands``, ``run_start`` or any other hook -- is disabled and recorded in
+:attr:`Plugins.load_errors` as ``distribution==version: error``, reported as a
+:class:`PluginWarning` (or to the ``report`` callable given), and everything else goes on.
+``PHASE7FW_STRICT_PLUGINS=1`` makes any such failure an error instead. A built-in that fails
+is always an error (the installation is broken). ``PHASE7FW_DISABLE_PLUGINS=name,...``
+blocks plugins by name (entry-point name, distribution name or built-in module name).
 """
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import importlib.metadata
 import os
+import warnings
+from typing import Callable
 
 import pluggy
 
@@ -41,33 +50,81 @@ DEFAULT_PLUGINS = (
     "phase7fw.kernels.plugin",
 )
 
+#: The plugin whose hook implementation is running (set by the guard): ``register`` and
+#: the CLI use it to know who registers what.
+CURRENT_PLUGIN: contextvars.ContextVar[str | None] = contextvars.ContextVar("phase7fw_plugin", default=None)
+
 
 class PluginError(Phase7Error):
-    """A plugin failed to load (strict mode) or misbehaved while registering."""
+    """A plugin failed (strict mode, or a built-in)."""
+
+
+class PluginWarning(UserWarning):
+    """A third-party plugin failed and was disabled; the rest works."""
 
 
 class PluginLoadError:
-    """One plugin that could not be loaded."""
+    """One plugin that failed: while loading, or later in ``hook``."""
 
-    def __init__(self, name: str, dist: str, error: BaseException):
-        self.name, self.dist, self.error = name, dist, error
+    def __init__(self, name: str, dist: str, error: BaseException, hook: str | None = None):
+        self.name, self.dist, self.error, self.hook = name, dist, error, hook
+
+    @property
+    def reason(self) -> str:
+        if isinstance(self.error, SystemExit):
+            return f"SystemExit: the plugin called sys.exit({self.error.code!r})"
+        return f"{type(self.error).__name__}: {self.error}"
 
     def __str__(self) -> str:
-        return f"{self.dist}: {type(self.error).__name__}: {self.error}"
+        where = f" (in its {self.hook} hook)" if self.hook else ""
+        return f"{self.dist}: {self.reason}{where}"
 
 
 class Plugins:
     """A loaded set of plugins and the registry they filled."""
 
-    def __init__(self, pm: pluggy.PluginManager, registry: Registry, errors: list[PluginLoadError], info: dict):
+    def __init__(self, pm: pluggy.PluginManager, registry: Registry, errors: list[PluginLoadError], info: dict,
+                 report: Callable[[PluginLoadError], None] | None = None):
         self.pm = pm
         self.registry = registry
         self.load_errors = errors
         self._info = info  # plugin name -> {"version", "dist", "builtin"}
+        #: called with each failure (default: a PluginWarning); the CLI prints it instead
+        self.report = report
 
     @property
     def hook(self):
         return self.pm.hook
+
+    def call(self, hook: str, **kwargs) -> list:
+        """Call ``hook`` through pluggy. A third-party plugin failing in it is disabled and
+        reported (strict mode: :class:`PluginError`); the results of the others are returned."""
+        failures: list = []
+        token = _FAILURES.set(failures)
+        try:
+            results = getattr(self.pm.hook, hook)(**kwargs)
+        finally:
+            _FAILURES.reset(token)
+        for name, exc in failures:
+            self._failed(name, exc, hook)
+        return results
+
+    def _failed(self, name: str, exc: BaseException, hook: str | None) -> None:
+        info = self._info.get(name, {})
+        err = PluginLoadError(name, info.get("dist", name), exc, hook)
+        if info.get("builtin") or _strict():
+            why = "a built-in plugin failed, the installation is broken" if info.get("builtin") else (
+                "PHASE7FW_STRICT_PLUGINS is set")
+            raise PluginError(f"plugin {name} failed ({err}); {why}") from exc
+        if self.pm.has_plugin(name):
+            self.pm.unregister(name=name)
+        self.registry.remove_plugin(name)
+        self._info.pop(name, None)
+        self.load_errors.append(err)
+        if self.report is not None:
+            self.report(err)
+        else:
+            warnings.warn(f"phase7fw plugin {name} failed and is disabled: {err}", PluginWarning, stacklevel=3)
 
     def describe(self) -> list[dict]:
         """Name, version and registered components of every loaded plugin."""
@@ -76,6 +133,30 @@ class Plugins:
             comps = [f"{e.kind}:{e.name}" for e in self.registry.entries() if e.plugin == name]
             rows.append({"name": name, **info, "components": comps})
         return rows
+
+
+_FAILURES: contextvars.ContextVar[list | None] = contextvars.ContextVar("phase7fw_plugin_failures", default=None)
+
+
+def _guard(function, plugin_name: str):
+    """``function`` (one hook implementation of ``plugin_name``) as pluggy calls it, with
+    its failure recorded for :meth:`Plugins.call` instead of raised (unless nobody records)."""
+
+    def guarded(*args, **kwargs):
+        token = CURRENT_PLUGIN.set(plugin_name)
+        try:
+            return function(*args, **kwargs)
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - one plugin must not take down the rest
+            failures = _FAILURES.get()
+            if failures is None:  # called outside Plugins.call (pm.hook directly): raise as before
+                raise
+            failures.append((plugin_name, exc))
+            return None
+        finally:
+            CURRENT_PLUGIN.reset(token)
+
+    guarded.__wrapped__ = function
+    return guarded
 
 
 def _disabled() -> set[str]:
@@ -87,69 +168,66 @@ def _strict() -> bool:
     return os.environ.get("PHASE7FW_STRICT_PLUGINS", "").strip().lower() in ("1", "true", "yes")
 
 
-def load_plugins(extra: list | tuple = ()) -> Plugins:
+def load_plugins(extra: list | tuple = (), *, report: Callable[[PluginLoadError], None] | None = None) -> Plugins:
     """Load built-in and installed plugins into a fresh plugin manager and registry.
 
     ``extra`` are plugin objects (modules or instances with hookimpls) registered after the
     others; tests and the Engine API use it to add components without installing anything.
+    ``report(error)`` is called for each plugin that fails (default: a :class:`PluginWarning`).
     """
     from phase7fw import __version__
 
     pm = pluggy.PluginManager("phase7fw")
     pm.add_hookspecs(hookspecs)
     disabled = _disabled()
-    errors: list[PluginLoadError] = []
-    info: dict[str, dict] = {}
+    plugins = Plugins(pm, Registry(), [], {}, report)
 
-    def add(obj, name: str, dist: str, version: str, builtin: bool):
-        pm.register(obj, name=name)
-        info[name] = {"version": version, "dist": dist, "builtin": builtin}
+    def add(load, name: str, dist: str, version: str, builtin: bool):
+        try:
+            obj = load()
+            pm.register(obj, name=name)
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - import errors, sys.exit at import, ...
+            plugins._failed(name, exc, None)
+            return
+        for caller in pm.get_hookcallers(obj) or ():
+            if not caller.has_spec():  # a misspelled hook: this plugin would silently do nothing
+                plugins._failed(name, pluggy.PluginValidationError(
+                    obj, f"implements {caller.name!r}, which is not a phase7fw hook"
+                         f" (hooks: {', '.join(sorted(_hook_names()))})"), None)
+                return
+            for impl in caller.get_hookimpls():
+                if impl.plugin is obj and not (impl.hookwrapper or impl.wrapper):
+                    impl.function = _guard(impl.function, name)
 
-    def failed(name: str, dist: str, exc: BaseException):
-        err = PluginLoadError(name, dist, exc)
-        if _strict():
-            raise PluginError(f"plugin {name} failed to load ({err}); PHASE7FW_STRICT_PLUGINS is set") from exc
-        errors.append(err)
-
+    todo = []  # (load, name, dist, version, builtin): built-ins, then installed, then in-process
     for modname in DEFAULT_PLUGINS:
         if modname in disabled or modname.rsplit(".", 1)[-1] in disabled:
             continue
-        try:
-            add(importlib.import_module(modname), modname, f"phase7fw=={__version__}", __version__, True)
-        except Exception as exc:  # noqa: BLE001 - one broken plugin must not break the rest
-            failed(modname, f"phase7fw=={__version__}", exc)
-
+        todo.append((lambda m=modname: importlib.import_module(m), modname, f"phase7fw=={__version__}", __version__,
+                     True))
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         dist_name = ep.dist.name if ep.dist else "?"
         version = ep.dist.version if ep.dist else "?"
-        if {ep.name, dist_name} & disabled or pm.has_plugin(ep.name):
+        if {ep.name, dist_name} & disabled or any(ep.name == t[1] for t in todo):
             continue
-        try:
-            add(ep.load(), ep.name, f"{dist_name}=={version}", version, False)
-        except Exception as exc:  # noqa: BLE001
-            failed(ep.name, f"{dist_name}=={version}", exc)
-
+        todo.append((ep.load, ep.name, f"{dist_name}=={version}", version, False))
     for obj in extra:
         name = getattr(obj, "__name__", None) or type(obj).__name__
-        add(obj, name, "<in-process>", "", False)
+        todo.append((lambda o=obj: o, name, "<in-process>", "", False))
+    for _, name, dist, version, builtin in todo:  # describe() lists them in this order
+        plugins._info[name] = {"version": version, "dist": dist, "builtin": builtin}
+    # pluggy calls the last registered first: register in reverse so hooks run in the order
+    # above (built-ins register their components first; a later duplicate is the culprit).
+    for item in reversed(todo):
+        add(*item)
 
-    try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin {exc.plugin!r} implements an unknown hook: {exc}") from exc
+    def register(kind, name, factory, config_cls=None, description=""):
+        plugins.registry.register(kind, name, factory, config_cls, description, plugin=CURRENT_PLUGIN.get() or "?")
 
-    registry = Registry()
-    for impl in pm.hook.register_components.get_hookimpls():
-        plugin_name = impl.plugin_name
+    plugins.call("register_components", register=register)
+    return plugins
 
-        def register(kind, name, factory, config_cls=None, description="", _p=plugin_name):
-            registry.register(kind, name, factory, config_cls, description, plugin=_p)
 
-        try:
-            impl.function(register=register)
-        except Phase7Error:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            dist = info.get(plugin_name, {}).get("dist", plugin_name)
-            failed(plugin_name, dist, exc)
-    return Plugins(pm, registry, errors, info)
+def _hook_names() -> set[str]:
+    return {n for n in dir(hookspecs) if not n.startswith("_") and callable(getattr(hookspecs, n))
+            and hasattr(getattr(hookspecs, n), "phase7fw_spec")}

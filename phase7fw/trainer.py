@@ -32,8 +32,11 @@ from phase7fw import distributed
 from phase7fw.checkpoint import checkpoint_path
 from phase7fw.console import perplexity, step_line, val_line
 from phase7fw.errors import TrainingAborted
+from phase7fw.fileio import write_text_atomic
+from phase7fw.hookspecs import hookimpl
 from phase7fw.recipe import recipe_to_dict, recipe_to_toml
 from phase7fw.recipe.convert import structure_component
+from phase7fw.run_lock import RunLock, RunLocked
 
 
 #: a first Ctrl-C finishes the running step unless that would take longer than this
@@ -42,6 +45,34 @@ ROLLBACK_AFTER_S = 5.0
 
 def _untimed(name: str):
     return contextlib.nullcontext()
+
+
+class CallbackHooks:
+    """A recipe ``Callback`` as lifecycle hook implementations (hookspecs.py), called after
+    the plugins' (trylast); its errors stop the run like any error of the run."""
+
+    def __init__(self, callback):
+        self.callback = callback
+
+    @hookimpl(trylast=True)
+    def run_start(self, engine):
+        self.callback.on_run_start(engine)
+
+    @hookimpl(trylast=True)
+    def step_end(self, engine, row):
+        self.callback.on_step_end(engine, row)
+
+    @hookimpl(trylast=True)
+    def eval_end(self, engine, row):
+        self.callback.on_eval_end(engine, row)
+
+    @hookimpl(trylast=True)
+    def checkpoint_saved(self, engine, path):
+        self.callback.on_checkpoint(engine, path)
+
+    @hookimpl(trylast=True)
+    def run_end(self, engine, summary):
+        self.callback.on_run_end(engine, summary)
 
 
 class Trainer:
@@ -67,6 +98,7 @@ class Trainer:
         # and RNG states of its start, so a Ctrl-C can drop the step and save the one before
         self.rollback_point = None
         self.rolled_back = False
+        self.last_good: str | None = getattr(engine, "resumed_from", None)  # newest checkpoint with finite weights
 
     # ------------------------------------------------------------------ setup
     def _build_trackers(self) -> None:
@@ -84,6 +116,13 @@ class Trainer:
             )
             self.trackers.append((spec.name, tracker))
         self.callbacks = [e.registry.build("callback", s.name, s.config) for s in r.callbacks]
+        # The recipe's callbacks implement the lifecycle hooks for this run (trylast: after
+        # the plugins'; pluggy calls trylast implementations in registration order).
+        self._callback_names = []
+        for i, cb in enumerate(self.callbacks):
+            name = f"phase7fw.callback[{i}]:{r.callbacks[i].name}"
+            e.plugins.pm.register(CallbackHooks(cb), name=name)
+            self._callback_names.append(name)
         e._done("trackers")
 
     def _log(self, row: dict) -> None:
@@ -132,6 +171,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def run(self) -> dict:
+        """Train holding the output folder's lock (phase7fw/run_lock.py): a second run on the
+        same folder stops here, before it writes anything."""
+        e = self.engine
+        lock, refused = None, None
+        if e.dist.is_main:
+            try:
+                lock = RunLock(e.output_dir).acquire()
+            except RunLocked as exc:
+                refused = str(exc)
+        refused = distributed.broadcast_object(refused, e.dist)  # every rank stops alike
+        if refused:
+            raise RunLocked(refused)
+        try:
+            return self._run()
+        finally:
+            for name in getattr(self, "_callback_names", ()):
+                if e.plugins.pm.has_plugin(name):
+                    e.plugins.pm.unregister(name=name)
+            if lock is not None:
+                lock.release()
+
+    def _run(self) -> dict:
         e = self.engine
         if e.step >= self.train.max_steps:  # a finished run: say so and touch no file
             return {"steps": e.step, "already_complete": True, "max_steps": self.train.max_steps,
@@ -140,15 +201,12 @@ class Trainer:
                     "tokens": e.tokens_seen, "skipped_steps": e.skipped_steps, "output_dir": str(e.output_dir),
                     "final_checkpoint": getattr(e, "resumed_from", None)}
         if e.dist.is_main:
-            e.output_dir.mkdir(parents=True, exist_ok=True)
-            (e.output_dir / "resolved_recipe.toml").write_text(recipe_to_toml(self.recipe))
+            write_text_atomic(e.output_dir / "resolved_recipe.toml", recipe_to_toml(self.recipe))
         distributed.barrier(e.dist)
         self._build_trackers()
         for line in e.describe():
             self.console.print(line)
-        e.plugins.hook.run_start(engine=e)
-        for cb in self.callbacks:
-            cb.on_run_start(e)
+        e.plugins.call("run_start", engine=e)
         e._done("loop")
 
         self.track_rollback = not e.dist.distributed
@@ -178,8 +236,11 @@ class Trainer:
                 self.console.print("Stopped by a second Ctrl-C without saving this step.")
             else:
                 path = self._save(e.step)
-                self.console.print(f"Stopped by Ctrl-C at step {e.step}; checkpoint saved to {path}."
-                                   " Continue with the same command and --resume auto.")
+                if path is not None:
+                    self.console.print(f"Stopped by Ctrl-C at step {e.step}; checkpoint saved to {path}."
+                                       " Continue with the same command and --resume auto.")
+                else:
+                    self.console.print(f"Stopped by Ctrl-C at step {e.step}; {self._last_good_text()}")
             raise
         finally:
             self.console.close_bar()
@@ -187,9 +248,7 @@ class Trainer:
                 signal.signal(signal.SIGINT, old_handler)
             for _, tracker in self.trackers:
                 tracker.finish()
-        e.plugins.hook.run_end(engine=e, summary=summary)
-        for cb in self.callbacks:
-            cb.on_run_end(e, summary)
+        e.plugins.call("run_end", engine=e, summary=summary)
         return summary
 
     def train_step(self, timer=None) -> dict:
@@ -330,11 +389,12 @@ class Trainer:
                            "lr": lr, "skipped": True, "skipped_steps": e.skipped_steps})
                 if consecutive_bad >= t.max_nonfinite_steps:
                     path = self._save(e.step)
+                    where = (f"The weights are those of the last finite update, saved to {path}" if path else
+                             self._last_good_text())
                     raise TrainingAborted(
                         f"stopping: {consecutive_bad} non-finite steps in a row (last at step {e.step}:"
-                        f" loss {loss_value}, grad norm {grad_norm}). The weights are those of the last"
-                        f" finite update, saved to {path}; lower optimizer.lr, raise lr_scheduler.warmup_steps"
-                        " or use precision = \"bf16\"/\"fp32\", then resume."
+                        f" loss {loss_value}, grad norm {grad_norm}). {where}; lower optimizer.lr, raise"
+                        " lr_scheduler.warmup_steps or use precision = \"bf16\"/\"fp32\", then resume."
                     )
 
             if e.step % t.log_every == 0 or e.step == t.max_steps:
@@ -349,6 +409,9 @@ class Trainer:
 
         val = self._evaluate() if e.val_sampler is not None else None
         final = self._save("final")
+        if final is None:
+            raise TrainingAborted(f"training reached step {e.step} with non-finite weights, so no final checkpoint"
+                                  f" was written. {self._last_good_text()}")
         logged = self.last_logged
         return {
             "steps": e.step,
@@ -383,8 +446,7 @@ class Trainer:
             extra["Curv"] = f"{row['curvature']:.3f}"
         self.console.print(step_line(e.step, loss, lr, grad_norm, step_time, extra))
         self._log(row)
-        for cb in self.callbacks:
-            cb.on_step_end(e, row)
+        e.plugins.call("step_end", engine=e, row=row)
 
     def _evaluate(self) -> float | None:
         e = self.engine
@@ -398,19 +460,30 @@ class Trainer:
         self.console.print(val_line(e.step, metrics["loss"], metrics.get("bpb")))
         self._log(row)
         e.last_val = {"step": e.step, **metrics}
-        for cb in self.callbacks:
-            cb.on_eval_end(e, row)
+        e.plugins.call("eval_end", engine=e, row=row)
         if metrics["loss"] < e.best_val_loss:
             e.best_val_loss = metrics["loss"]
             e.best_val_bpb = metrics.get("bpb")
             self._save("best")
         return metrics["loss"]
 
-    def _save(self, tag) -> str:
+    def _save(self, tag) -> str | None:
+        """Write the checkpoint ``tag``; None (and a console line) when the weights are not
+        finite: a NaN checkpoint would only replace a good one."""
         e = self.engine
-        e.tracker_state = self._tracker_state()
         path = checkpoint_path(e.output_dir, e.model_name, tag)
+        if not e.weights_finite():
+            self.console.print(f"Not saving {path.name}: the weights hold NaN or Inf.")
+            return None
+        e.tracker_state = self._tracker_state()
         e.save(path)
-        for cb in self.callbacks:
-            cb.on_checkpoint(e, str(path))
+        if tag != "best":
+            self.last_good = str(path)
+        e.plugins.call("checkpoint_saved", engine=e, path=str(path))
         return str(path)
+
+    def _last_good_text(self) -> str:
+        if self.last_good:
+            return (f"The weights are not finite (NaN/Inf), so no checkpoint was written; the last good checkpoint"
+                    f" is {self.last_good}")
+        return "The weights are not finite (NaN/Inf), so no checkpoint was written; this run saved none before"

@@ -28,6 +28,7 @@ import attrs
 import tomli_w
 
 from phase7fw.errors import Phase7Error, RecipeError
+from phase7fw.fileio import writing
 from phase7fw.recipe import load_recipe
 from phase7fw.recipe.convert import structure_component
 
@@ -202,18 +203,23 @@ def write_recipe(body: dict, notes: list[str], output: Path, plugins, *, force: 
     """Validate the recipe where it will live (``extends`` is relative), then move it in place."""
     if output.exists() and not force:
         raise Phase7Error(f"{output} exists; choose another --output or pass --force to overwrite it")
-    output.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(f"# {n}\n" for n in notes) + "\n" + tomli_w.dumps(body)
     tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp.toml")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        with writing(output):
+            output.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text, encoding="utf-8")
         try:
             recipe = load_recipe(tmp, plugins=plugins)
         except RecipeError as exc:
             raise RecipeError(exc.errors, source=f"{output} (not written)") from None
-        os.replace(tmp, output)
+        with writing(output):
+            os.replace(tmp, output)
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # its folder could not be made: there is no temporary file
+            pass
     return recipe
 
 

@@ -62,17 +62,48 @@ class TextFilesConfig:
 
 
 class TextFiles(DataSource):
-    """Every file matching ``paths`` is one document."""
+    """Every file matching ``paths`` is one document. A file with NUL bytes is binary and
+    skipped; one that is not UTF-8 is decoded with replacement characters; both are counted
+    and reported by :meth:`read_warnings` (the data log shows them, with examples)."""
 
     def __init__(self, config: TextFilesConfig):
         if not config.paths:
             raise Phase7Error("text_files: 'paths' is empty; give at least one glob pattern")
         self.patterns = list(config.paths)
         self.files = [Path(f) for f in _expand(self.patterns, "text_files")]
+        self.binary: list[Path] = []
+        self.not_utf8: list[Path] = []
 
     def texts(self):
+        self.binary, self.not_utf8 = [], []
         for path in self.files:
-            yield _read_text(path)
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise Phase7Error(f"cannot read data file {path}: {exc}") from None
+            if b"\0" in data:
+                self.binary.append(path)
+                continue
+            try:
+                yield data.decode("utf-8")
+            except UnicodeDecodeError:
+                self.not_utf8.append(path)
+                yield data.decode("utf-8", errors="replace")
+
+    def read_warnings(self) -> list[str]:
+        """What the last pass over the files found: binary files skipped, non-UTF-8 files."""
+        def some(paths):
+            names = ", ".join(str(p) for p in paths[:3])
+            return names + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+
+        n, out = len(self.files), []
+        if self.binary:
+            out.append(f"skipped {len(self.binary)} of {n} files that are binary, not text (NUL bytes): "
+                       f"{some(self.binary)}")
+        if self.not_utf8:
+            out.append(f"{len(self.not_utf8)} of {n} files are not UTF-8 and were read with replacement characters"
+                       f" (U+FFFD): {some(self.not_utf8)}; convert them to UTF-8 to train on their exact text")
+        return out
 
     def cache_identity(self):
         return _files_identity(self.files)
@@ -191,6 +222,9 @@ class HFDataset(DataSource):
             self.files = _expand([str(local / "**" / "*")], "hf_dataset")
         elif config.path.startswith((".", "/", "~")) or local.suffix.lower() in _BUILDERS:
             raise Phase7Error(f"hf_dataset: no such file or folder {config.path!r} (from {os.getcwd()})")
+        for f in self.local_files or ():
+            if os.path.getsize(f) == 0:
+                raise Phase7Error(f"hf_dataset: {f} is empty (0 bytes); remove it from the source or fill it")
         self._dataset = None
 
     def _load(self):
@@ -214,6 +248,8 @@ class HFDataset(DataSource):
             kwargs["data_files"] = list(c.data_files)
         try:
             ds = datasets.load_dataset(self.builder, **kwargs)
+        except StopIteration:  # what datasets raises for files without a single row
+            raise Phase7Error(f"hf_dataset {c.path!r}: no rows could be read (empty or only blank lines?)") from None
         except Exception as exc:  # noqa: BLE001 - a user's dataset can fail in many ways; name it
             raise self._load_error(exc) from None
         fields = ds.column_names

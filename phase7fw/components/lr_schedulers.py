@@ -8,6 +8,9 @@ checkpoint is just ``s`` and the base learning rates.
   ``min_lr``, reached at ``s = max_steps`` and kept after.
 - ``constant``: the same linear warm-up, then ``lr``.
 
+``replan(max_steps)`` moves a resumed schedule to a new ``train.max_steps`` (the engine calls
+it when the recipe's step count differs from the checkpoint's).
+
 With several parameter groups each group is scaled from its own initial lr; ``min_lr`` is
 absolute for the optimizer's default lr and proportional for groups with another lr.
 """
@@ -54,6 +57,16 @@ class _FactorScheduler(LRScheduler):
     def get_lr(self):
         f = self.factor(self.last_epoch)
         return [base_lr * f for base_lr in self.base_lrs]
+
+    def replan(self, max_steps: int) -> None:
+        """Continue on a schedule planned for ``max_steps`` (a resumed run whose
+        ``train.max_steps`` changed): the current step stays, the lr follows the new plan."""
+        if hasattr(self, "max_steps"):
+            self.max_steps = max_steps
+        values = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, values):
+            group["lr"] = lr
+        self._last_lr = values
 
 
 class WarmupCosineLR(_FactorScheduler):

@@ -19,8 +19,9 @@ from pathlib import Path
 import attrs
 import numpy as np
 
-from phase7fw.data_cache import digest, write_text_atomic
+from phase7fw.data_cache import digest
 from phase7fw.errors import Phase7Error
+from phase7fw.fileio import write_text_atomic
 from phase7fw.hookspecs import hookimpl
 from phase7fw.interfaces import Tokenizer
 from phase7fw.recipe import option, positive
@@ -88,6 +89,16 @@ def _from_json(text: str, where: str):
         return _tokenizers().Tokenizer.from_str(text)
     except Exception as exc:  # noqa: BLE001 - the library raises plain Exceptions for bad files
         raise Phase7Error(f"{where} is not a valid tokenizer.json: {exc}") from None
+
+
+def read_utf8(path: Path) -> str:
+    """A tokenizer.json's text; a file that is not UTF-8 (binary, damaged) is a Phase7Error."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Phase7Error(f"{path} is not a tokenizer.json: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise Phase7Error(f"cannot read {path}: {exc}") from None
 
 
 def _sha(text: str) -> str:
@@ -178,14 +189,18 @@ class BPETokenizer(_JsonTokenizer):
             identity = _sha("\0".join(texts))
         name = f"bpe-{digest({'config': attrs.asdict(self.config), 'sample': identity, 'format': 1})}.json"
         self.path = self.cache_dir / "tokenizers" / name if self.cache_dir else None
+        damaged = ""
         if self.path is not None and self.path.is_file():
-            self._load(self.path.read_text(encoding="utf-8"), str(self.path))
-            self.status = f"loaded from {self.path}"
-            return
+            try:  # a cache file: when damaged, train again rather than stop
+                self._load(read_utf8(self.path), str(self.path))
+                self.status = f"loaded from {self.path}"
+                return
+            except Phase7Error as exc:
+                damaged = f" (the cached file was damaged: {exc})"
         self._train(texts)
         if self.path is not None:
             write_text_atomic(self.path, self._json)
-        self.status = f"trained, saved to {self.path}" if self.path else "trained"
+        self.status = (f"trained, saved to {self.path}" if self.path else "trained") + damaged
 
     def _train(self, texts) -> None:
         tk = _tokenizers()
@@ -231,7 +246,7 @@ class FileTokenizer(_JsonTokenizer):
             path = Path(config.path).expanduser()
             if not path.is_file():
                 raise Phase7Error(f"data.tokenizer.path: no such file {config.path!r}")
-            text, where = path.read_text(encoding="utf-8"), config.path
+            text, where = read_utf8(path), config.path
         self._tok, self._json = _from_json(text, where), text
         self.eos_token = config.eos_token or DEFAULT_EOS
         eos = self._tok.token_to_id(self.eos_token)

@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 import attrs
 
 from phase7fw.errors import Phase7Error
+from phase7fw.fileio import writing
 from phase7fw.hookspecs import hookimpl
 from phase7fw.interfaces import Tracker
 from phase7fw.recipe.options import option, positive
@@ -98,19 +99,30 @@ class JsonlTracker(Tracker):
 
     def __init__(self, path: str, resume_step: int | None = None):
         self.path = path
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        if resume_step is not None and os.path.exists(path):
-            truncate_log(path, resume_step)
-        self._file = open(path, "a", buffering=1, encoding="utf-8")  # line-buffered
+        with writing(path):
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            if resume_step is not None and os.path.exists(path):
+                truncate_log(path, resume_step)
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def log(self, row: dict) -> None:
-        line = json.dumps(_jsonable(row), allow_nan=False, ensure_ascii=False)
-        self._file.write(line + "\n")
-        self._file.flush()
+        """Append one row with one write; a write that fails (full disk) is rolled back, so the
+        file never holds half a row."""
+        line = (json.dumps(_jsonable(row), allow_nan=False, ensure_ascii=False) + "\n").encode("utf-8")
+        end = os.lseek(self._fd, 0, os.SEEK_END)
+        with writing(self.path):
+            try:
+                written = os.write(self._fd, line)
+                while written < len(line):  # a short write: the rest, or the error that stopped it
+                    written += os.write(self._fd, line[written:])
+            except OSError:
+                os.ftruncate(self._fd, end)
+                raise
 
     def finish(self) -> None:
-        if not self._file.closed:
-            self._file.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def truncate_log(path: str, last_step: int) -> None:

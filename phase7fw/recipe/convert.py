@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import difflib
+import math
 import typing
 from typing import Any, Literal
 
@@ -36,9 +37,16 @@ def _make_converter() -> cattrs.Converter:
         return hook
 
     conv.register_structure_hook(int, strict("int", lambda v: type(v) is int))
-    conv.register_structure_hook(
-        float, strict("float", lambda v: type(v) in (int, float), float)
-    )
+    # TOML has inf and nan: no option of a training recipe means either (an inf learning rate
+    # would save NaN weights), so every float must be finite.
+    def finite_float(v, _tp):
+        if type(v) not in (int, float):
+            raise TypeError(f"expected float, got {_describe(v)}")
+        if not math.isfinite(v):
+            raise ValueError(f"must be a finite number, got {v!r}")
+        return float(v)
+
+    conv.register_structure_hook(float, finite_float)
     conv.register_structure_hook(str, strict("str", lambda v: type(v) is str))
     conv.register_structure_hook(bool, strict("bool", lambda v: type(v) is bool))
 

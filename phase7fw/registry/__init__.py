@@ -103,6 +103,11 @@ class Registry:
                 f"plugin {plugin}: config_cls of {kind} {name!r} must be an attrs class,"
                 f" got {config_cls!r}"
             )
+        try:  # field types are read when recipes are validated: a broken annotation fails here
+            attrs.resolve_types(config_cls)
+        except Exception as exc:  # noqa: BLE001 - NameError, TypeError, ... from the plugin's module
+            raise RegistryError(f"plugin {plugin}: config_cls {config_cls.__name__} of {kind} {name!r} has an"
+                                f" annotation that cannot be resolved ({type(exc).__name__}: {exc})") from None
         old = self._entries.get((kind, name))
         if old is not None:
             raise RegistryError(
@@ -111,6 +116,10 @@ class Registry:
         entry = Entry(kind, name, factory, config_cls, description, plugin)
         self._entries[(kind, name)] = entry
         return entry
+
+    def remove_plugin(self, plugin: str) -> None:
+        """Forget every component ``plugin`` registered (it failed and is disabled)."""
+        self._entries = {k: e for k, e in self._entries.items() if e.plugin != plugin}
 
     def get(self, kind: str, name: str) -> Entry:
         if kind not in KINDS:

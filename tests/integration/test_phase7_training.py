@@ -61,3 +61,31 @@ def test_tied_head_trains_with_accumulation(tmp_path):
                                                         "train.max_steps": 4}), quiet=True)
     s = e.fit()
     assert math.isfinite(s["final_loss"]) and e.model.tied_table.grad is None
+
+
+def test_a_checkpoint_with_the_old_scalar_log_c_loads_and_resumes_identically(tmp_path):
+    """log_c became shape (1,) for FSDP2; checkpoints that hold it as a 0-dim scalar (and its
+    AdamW moments as 0-dim) still load, for resume and for inference."""
+    from phase7fw.checkpoint import save_checkpoint
+
+    Engine.from_recipe(TINY, overrides(tmp_path / "a"), quiet=True).fit()
+    ref = rows(tmp_path / "a" / "run")
+    state = load_checkpoint(tmp_path / "a" / "run" / "phase7_step_3.pt")
+    names = [k for k in state["model"] if k.endswith("attn.log_c")]
+    assert names and all(state["model"][k].shape == (1,) for k in names)
+    for k in names:
+        state["model"][k] = state["model"][k].reshape(())
+        moments = state["optimizer"]["state"][k]
+        for m in ("exp_avg", "exp_avg_sq"):
+            moments[m] = moments[m].reshape(())
+    target = tmp_path / "b" / "run"
+    old = save_checkpoint(target / "phase7_step_3.pt", {k: v for k, v in state.items() if not k.startswith("format")})
+
+    served = Engine.from_checkpoint(old)
+    for k in names:
+        assert served.model.get_parameter(k).shape == (1,)
+        assert served.model.get_parameter(k).item() == state["model"][k].item()
+    e = Engine.from_recipe(TINY, overrides(tmp_path / "b"), quiet=True)
+    assert e.step == 3
+    e.fit()
+    assert [(r["loss"], r["grad_norm"]) for r in rows(target)] == [(r["loss"], r["grad_norm"]) for r in ref[3:]]

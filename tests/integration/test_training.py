@@ -226,3 +226,48 @@ def test_compiled_training_matches_eager(tmp_path):
     a, b = rows(tmp_path / "e" / "run"), rows(tmp_path / "c" / "run")
     for ra, rb in zip(a, b):
         assert math.isclose(ra["loss"], rb["loss"], rel_tol=1e-4)
+
+
+def test_resume_with_a_longer_max_steps_replans_the_lr_schedule(tmp_path, capsys):
+    """Extending a run: after the resume the LR follows a schedule planned for the new length
+    (the LRs of a run planned for 12 steps from the start), and the console says so."""
+    over = {"train.save_every": 3, "train.eval_every": 0, "lr_scheduler.min_lr": 1e-5}
+    Engine.from_recipe(TINY, tiny_overrides(tmp_path / "short", **over, **{"train.max_steps": 6}), quiet=True).fit()
+    Engine.from_recipe(TINY, tiny_overrides(tmp_path / "long", **over, **{"train.max_steps": 12}), quiet=True).fit()
+    target = tmp_path / "extended" / "run"
+    target.mkdir(parents=True)
+    shutil.copy(tmp_path / "short" / "run" / "llama_step_3.pt", target)
+    capsys.readouterr()
+    resumed = Engine.from_recipe(TINY, tiny_overrides(tmp_path / "extended", **over, **{"train.max_steps": 12}))
+    out = capsys.readouterr().out
+    short, planned = rows(tmp_path / "short" / "run"), rows(tmp_path / "long" / "run")
+    assert (f"train.max_steps changed from 6 to 12: the LR schedule is re-planned for 12 steps (lr at step 3:"
+            f" {short[3]['lr']:.3g} -> {planned[3]['lr']:.3g})") in out
+    summary = resumed.fit()
+    assert summary["steps"] == 12
+    extended = rows(target)
+    assert [r["step"] for r in extended] == list(range(4, 13))
+    assert [r["lr"] for r in extended] == pytest.approx([r["lr"] for r in planned[3:]], rel=1e-12)
+    assert extended[0]["lr"] != pytest.approx(short[3]["lr"])  # not the old plan's lr at that step
+    assert load_checkpoint(target / "llama_final.pt")["max_steps"] == 12
+
+
+def test_resume_with_a_scheduler_that_cannot_replan_is_refused(tmp_path):
+    import attrs
+
+    from phase7fw import hookimpl
+    from phase7fw.plugins import load_plugins
+
+    class Plugin:
+        @hookimpl
+        def register_components(self, register):
+            register("lr_scheduler", "fixed", lambda c, *, optimizer, max_steps, **k: torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda s: max(0.0, 1 - s / max_steps)), attrs.make_class("C", {}, frozen=True))
+
+    plugins = load_plugins(extra=[Plugin()])
+    over = {"train.save_every": 3, "lr_scheduler": {"name": "fixed"}}
+    Engine.from_recipe(TINY, tiny_overrides(tmp_path, **over), plugins=plugins, quiet=True).fit()
+    with pytest.raises(CheckpointError, match="was planned for train.max_steps = 6, the recipe says 9, and"
+                                              " lr_scheduler 'fixed' cannot re-plan its schedule"):
+        Engine.from_recipe(TINY, tiny_overrides(tmp_path, **over, **{"train.max_steps": 9}), plugins=plugins,
+                           quiet=True)

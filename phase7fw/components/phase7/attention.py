@@ -323,7 +323,10 @@ class HyperbolicAttention(_ProjectedAttention):
         if score not in SCORES:
             raise Phase7Error(f"attention: score must be one of {', '.join(SCORES)}; got {score!r}")
         self.score = score
-        self.log_c = nn.Parameter(torch.zeros(()))  # rho: learned per-layer log-curvature
+        # rho: learned per-layer log-curvature. Shape (1,), not a 0-dim scalar: FSDP2 shards
+        # parameters along dim 0 (checkpoints with the old 0-dim shape still load, see
+        # phase7fw.checkpoint.upgrade_shapes).
+        self.log_c = nn.Parameter(torch.zeros(1))
         self.beta = nn.Parameter(torch.full((n_heads,), _inverse_softplus(init_temperature)))
         # kappa from the curvature scheduler: a buffer updated in place (fill_), so a compiled
         # graph reads it as data and does not recompile when it changes; not checkpointed
@@ -341,7 +344,7 @@ class HyperbolicAttention(_ProjectedAttention):
 
     def curvature(self) -> torch.Tensor:
         """Effective curvature c = clamp(kappa * exp(log_c), c_min, c_max), 0-dim fp32."""
-        return (self.kappa.float() * self.log_c.float().exp()).clamp(self.c_min, self.c_max)
+        return (self.kappa.float() * self.log_c.float().exp()).clamp(self.c_min, self.c_max).reshape(())
 
     def temperature(self) -> torch.Tensor:
         """Per-head tau = softplus(beta), fp32."""

@@ -204,6 +204,14 @@ class Phase7Model(LanguageModel):
     def enable_activation_checkpointing(self) -> None:
         self.checkpointing = True
 
+    def check_strategy(self, strategy: str) -> None:
+        if strategy == "fsdp" and self.head is None:
+            # The tied table is rebuilt from the factors once per step, outside forward, where
+            # FSDP2 holds them sharded (and would not reduce-scatter their gradient).
+            raise Phase7Error("model.tie_embeddings = true with parallel.strategy = \"fsdp\": not supported (the"
+                              " tied table is rebuilt outside forward, where FSDP keeps the embedding sharded);"
+                              " use parallel.strategy = \"ddp\" or model.tie_embeddings = false")
+
     def set_curvature(self, kappa: float) -> None:
         for block in self.blocks:
             attn = getattr(block, "attn", None)
