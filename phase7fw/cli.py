@@ -536,9 +536,12 @@ def main(argv: list[str] | None = None) -> int:
     if not {"-h", "--help", "--version"} & set(argv) and (missing := _torch_missing()):
         print(f"error: {who}{missing}", file=sys.stderr)
         return 2
+    clean = False  # the command returned (every rank got there): leave the process group together
     try:
         args = build_parser(_plugin_commands(_plugins())).parse_args(argv)
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        clean = True
+        return code
     except Phase7Error as exc:
         print(f"error: {who}{exc}", file=sys.stderr)
         return exc.exit_code
@@ -564,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         if who:
             from phase7fw.distributed import shutdown
 
-            shutdown()
+            shutdown(wait_for_peers=clean)
 
 
 if __name__ == "__main__":

@@ -71,8 +71,17 @@ def init(strategy: str, device_name: str) -> tuple[DistContext, str]:
     return DistContext(rank, world, local_rank, strategy), device_name
 
 
-def shutdown() -> None:
+def shutdown(wait_for_peers: bool = False) -> None:
+    """Leave the process group. ``wait_for_peers`` (every rank finished its command): a barrier
+    first, because a rank that tears down while another still talks to it (gloo's pair
+    threads) can make that rank abort ("terminate called without an active exception"). Not
+    after an error: the other ranks may never get there (torchrun stops them instead)."""
     if dist.is_available() and dist.is_initialized():
+        if wait_for_peers:
+            try:
+                dist.barrier()
+            except Exception:  # noqa: BLE001 - a peer is already gone: tear down anyway
+                pass
         dist.destroy_process_group()
 
 

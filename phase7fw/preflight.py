@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from phase7fw.checkpoint import upgrade_shapes
 from phase7fw.console import human
 from phase7fw.errors import CheckpointError, Phase7Error
 
@@ -256,6 +257,7 @@ def check_checkpoint_fits(state: dict, where: str, recipe, model, plugins) -> li
     if not isinstance(saved, dict):  # a sharded checkpoint: its tensors are read later
         return diffs
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    saved, _ = upgrade_shapes(saved, None, expected)  # older equivalent shapes still load
     got = {k: tuple(v.shape) for k, v in saved.items() if isinstance(v, torch.Tensor)}
     wrong = [k for k in expected if k in got and expected[k] != got[k]]
     missing = [k for k in expected if k not in got]

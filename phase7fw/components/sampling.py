@@ -46,7 +46,14 @@ class Sample(Callback):
                                            stop=c.stop or None)
                 for i in range(c.count)]
 
+    def on_run_start(self, engine) -> None:
+        if engine.dist.strategy == "fsdp":
+            engine.console.print("callback sample: off under FSDP (generation reads unsharded weights); sample the"
+                                 " checkpoint afterwards: phase7fw generate CHECKPOINT --prompt ...")
+
     def _show(self, engine, when: str) -> None:
+        if engine.dist.strategy == "fsdp" or not engine.dist.is_main:  # one rank samples, from full weights
+            return
         c = self.config
         seeds = f"seed {c.seed}" if c.count == 1 else f"seeds {c.seed}-{c.seed + c.count - 1}"
         engine.console.print(f"Samples at step {engine.step} ({when}; temperature {c.temperature:g}"

@@ -14,12 +14,14 @@ from phase7fw.plugins import load_plugins
 
 def main(spec_path: str) -> None:
     plugins = load_plugins()
+    done = False
     try:
         for run in json.loads(open(spec_path).read()):
             Engine.from_recipe(run["recipe"], run["overrides"], dummy_data=True, resume="never", plugins=plugins,
                                quiet=True).fit()
+        done = True
     finally:
-        shutdown()
+        shutdown(wait_for_peers=done)
 
 
 if __name__ == "__main__":

@@ -216,14 +216,14 @@ class HyperbolicAttention(_Projected):
         if self.score not in SCORES:
             raise ValueError(f"attention score {self.score!r} is not implemented by this modeling file ({SCORES})")
         self.c_min, self.c_max, self.kappa = opts["c_min"], opts["c_max"], curvature
-        self.log_c = nn.Parameter(torch.zeros(()))
+        self.log_c = nn.Parameter(torch.zeros(1))  # shape (1,) as in phase7fw (FSDP2 shards dim 0)
         self.beta = nn.Parameter(torch.zeros(n_heads))
 
     def forward(self, x):
         q, k, v = self.qkv(x, self.theta)
         out_dtype, T = v.dtype, x.shape[1]
         with torch.autocast(x.device.type, enabled=False):
-            c = (self.kappa * self.log_c.float().exp()).clamp(self.c_min, self.c_max)
+            c = (self.kappa * self.log_c.float().exp()).clamp(self.c_min, self.c_max).reshape(())
             tau = F.softplus(self.beta.float()).view(-1, 1, 1)
             v = v.float()
             nq, aq, fq = (s.unsqueeze(-1) for s in tangent_stats(q, c))
