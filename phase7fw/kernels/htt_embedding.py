@@ -275,6 +275,12 @@ def _backward(ctx, dout):
 htt_embedding_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.compiler.assume_constant_result
+def _fp32_matmuls_exact() -> bool:
+    # torch.compile cannot trace this string-valued query; a compiled step reads it once
+    return torch.get_float32_matmul_precision() == "highest"
+
+
 def _out_dtype_and_tf32(cores, scale) -> tuple[torch.dtype, bool]:
     """The reference's output dtype, and whether the reference's own matmuls are at most TF32
     accurate here (see the module docstring)."""
@@ -282,7 +288,7 @@ def _out_dtype_and_tf32(cores, scale) -> tuple[torch.dtype, bool]:
     raw = cores[0].dtype
     for c in cores[1:]:
         raw = torch.promote_types(raw, c.dtype)
-    tf32 = raw != torch.float32 or torch.get_float32_matmul_precision() != "highest"
+    tf32 = raw != torch.float32 or not _fp32_matmuls_exact()
     if torch.is_autocast_enabled(dev):
         raw = torch.get_autocast_dtype(dev)
         tf32 = True
@@ -301,7 +307,7 @@ def htt_embedding_triton(ids: torch.Tensor, cores, scale: torch.Tensor, d_model:
         a.shape[-1] != b.shape[0] for a, b in zip(cores, cores[1:])
     ):
         raise ValueError(f"htt embedding kernel: cores do not chain: {[tuple(c.shape) for c in cores]}")
-    if d_model > math.prod(c.shape[2] for c in cores):
+    if d_model > math.prod([c.shape[2] for c in cores]):
         raise ValueError(f"htt embedding kernel: d_model {d_model} > product of the cores' column factors")
     if any(t.dtype == torch.float64 for t in (*cores, scale)):
         raise ValueError("the Triton HTT embedding takes fp32/bf16/fp16 cores, not fp64")

@@ -1,6 +1,8 @@
 """torch.compile traces through every Triton kernel (custom ops with fake implementations and
-registered autograd): each block of a phase7 model with all six kernels compiles with
-fullgraph=True (no graph break) and gives the eager reference model's loss and gradients.
+registered autograd): the embedding and each block of a phase7 model with all six kernels
+compile with fullgraph=True (no graph break) and give the eager reference model's loss and
+gradients; the static decode step with every kernel compiles whole (what ``--compile-step``
+hands to a CUDA graph) and decodes the eager model's tokens.
 The aot_eager backend keeps the test fast; it runs the same Dynamo + AOTAutograd tracing that
 inductor starts from (the kernels stay opaque nodes either way)."""
 
@@ -24,8 +26,8 @@ def test_phase7_blocks_compile_fullgraph_through_all_kernels():
     picked = [fast.blocks[0].attn.attention_fn, fast.blocks[0].ssm.scan_impl, fast.embedding.gather_fn,
               fast.blocks[0].norm1.norm_impl, fast.blocks[0].ffn.glu_impl, fast.cross_entropy_fn]
     assert all(f.__module__.startswith("phase7fw.kernels.") for f in picked), [f.__module__ for f in picked]
-    for block in fast.blocks:
-        block.compile(backend="aot_eager", fullgraph=True)
+    for module in (fast.embedding, *fast.blocks):
+        module.compile(backend="aot_eager", fullgraph=True)
     torch._dynamo.reset()
     ids = torch.randint(0, 300, (2, 64), generator=torch.Generator().manual_seed(1))
     targets = torch.roll(ids, -1, dims=1)
@@ -45,3 +47,31 @@ def test_phase7_blocks_compile_fullgraph_through_all_kernels():
         if g_ref is not None:
             err = (p.grad - g_ref).norm() / g_ref.norm().clamp_min(1e-12)
             assert err < 1e-4, (name, float(err))
+
+
+def test_static_decode_step_compiles_fullgraph_through_all_kernels():
+    # On the H100 (torch 2.11) `p9_generate.py --compile-step` broke here: the HTT kernel's
+    # wrapper called math.prod on a generator and torch.get_float32_matmul_precision()
+    from phase7fw.decoding import Decoder, GraphedDecoder
+
+    torch.manual_seed(0)
+    model = build_model("recipes/phase7_tiny.toml", "cpu", vocab_size=300,
+                        kernels={op: "triton" for op in KERNEL_OPS}).eval()
+    assert model.embedding.gather_fn.__module__.startswith("phase7fw.kernels.")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    prompt = [5, 17, 2, 250, 9]
+
+    def greedy(dec, n=8):
+        dec.reset(prompt)
+        out = []
+        for _ in range(n):
+            out.append(int(dec.logits().argmax()))
+            dec.extend([out[-1]])
+        return out
+
+    compiled = GraphedDecoder(model, capture=False, compile_step=True)
+    tokens = greedy(compiled)
+    assert tokens == greedy(Decoder(model, use_cache=False))
+    assert compiled.static_steps >= 7 and compiled.path == "static-eager+compile"
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
