@@ -5,6 +5,8 @@
 #   benchmarks/gpu_evidence.sh gpu-tests small-gpu quality kernels   # issues 5 and 7
 #   benchmarks/gpu_evidence.sh decode throughput max-params     # issue 6
 #   benchmarks/gpu_evidence.sh attention-sweep                  # re-pick the attention block sizes
+#   benchmarks/gpu_evidence.sh model-quality                    # issue 15 (8 such runs: 310 s, H100)
+#   benchmarks/gpu_evidence.sh phase8                           # issue 18
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -49,6 +51,15 @@ for stage in "$@"; do
           --set train.compile=false --json "$OUT/max_10g.json" 2>&1 | tail -12
       $P7 bench recipes/phase7_1.5b_8gb.toml --memory-cap-gib 8 --max-params --steps 1 --warmup 1 \
           --set train.compile=false --json "$OUT/max_8g.json" 2>&1 | tail -12 ;;
-    *) echo "unknown stage $stage (gpu-tests kernels attention-sweep decode small-gpu quality throughput max-params)"; exit 2 ;;
+    model-quality)  # phase7, its ablations and llama at ~100M on the same data (issue 15); the
+                    # recipes' 1000 steps are 8.2M tokens, QUALITY_STEPS=3000 gives the 24.6M point
+      python3 benchmarks/quality.py --jobs ${QUALITY_JOBS:-4} --steps ${QUALITY_STEPS:-1000} \
+          --out "$OUT/quality" 2>&1 | tail -20
+      find "$OUT/quality" -name "*.pt" -delete ;;   # checkpoints stay behind (large)
+    phase8)       # P11 (issue 18): T = 1k..32k against phase7 and llama, then the 10 GiB long recipe
+      python3 benchmarks/phase8_vs_phase7.py --out "$OUT/phase8" 2>&1 | tail -16
+      $P7 bench recipes/phase8_1.5b_long.toml --memory-cap-gib 10 --steps 3 --warmup 1 \
+          --set train.compile=false --json "$OUT/p8_long_10g.json" 2>&1 | tail -10 ;;
+    *) echo "unknown stage $stage (gpu-tests kernels attention-sweep decode small-gpu quality model-quality phase8 throughput max-params)"; exit 2 ;;
   esac
 done
