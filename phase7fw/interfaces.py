@@ -77,8 +77,8 @@ class LanguageModel(nn.Module):
     def cross_entropy(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the LM head on ``hidden`` (ignore index -100): the fused
         kernel when one is selected, else chunked when ``ce_chunk_tokens`` is set (never the full
-        (tokens x vocab) logits: phase7fw/memory.py), else the plain full-logits loss."""
-        from phase7fw.memory import chunked_cross_entropy
+        (tokens x vocab) logits: phase7fw/core/memory.py), else the plain full-logits loss."""
+        from phase7fw.core.memory import chunked_cross_entropy
 
         if self.cross_entropy_fn is not None:
             return self.cross_entropy_fn(hidden, self.lm_head_weight(), targets, self.ce_chunk_tokens)
@@ -121,7 +121,7 @@ class LanguageModel(nn.Module):
         )
 
     def hf_export(self) -> HFModel:
-        """This model as a Hugging Face model (phase7fw/hf_export.py writes the folder)."""
+        """This model as a Hugging Face model (phase7fw/export/hf.py writes the folder)."""
         raise Phase7Error(f"model {type(self).__name__} has no Hugging Face export (its component does not"
                           " implement hf_export)")
 

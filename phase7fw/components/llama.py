@@ -128,8 +128,8 @@ class Attention(nn.Module):
 
     def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv) -> torch.Tensor:
         """``forward`` for new tokens (RoPE angles cos/sin) after those held in ``kv``
-        (a :class:`phase7fw.decoding.KVWindow`), which receives their keys and values."""
-        from phase7fw.decoding import causal_sdpa_with_prefix
+        (a :class:`phase7fw.inference.decoding.KVWindow`), which receives their keys and values."""
+        from phase7fw.components.caches import causal_sdpa_with_prefix
 
         B, T, _ = x.shape
         hd = self.head_dim
@@ -143,7 +143,7 @@ class Attention(nn.Module):
 
     def forward_static(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ring, pos: torch.Tensor):
         """``forward_cached`` of one token at position ``pos`` (a device tensor) over a
-        :class:`phase7fw.static_decoding.StaticRing` of seq_len slots (unfilled ones masked)."""
+        :class:`phase7fw.components.caches.StaticRing` of seq_len slots (unfilled ones masked)."""
         B, hd = x.shape[0], self.head_dim
         q, k, v = self.wqkv(x).split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
         q = apply_rope(q.view(B, 1, self.n_heads, hd).transpose(1, 2), cos, sin)
@@ -277,14 +277,14 @@ class LlamaModel(LanguageModel):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.logits(self.forward_hidden(input_ids))
 
-    # -- cached decoding (phase7fw.decoding) ---------------------------------------------------
+    # -- cached decoding (phase7fw.inference.decoding) ---------------------------------------------------
     @property
     def context_limit(self) -> int:
         """RoPE tables and training stop at seq_len; longer contexts slide (see decoding.py)."""
         return self.seq_len
 
     def init_cache(self, batch_size: int = 1):
-        from phase7fw.decoding import DecodeCache, KVWindow
+        from phase7fw.components.caches import DecodeCache, KVWindow
 
         return DecodeCache([KVWindow(self.seq_len) for _ in self.blocks])
 
@@ -300,9 +300,9 @@ class LlamaModel(LanguageModel):
         cache.pos += T
         return self.logits(self.norm(h))
 
-    # -- static one-token step (phase7fw.static_decoding): what a CUDA graph captures
+    # -- static one-token step (phase7fw.inference.decoding): what a CUDA graph captures
     def init_static_cache(self, cache):
-        from phase7fw.static_decoding import StaticCache, StaticRing
+        from phase7fw.components.caches import StaticCache, StaticRing
 
         return StaticCache([StaticRing(kv) for kv in cache.layers], cache, self.vocab_size, self.rope_cos.device)
 

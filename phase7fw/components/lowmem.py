@@ -5,7 +5,7 @@ square root; with fp32 weights and ``state_bits = 32`` the result is bit-identic
 ``torch.optim.AdamW(foreach=False)``), plus:
 
 - ``state_bits = 8``: both moments stored block-wise in 8 bits (m signed, sqrt(v) unsigned,
-  log code book, stochastic rounding: :mod:`phase7fw.memory`); 2 + 8/block_size bytes/param.
+  log code book, stochastic rounding: :mod:`phase7fw.core.memory`); 2 + 8/block_size bytes/param.
 - bf16 weights (``train.param_dtype = "bf16"``): the update is computed in fp32 and written
   back with ``weight_rounding`` = "stochastic" (unbiased; no master copy), "compensated"
   (a bf16 buffer keeps each weight's rounding error: +2 bytes/param, deterministic) or
@@ -23,7 +23,7 @@ The state of each parameter is plain tensors (``weights_only`` checkpoints): ``s
 ``exp_avg``/``exp_avg_sq`` (32-bit) or ``exp_avg_codes``/``exp_avg_absmax``/
 ``exp_avg_sq_codes``/``exp_avg_sq_absmax`` (8-bit), plus ``weight_comp`` when compensated.
 ``load_state_dict`` reads all of these and torch's AdamW state; the engine converts the
-other way (:func:`phase7fw.memory.adapt_optimizer_state`).
+other way (:func:`phase7fw.core.memory.adapt_optimizer_state`).
 """
 
 # No ``from __future__ import annotations``: the recipe converter reads the real field types.
@@ -34,7 +34,7 @@ from typing import Literal
 import attrs
 import torch
 
-from phase7fw import memory
+from phase7fw.core import memory
 from phase7fw.errors import Phase7Error
 from phase7fw.hookspecs import hookimpl
 from phase7fw.recipe.options import each, in_range, non_negative, option, positive

@@ -1,6 +1,6 @@
 """Fused chunked linear cross-entropy: the LM head and its loss without the full logits.
 
-Same contract as :func:`phase7fw.memory.chunked_cross_entropy`:
+Same contract as :func:`phase7fw.core.memory.chunked_cross_entropy`:
 ``linear_cross_entropy_triton(hidden, weight, targets, chunk_tokens) -> loss``, the mean
 cross-entropy of ``hidden @ weight.T`` (hidden (..., D), weight (V, D)) against ``targets``
 (...,), ignore index -100, mean over the non-ignored targets (0 when all are ignored).
@@ -187,7 +187,7 @@ linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_conte
 
 def linear_cross_entropy_triton(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                 chunk_tokens: int) -> torch.Tensor:
-    """Drop-in for :func:`phase7fw.memory.chunked_cross_entropy` (0-dim fp32 result).
+    """Drop-in for :func:`phase7fw.core.memory.chunked_cross_entropy` (0-dim fp32 result).
 
     ``chunk_tokens = 0`` picks :func:`default_chunk_tokens`. Under autocast the matmuls run in
     the autocast dtype (as F.linear would); the softmax statistics are fp32. Gradients are
@@ -263,7 +263,7 @@ def _time(h, w, y, chunk, device, ctx) -> dict:
     import torch.nn.functional as F
 
     from phase7fw.kernels.verify import _bench, peak_extra_mib
-    from phase7fw.memory import chunked_cross_entropy
+    from phase7fw.core.memory import chunked_cross_entropy
 
     ref_chunk = chunk or default_chunk_tokens(w.shape[0], 2)
     fns = {

@@ -201,24 +201,3 @@ def structure_component(raw, kind: str, registry: Registry, path: str, errors: l
     if config is None or weight is None:
         return None
     return Component(name, config, weight)
-
-
-def to_raw(obj) -> Any:
-    """The inverse of :func:`structure`: plain dicts/lists for TOML, ``None`` left out."""
-    if isinstance(obj, Component):
-        head = {"name": obj.name}
-        if obj.weight != 1.0:
-            head["weight"] = obj.weight
-        return {**head, **to_raw(obj.config)}
-    if attrs.has(type(obj)):
-        out = {}
-        for f in attrs.fields(type(obj)):
-            v = getattr(obj, f.name)
-            if v is not None:
-                out[f.name] = to_raw(v)
-        return out
-    if isinstance(obj, (list, tuple)):
-        return [to_raw(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_raw(v) for k, v in obj.items() if v is not None}
-    return obj

@@ -9,6 +9,8 @@ component's own config class.
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
 
@@ -84,3 +86,24 @@ def each(check):
         return None
 
     return run
+
+
+def to_raw(obj) -> Any:
+    """The inverse of :func:`phase7fw.recipe.convert.structure`: plain dicts/lists for TOML, ``None`` left out."""
+    if isinstance(obj, Component):
+        head = {"name": obj.name}
+        if obj.weight != 1.0:
+            head["weight"] = obj.weight
+        return {**head, **to_raw(obj.config)}
+    if attrs.has(type(obj)):
+        out = {}
+        for f in attrs.fields(type(obj)):
+            v = getattr(obj, f.name)
+            if v is not None:
+                out[f.name] = to_raw(v)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [to_raw(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_raw(v) for k, v in obj.items() if v is not None}
+    return obj

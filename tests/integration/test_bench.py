@@ -5,7 +5,8 @@ import json
 import pytest
 
 from phase7fw import build_model, load_recipe
-from phase7fw.bench import flops_per_token, search_max
+from phase7fw.cli.benchmark import search_max
+from phase7fw.core.preflight import flops_per_token
 from phase7fw.cli import main
 from tests.conftest import RECIPES
 

@@ -6,7 +6,7 @@ import shutil
 import torch
 
 from phase7fw import Engine
-from phase7fw.checkpoint import load_checkpoint
+from phase7fw.core.checkpoint import load_checkpoint
 from tests.conftest import RECIPES, tiny_overrides
 from tests.integration.test_training import rows
 
@@ -66,7 +66,7 @@ def test_tied_head_trains_with_accumulation(tmp_path):
 def test_a_checkpoint_with_the_old_scalar_log_c_loads_and_resumes_identically(tmp_path):
     """log_c became shape (1,) for FSDP2; checkpoints that hold it as a 0-dim scalar (and its
     AdamW moments as 0-dim) still load, for resume and for inference."""
-    from phase7fw.checkpoint import save_checkpoint
+    from phase7fw.core.checkpoint import save_checkpoint
 
     Engine.from_recipe(TINY, overrides(tmp_path / "a"), quiet=True).fit()
     ref = rows(tmp_path / "a" / "run")

@@ -7,7 +7,7 @@ import shutil
 import torch
 
 from phase7fw import Engine
-from phase7fw.checkpoint import load_checkpoint
+from phase7fw.core.checkpoint import load_checkpoint
 from tests.conftest import RECIPES, tiny_overrides
 from tests.integration.test_training import rows
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from phase7fw import Engine
-from phase7fw.checkpoint import load_checkpoint
+from phase7fw.core.checkpoint import load_checkpoint
 from phase7fw.errors import Phase7Error
 from tests.conftest import RECIPES
 from tests.integration.test_phase7_training import overrides

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from phase7fw import Engine, build_model, load_recipe
-from phase7fw.checkpoint import load_checkpoint
-from phase7fw.engine import BUILD_ORDER
+from phase7fw.core.checkpoint import load_checkpoint
+from phase7fw.core.engine import BUILD_ORDER
 from phase7fw.errors import CheckpointError, Phase7Error, TrainingAborted
 from tests.conftest import RECIPES, tiny_overrides
 
@@ -88,13 +88,13 @@ def test_resume_auto_log_has_no_duplicate_steps(tmp_path):
 
 def test_incompatible_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
     Engine.from_recipe(TINY, tiny_overrides(tmp_path, **{"train.max_steps": 3})).fit()
-    import phase7fw.engine
+    import phase7fw.core.engine
 
     def not_now(*args, **kwargs):
         raise AssertionError("data was read or weights allocated before the checkpoint was checked")
 
-    monkeypatch.setattr(phase7fw.engine, "load_mix", not_now)
-    monkeypatch.setattr(phase7fw.engine, "materialize", not_now)
+    monkeypatch.setattr(phase7fw.core.engine, "load_mix", not_now)
+    monkeypatch.setattr(phase7fw.core.engine, "materialize", not_now)
     with pytest.raises(CheckpointError) as info:
         Engine.from_recipe(TINY, tiny_overrides(tmp_path, **{"model.d_model": 48}))
     msg = str(info.value)

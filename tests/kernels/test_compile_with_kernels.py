@@ -6,7 +6,7 @@ inductor starts from (the kernels stay opaque nodes either way)."""
 
 import torch
 
-from phase7fw.engine import build_model
+from phase7fw.core.build import build_model
 from phase7fw.recipe.schema import KERNEL_OPS
 
 

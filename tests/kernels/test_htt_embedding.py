@@ -186,7 +186,7 @@ def test_select_swaps_the_gather_path_only():
 
 
 def test_tiny_model_same_loss_grads_and_checkpoint_layout():
-    from phase7fw.engine import build_model
+    from phase7fw.core.build import build_model
     from phase7fw.kernels.htt_embedding import htt_embedding_triton
     from phase7fw.recipe.schema import KERNEL_OPS
 

@@ -166,7 +166,7 @@ def test_select_returns_registered_kernel():
 
 
 def test_tiny_model_same_output_and_checkpoint_layout():
-    from phase7fw.engine import build_model
+    from phase7fw.core.build import build_model
     from phase7fw.recipe.schema import KERNEL_OPS
 
     recipe = "recipes/phase7_tiny.toml"
@@ -186,7 +186,7 @@ def test_tiny_model_same_output_and_checkpoint_layout():
 
 
 def test_doctor_on_cpu(capsys, monkeypatch):
-    from phase7fw.doctor import run_doctor
+    from phase7fw.cli.doctor import run_doctor
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert run_doctor() == 0

@@ -66,7 +66,7 @@ def test_matches_full_cross_entropy(chunk, ignore_every):
 
 def test_matches_the_torch_chunked_reference_on_3d_input():
     from phase7fw.kernels.linear_cross_entropy import linear_cross_entropy_triton
-    from phase7fw.memory import chunked_cross_entropy
+    from phase7fw.core.memory import chunked_cross_entropy
 
     g = torch.Generator().manual_seed(1)
     h = torch.randn(2, 19, D, generator=g)
@@ -202,7 +202,7 @@ def _loss_and_grads(model, ids, targets):
 @pytest.mark.parametrize("recipe,chunk", [("recipes/phase7_tiny.toml", 0), ("recipes/phase7_tiny.toml", 23),
                                           ("recipes/llama_tiny.toml", 0)])
 def test_model_loss_with_triton_cross_entropy(recipe, chunk):
-    from phase7fw.engine import build_model
+    from phase7fw.core.build import build_model
     from phase7fw.kernels.linear_cross_entropy import linear_cross_entropy_triton
     from phase7fw.recipe.schema import KERNEL_OPS
 
@@ -232,7 +232,7 @@ def test_model_loss_with_triton_cross_entropy(recipe, chunk):
 
 
 def test_tied_phase7_head_gradient_reaches_the_embedding():
-    from phase7fw.engine import build_model
+    from phase7fw.core.build import build_model
     from phase7fw.recipe import load_recipe
     from phase7fw.recipe.schema import KERNEL_OPS
 

@@ -189,7 +189,7 @@ def _plugins():
 
 @pytest.mark.parametrize("recipe", ["recipes/llama_tiny.toml", "recipes/phase7_tiny.toml"])
 def test_tiny_model_same_loss_and_checkpoint_layout(recipe):
-    from phase7fw.engine import build_model
+    from phase7fw.core.build import build_model
     from phase7fw.kernels.rmsnorm import rmsnorm_triton
     from phase7fw.kernels.swiglu import swiglu_triton
     from phase7fw.recipe.schema import KERNEL_OPS

@@ -1,5 +1,5 @@
 """Small-GPU mode pieces: stochastic rounding, 8-bit states, ``adamw_lowmem``, the update
-inside backward, the chunked cross-entropy and the memory plan (phase7fw/memory.py)."""
+inside backward, the chunked cross-entropy and the memory plan (phase7fw/core/memory.py)."""
 
 import math
 
@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phase7fw import build_model, load_recipe, memory
+from phase7fw import build_model, load_recipe
+from phase7fw.core import memory
 from phase7fw.components.lowmem import AdamWLowMem
 from phase7fw.errors import Phase7Error, RecipeError
-from phase7fw.optim_groups import param_groups
+from phase7fw.core.optim_groups import param_groups
 from tests.conftest import RECIPES
 
 

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from phase7fw.memory import activation_estimate
+from phase7fw.core.memory import activation_estimate
 from phase7fw.recipe import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"

@@ -32,7 +32,7 @@ from torch import nn
 from phase7fw import geometry
 from phase7fw.errors import Phase7Error
 from phase7fw.hookspecs import hookimpl
-from phase7fw.recipe import non_negative, option, positive
+from phase7fw.recipe.options import non_negative, option, positive
 
 __all__ = [
     "HyperbolicAttention",
@@ -325,7 +325,7 @@ class HyperbolicAttention(_ProjectedAttention):
         self.score = score
         # rho: learned per-layer log-curvature. Shape (1,), not a 0-dim scalar: FSDP2 shards
         # parameters along dim 0 (checkpoints with the old 0-dim shape still load, see
-        # phase7fw.checkpoint.upgrade_shapes).
+        # phase7fw.core.checkpoint.upgrade_shapes).
         self.log_c = nn.Parameter(torch.zeros(1))
         self.beta = nn.Parameter(torch.full((n_heads,), _inverse_softplus(init_temperature)))
         # kappa from the curvature scheduler: a buffer updated in place (fill_), so a compiled
@@ -396,9 +396,9 @@ class HyperbolicAttention(_ProjectedAttention):
             "entropy": entropy.mean().item(), "score_range": score_range.mean().item(),
         }
 
-    # -- cached decoding (phase7fw.decoding): a ring buffer of the last W keys/values
+    # -- cached decoding (phase7fw.inference.decoding): a ring buffer of the last W keys/values
     def init_cache(self, batch_size: int = 1):
-        from phase7fw.decoding import KVWindow
+        from phase7fw.components.caches import KVWindow
 
         return KVWindow(self.window)
 
@@ -408,7 +408,7 @@ class HyperbolicAttention(_ProjectedAttention):
 
         return hyperbolic_forward_cached(self, x, cache, start)
 
-    # -- static one-token step (phase7fw.static_decoding): the ring in fixed buffers
+    # -- static one-token step (phase7fw.inference.decoding): the ring in fixed buffers
     def init_static_cache(self, cache):
         from phase7fw.components.phase7.static import StaticAttention
 
@@ -447,9 +447,9 @@ class SdpaAttention(_ProjectedAttention):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=sliding_window_mask(pos, pos, self.window))
         return self._out(o)
 
-    # -- cached decoding (phase7fw.decoding): the last `window` keys/values, or all of them
+    # -- cached decoding (phase7fw.inference.decoding): the last `window` keys/values, or all of them
     def init_cache(self, batch_size: int = 1):
-        from phase7fw.decoding import KVWindow
+        from phase7fw.components.caches import KVWindow
 
         return KVWindow(self.window or None)
 

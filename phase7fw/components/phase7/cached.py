@@ -1,4 +1,4 @@
-"""Cached decoding for the Phase 7 mixers (see :mod:`phase7fw.decoding` for the protocol).
+"""Cached decoding for the Phase 7 mixers (see :mod:`phase7fw.inference.decoding` for the protocol).
 
 The modules' ``forward_cached`` methods are thin and call these functions, so the training
 forward stays untouched. Every function takes the module itself and reuses its parameters,
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from phase7fw import geometry
-from phase7fw.decoding import KVWindow, cached_window_attention, dot_product_scores
+from phase7fw.components.caches import KVWindow, cached_window_attention, dot_product_scores
 
 
 # ----------------------------------------------------------------------------- attention

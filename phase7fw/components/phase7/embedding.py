@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from phase7fw.errors import Phase7Error
 from phase7fw.hookspecs import hookimpl
-from phase7fw.recipe import in_range, option, positive
+from phase7fw.recipe.options import in_range, option, positive
 
 
 # ----------------------------------------------------------------------------- factorization

@@ -47,7 +47,7 @@ from torch import nn
 
 from phase7fw.errors import Phase7Error
 from phase7fw.hookspecs import hookimpl
-from phase7fw.recipe import non_negative, option, positive
+from phase7fw.recipe.options import non_negative, option, positive
 
 
 # ----------------------------------------------------------------------------- scans
@@ -321,7 +321,7 @@ class ArSsm(nn.Module):
         return {"effective_rank": g.sum(-1).mean().item(), "half_life": half_life.median().item(),
                 "out_rms": y.float().pow(2).mean().sqrt().item()}
 
-    # -- cached decoding (phase7fw.decoding): conv tail + fp32 state, O(1) per token
+    # -- cached decoding (phase7fw.inference.decoding): conv tail + fp32 state, O(1) per token
     def init_cache(self, batch_size: int = 1):
         from phase7fw.components.phase7.cached import SsmCache
 
@@ -333,7 +333,7 @@ class ArSsm(nn.Module):
 
         return ssm_forward_cached(self, u, cache)
 
-    # -- static one-token step (phase7fw.static_decoding): conv tail + state updated in place
+    # -- static one-token step (phase7fw.inference.decoding): conv tail + state updated in place
     def init_static_cache(self, cache):
         from phase7fw.components.phase7.static import StaticSsm
 

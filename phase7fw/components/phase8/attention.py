@@ -37,7 +37,7 @@ from phase7fw.kernels.hyperbolic_linear_attention import (
     hyperbolic_linear_attention_chunked,
     hyperbolic_linear_attention_step,
 )
-from phase7fw.recipe import option, positive
+from phase7fw.recipe.options import option, positive
 
 __all__ = ["HyperbolicLinearAttention", "HyperbolicLinearAttentionConfig", "build_hyperbolic_linear_attention"]
 

@@ -8,7 +8,7 @@ curvature schedules and the data position advance either way, so a skipped step 
 step whose update was dropped, not a step that is retried.
 
 With ``train.optimizer_in_backward`` each parameter is updated inside backward instead
-(:meth:`Trainer._train_step_in_backward`, :class:`phase7fw.memory.OptimizerInBackward`).
+(:meth:`Trainer._train_step_in_backward`, :class:`phase7fw.core.memory.OptimizerInBackward`).
 
 Ctrl-C (:meth:`Trainer._on_sigint`) finishes the running step and saves, but never waits for
 a long one: in the first step of the process there is nothing new to save (stop at once);
@@ -28,15 +28,15 @@ import warnings
 
 import torch
 
-from phase7fw import distributed
-from phase7fw.checkpoint import checkpoint_path
-from phase7fw.console import perplexity, step_line, val_line
+from phase7fw.core import distributed
+from phase7fw.core.checkpoint import checkpoint_path
+from phase7fw.core.console import perplexity, step_line, val_line
 from phase7fw.errors import TrainingAborted
 from phase7fw.fileio import write_text_atomic
 from phase7fw.hookspecs import hookimpl
 from phase7fw.recipe import recipe_to_dict, recipe_to_toml
 from phase7fw.recipe.convert import structure_component
-from phase7fw.run_lock import RunLock, RunLocked
+from phase7fw.core.run_lock import RunLock, RunLocked
 
 
 #: a first Ctrl-C finishes the running step unless that would take longer than this
@@ -171,7 +171,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def run(self) -> dict:
-        """Train holding the output folder's lock (phase7fw/run_lock.py): a second run on the
+        """Train holding the output folder's lock (phase7fw/core/run_lock.py): a second run on the
         same folder stops here, before it writes anything."""
         e = self.engine
         lock, refused = None, None
@@ -333,7 +333,7 @@ class Trainer:
 
     def _train_step_in_backward(self, section) -> dict:
         """``train.optimizer_in_backward``: one micro-batch; each parameter is updated inside
-        backward as soon as its gradient is ready (:class:`phase7fw.memory.OptimizerInBackward`
+        backward as soon as its gradient is ready (:class:`phase7fw.core.memory.OptimizerInBackward`
         says how clipping stays exact and how a non-finite step is skipped)."""
         e = self.engine
         with section("data"):

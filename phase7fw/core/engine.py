@@ -6,17 +6,17 @@ Build order (``Engine.BUILD_ORDER``; each step is recorded in ``engine.build_ste
 2. plugins         built-in and installed plugins fill the registry
 3. recipe          the TOML recipe, validated strictly (overrides applied)
 4. tokenizer       built from ``[data.tokenizer]`` (or from the checkpoint's saved state; with
-                   ``train.init_from``, from the source's: phase7fw/finetune.py); then a
+                   ``train.init_from``, from the source's: phase7fw/core/finetune.py); then a
                    training engine checks, on a meta-device copy of the model, that the
                    checkpoint to resume holds this model and that the run fits this machine
-                   (phase7fw/preflight.py), before any data is read or memory allocated
+                   (phase7fw/core/preflight.py), before any data is read or memory allocated
 5. data            sources loaded, tokenized, split into train/validation, mixture samplers
 6. model           built on the meta device (no memory) from ``[model]``; weights cast to
-                   ``train.param_dtype`` there (phase7fw/memory.py)
+                   ``train.param_dtype`` there (phase7fw/core/memory.py)
 7. kernels         ``[kernels]`` resolved to an implementation per op and announced
 8. activation checkpointing   when ``train.activation_checkpointing``
 9. compile         ``torch.compile`` of the training loss when ``train.compile``
-10. parallel       ``[parallel]``: FSDP2 shards the meta model here (phase7fw/distributed.py);
+10. parallel       ``[parallel]``: FSDP2 shards the meta model here (phase7fw/core/distributed.py);
                    DDP needs real weights, so it wraps right after step 11
 11. materialize    parameters allocated on the device and initialized (seeded; with FSDP
                    rank 0's initial weights are copied into every rank's shards)
@@ -28,7 +28,7 @@ Build order (``Engine.BUILD_ORDER``; each step is recorded in ``engine.build_ste
                    ``train.max_steps`` re-plans the LR schedule), or else the weights of
                    ``train.init_from`` (a new run at step 0)
 15. trackers       created when ``fit()`` starts (they must not exist for eval or chat);
-                   ``fit()`` first takes the output folder's lock (phase7fw/run_lock.py)
+                   ``fit()`` first takes the output folder's lock (phase7fw/core/run_lock.py)
 16. loop           ``fit()``
 
 Components are reached only through the registry; the engine never imports one by name.
@@ -37,14 +37,22 @@ Components are reached only through the registry; the engine never imports one b
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
-import attrs
 import torch
 
-from phase7fw import __version__, distributed, finetune, memory, preflight, threads
-from phase7fw.checkpoint import (
+from phase7fw import __version__
+from phase7fw.core import distributed, finetune, memory, preflight, threads
+from phase7fw.core.build import (
+    build_model,
+    build_tokenizer,
+    cache_dir,
+    materialize,
+    model_vocab_size,
+    resolve_device,
+    resolve_precision,
+)
+from phase7fw.core.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     remove_interrupted_saves,
@@ -52,10 +60,10 @@ from phase7fw.checkpoint import (
     save_sharded_checkpoint,
     upgrade_shapes,
 )
-from phase7fw.console import Console, bits_per_byte, human
-from phase7fw.data import MixtureSampler, load_mix
+from phase7fw.core.console import Console, bits_per_byte, human
+from phase7fw.data.mixture import MixtureSampler, load_mix
 from phase7fw.errors import CheckpointError, Phase7Error, RecipeError
-from phase7fw.optim_groups import param_groups
+from phase7fw.core.optim_groups import param_groups
 from phase7fw.plugins import Plugins, load_plugins
 from phase7fw.recipe import KERNEL_OPS, Recipe, load_recipe, recipe_to_dict, recipe_to_toml
 
@@ -94,72 +102,6 @@ def planned_steps(state: dict) -> int | None:
     return steps if isinstance(steps, int) else None
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise Phase7Error(f"train.device: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise Phase7Error(f"train.device is {name!r} but CUDA is not available on this machine")
-    return device
-
-
-def resolve_precision(recipe: Recipe, device: torch.device) -> Recipe:
-    """``train.precision = "auto"``: bf16 autocast on a GPU that supports it, fp32 elsewhere
-    (a CPU without bf16 matrix units gains nothing from bf16 autocast, and some lose a lot);
-    bf16 whenever the weights are bf16 (``train.param_dtype``), which needs bf16 autocast."""
-    t = recipe.train
-    if t.precision != "auto":
-        return recipe
-    bf16 = t.param_dtype == "bf16" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
-    return attrs.evolve(recipe, train=attrs.evolve(t, precision="bf16" if bf16 else "fp32"))
-
-
-def build_tokenizer(recipe: Recipe, plugins: Plugins, state: dict | None = None):
-    spec = recipe.data.tokenizer
-    return plugins.registry.build("tokenizer", spec.name, spec.config, cache_dir=cache_dir(recipe), state=state)
-
-
-def cache_dir(recipe: Recipe) -> str:
-    """``data.cache_dir``, else ``$PHASE7FW_CACHE_DIR``, else ``$XDG_CACHE_HOME/phase7fw`` (~/.cache)."""
-    return recipe.data.cache_dir or os.environ.get("PHASE7FW_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "phase7fw"
-    )
-
-
-def model_vocab_size(recipe: Recipe, tokenizer) -> int:
-    """The model's vocabulary: the recipe's ``model.vocab_size`` or else the tokenizer's."""
-    configured = getattr(recipe.model.config, "vocab_size", 0) or 0
-    if configured and configured < tokenizer.vocab_size:
-        raise Phase7Error(
-            f"model.vocab_size = {configured} is smaller than the tokenizer's vocabulary"
-            f" ({tokenizer.vocab_size}); raise it or set it to 0 to follow the tokenizer"
-        )
-    return configured or tokenizer.vocab_size
-
-
-def build_model(recipe: Recipe | str, device: str | torch.device = "meta", *, plugins: Plugins | None = None,
-                vocab_size: int | None = None, kernels: dict | None = None):
-    """Build the recipe's model. On ``device="meta"`` no memory is used (count parameters,
-    inspect shapes); on a real device the parameters are allocated and initialized."""
-    plugins = plugins or load_plugins()
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe, plugins=plugins)
-    if vocab_size is None:
-        vocab_size = model_vocab_size(recipe, build_tokenizer(recipe, plugins))
-    spec = recipe.model
-    with torch.device("meta"):
-        model = plugins.registry.build(
-            "model", spec.name, spec.config, vocab_size=vocab_size, registry=plugins.registry,
-            kernels=kernels or {op: "reference" for op in KERNEL_OPS},
-        )
-    if str(device) != "meta":
-        materialize(model, torch.device(device))
-    return model
-
-
 def check_buildable(recipe: Recipe, plugins: Plugins) -> None:
     """Build every part of a run that needs neither data nor a device -- tokenizer, model (on
     the meta device), its strategy and memory switches, optimizer, schedulers, data sources
@@ -167,7 +109,7 @@ def check_buildable(recipe: Recipe, plugins: Plugins) -> None:
     :class:`Phase7Error`), in seconds and without memory."""
     from types import SimpleNamespace
 
-    from phase7fw.data import build_sources
+    from phase7fw.data.mixture import build_sources
 
     tokenizer = build_tokenizer(recipe, plugins)
     model = build_model(recipe, "meta", plugins=plugins, vocab_size=model_vocab_size(recipe, tokenizer))
@@ -192,12 +134,6 @@ def check_buildable(recipe: Recipe, plugins: Plugins) -> None:
         registry.build("callback", spec.name, spec.config)
 
 
-def materialize(model: torch.nn.Module, device: torch.device) -> None:
-    model.to_empty(device=device)
-    with torch.no_grad():
-        model.init_weights()
-
-
 class Engine:
     __doc__ = __doc__
     BUILD_ORDER = BUILD_ORDER
@@ -217,7 +153,7 @@ class Engine:
     ):
         self.build_steps: list[str] = []
         self.model_differences: list[str] = []  # model keys that differ from a resumed checkpoint's
-        self.machine: dict = {}  # what the preflight estimated (phase7fw/preflight.py)
+        self.machine: dict = {}  # what the preflight estimated (phase7fw/core/preflight.py)
         self.console = console or Console()
         self.recipe = recipe
         self.plugins = plugins
@@ -361,7 +297,7 @@ class Engine:
                     allow_cpu: bool = False) -> "Engine":
         """Build a run from a recipe path (or dict, or :class:`Recipe`) and overrides
         (``{"train.max_steps": 20}`` or ``["train.max_steps=20"]``). ``allow_cpu``: build a
-        GPU-sized recipe on a CPU anyway (:mod:`phase7fw.preflight`)."""
+        GPU-sized recipe on a CPU anyway (:mod:`phase7fw.core.preflight`)."""
         plugins = plugins or load_plugins()
         if not isinstance(recipe, Recipe):
             recipe = load_recipe(recipe, overrides, plugins=plugins)
@@ -431,7 +367,7 @@ class Engine:
 
     def _build_data(self, dummy_data: bool) -> None:
         recipe = self.recipe
-        # Sources, tokenizer preparation and the tokenized cache: see phase7fw/data.py.
+        # Sources, tokenizer preparation and the tokenized cache: see phase7fw/data/mixture.py.
         self.sources = load_mix(recipe, self.registry, self.tokenizer, cache_dir=cache_dir(recipe),
                                 dummy_data=dummy_data, log=self.console.print)
         seq_len = recipe.model.config.seq_len
@@ -542,7 +478,7 @@ class Engine:
         """The checkpoint ``resume`` asks for, loaded: (state, path), or None for a fresh run.
         ``auto``: the newest in ``run.output_dir`` if there is one; ``latest``: the newest, an
         error if there is none; ``never``: an error if there is one; else a path. Saves a killed
-        run left half done are cleaned up first (phase7fw.checkpoint.remove_interrupted_saves)."""
+        run left half done are cleaned up first (phase7fw.core.checkpoint.remove_interrupted_saves)."""
         if self.dist.is_main:
             for line in remove_interrupted_saves(self.output_dir):
                 self.console.print(line)
@@ -568,7 +504,7 @@ class Engine:
 
     def _preflight(self, allow_cpu: bool) -> None:
         """Checks on the model built on the meta device, before data or weights exist: the
-        checkpoint to resume holds this model, and the run fits this machine (phase7fw/preflight.py)."""
+        checkpoint to resume holds this model, and the run fits this machine (phase7fw/core/preflight.py)."""
         with torch.random.fork_rng(devices=[]):  # building never moves the seeded RNG
             vocab = model_vocab_size(self.recipe, self.tokenizer)
             model, optimizer = preflight.meta_model(self.recipe, self.plugins, vocab, self.kernels)
@@ -617,7 +553,7 @@ class Engine:
                 if int(state.get("world_size", 0)) != self.dist.world_size:
                     raise CheckpointError(f"{where} was sharded over {state.get('world_size')} processes, this run"
                                           f" has {self.dist.world_size}; use the same number of processes")
-                from phase7fw.dcp_safe import load_sharded
+                from phase7fw.core.dcp_safe import load_sharded
 
                 model_state, optim_state = get_state_dict(self.model, self.optimizer)
                 target = {"model": model_state, "optimizer": optim_state} if full else {"model": model_state}
@@ -720,7 +656,7 @@ class Engine:
     def fit(self) -> dict:
         """Train to ``train.max_steps``; returns a summary dict (steps, final loss, best val
         loss, tokens, ...). Ctrl-C saves a checkpoint and raises :class:`KeyboardInterrupt`."""
-        from phase7fw.trainer import Trainer
+        from phase7fw.core.trainer import Trainer
 
         return Trainer(self).run()
 
@@ -784,7 +720,7 @@ class Engine:
         ``on_text(str)``: called with the text as it is generated (streaming).
         ``cuda_graph``: auto / on / off, see :meth:`decoder`.
         """
-        from phase7fw.generation import SamplingParams, generate_text
+        from phase7fw.inference.generation import SamplingParams, generate_text
 
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed).checked()
         decoder = self.decoder(use_cache=use_cache, cuda_graph=cuda_graph)
@@ -797,12 +733,12 @@ class Engine:
             self.model.train(was_training)
 
     def decoder(self, use_cache: bool = True, cuda_graph: str = "auto", compile_step: bool = False):
-        """A :class:`phase7fw.decoding.Decoder` over this engine's model (autocast as in training).
+        """A :class:`phase7fw.inference.decoding.Decoder` over this engine's model (autocast as in training).
         ``cuda_graph``: ``auto`` captures the static decode step in a CUDA graph on a CUDA
-        device (:class:`phase7fw.decoding.GraphedDecoder`), ``on`` requires it, ``off`` keeps
-        the dynamic cached path (:func:`phase7fw.decoding.make_decoder`). ``compile_step``:
-        experimental, see :class:`phase7fw.decoding.GraphedDecoder`."""
-        from phase7fw.decoding import make_decoder
+        device (:class:`phase7fw.inference.decoding.GraphedDecoder`), ``on`` requires it, ``off`` keeps
+        the dynamic cached path (:func:`phase7fw.inference.decoding.make_decoder`). ``compile_step``:
+        experimental, see :class:`phase7fw.inference.decoding.GraphedDecoder`."""
+        from phase7fw.inference.decoding import make_decoder
 
         return make_decoder(self.model, use_cache=use_cache, cuda_graph=cuda_graph, device=self.device,
                             autocast=self.autocast, compile_step=compile_step)

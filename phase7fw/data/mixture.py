@@ -1,7 +1,7 @@
 """Token streams of the data mix and the sampler that cuts training windows from them.
 
 :func:`load_mix` builds the recipe's sources, prepares the tokenizer on a weighted sample of
-them, and gets each source's tokens from the tokenized cache (:mod:`phase7fw.data_cache`,
+them, and gets each source's tokens from the tokenized cache (:mod:`phase7fw.data.cache`,
 memory-mapped, so huge sources are never read into RAM). Each source is split into a
 training part and a held-out validation tail (``data.val_fraction``). The
 :class:`MixtureSampler` draws each window's source by weight and its offset uniformly, from
@@ -23,10 +23,11 @@ import attrs
 import numpy as np
 import torch
 
-from phase7fw.data_cache import cached_tokens, digest, source_identity, token_dtype
+from phase7fw.data.cache import cached_tokens, digest, source_identity, token_dtype
 from phase7fw.errors import Phase7Error
 from phase7fw.interfaces import DataSource
-from phase7fw.recipe.convert import structure_component, to_raw
+from phase7fw.recipe.convert import structure_component
+from phase7fw.recipe.options import to_raw
 
 DEFAULT_SAMPLE_CHARS = 20_000_000  # tokenizer training sample, when the tokenizer does not say
 

@@ -1,4 +1,4 @@
-"""``phase7fw chat``: find a checkpoint, then a REPL that streams the model's replies.
+"""``phase7fw chat``: a REPL that streams the model's replies.
 
 The models are plain language models (no chat tuning), so the conversation is a transcript::
 
@@ -14,14 +14,11 @@ only grows, so a turn costs only its new tokens.
 
 from __future__ import annotations
 
-import re
 import sys
-from pathlib import Path
 
 from phase7fw.errors import Phase7Error
-from phase7fw.generation import SamplingParams, generate_text
+from phase7fw.inference.generation import SamplingParams, generate_text
 
-_STEP = re.compile(r"_step_(\d+)\.pt$")
 USER, BOT, STOP = "User: ", "Assistant:", "\nUser:"
 
 HELP = """commands:
@@ -30,60 +27,6 @@ HELP = """commands:
   /show             print the settings
   /reset            forget the conversation
   /exit             quit (also /quit, Ctrl-D)"""
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def _rank(path: Path) -> tuple:
-    """Preference within a run: best > final > the highest step."""
-    if path.name.endswith("_best.pt"):
-        return (2, 0)
-    if path.name.endswith("_final.pt"):
-        return (1, 0)
-    m = _STEP.search(path.name)
-    return (0, int(m.group(1))) if m else None
-
-
-def checkpoint_in_run(run_dir: Path) -> Path | None:
-    """The checkpoint of a run folder to chat with: ``*_best.pt``, else ``*_final.pt``, else the
-    latest ``*_step_N.pt`` (the newest file wins a tie between model names)."""
-    found = [(r, p.stat().st_mtime, p) for p in run_dir.glob("*.pt") if (r := _rank(p)) is not None]
-    return max(found)[2] if found else None
-
-
-def find_checkpoint(target: str | None, runs_dir: str = "runs") -> Path:
-    """A checkpoint file from what the user gave: a file (as is), a run folder (see
-    :func:`checkpoint_in_run`), or a folder of runs / nothing (the newest run under
-    ``runs_dir``: the one whose newest checkpoint was written last)."""
-    if target is not None and (not Path(target).is_dir() or target.rstrip("/").endswith(".pt")):
-        return Path(target)  # a file or a sharded checkpoint folder; loading reports a bad one
-    folder = Path(target) if target is not None else Path(runs_dir)
-    if not folder.is_dir():
-        raise Phase7Error(f"no checkpoint given and {folder}/ does not exist; pass a CHECKPOINT or RUN_DIR"
-                          " (or --runs-dir)")
-    own = checkpoint_in_run(folder)
-    if own is not None:
-        return own
-    runs = []
-    for run in folder.iterdir():
-        if run.is_dir() and (ckpt := checkpoint_in_run(run)) is not None:
-            runs.append((max(p.stat().st_mtime for p in run.glob("*.pt")), run.name, ckpt))
-    if not runs:
-        raise Phase7Error(f"no checkpoints (*_best.pt, *_final.pt, *_step_N.pt) in {folder}/ or its run folders")
-    return max(runs)[2]
-
-
-def load_for_inference(path, *, device: str | None = None, plugins=None):
-    """Engine of a checkpoint for decoding: on a GPU with bf16/fp16 training precision the
-    linear weights are stored in that precision (decoding reads every weight per token)."""
-    import torch
-
-    from phase7fw.decoding import prepare_for_inference
-    from phase7fw.engine import Engine
-
-    engine = Engine.from_checkpoint(path, device=device, plugins=plugins)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(engine.recipe.train.precision)
-    prepare_for_inference(engine.model, dtype if engine.device.type == "cuda" else None)
-    return engine
 
 
 # ----------------------------------------------------------------------------- session

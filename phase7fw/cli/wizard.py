@@ -42,7 +42,7 @@ DEFAULT_PRESET = "phase7_tiny"
 # ------------------------------------------------------------------------- presets
 def preset_dirs() -> list[Path]:
     """``./recipes`` first, then the recipes shipped next to the package (a source checkout)."""
-    dirs = [Path.cwd() / "recipes", Path(__file__).resolve().parents[1] / "recipes"]
+    dirs = [Path.cwd() / "recipes", Path(__file__).resolve().parents[2] / "recipes"]
     return list(dict.fromkeys(d.resolve() for d in dirs if d.is_dir()))
 
 

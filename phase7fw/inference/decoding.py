@@ -1,6 +1,7 @@
-"""Cached (incremental) decoding: per-layer caches, a window-attention helper, the Decoder.
+"""Cached and static (CUDA-graph) decoding: the Decoder and the GraphedDecoder.
 
-A model supports cached decoding when it has
+The caches models keep are in :mod:`phase7fw.components.caches`. A model supports cached
+decoding when it has
 
 - ``init_cache(batch_size) -> DecodeCache``: an empty cache (tensors are allocated lazily, in
   the dtype of what is stored, on the first call that stores something);
@@ -9,6 +10,15 @@ A model supports cached decoding when it has
   empty cache it uses the parallel (training) path for the whole prompt ("prefill").
 - ``context_limit``: the most tokens the model may see at once (``None``: unbounded, e.g. the
   phase7 model, whose attention is windowed and whose SSM state is O(1)).
+
+and static one-token decoding when it also has
+
+- ``init_static_cache(cache) -> StaticCache``: buffers shaped and typed like the (filled,
+  dynamic) ``cache``, loaded from it;
+- ``forward_static(static)``: one decode step of ``static.token`` at position ``static.pos``
+  (device tensors); writes ``static.logits`` and advances ``static.pos`` by one. Every
+  tensor it touches keeps its shape and address from step to step; it never reads a device
+  value on the host (no ``.item()``) and never branches on one.
 
 What each layer keeps: a window attention keeps the last W keys (post-RoPE) and values in a
 ring buffer (:class:`KVWindow`); the AR-SSM keeps its conv tail and fp32 state; the llama
@@ -30,128 +40,19 @@ by both modes.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from phase7fw.errors import Phase7Error
 
 
-class KVWindow:
-    """Keys and values (B, H, T, D) of the last ``capacity`` positions (``None``: all of them).
-
-    A bounded window is a ring buffer: position p lives in slot p % capacity, so appending
-    never moves data. :meth:`view` returns the kept positions in chronological order.
-    """
-
-    def __init__(self, capacity: int | None):
-        if capacity is not None and capacity < 1:
-            raise ValueError(f"KVWindow capacity must be >= 1 or None, got {capacity}")
-        self.capacity = capacity
-        self.total = 0  # positions appended so far
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return self.total if self.capacity is None else min(self.total, self.capacity)
-
-    def _ensure(self, k: torch.Tensor, v: torch.Tensor, needed: int) -> None:
-        have = 0 if self.k is None else self.k.shape[2]
-        if (self.capacity is not None and self.k is not None) or have >= needed:
-            return
-        # A ring is allocated once; an unbounded window doubles (amortized O(1) appends).
-        size = self.capacity or max(needed, 2 * have, 64)
-        B, H, _, D = k.shape
-        new_k, new_v = k.new_empty(B, H, size, D), v.new_empty(B, H, size, v.shape[-1])
-        if have:
-            new_k[:, :, : self.total] = self.k[:, :, : self.total]
-            new_v[:, :, : self.total] = self.v[:, :, : self.total]
-        self.k, self.v = new_k, new_v
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        T = k.shape[2]
-        if T == 0:
-            return
-        self._ensure(k, v, self.total + T)
-        if self.capacity is None:
-            self.k[:, :, self.total : self.total + T] = k
-            self.v[:, :, self.total : self.total + T] = v
-        else:
-            keep = min(T, self.capacity)  # older ones would be overwritten anyway
-            slots = (torch.arange(self.total + T - keep, self.total + T, device=k.device)) % self.capacity
-            self.k.index_copy_(2, slots, k[:, :, T - keep :].to(self.k.dtype))
-            self.v.index_copy_(2, slots, v[:, :, T - keep :].to(self.v.dtype))
-        self.total += T
-
-    def view(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(k, v) of the kept positions, oldest first; ``None`` while empty."""
-        if self.total == 0:
-            return None
-        n = len(self)
-        if self.capacity is None or self.total <= self.capacity:
-            return self.k[:, :, :n], self.v[:, :, :n]
-        order = (self.total + torch.arange(self.capacity, device=self.k.device)) % self.capacity
-        return self.k.index_select(2, order), self.v.index_select(2, order)
-
-
-class DecodeCache:
-    """A model's cache: ``pos`` tokens consumed, one entry per layer (whatever the layer
-    keeps), and ``extra`` for model-level things computed once (e.g. a tied LM-head table)."""
-
-    def __init__(self, layers: list):
-        self.pos = 0
-        self.layers = layers
-        self.extra: dict = {}
-
-
-def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
-    """True where query position i may see key position j: j <= i and i - j < window."""
-    i, j = q_pos.unsqueeze(-1), k_pos.unsqueeze(-2)
-    mask = j <= i
-    if window:
-        mask &= (i - j) < window
-    return mask
-
-
-def cached_window_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv: KVWindow,
-    window: int | None,
-    scores: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    prefill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Attention of T new queries over the cached window plus the new keys; stores the new
-    keys/values in ``kv``. q, k, v: (B, H, T, D) for the T positions after the cached ones.
-
-    ``scores(q, keys) -> (B, H, Tq, L)`` (fp32 or fp64) gives the logits of the softmax;
-    ``prefill(q, k, v)`` is the model's parallel path, used when the cache is empty. Otherwise
-    queries go in blocks of at most W (so a block sees at most 2W keys: memory O(W^2), not
-    O(T^2)); a single decoded token is one block of one query.
-    """
-    if kv.total == 0 and prefill is not None:
-        out = prefill(q, k, v)
-        kv.append(k, v)
-        return out
-    T = q.shape[2]
-    block = window or 256
-    outs = []
-    for s in range(0, T, block):
-        qb, kb, vb = q[:, :, s : s + block], k[:, :, s : s + block], v[:, :, s : s + block]
-        cached = kv.view()
-        keys, vals = (kb, vb) if cached is None else (torch.cat([cached[0], kb.to(cached[0].dtype)], 2),
-                                                      torch.cat([cached[1], vb.to(cached[1].dtype)], 2))
-        L, Tb = keys.shape[2], qb.shape[2]
-        logits = scores(qb, keys)
-        pos = torch.arange(L, device=q.device)
-        mask = window_mask(pos[L - Tb :], pos, window)
-        probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
-        outs.append((probs @ vals.to(probs.dtype)).to(v.dtype))
-        kv.append(kb, vb)
-    return torch.cat(outs, dim=2)
+def supports_static_decode(model) -> bool:
+    """Whether ``model`` implements the static one-token step (module docstring)."""
+    check = getattr(model, "supports_static_decode", None)
+    if callable(check):
+        return bool(check())
+    return callable(getattr(model, "init_static_cache", None)) and callable(getattr(model, "forward_static", None))
 
 
 def supports_cache(model) -> bool:
@@ -254,7 +155,7 @@ def _stderr_line(text: str) -> None:
 
 class GraphedDecoder(Decoder):
     """A cached :class:`Decoder` whose one-token steps run the model's static-shape step
-    (:mod:`phase7fw.static_decoding`): captured once in a CUDA graph and replayed per token
+    (module docstring; buffers: :class:`phase7fw.components.caches.StaticCache`): captured once in a CUDA graph and replayed per token
     (``capture=True`` on CUDA), or run eagerly (CPU, ``capture=False``).
 
     Prompts and multi-token continuations (a chat turn) run on the dynamic path (parallel
@@ -271,8 +172,6 @@ class GraphedDecoder(Decoder):
 
     def __init__(self, model, *, device=None, autocast=None, capture: bool = True, strict: bool = False,
                  warmup_steps: int = 2, compile_step: bool = False, say: Callable[[str], None] = _stderr_line):
-        from phase7fw.static_decoding import supports_static_decode
-
         if not (supports_cache(model) and supports_static_decode(model)):
             raise Phase7Error(f"{type(model).__name__} has no static decode step (init_static_cache / forward_static;"
                               " phase7 sdpa attention needs a window > 0)")
@@ -374,8 +273,6 @@ def make_decoder(model, *, use_cache: bool = True, cuda_graph: str = "auto", dev
     under auto on CUDA a model without a static step, or a failed capture, prints one line."""
     if cuda_graph not in CUDA_GRAPH_MODES:
         raise Phase7Error(f"--cuda-graph must be one of {', '.join(CUDA_GRAPH_MODES)}, got {cuda_graph!r}")
-    from phase7fw.static_decoding import supports_static_decode
-
     device = torch.device(device) if device is not None else next(model.parameters()).device
     plain = dict(device=device, autocast=autocast)
     if cuda_graph == "off":
@@ -408,23 +305,3 @@ def prepare_for_inference(model: torch.nn.Module, dtype: torch.dtype | None) -> 
         if isinstance(module, torch.nn.Linear):
             module.to(dtype)
     return model.eval()
-
-
-def dot_product_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """q k^T / sqrt(D) in fp32 (fp64 for fp64 inputs): the SDPA logits, for
-    :func:`cached_window_attention`."""
-    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    with torch.autocast(q.device.type, enabled=False):
-        return (q.to(dt) @ k.to(dt).transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
-
-
-def causal_sdpa_with_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool = False):
-    """SDPA of the last Tq positions over Tk >= Tq keys (the first Tk - Tq from a cache)."""
-    Tq, Tk = q.shape[2], k.shape[2]
-    if Tq == Tk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
-    if Tq == 1:
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=enable_gqa)
-    pos = torch.arange(Tk, device=q.device)
-    mask = window_mask(pos[Tk - Tq :], pos, None)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)

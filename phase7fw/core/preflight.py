@@ -7,7 +7,7 @@ step takes most of an hour):
 - :func:`check_checkpoint_fits`: the checkpoint to resume holds the recipe's model (same
   parameter names and shapes; what differs is named by recipe key, from the recipe stored
   in the checkpoint);
-- :func:`check_machine`: the memory plan (phase7fw/memory.py) fits the device (GPU memory,
+- :func:`check_machine`: the memory plan (phase7fw/core/memory.py) fits the device (GPU memory,
   or host memory for a CPU run and for offloaded optimizer state), and on a CPU one step is
   not hopelessly slow: its FLOPs at this CPU's measured matmul speed (a lower bound on the
   step time) stay under :data:`CPU_STEP_LIMIT_S`, unless the user insists (``--allow-cpu``).
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from phase7fw.checkpoint import upgrade_shapes
-from phase7fw.console import human
+from phase7fw.core.checkpoint import upgrade_shapes
+from phase7fw.core.console import human
 from phase7fw.errors import CheckpointError, Phase7Error
 
 GIB = 2**30
@@ -92,9 +92,9 @@ def meta_model(recipe, plugins, vocab_size: int, kernels: dict):
     builds it), and its optimizer on those meta parameters (None if it cannot be built there)."""
     from types import SimpleNamespace
 
-    from phase7fw import memory
-    from phase7fw.engine import build_model
-    from phase7fw.optim_groups import param_groups
+    from phase7fw.core import memory
+    from phase7fw.core.build import build_model
+    from phase7fw.core.optim_groups import param_groups
 
     model = build_model(recipe, "meta", plugins=plugins, vocab_size=vocab_size, kernels=kernels)
     memory.setup_model(SimpleNamespace(recipe=recipe, model=model))
@@ -106,11 +106,44 @@ def meta_model(recipe, plugins, vocab_size: int, kernels: dict):
     return model, optimizer
 
 
+def attention_modules(model):
+    """Attention-like modules: heads, a head size and query projections (llama ``wqkv``,
+    phase7 ``q_proj``)."""
+    return [m for m in model.modules()
+            if hasattr(m, "n_heads") and hasattr(m, "head_dim") and (hasattr(m, "wqkv") or hasattr(m, "q_proj"))]
+
+
+def flops_per_token(model, seq_len: int) -> dict:
+    """Training FLOPs per token (PERFORMANCE.md): 6 N_matmul + 12 L T_eff d (attention scores
+    and values, per attention layer, T_eff = window or T, or the module's own
+    ``attention_flops_per_token(seq_len)``) + the SSM scans' FLOPs (a module's
+    ``scan_flops_per_token()`` if it declares one, else the recurrence's 12 r d_inner:
+    state update and read-out, 2 r d_inner each, forward + 2x backward)."""
+    custom = getattr(model, "flops_per_token", None)
+    if callable(custom):
+        return {"total": float(custom(seq_len)), "matmul": None, "attention": None, "ssm": None}
+    matmul = 6 * model.matmul_params()
+    attention = 0
+    for m in attention_modules(model):
+        declared = getattr(m, "attention_flops_per_token", None)  # e.g. a linear attention
+        if callable(declared):
+            attention += declared(seq_len)
+            continue
+        window = getattr(m, "window", 0) or seq_len
+        attention += 12 * min(window, seq_len) * m.n_heads * m.head_dim
+    ssm = 0
+    for m in model.modules():
+        declared = getattr(m, "scan_flops_per_token", None)
+        if callable(declared):
+            ssm += declared()
+        elif hasattr(m, "scan_impl") and hasattr(m, "max_rank") and hasattr(m, "d_inner"):
+            ssm += 12 * m.max_rank * m.d_inner
+    return {"total": float(matmul + attention + ssm), "matmul": matmul, "attention": attention, "ssm": ssm}
+
+
 def step_flops(model, recipe, world_size: int = 1) -> float:
     """Training FLOPs of one optimizer step on one process (phase7fw bench's count:
     6 N_matmul + attention + SSM per token), with recomputation counted."""
-    from phase7fw.bench import flops_per_token
-
     t = recipe.train
     try:
         per_token = flops_per_token(model, model.seq_len)["total"]
@@ -119,7 +152,7 @@ def step_flops(model, recipe, world_size: int = 1) -> float:
     tokens = t.batch_size * t.grad_accum_steps * model.seq_len
     factor = 4 / 3 if t.activation_checkpointing else 1.0  # the forward runs again in backward
     if t.optimizer_in_backward and t.grad_clip > 0:
-        factor *= 2  # exact clipping: forward + backward twice (phase7fw/memory.py)
+        factor *= 2  # exact clipping: forward + backward twice (phase7fw/core/memory.py)
     return per_token * tokens * factor
 
 
@@ -138,7 +171,7 @@ def check_machine(recipe, model, optimizer, vocab_size: int, device: torch.devic
                   strategy: str = "none", allow_cpu: bool = False) -> dict:
     """Stop (:class:`ResourceError`, exit 2) a run that cannot fit or cannot progress here.
     Returns what was estimated (for tests and the run header)."""
-    from phase7fw.memory import memory_plan
+    from phase7fw.core.memory import memory_plan
 
     plan = memory_plan(model, optimizer, recipe, vocab_size)
     state = plan["state_bytes"] / (world_size if strategy == "fsdp" else 1)

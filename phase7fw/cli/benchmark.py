@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from phase7fw.console import human
+from phase7fw.core.console import human
+from phase7fw.core.preflight import attention_modules, flops_per_token
 from phase7fw.errors import Phase7Error
 from phase7fw.fileio import write_text_atomic, writing
 
@@ -98,44 +99,9 @@ def measure_gemm_tflops(device: torch.device, reps: int = 10) -> dict:
 
 
 # ----------------------------------------------------------------------------- model facts
-def _attention_modules(model):
-    """Attention-like modules: heads, a head size and query projections (llama ``wqkv``,
-    phase7 ``q_proj``)."""
-    return [m for m in model.modules()
-            if hasattr(m, "n_heads") and hasattr(m, "head_dim") and (hasattr(m, "wqkv") or hasattr(m, "q_proj"))]
-
-
-def flops_per_token(model, seq_len: int) -> dict:
-    """Training FLOPs per token (PERFORMANCE.md): 6 N_matmul + 12 L T_eff d (attention scores
-    and values, per attention layer, T_eff = window or T, or the module's own
-    ``attention_flops_per_token(seq_len)``) + the SSM scans' FLOPs (a module's
-    ``scan_flops_per_token()`` if it declares one, else the recurrence's 12 r d_inner:
-    state update and read-out, 2 r d_inner each, forward + 2x backward)."""
-    custom = getattr(model, "flops_per_token", None)
-    if callable(custom):
-        return {"total": float(custom(seq_len)), "matmul": None, "attention": None, "ssm": None}
-    matmul = 6 * model.matmul_params()
-    attention = 0
-    for m in _attention_modules(model):
-        declared = getattr(m, "attention_flops_per_token", None)  # e.g. a linear attention
-        if callable(declared):
-            attention += declared(seq_len)
-            continue
-        window = getattr(m, "window", 0) or seq_len
-        attention += 12 * min(window, seq_len) * m.n_heads * m.head_dim
-    ssm = 0
-    for m in model.modules():
-        declared = getattr(m, "scan_flops_per_token", None)
-        if callable(declared):
-            ssm += declared()
-        elif hasattr(m, "scan_impl") and hasattr(m, "max_rank") and hasattr(m, "d_inner"):
-            ssm += 12 * m.max_rank * m.d_inner
-    return {"total": float(matmul + attention + ssm), "matmul": matmul, "attention": attention, "ssm": ssm}
-
-
 def sdpa_info(model, device: torch.device, batch: int, seq_len: int, dtype: torch.dtype) -> dict:
     """Which attention the model uses and the SDPA backend PyTorch picks for its shape."""
-    mods = _attention_modules(model)
+    mods = attention_modules(model)
     uses_sdpa = any(not hasattr(m, "attention_fn") for m in mods)
     kind = "sdpa" if uses_sdpa else ("hyperbolic" if mods else "none")
     backend = None
@@ -177,7 +143,7 @@ def free_memory() -> None:
 
 
 def _is_oom(exc: BaseException) -> bool:
-    from phase7fw.preflight import ResourceError
+    from phase7fw.core.preflight import ResourceError
 
     if isinstance(exc, ResourceError):
         return exc.kind == "memory"
@@ -191,10 +157,10 @@ def bench_recipe(recipe, overrides: dict, *, steps: int, warmup: int, device: st
     """Train ``warmup + steps`` steps of ``recipe`` on random tokens and measure them (then,
     with ``profile_dir``, two more under torch.profiler: :func:`profile_steps`); with
     ``generate`` also time cached greedy decoding at batch 1. A CUDA out-of-memory error, or a
-    memory plan larger than the device (phase7fw/preflight.py), is a result (``{"oom": true}``),
+    memory plan larger than the device (phase7fw/core/preflight.py), is a result (``{"oom": true}``),
     not a crash. ``allow_cpu``: measure a GPU-sized recipe on a CPU anyway."""
-    from phase7fw.engine import Engine
-    from phase7fw.trainer import Trainer
+    from phase7fw.core.engine import Engine
+    from phase7fw.core.trainer import Trainer
 
     if steps < 1 or warmup < 0:
         raise Phase7Error(f"bench: --steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
@@ -321,7 +287,7 @@ def bench_generate(engine, new_tokens: int, prompt_tokens: int = 0, warmup_token
     are stored in the training precision first (as ``phase7fw generate`` does). ``cuda_graph``
     as ``Engine.decoder``; the result's ``path`` says which path decoded (the warm-up runs the
     first prefill, so a CUDA-graph capture is not timed)."""
-    from phase7fw.decoding import prepare_for_inference
+    from phase7fw.inference.decoding import prepare_for_inference
 
     dev = engine.device
     if dev.type == "cuda" and engine.recipe.train.precision in ("bf16", "fp16"):
@@ -393,7 +359,7 @@ def max_params(recipe, overrides: dict, *, dimension: str, device: str | None, p
     """The largest model of the recipe's family (more layers, or a wider d_model) whose
     training step fits the current memory limit: each candidate trains 2 steps (the optimizer
     state exists from the first), ``torch.compile`` off so the search takes minutes."""
-    from phase7fw.engine import build_model
+    from phase7fw.core.build import build_model
     from phase7fw.recipe import load_recipe
 
     base = load_recipe(recipe, overrides or None, plugins=plugins).model.config
@@ -542,7 +508,7 @@ def run_bench(recipe, overrides: dict, *, steps: int = 10, warmup: int = 3, devi
     after each recipe (long GPU runs keep what they measured)."""
     say = progress or (lambda text: None)
     keep = partial or (lambda res: None)
-    from phase7fw.engine import resolve_device
+    from phase7fw.core.build import resolve_device
 
     dev = resolve_device(device or "auto")
     if generate and cuda_graph == "on" and dev.type != "cuda":

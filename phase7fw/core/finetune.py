@@ -18,6 +18,7 @@ the source:
 from __future__ import annotations
 
 import fnmatch
+import json
 import tomllib
 from pathlib import Path
 
@@ -55,18 +56,16 @@ class InitSource:
 
 def load_source(path: str, plugins) -> InitSource:
     """Read ``train.init_from``: every failure is one :class:`CheckpointError`."""
-    from phase7fw.checkpoint import consolidate, load_checkpoint
+    from phase7fw.core.checkpoint import consolidate, load_checkpoint
     from phase7fw.recipe import load_recipe
 
     target = Path(path).expanduser()
     if not target.exists():
         raise CheckpointError(f"train.init_from: no such file or folder {path!r}")
     if target.is_dir() and (target / "config.json").is_file():
-        from phase7fw.hf_export import read_exported
-
         return read_exported(target, plugins)
     if target.is_dir() and not (target / "extra.pt").is_file():
-        from phase7fw.chat import checkpoint_in_run
+        from phase7fw.core.checkpoint import checkpoint_in_run
 
         found = checkpoint_in_run(target)
         if found is None:
@@ -90,6 +89,70 @@ def load_source(path: str, plugins) -> InitSource:
         tokens_seen=int(metrics.get("tokens_seen", 0)), curvature_offset=int(state.get("curvature_offset", 0)),
         lineage=[*before.get("lineage", []), {k: v for k, v in before.items() if k != "lineage"}] if before else [],
         weights=state["model"], metrics=metrics, init_from=before or None,
+    )
+
+
+# ----------------------------------------------------------------------------- exported folders
+#: What ``phase7fw export`` writes (phase7fw/export/hf.py) and ``train.init_from`` reads back.
+FORMAT = "phase7fw-hf-export"
+FORMAT_VERSION = 1
+
+
+def safetensors_module():
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise Phase7Error("export needs the safetensors library: pip install 'phase7fw[export]'") from None
+    return safetensors.torch
+
+
+def read_meta(folder: Path) -> tuple[dict, dict]:
+    meta_path, config_path = folder / "phase7fw.json", folder / "config.json"
+    if not meta_path.is_file():
+        raise CheckpointError(f"{folder} has no phase7fw.json: it was not exported by phase7fw export (only such"
+                              " folders can be read back)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder}: cannot read phase7fw.json / config.json: {exc}") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_path} is not a phase7fw export description")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(f"{folder} was exported by a newer phase7fw (format {meta['format_version']}); upgrade")
+    return meta, config
+
+
+def read_exported(folder, plugins):
+    """An exported folder as a fine-tuning source (:class:`phase7fw.core.finetune.InitSource`); its
+    tensors are converted to phase7fw's names by the model that reads them."""
+    from phase7fw.recipe import load_recipe
+
+    folder = Path(folder)
+    meta, config = read_meta(folder)
+    weights_path = folder / "model.safetensors"
+    if not weights_path.is_file():
+        raise CheckpointError(f"{folder} has no model.safetensors")
+    try:
+        tensors = safetensors_module().load_file(str(weights_path))
+    except Exception as exc:  # noqa: BLE001 - the library raises its own error types for bad files
+        raise CheckpointError(f"{weights_path} is corrupt or not a safetensors file: {exc}") from None
+    recipe = load_recipe(tomllib.loads(meta["recipe"]), plugins=plugins, checkpoint=True)
+    metrics = meta.get("metrics") or {}
+    before = meta.get("init_from") or {}
+    converted = {}
+
+    def weights(model):
+        if "state" not in converted:
+            converted["state"] = model.hf_import(tensors, config)
+        return converted["state"]
+
+    return InitSource(
+        path=str(folder), recipe=recipe, tokenizer_state=meta.get("tokenizer"),
+        tokenizer_fingerprint=meta.get("tokenizer_fingerprint"), step=int(meta.get("step", 0)),
+        tokens_seen=int(meta.get("tokens_seen", 0)), curvature_offset=int(meta.get("curvature_offset", 0)),
+        lineage=[*before.get("lineage", []), {k: v for k, v in before.items() if k != "lineage"}] if before else [],
+        weights=weights, metrics=metrics, init_from=before or None,
     )
 
 
@@ -150,7 +213,7 @@ def freeze(model, patterns: list[str]) -> tuple[int, int]:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             example = ", ".join(names[:4])
             raise Phase7Error(f"train.freeze: {pattern!r} matches no parameter; names look like {example}, ..."
-                              " (phase7fw/finetune.py: fnmatch patterns)")
+                              " (phase7fw/core/finetune.py: fnmatch patterns)")
     frozen = total = 0
     for name, param in model.named_parameters():
         total += param.numel()

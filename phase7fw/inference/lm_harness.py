@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from phase7fw.decoding import context_limit, supports_cache
+from phase7fw.inference.decoding import context_limit, supports_cache
 from phase7fw.errors import Phase7Error
 
 

@@ -40,7 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from phase7fw.errors import Phase7Error
-from phase7fw.fileio import disk_error
+from phase7fw.fileio import digest, disk_error
 
 FORMAT = 1
 CHUNK_CHARS = 4_000_000  # text per worker task: large enough to amortize pickling
@@ -60,12 +60,6 @@ def default_workers() -> int:
     except AttributeError:  # macOS, Windows
         cores = os.cpu_count() or 1
     return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
-
-
-def digest(obj) -> str:
-    """A stable short hash of JSON-able data (dict key order does not matter)."""
-    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 def source_identity(name: str, raw_config: dict, source) -> dict:

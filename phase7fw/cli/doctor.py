@@ -18,7 +18,7 @@ def run_doctor(require_gpu: bool = False, verify: bool = False) -> int:
     import torch
 
     from phase7fw import __version__
-    from phase7fw.cli import _plugins
+    from phase7fw.cli.common import plugins
 
     warnings: list[str] = []
     print(f"phase7fw  {__version__}")
@@ -39,7 +39,7 @@ def run_doctor(require_gpu: bool = False, verify: bool = False) -> int:
     from phase7fw.plugins import PluginError
 
     try:
-        plugins = _plugins()
+        plugins = plugins()
     except PluginError as exc:  # a broken built-in: say so and check the rest
         print(f"plugins   FAILED: {exc}")
         for w in warnings:
@@ -113,3 +113,14 @@ def _kernel_verify() -> bool:
     rows = verify(torch.device("cuda"))
     print(format_table(rows))
     return not all(r.ok for r in rows)
+
+
+def cmd_doctor(args) -> int:
+    return run_doctor(require_gpu=args.require_gpu, verify=args.verify)
+
+
+def add_doctor(sub) -> None:
+    doc = sub.add_parser("doctor", help="check the environment (versions, GPU, kernels)")
+    doc.add_argument("--verify", action="store_true", help="check every kernel against its reference on the GPU")
+    doc.add_argument("--require-gpu", action="store_true", help="exit 1 when no CUDA GPU is usable")
+    doc.set_defaults(func=cmd_doctor)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from phase7fw.errors import CheckpointError
+from phase7fw.core.dcp_safe import weights_only_reason
+from phase7fw.errors import CheckpointError, Phase7Error
 from phase7fw.fileio import disk_error, writing
 
 FORMAT = "phase7fw-checkpoint"
@@ -136,7 +137,7 @@ def remove_interrupted_saves(output_dir: str | os.PathLike) -> list[str]:
     previous version back. Only while no live run holds the folder (its lock is taken for
     the clean-up; a folder in use or not writable is left alone). Returns what was done."""
     from phase7fw.fileio import DiskError
-    from phase7fw.run_lock import RunLock, RunLocked
+    from phase7fw.core.run_lock import RunLock, RunLocked
 
     if not Path(output_dir).is_dir():
         return []
@@ -302,16 +303,6 @@ def upgrade_shapes(model_state: dict, optim_state: dict | None, shapes: dict[str
     return model_state, optim_state
 
 
-def weights_only_reason(exc: BaseException) -> str:
-    """The one line of torch's long weights-only refusal that says what was refused."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    for line in text.splitlines():
-        if "WeightsUnpickler error:" in line:
-            return line.split("WeightsUnpickler error:", 1)[1].split(". Please", 1)[0].strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
-
-
 _STEP_RE = re.compile(r"_step_(\d+)\.pt$")
 
 
@@ -338,8 +329,8 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 def consolidate(src: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Turn a sharded (FSDP) checkpoint directory into one file that a single process loads
     (chat, eval, generate, ``Engine.from_checkpoint``). Needs no process group; the folder is
-    read without unpickling anything but plain data (phase7fw/dcp_safe.py)."""
-    from phase7fw.dcp_safe import load_full
+    read without unpickling anything but plain data (phase7fw/core/dcp_safe.py)."""
+    from phase7fw.core.dcp_safe import load_full
 
     src, out = Path(src), Path(out)
     extra = load_checkpoint(src)
@@ -352,3 +343,43 @@ def consolidate(src: str | os.PathLike, out: str | os.PathLike) -> Path:
     skip = {"sharded", "path", "rng_per_rank", "format", "format_version"}
     state = {k: v for k, v in extra.items() if k not in skip}
     return save_checkpoint(out, {**state, "model": tensors["model"], "optimizer": tensors["optimizer"]})
+
+
+# ---------------------------------------------------------------------------- which checkpoint of a run
+def _rank(path: Path) -> tuple:
+    """Preference within a run: best > final > the highest step."""
+    if path.name.endswith("_best.pt"):
+        return (2, 0)
+    if path.name.endswith("_final.pt"):
+        return (1, 0)
+    m = _STEP_RE.search(path.name)
+    return (0, int(m.group(1))) if m else None
+
+
+def checkpoint_in_run(run_dir: Path) -> Path | None:
+    """The checkpoint of a run folder to load (chat, eval, export, init_from): ``*_best.pt``, else ``*_final.pt``, else the
+    latest ``*_step_N.pt`` (the newest file wins a tie between model names)."""
+    found = [(r, p.stat().st_mtime, p) for p in run_dir.glob("*.pt") if (r := _rank(p)) is not None]
+    return max(found)[2] if found else None
+
+
+def find_checkpoint(target: str | None, runs_dir: str = "runs") -> Path:
+    """A checkpoint file from what the user gave: a file (as is), a run folder (see
+    :func:`checkpoint_in_run`), or a folder of runs / nothing (the newest run under
+    ``runs_dir``: the one whose newest checkpoint was written last)."""
+    if target is not None and (not Path(target).is_dir() or target.rstrip("/").endswith(".pt")):
+        return Path(target)  # a file or a sharded checkpoint folder; loading reports a bad one
+    folder = Path(target) if target is not None else Path(runs_dir)
+    if not folder.is_dir():
+        raise Phase7Error(f"no checkpoint given and {folder}/ does not exist; pass a CHECKPOINT or RUN_DIR"
+                          " (or --runs-dir)")
+    own = checkpoint_in_run(folder)
+    if own is not None:
+        return own
+    runs = []
+    for run in folder.iterdir():
+        if run.is_dir() and (ckpt := checkpoint_in_run(run)) is not None:
+            runs.append((max(p.stat().st_mtime for p in run.glob("*.pt")), run.name, ckpt))
+    if not runs:
+        raise Phase7Error(f"no checkpoints (*_best.pt, *_final.pt, *_step_N.pt) in {folder}/ or its run folders")
+    return max(runs)[2]

@@ -18,26 +18,16 @@ import math
 import os
 import shutil
 import tempfile
-import tomllib
 from pathlib import Path
 
 import torch
 
 from phase7fw import __version__
-from phase7fw.errors import CheckpointError, Phase7Error
+from phase7fw.core.finetune import FORMAT, FORMAT_VERSION, read_exported, safetensors_module
+from phase7fw.errors import Phase7Error
 
-FORMAT = "phase7fw-hf-export"
-FORMAT_VERSION = 1
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CHECK_TOLERANCE = 1e-4  # fp32 logits, any model size (the tests hold tiny models to 1e-5)
-
-
-def _safetensors():
-    try:
-        import safetensors.torch
-    except ImportError:
-        raise Phase7Error("export needs the safetensors library: pip install 'phase7fw[export]'") from None
-    return safetensors.torch
 
 
 # ----------------------------------------------------------------------------- export
@@ -46,9 +36,9 @@ def export_checkpoint(checkpoint, output, *, dtype: str = "fp32", force: bool = 
     """Write the Hugging Face folder of ``checkpoint`` (a file, a run folder or a sharded FSDP
     checkpoint folder) to ``output``, atomically (a temporary folder renamed into place).
     ``check``: load it with transformers and compare its logits with phase7fw's (fp32 only)."""
-    from phase7fw.chat import find_checkpoint
-    from phase7fw.checkpoint import consolidate, load_checkpoint
-    from phase7fw.engine import Engine
+    from phase7fw.core.checkpoint import find_checkpoint
+    from phase7fw.core.checkpoint import consolidate, load_checkpoint
+    from phase7fw.core.engine import Engine
 
     if dtype not in DTYPES:
         raise Phase7Error(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -96,7 +86,7 @@ def write_folder(engine, folder: Path, dtype: str = "fp32") -> None:
     torch_dtype = DTYPES[dtype]
     tensors = {k: v.detach().to("cpu", torch_dtype if v.is_floating_point() else v.dtype).contiguous().clone()
                for k, v in hf.tensors.items()}
-    _safetensors().save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    safetensors_module().save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     name = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
     provenance = {"version": __version__, "model_name": engine.model_name, "step": engine.step,
                   "tokens_seen": engine.tokens_seen}
@@ -205,66 +195,16 @@ prompt with it (`[tokenizer.eos_token_id] + ids`) gives the model the context it
 
 
 # ----------------------------------------------------------------------------- import
-def _read_meta(folder: Path) -> tuple[dict, dict]:
-    meta_path, config_path = folder / "phase7fw.json", folder / "config.json"
-    if not meta_path.is_file():
-        raise CheckpointError(f"{folder} has no phase7fw.json: it was not exported by phase7fw export (only such"
-                              " folders can be read back)")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{folder}: cannot read phase7fw.json / config.json: {exc}") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{meta_path} is not a phase7fw export description")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise CheckpointError(f"{folder} was exported by a newer phase7fw (format {meta['format_version']}); upgrade")
-    return meta, config
-
-
-def read_exported(folder, plugins):
-    """An exported folder as a fine-tuning source (:class:`phase7fw.finetune.InitSource`); its
-    tensors are converted to phase7fw's names by the model that reads them."""
-    from phase7fw.finetune import InitSource
-    from phase7fw.recipe import load_recipe
-
-    folder = Path(folder)
-    meta, config = _read_meta(folder)
-    weights_path = folder / "model.safetensors"
-    if not weights_path.is_file():
-        raise CheckpointError(f"{folder} has no model.safetensors")
-    try:
-        tensors = _safetensors().load_file(str(weights_path))
-    except Exception as exc:  # noqa: BLE001 - the library raises its own error types for bad files
-        raise CheckpointError(f"{weights_path} is corrupt or not a safetensors file: {exc}") from None
-    recipe = load_recipe(tomllib.loads(meta["recipe"]), plugins=plugins, checkpoint=True)
-    metrics = meta.get("metrics") or {}
-    before = meta.get("init_from") or {}
-    converted = {}
-
-    def weights(model):
-        if "state" not in converted:
-            converted["state"] = model.hf_import(tensors, config)
-        return converted["state"]
-
-    return InitSource(
-        path=str(folder), recipe=recipe, tokenizer_state=meta.get("tokenizer"),
-        tokenizer_fingerprint=meta.get("tokenizer_fingerprint"), step=int(meta.get("step", 0)),
-        tokens_seen=int(meta.get("tokens_seen", 0)), curvature_offset=int(meta.get("curvature_offset", 0)),
-        lineage=[*before.get("lineage", []), {k: v for k, v in before.items() if k != "lineage"}] if before else [],
-        weights=weights, metrics=metrics, init_from=before or None,
-    )
-
-
 def import_folder(folder, output, *, plugins=None, log=print) -> Path:
     """An exported folder -> a phase7fw checkpoint (weights, tokenizer, step, curvature position,
     metrics; the optimizer's moments and the data position start fresh) that resumes and
     fine-tunes like any other."""
     import warnings
 
-    from phase7fw.console import Console
-    from phase7fw.engine import Engine, build_model, model_vocab_size
-    from phase7fw.finetune import check_weights
+    from phase7fw.core.console import Console
+    from phase7fw.core.engine import Engine
+    from phase7fw.core.build import build_model, model_vocab_size
+    from phase7fw.core.finetune import check_weights
     from phase7fw.plugins import load_plugins
     from phase7fw.recipe import load_recipe, recipe_to_dict
 
@@ -276,7 +216,7 @@ def import_folder(folder, output, *, plugins=None, log=print) -> Path:
     # A new single-process run of the same recipe; its own init_from is history, not to be read again.
     recipe = load_recipe(recipe_to_dict(source.recipe), {"parallel.strategy": "none", "train.init_from": ""},
                          plugins=plugins)
-    from phase7fw.engine import build_tokenizer
+    from phase7fw.core.build import build_tokenizer
 
     tokenizer = build_tokenizer(recipe, plugins, state=source.tokenizer_state)
     meta_model = build_model(recipe, "meta", plugins=plugins, vocab_size=model_vocab_size(recipe, tokenizer))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import warnings
 from pathlib import Path
 
@@ -96,8 +97,6 @@ def _safe_load_bytes(value: io.BytesIO, where) -> object:
     try:
         return torch.load(value, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        from phase7fw.checkpoint import weights_only_reason
-
         raise CheckpointError(f"refusing to load {where}: a non-tensor item is not plain data"
                               f" ({weights_only_reason(exc)})."
                               " phase7fw never unpickles arbitrary objects from a checkpoint") from None
@@ -164,3 +163,13 @@ def load_full(folder: str | os.PathLike) -> dict:
     except (RuntimeError, ValueError, KeyError, OSError, EOFError, AssertionError) as exc:
         raise CheckpointError(f"{folder} cannot be read as a sharded checkpoint: {type(exc).__name__}: {exc}") from None
     return state
+
+
+def weights_only_reason(exc: BaseException) -> str:
+    """The one line of torch's long weights-only refusal that says what was refused."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    for line in text.splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].split(". Please", 1)[0].strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__

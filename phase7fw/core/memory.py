@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from phase7fw.console import human
+from phase7fw.core.console import human
 from phase7fw.errors import Phase7Error
 
 GIB = 2**30
