@@ -39,6 +39,8 @@ MOVED = {
     "phase7fw.wizard": "phase7fw.cli.wizard",
     "phase7fw.data_cache": "phase7fw.data.cache",
     "phase7fw.hf_export": "phase7fw.export.hf",
+    "phase7fw.geometry": "phase7fw.kernels.hyperbolic_attention.geometry",
+    "phase7fw.kernels.linear_cross_entropy": ("phase7fw.kernels.cross_entropy.kernel", "phase7fw.kernels.cross_entropy"),
 }
 
 

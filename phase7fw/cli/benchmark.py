@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from phase7fw.core.console import human
-from phase7fw.core.preflight import attention_modules, flops_per_token
+from phase7fw.interfaces import AttentionLayer
 from phase7fw.errors import Phase7Error
 from phase7fw.fileio import write_text_atomic, writing
 
@@ -99,11 +99,16 @@ def measure_gemm_tflops(device: torch.device, reps: int = 10) -> dict:
 
 
 # ----------------------------------------------------------------------------- model facts
+def attention_modules(model) -> list:
+    """The model's attention layers (:class:`phase7fw.interfaces.AttentionLayer`)."""
+    return [m for m in model.modules() if isinstance(m, AttentionLayer)]
+
+
 def sdpa_info(model, device: torch.device, batch: int, seq_len: int, dtype: torch.dtype) -> dict:
     """Which attention the model uses and the SDPA backend PyTorch picks for its shape."""
     mods = attention_modules(model)
-    uses_sdpa = any(not hasattr(m, "attention_fn") for m in mods)
-    kind = "sdpa" if uses_sdpa else ("hyperbolic" if mods else "none")
+    kinds = [m.attention_kind for m in mods]
+    kind = "sdpa" if "sdpa" in kinds else (kinds[0] if kinds else "none")
     backend = None
     if mods:
         m = mods[0]
@@ -177,7 +182,7 @@ def bench_recipe(recipe, overrides: dict, *, steps: int, warmup: int, device: st
             t = engine.recipe.train
             model = engine.model
             n_params = sum(p.numel() for p in model.parameters())
-            fpt = flops_per_token(model, engine.seq_len)
+            fpt = model.flops_per_token(engine.seq_len)
             result.update({
                 "model": engine.model_name, "params": n_params, "matmul_params": model.matmul_params(),
                 "batch_size": t.batch_size, "grad_accum_steps": t.grad_accum_steps, "seq_len": engine.seq_len,
@@ -287,7 +292,7 @@ def bench_generate(engine, new_tokens: int, prompt_tokens: int = 0, warmup_token
     are stored in the training precision first (as ``phase7fw generate`` does). ``cuda_graph``
     as ``Engine.decoder``; the result's ``path`` says which path decoded (the warm-up runs the
     first prefill, so a CUDA-graph capture is not timed)."""
-    from phase7fw.inference.decoding import prepare_for_inference
+    from phase7fw.inference.decoding import context_limit, prepare_for_inference
 
     dev = engine.device
     if dev.type == "cuda" and engine.recipe.train.precision in ("bf16", "fp16"):
@@ -295,7 +300,7 @@ def bench_generate(engine, new_tokens: int, prompt_tokens: int = 0, warmup_token
     engine.model.eval()
     limit = engine.seq_len
     prompt_tokens = prompt_tokens or max(1, min(128, limit // 4))
-    if engine.model_name == "llama":  # stay inside the context: no slide in the timed part
+    if context_limit(engine.model) is not None:  # stay inside the context: no slide in the timed part
         new_tokens = max(1, min(new_tokens, limit - prompt_tokens - warmup_tokens))
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, engine.tokenizer.vocab_size, (prompt_tokens,), generator=g).tolist()

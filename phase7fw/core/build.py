@@ -1,7 +1,7 @@
 """Building the parts of a run that the Engine, the preflight and the tools share: the
 device, the tokenizer and the model (on the meta device, or materialized on a real one).
 The model comes from the registry; :func:`build_model` checks it against the model contract
-(:class:`phase7fw.interfaces.LanguageModel`).
+(:class:`phase7fw.interfaces.ModelContract`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import attrs
 import torch
 
 from phase7fw.errors import Phase7Error
+from phase7fw.interfaces import check_model
+from phase7fw.kernels import KernelImpl
 from phase7fw.plugins import Plugins, load_plugins
-from phase7fw.recipe import KERNEL_OPS, Recipe, load_recipe
+from phase7fw.recipe import Recipe, load_recipe
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,10 +64,26 @@ def model_vocab_size(recipe: Recipe, tokenizer) -> int:
     return configured or tokenizer.vocab_size
 
 
+def with_tuning(kernels: dict | None, recipe: Recipe) -> dict:
+    """{op: :class:`KernelImpl`}: each chosen kernel with the recipe's tuning options for it
+    (``[kernels.<op>]``, for that implementation or "auto"), unless it carries its own."""
+    out = {}
+    for op, impl in (kernels or {}).items():
+        config = getattr(impl, "config", None)
+        choice = recipe.kernels.get(op)
+        if config is None and impl != "reference" and choice is not None and choice.impl in (impl, "auto"):
+            config = choice.config
+        out[op] = KernelImpl(impl, config)
+    return out
+
+
 def build_model(recipe: Recipe | str, device: str | torch.device = "meta", *, plugins: Plugins | None = None,
                 vocab_size: int | None = None, kernels: dict | None = None):
     """Build the recipe's model. On ``device="meta"`` no memory is used (count parameters,
-    inspect shapes); on a real device the parameters are allocated and initialized."""
+    inspect shapes); on a real device the parameters are allocated and initialized.
+    ``kernels``: {op: implementation} (default: every op's reference; the Engine resolves the
+    recipe's ``[kernels]``); a kernel gets the recipe's tuning options for it (``[kernels.<op>]``)
+    unless the implementation carries its own (:class:`phase7fw.kernels.KernelImpl`)."""
     plugins = plugins or load_plugins()
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, plugins=plugins)
@@ -75,8 +93,9 @@ def build_model(recipe: Recipe | str, device: str | torch.device = "meta", *, pl
     with torch.device("meta"):
         model = plugins.registry.build(
             "model", spec.name, spec.config, vocab_size=vocab_size, registry=plugins.registry,
-            kernels=kernels or {op: "reference" for op in KERNEL_OPS},
+            kernels=with_tuning(kernels, recipe),
         )
+    check_model(model, spec.name)  # a clear error naming what a plugin model lacks, before any memory is used
     if str(device) != "meta":
         materialize(model, torch.device(device))
     return model

@@ -2,18 +2,21 @@
 
 Build order (``Engine.BUILD_ORDER``; each step is recorded in ``engine.build_steps``):
 
-1. seed            torch's RNG seeded from ``run.seed``
-2. plugins         built-in and installed plugins fill the registry
-3. recipe          the TOML recipe, validated strictly (overrides applied)
+1. plugins         built-in and installed plugins fill the registry
+2. recipe          the TOML recipe, validated strictly (overrides applied)
+3. seed            torch's RNG seeded from ``run.seed`` (read from the recipe, so after it;
+                   nothing before consumes torch's RNG)
 4. tokenizer       built from ``[data.tokenizer]`` (or from the checkpoint's saved state; with
-                   ``train.init_from``, from the source's: phase7fw/core/finetune.py); then a
-                   training engine checks, on a meta-device copy of the model, that the
-                   checkpoint to resume holds this model and that the run fits this machine
+                   ``train.init_from``, from the source's: phase7fw/core/finetune.py)
+5. kernels         ``[kernels]`` resolved to an implementation per op, with its tuning
+                   (announced in the run header); then a training engine checks, on a
+                   meta-device copy of the model built with them, that the checkpoint to
+                   resume holds this model and that the run fits this machine
                    (phase7fw/core/preflight.py), before any data is read or memory allocated
-5. data            sources loaded, tokenized, split into train/validation, mixture samplers
-6. model           built on the meta device (no memory) from ``[model]``; weights cast to
+6. data            sources loaded, tokenized, split into train/validation, mixture samplers
+7. model           built on the meta device (no memory) from ``[model]`` with the chosen
+                   kernels, checked against the model contract; weights cast to
                    ``train.param_dtype`` there (phase7fw/core/memory.py)
-7. kernels         ``[kernels]`` resolved to an implementation per op and announced
 8. activation checkpointing   when ``train.activation_checkpointing``
 9. compile         ``torch.compile`` of the training loss when ``train.compile``
 10. parallel       ``[parallel]``: FSDP2 shards the meta model here (phase7fw/core/distributed.py);
@@ -65,16 +68,16 @@ from phase7fw.data.mixture import MixtureSampler, load_mix
 from phase7fw.errors import CheckpointError, Phase7Error, RecipeError
 from phase7fw.core.optim_groups import param_groups
 from phase7fw.plugins import Plugins, load_plugins
-from phase7fw.recipe import KERNEL_OPS, Recipe, load_recipe, recipe_to_dict, recipe_to_toml
+from phase7fw.recipe import Recipe, load_recipe, recipe_to_dict, recipe_to_toml
 
 BUILD_ORDER = (
-    "seed",
     "plugins",
     "recipe",
+    "seed",
     "tokenizer",
+    "kernels",
     "data",
     "model",
-    "kernels",
     "activation_checkpointing",
     "compile",
     "parallel",
@@ -166,9 +169,9 @@ class Engine:
         self.tokens_seen = 0
         self.tracker_state: dict = {}
         self.summary: dict = {}
-        self._seed()
-        self._done("plugins")
+        self._done("plugins")  # both are arguments: loaded before the engine exists (from_recipe)
         self._done("recipe")
+        self._seed()
         self.dist, device_name = distributed.init(recipe.parallel.strategy, device or recipe.train.device)
         if not self.dist.is_main:
             self.console = Console(False)  # one console, one set of files: rank 0's
@@ -197,7 +200,8 @@ class Engine:
         self.tokenizer = build_tokenizer(recipe, plugins, state=tok_state)
         self._done("tokenizer")
 
-        self.kernels = self._select_kernels()
+        self.kernels = self._select_kernels()  # before the preflight: its meta model uses them
+        self._done("kernels")
         if checkpoint is None:  # a training run: fail before data is read or memory allocated
             self._preflight(allow_cpu)
 
@@ -220,7 +224,6 @@ class Engine:
             check_strategy(recipe.parallel.strategy)
         memory.setup_model(self)  # train.param_dtype (cast on meta), train.ce_chunk_tokens
         self._done("model")
-        self._done("kernels")
 
         train = recipe.train
         if train.activation_checkpointing:
@@ -382,33 +385,38 @@ class Engine:
                                               seed=recipe.run.seed, split="val", **ranks)
 
     def _select_kernels(self) -> dict[str, str]:
-        """Resolve ``[kernels]``: an op's implementation must be registered as kind ``kernel``,
-        name ``"<op>:<impl>"``; "reference" is the torch code inside the component itself."""
-        from phase7fw.kernels import triton_usable
+        """Resolve ``[kernels]`` to an implementation per op: "reference" (the op's torch
+        reference) or a registered kernel ``"<op>:<impl>"``; "auto" picks Triton on CUDA when it
+        is registered and usable. A chosen kernel carries the recipe's tuning options for it
+        (:class:`phase7fw.kernels.KernelImpl`, handed to the factories)."""
+        from phase7fw.kernels import KernelImpl, triton_usable
 
         chosen, reasons = {}, {}
-        for op in KERNEL_OPS:
-            want = getattr(self.recipe.kernels, op)
+        for op, choice in self.recipe.kernels.items():
+            want = choice.impl
             if want == "reference":
                 chosen[op] = "reference"
-            elif want == "auto":
+                continue
+            if want == "auto":
                 if ("kernel", f"{op}:triton") not in self.registry:
                     chosen[op] = "reference"
                     reasons[op] = "auto: no Triton kernel registered"
-                else:
-                    ok, why = triton_usable(self.device.type)
-                    chosen[op] = "triton" if ok and self.device.type == "cuda" else "reference"
-                    reasons[op] = f"auto: {why}"
-            else:
-                if ("kernel", f"{op}:triton") not in self.registry:
-                    raise Phase7Error(f"kernels.{op} = \"triton\" but no Triton kernel is registered for {op};"
-                                      " use \"reference\" or \"auto\"")
+                    continue
                 ok, why = triton_usable(self.device.type)
-                if not ok:  # never fall back silently
-                    raise Phase7Error(f"kernels.{op} = \"triton\" but Triton cannot run here: {why};"
+                chosen[op] = "triton" if ok and self.device.type == "cuda" else "reference"
+                reasons[op] = f"auto: {why}"
+            else:
+                if ("kernel", f"{op}:{want}") not in self.registry:
+                    raise Phase7Error(f"kernels.{op} = \"{want}\" but no such kernel is registered for {op};"
                                       " use \"reference\" or \"auto\"")
-                chosen[op] = "triton"
-                reasons[op] = why
+                if want == "triton":
+                    ok, why = triton_usable(self.device.type)
+                    if not ok:  # never fall back silently
+                        raise Phase7Error(f"kernels.{op} = \"triton\" but Triton cannot run here: {why};"
+                                          " use \"reference\" or \"auto\"")
+                    reasons[op] = why
+                chosen[op] = want
+            chosen[op] = KernelImpl(chosen[op], choice.config if chosen[op] != "reference" else None)
         self.kernel_reasons = reasons  # printed once, in the run header (describe)
         return chosen
 
@@ -565,7 +573,7 @@ class Engine:
                 state = {**state, "model": model_sd, "optimizer": optim_sd}
             if full:
                 set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                               optim_state_dict=memory.adapt_optimizer_state(state["optimizer"], self.optimizer))
+                               optim_state_dict=self._adapt_optimizer_state(state["optimizer"]))
             else:
                 opts = StateDictOptions(full_state_dict=not state.get("sharded"))
                 set_model_state_dict(self.model, state["model"], options=opts)
@@ -579,6 +587,12 @@ class Engine:
             raise CheckpointError(f"{where} does not fit the model of this recipe: {detail[:500]}; resume it with"
                                   " the recipe it was trained with, or start a new run in another folder"
                                   " (--resume never --set run.output_dir=DIR)") from None
+
+    def _adapt_optimizer_state(self, optim_state: dict) -> dict:
+        """A checkpoint's optimizer state in a layout this run's optimizer reads: the plugin of
+        the optimizer that wrote it converts it (the ``adapt_optimizer_state`` hook), if needed."""
+        adapted = self.plugins.call("adapt_optimizer_state", state=optim_state, optimizer=self.optimizer)
+        return optim_state if adapted is None else adapted
 
     def _load_state(self, state: dict, where: str, *, full: bool) -> None:
         """Load a checkpoint into the built run; ``full`` also restores training state."""

@@ -3,20 +3,22 @@
 The switches (docs/performance.md, "Memory / small-GPU mode", has the arithmetic):
 
 - ``train.param_dtype = "bf16"``: weights live in bf16 (2 bytes/param, no fp32 master).
-  The optimizer must write updates into bf16 without losing them: ``adamw_lowmem`` rounds
-  stochastically (:func:`round_to_bf16`) or keeps a compensation buffer.
-- ``optimizer.name = "adamw_lowmem"``, ``state_bits = 8``: both Adam moments in 8 bits,
-  block-wise (:func:`quantize_blockwise`), ~2.03 bytes/param instead of 8.
-  ``offload_states = true`` keeps them in CPU memory (0 bytes/param on the GPU).
+  The optimizer must write updates into bf16 without losing them (it declares
+  ``supports_bf16_weights``; the built-in ``adamw_lowmem`` rounds stochastically or keeps a
+  compensation buffer).
+- The optimizer's own state layout (8-bit moments, offloading: ``adamw_lowmem``) is the
+  optimizer component's business; it reports its bytes per parameter (``memory_per_param``)
+  and converts a checkpoint it wrote for another optimizer (the ``adapt_optimizer_state``
+  hook).
 - ``train.optimizer_in_backward = true``: each parameter is updated inside backward as soon
   as its gradient is ready (:class:`OptimizerInBackward`), so no gradient buffer exists.
 - ``train.activation_checkpointing = true``: every block is recomputed in backward.
 - ``train.ce_chunk_tokens = N``: the cross-entropy is computed over chunks of N tokens
-  (:func:`chunked_cross_entropy`); the full (tokens x vocab) logits never exist.
+  (the ``cross_entropy`` op's chunked reference, phase7fw/kernels/cross_entropy/); the full
+  (tokens x vocab) logits never exist.
 
 The engine calls :func:`setup_model` after building the model on the meta device,
-:func:`setup_optimizer` after building the optimizer, :func:`adapt_optimizer_state` before
-loading a checkpoint's optimizer state and :func:`plan_lines` for the run header.
+:func:`setup_optimizer` after building the optimizer and :func:`plan_lines` for the run header.
 """
 
 from __future__ import annotations
@@ -25,200 +27,11 @@ import contextlib
 import math
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from phase7fw.core.console import human
 from phase7fw.errors import Phase7Error
 
 GIB = 2**30
-
-# ---------------------------------------------------------------------------- bf16 rounding
-
-
-def round_to_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """fp32 -> bf16. With a ``generator``: stochastic rounding, unbiased (E[result] = x):
-    16 random bits are added below the bf16 mantissa and the low 16 bits are cut off, so x
-    rounds up with probability equal to its distance from the lower neighbour. Values that
-    bf16 represents exactly are unchanged. Without a generator: round to nearest even."""
-    if generator is None:
-        return x.to(torch.bfloat16)
-    x = x.float().contiguous()
-    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
-    bits = (x.view(torch.int32) + noise) & -65536  # -65536 == 0xFFFF0000 as int32
-    return bits.view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
-
-
-# ---------------------------------------------------------------------------- 8-bit states
-#
-# Block-wise quantization with a logarithmic code book: each block of ``block`` consecutive
-# elements stores its absolute maximum in fp32 and every element as an 8-bit code k with
-# value absmax * 2^((k - top) / per_octave) (k = 0 means 0). Relative precision is the same
-# at every magnitude (a code step is 9% for signed codes, 4.4% for unsigned ones) over ~16
-# octaves below the block's maximum; a linear code book would flush every element 100x
-# smaller than its block's maximum to zero.
-#
-# Rounding between the two neighbouring codes is stochastic (seeded) and unbiased in value:
-# Adam's moments change by less than one code step per step (beta2 = 0.95 moves sqrt(v) by
-# 2.5%), and nearest rounding would freeze or overshoot such slow changes.
-
-_SIGNED = (127, 8)  # top code, codes per octave: int8, sign + 7 bits, 15.9 octaves
-_UNSIGNED = (255, 16)  # uint8, 15.9 octaves
-_TABLES: dict = {}
-
-
-def _table(signed: bool, device) -> torch.Tensor:
-    key = (signed, str(device))
-    if key not in _TABLES:
-        top, per_octave = _SIGNED if signed else _UNSIGNED
-        k = torch.arange(top + 1, dtype=torch.float64)
-        values = torch.exp2((k - top) / per_octave)
-        values[0] = 0.0
-        _TABLES[key] = values.to(torch.float32).to(device)
-    return _TABLES[key]
-
-
-def quantize_blockwise(x: torch.Tensor, *, signed: bool, block: int = 256,
-                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat fp32 ``x`` -> (codes: int8 if ``signed`` else uint8, same length; absmax: fp32,
-    one per block). With a ``generator`` the rounding is stochastic and unbiased, otherwise
-    to the nearer code. Unsigned codes never round a positive value to 0 (the smallest code
-    is used instead: quantized second moments never vanish and blow up an update)."""
-    top, per_octave = _SIGNED if signed else _UNSIGNED
-    n = x.numel()
-    n_blocks = -(-n // block)
-    xb = F.pad(x.float().reshape(-1), (0, n_blocks * block - n)).view(n_blocks, block)
-    mag = xb.abs()
-    absmax = mag.amax(dim=1)
-    r = mag / torch.where(absmax > 0, absmax, 1.0)[:, None]  # in [0, 1]
-    level = torch.log2(r).mul_(per_octave).add_(top)  # -inf for 0
-    lo = level.floor_().clamp_(min=0 if signed else 1, max=top)
-    hi = (lo + 1).clamp_(max=top)
-    table = _table(signed, x.device)
-    v_lo, v_hi = table[lo.long()], table[hi.long()]
-    frac = ((r - v_lo) / (v_hi - v_lo)).nan_to_num_(0.0)  # top code: 0 / 0
-    if generator is not None:
-        up = torch.rand(frac.shape, device=x.device, generator=generator) < frac
-    else:
-        up = frac >= 0.5
-    k = torch.where(up, hi, lo)
-    if signed:
-        codes = (k * torch.sign(xb)).to(torch.int8)
-    else:
-        codes = torch.where(r > 0, k, 0.0).to(torch.uint8)
-    return codes.view(-1)[:n], absmax
-
-
-def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, *, block: int = 256) -> torch.Tensor:
-    """Inverse of :func:`quantize_blockwise` (the sign of the codes' dtype says which book)."""
-    signed = codes.dtype == torch.int8
-    k = codes.reshape(-1).long()
-    values = _table(signed, codes.device)[k.abs()]
-    if signed:
-        values = values * torch.sign(k)
-    scale = absmax.to(values.device).repeat_interleave(block)[: values.numel()]
-    return values * scale
-
-
-def quantize_moments(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, block: int = 256,
-                     generator: torch.Generator | None = None, chunk: int = 1 << 21) -> dict:
-    """Dense Adam moments -> the 8-bit state layout (``exp_avg_codes``/``exp_avg_absmax``,
-    ``exp_avg_sq_codes``/``exp_avg_sq_absmax``: sqrt(v) is quantized, codes keep the shape)."""
-    m, s = exp_avg.float().reshape(-1), exp_avg_sq.float().reshape(-1).sqrt()
-    parts: dict = {"exp_avg_codes": [], "exp_avg_absmax": [], "exp_avg_sq_codes": [], "exp_avg_sq_absmax": []}
-    for start in range(0, max(m.numel(), 1), chunk):
-        for name, x, signed in (("exp_avg", m, True), ("exp_avg_sq", s, False)):
-            codes, absmax = quantize_blockwise(x[start:start + chunk], signed=signed, block=block, generator=generator)
-            parts[f"{name}_codes"].append(codes)
-            parts[f"{name}_absmax"].append(absmax)
-    out = {k: torch.cat(v) for k, v in parts.items()}
-    out["exp_avg_codes"] = out["exp_avg_codes"].view(exp_avg.shape)
-    out["exp_avg_sq_codes"] = out["exp_avg_sq_codes"].view(exp_avg.shape)
-    return out
-
-
-def dense_moments(state: dict, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(exp_avg, exp_avg_sq) in fp32 from an 8-bit state (shape of the codes)."""
-    codes = state["exp_avg_codes"]
-    block = block or block_of(state)
-    m = dequantize_blockwise(codes, state["exp_avg_absmax"], block=block).view(codes.shape)
-    s = dequantize_blockwise(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], block=block)
-    return m, (s * s).view(codes.shape)
-
-
-def block_of(state: dict) -> int:
-    """The block size an 8-bit state was written with (a power of two)."""
-    n, n_blocks = state["exp_avg_codes"].numel(), max(state["exp_avg_absmax"].numel(), 1)
-    block = 1
-    while -(-n // block) > n_blocks:
-        block *= 2
-    return block
-
-
-# ---------------------------------------------------------------------------- checkpoints
-
-#: param_group keys only adamw_lowmem has; a standard optimizer drops them on load.
-LOWMEM_GROUP_KEYS = ("state_bits", "block_size", "weight_rounding", "offload_states", "seed")
-_HYPER = ("params", "lr", "betas", "eps", "weight_decay", "initial_lr")
-
-
-def adapt_optimizer_state(optim_state: dict, optimizer) -> dict:
-    """Make a checkpoint's optimizer state loadable by ``optimizer``.
-
-    ``adamw_lowmem`` reads every Adam layout itself (fp32, bf16 or 8-bit moments). Any other
-    optimizer gets 8-bit states as dense fp32 ``exp_avg``/``exp_avg_sq`` (the layout of
-    torch's Adam/AdamW), the bf16 compensation buffer dropped (less than one bf16 step of
-    each weight), and its own values for the param_group keys the checkpoint does not have.
-    """
-    if getattr(optimizer, "reads_any_adam_layout", False) or not optim_state:
-        return optim_state
-    states = optim_state.get("state", {})
-    if not any(k in g for g in optim_state.get("param_groups", []) for k in LOWMEM_GROUP_KEYS):
-        return optim_state  # not written by adamw_lowmem
-    new_states = {}
-    for key, s in states.items():
-        s = dict(s)
-        s.pop("weight_comp", None)
-        if "exp_avg_codes" in s:
-            m, v = dense_moments(s, block_of(s))
-            for k in ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax"):
-                s.pop(k)
-            s["exp_avg"], s["exp_avg_sq"] = m, v
-        new_states[key] = s
-    groups = []
-    for i, g in enumerate(optim_state.get("param_groups", [])):
-        mine = optimizer.param_groups[i] if i < len(optimizer.param_groups) else {}
-        merged = {k: v for k, v in mine.items() if k != "params"}
-        # hyperparameters (and anything the optimizer lacks) from the checkpoint; the
-        # optimizer's own implementation flags (fused, foreach, ...) stay
-        merged.update({k: v for k, v in g.items() if k not in LOWMEM_GROUP_KEYS and (k not in mine or k in _HYPER)})
-        groups.append(merged)
-    return {**optim_state, "state": new_states, "param_groups": groups}
-
-
-# ---------------------------------------------------------------------------- cross-entropy
-
-
-def _ce_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
-
-
-def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          chunk_tokens: int) -> torch.Tensor:
-    """Mean cross-entropy of ``hidden @ weight.T`` against ``targets`` (ignore index -100),
-    ``chunk_tokens`` tokens at a time. Each chunk is checkpointed, so neither forward nor
-    backward ever holds more than one chunk's logits; backward recomputes them (one extra
-    (chunk x d_model x vocab) matmul per chunk)."""
-    h, y = hidden.flatten(0, -2), targets.flatten()
-    total = h.new_zeros((), dtype=torch.float32)
-    for start in range(0, y.numel(), chunk_tokens):
-        sl = slice(start, start + chunk_tokens)
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_ce_sum, h[sl], weight, y[sl], use_reentrant=False)
-        else:
-            total = total + _ce_sum(h[sl], weight, y[sl])
-    return total / (y != -100).sum().clamp(min=1)
-
 
 # ---------------------------------------------------------------------------- optimizer in backward
 
@@ -391,39 +204,30 @@ def optimizer_bytes_per_param(optimizer) -> tuple[float, float, str] | None:
     return None
 
 
-def _ffn_width(cfg, d_model: int) -> int:
-    width = getattr(cfg, "ffn_hidden", 0) or 0
-    if width:
-        return width
-    multiple = getattr(cfg, "ffn_multiple_of", 256) or 256
-    return multiple * math.ceil(8 * d_model / 3 / multiple)
-
-
-def activation_estimate(recipe, vocab_size: int, fused_ce: bool = False) -> tuple[float, str]:
+def activation_estimate(model, recipe, vocab_size: int, fused_ce: bool = False) -> tuple[float, str]:
     """A rough estimate of the activation bytes of one training micro-batch (documented in
-    docs/performance.md; the measured number comes from ``phase7fw bench``). Per token and
-    block a hybrid block keeps ~30 d_model + 8 ffn bytes plus 12 bytes per attention score
-    (heads x window, or x chunk for a linear attention); checkpointing keeps each block's fp32 input instead and recomputes one
-    block at a time (x2 for its gradients); the logits cost 14 bytes per token x vocab. A fused
-    cross-entropy kernel (``fused_ce``) holds one chunk of logits (at most 256 MiB: the
-    Triton kernel's default chunk), an fp32 head gradient (vocab x d_model) and the hidden
-    states' gradient (fp32) from forward to backward."""
-    cfg, t = recipe.model.config, recipe.train
-    d = getattr(cfg, "d_model", 0) or 0
-    layers = getattr(cfg, "n_layers", 0) or 0
-    heads = getattr(cfg, "n_heads", 0) or 0
-    seq = getattr(cfg, "seq_len", 0) or 0
-    attention = getattr(cfg, "attention", None)
-    acfg = getattr(attention, "config", None)
-    # keys scored per query: a window, a linear attention's chunk, or every earlier token
-    window = getattr(acfg, "window", 0) or getattr(acfg, "chunk_size", 0) or seq
+    docs/performance.md; the measured number comes from ``phase7fw bench``). Per token, each
+    block keeps what the model reports (``block_activation_bytes_per_token``: ~30 d_model + 8
+    ffn bytes plus 12 bytes per attention score for the built-in blocks); checkpointing keeps
+    each block's fp32 input instead and recomputes one block at a time (x2 for its
+    gradients); the logits cost 14 bytes per token x vocab. A fused cross-entropy kernel
+    (``fused_ce``) holds one chunk of logits (at most 256 MiB: the Triton kernel's default
+    chunk), an fp32 head gradient (vocab x d_model) and the hidden states' gradient (fp32)
+    from forward to backward."""
+    t = recipe.train
+    seq = getattr(model, "seq_len", 0) or 0
+    d = getattr(model, "d_model", 0) or 0
+    layers = len(getattr(model, "blocks", None) or ())
+    report = getattr(model, "block_activation_bytes_per_token", None)
+    per_token = report(seq) if callable(report) else None
     tokens = t.batch_size * seq
-    per_block = tokens * (30 * d + 8 * _ffn_width(cfg, d) + 12 * heads * min(window, seq))
-    if t.activation_checkpointing:
-        blocks = layers * tokens * d * 4 + 2 * per_block
+    if per_token is None:
+        blocks, how = 0, "blocks not counted (the model does not report its activation bytes)"
+    elif t.activation_checkpointing:
+        blocks = layers * tokens * d * 4 + 2 * tokens * per_token
         how = "checkpointed blocks"
     else:
-        blocks = layers * per_block
+        blocks = layers * tokens * per_token
         how = "no checkpointing"
     logit_tokens = min(t.ce_chunk_tokens, tokens) if t.ce_chunk_tokens else tokens
     if fused_ce:
@@ -458,7 +262,7 @@ def memory_plan(model: torch.nn.Module, optimizer, recipe, vocab_size: int) -> d
     if t.optimizer_in_backward:
         transient += largest  # one parameter's gradient at a time
     fused = getattr(model, "cross_entropy_fn", None) is not None
-    act, act_note = activation_estimate(recipe, vocab_size, fused_ce=fused)
+    act, act_note = activation_estimate(model, recipe, vocab_size, fused_ce=fused)
     state = (weight_b + grad_b + opt_dev + cast_b) * n
     return {
         "params": n, "weights": weight_b, "grads": grad_b, "grad_note": grad_note, "optimizer": opt_dev,

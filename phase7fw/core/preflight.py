@@ -106,49 +106,11 @@ def meta_model(recipe, plugins, vocab_size: int, kernels: dict):
     return model, optimizer
 
 
-def attention_modules(model):
-    """Attention-like modules: heads, a head size and query projections (llama ``wqkv``,
-    phase7 ``q_proj``)."""
-    return [m for m in model.modules()
-            if hasattr(m, "n_heads") and hasattr(m, "head_dim") and (hasattr(m, "wqkv") or hasattr(m, "q_proj"))]
-
-
-def flops_per_token(model, seq_len: int) -> dict:
-    """Training FLOPs per token (PERFORMANCE.md): 6 N_matmul + 12 L T_eff d (attention scores
-    and values, per attention layer, T_eff = window or T, or the module's own
-    ``attention_flops_per_token(seq_len)``) + the SSM scans' FLOPs (a module's
-    ``scan_flops_per_token()`` if it declares one, else the recurrence's 12 r d_inner:
-    state update and read-out, 2 r d_inner each, forward + 2x backward)."""
-    custom = getattr(model, "flops_per_token", None)
-    if callable(custom):
-        return {"total": float(custom(seq_len)), "matmul": None, "attention": None, "ssm": None}
-    matmul = 6 * model.matmul_params()
-    attention = 0
-    for m in attention_modules(model):
-        declared = getattr(m, "attention_flops_per_token", None)  # e.g. a linear attention
-        if callable(declared):
-            attention += declared(seq_len)
-            continue
-        window = getattr(m, "window", 0) or seq_len
-        attention += 12 * min(window, seq_len) * m.n_heads * m.head_dim
-    ssm = 0
-    for m in model.modules():
-        declared = getattr(m, "scan_flops_per_token", None)
-        if callable(declared):
-            ssm += declared()
-        elif hasattr(m, "scan_impl") and hasattr(m, "max_rank") and hasattr(m, "d_inner"):
-            ssm += 12 * m.max_rank * m.d_inner
-    return {"total": float(matmul + attention + ssm), "matmul": matmul, "attention": attention, "ssm": ssm}
-
-
 def step_flops(model, recipe, world_size: int = 1) -> float:
     """Training FLOPs of one optimizer step on one process (phase7fw bench's count:
     6 N_matmul + attention + SSM per token), with recomputation counted."""
     t = recipe.train
-    try:
-        per_token = flops_per_token(model, model.seq_len)["total"]
-    except (AttributeError, TypeError):  # a plugin model without matmul_params()
-        per_token = 6.0 * sum(p.numel() for p in model.parameters())
+    per_token = model.flops_per_token(model.seq_len)["total"]  # the model contract (interfaces.py)
     tokens = t.batch_size * t.grad_accum_steps * model.seq_len
     factor = 4 / 3 if t.activation_checkpointing else 1.0  # the forward runs again in backward
     if t.optimizer_in_backward and t.grad_clip > 0:

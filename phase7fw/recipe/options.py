@@ -23,6 +23,16 @@ class Component:
     weight: float = 1.0  # only data sources carry a weight (the share of the data mix)
 
 
+@attrs.frozen
+class KernelChoice:
+    """An op's implementation chosen in ``[kernels]``: ``impl`` ("reference", "auto" or a
+    registered implementation such as "triton") and the tuning options of the kernel it names
+    (the ``config_cls`` of ``"<op>:triton"`` for "auto"; None for "reference")."""
+
+    impl: str = "reference"
+    config: object = None
+
+
 def option(default=attrs.NOTHING, *, check=None, help: str = "", factory=None,  # noqa: A002
            legacy=attrs.NOTHING, one_or_many: bool = False):
     """A recipe option. ``legacy``: the value that reproduces the behaviour from before the
@@ -90,6 +100,9 @@ def each(check):
 
 def to_raw(obj) -> Any:
     """The inverse of :func:`phase7fw.recipe.convert.structure`: plain dicts/lists for TOML, ``None`` left out."""
+    if isinstance(obj, KernelChoice):  # a plain string unless there are tuning options to record
+        options = to_raw(obj.config) if obj.config is not None else {}
+        return {"impl": obj.impl, **options} if options else obj.impl
     if isinstance(obj, Component):
         head = {"name": obj.name}
         if obj.weight != 1.0:

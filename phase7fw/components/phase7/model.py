@@ -171,6 +171,7 @@ class Phase7Model(LanguageModel):
         super().__init__()
         self.config = config
         self.vocab_size, self.seq_len = vocab_size, config.seq_len
+        self.d_model, self.ffn_width = config.d_model, ffn_width(config)
         self.embedding = registry.build("embedding", config.embedding.name, config.embedding.config,
                                         vocab_size=vocab_size, d_model=config.d_model, registry=registry,
                                         kernels=kernels, parent=config)

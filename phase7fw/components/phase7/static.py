@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from phase7fw.components.phase7.attention import RotaryEmbedding
 from phase7fw.components.phase7.cached import SsmCache, hyperbolic_scores, ssm_step
+from phase7fw.components.phase7.rotary import RotaryEmbedding
 from phase7fw.components.caches import StaticRing, dot_product_scores, ring_attention
 
 

@@ -1,6 +1,6 @@
 """Fused chunked linear cross-entropy: the LM head and its loss without the full logits.
 
-Same contract as :func:`phase7fw.core.memory.chunked_cross_entropy`:
+Same contract as :func:`.reference.linear_cross_entropy`:
 ``linear_cross_entropy_triton(hidden, weight, targets, chunk_tokens) -> loss``, the mean
 cross-entropy of ``hidden @ weight.T`` (hidden (..., D), weight (V, D)) against ``targets``
 (...,), ignore index -100, mean over the non-ignored targets (0 when all are ignored).
@@ -25,8 +25,8 @@ losses. The torch reference (checkpointed chunks) holds about C x V x 10 bytes i
 (the recomputed logits); without chunking it holds N x V x ~12 bytes.
 
 ``chunk_tokens = 0`` picks :func:`default_chunk_tokens`: the largest multiple of 256 tokens whose
-logits fit in :data:`DEFAULT_CHUNK_BYTES` (256 MiB), at least 256: 4096 tokens at V = 32000 in
-bf16, 1024 at V = 128256.
+logits fit in ``[kernels.cross_entropy] chunk_mib`` (:class:`TritonConfig`; 256 MiB by default),
+at least 256: 4096 tokens at V = 32000 in bf16, 1024 at V = 128256.
 
 Targets must be in [0, V) or -100; any other value is not checked on the host (that would
 synchronize) but gives a NaN row loss, so the step is reported non-finite.
@@ -37,13 +37,14 @@ from __future__ import annotations
 import torch
 
 from phase7fw.kernels._triton import require, tl, triton
+from phase7fw.kernels.cross_entropy import TritonConfig
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "default_chunk_tokens", "linear_cross_entropy_triton", "smoke_rows", "verify_rows"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "default_chunk_tokens", "linear_cross_entropy_triton"]
 
 IGNORE_INDEX = -100
 
-#: logits bytes of one chunk when ``chunk_tokens`` is 0 (see :func:`default_chunk_tokens`)
-DEFAULT_CHUNK_BYTES = 256 * 2**20
+#: logits bytes of one chunk when ``chunk_tokens`` is 0 and no tuning is given
+DEFAULT_CHUNK_BYTES = TritonConfig().chunk_mib * 2**20
 
 
 @triton.jit
@@ -85,10 +86,10 @@ def _ce_rows_kernel(LOGITS, TARGETS, LOSS, N, V, stride,
 # ---------------------------------------------------------------------------------------
 
 
-def default_chunk_tokens(vocab: int, itemsize: int) -> int:
-    """Tokens per chunk when ``chunk_tokens`` is 0: logits of at most DEFAULT_CHUNK_BYTES,
+def default_chunk_tokens(vocab: int, itemsize: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Tokens per chunk when ``chunk_tokens`` is 0: logits of at most ``chunk_bytes``,
     a multiple of 256 (full matmul tiles), at least 256."""
-    return max(256, DEFAULT_CHUNK_BYTES // (vocab * itemsize) // 256 * 256)
+    return max(256, chunk_bytes // (vocab * itemsize) // 256 * 256)
 
 
 def _launch_cfg(logits: torch.Tensor, V: int):
@@ -186,7 +187,7 @@ linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_conte
 
 
 def linear_cross_entropy_triton(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                chunk_tokens: int) -> torch.Tensor:
+                                chunk_tokens: int, *, tuning: TritonConfig | None = None) -> torch.Tensor:
     """Drop-in for :func:`phase7fw.core.memory.chunked_cross_entropy` (0-dim fp32 result).
 
     ``chunk_tokens = 0`` picks :func:`default_chunk_tokens`. Under autocast the matmuls run in
@@ -208,110 +209,11 @@ def linear_cross_entropy_triton(hidden: torch.Tensor, weight: torch.Tensor, targ
         cdt = torch.promote_types(h.dtype, weight.dtype)
     if cdt == torch.float64:
         raise ValueError("the Triton linear cross-entropy takes fp32/bf16/fp16 inputs, not fp64")
+    if not chunk_tokens:  # the chunk of [kernels.cross_entropy] chunk_mib
+        chunk_bytes = (tuning or TritonConfig()).chunk_mib * 2**20
+        chunk_tokens = default_chunk_tokens(weight.shape[0], torch.empty((), dtype=cdt).element_size(), chunk_bytes)
     grad = torch.is_grad_enabled()
     with torch.autocast(device_type=dev, enabled=False):
         loss, _, _ = torch.ops.phase7fw.linear_cross_entropy_fwd(
             h, weight, y, int(chunk_tokens), cdt, grad and h.requires_grad, grad and weight.requires_grad)
     return loss
-
-
-# ---------------------------------------------------------------------------------------
-# doctor rows (phase7fw.kernels.verify wires them in)
-# ---------------------------------------------------------------------------------------
-
-
-def _inputs(N, D, V, device, dtype, ignore_frac=0.0, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    h = torch.randn(N, D, generator=g)
-    w = torch.randn(V, D, generator=g) * D**-0.5 * 2.0  # logits std ~2: a peaked softmax
-    y = torch.randint(0, V, (N,), generator=g)
-    if ignore_frac:
-        y[torch.rand(N, generator=g) < ignore_frac] = IGNORE_INDEX
-    return h.to(dtype).to(device), w.to(dtype).to(device), y.to(device)
-
-
-def _reference64(h, w, y):
-    """Float64 full-logits cross-entropy on the same (rounded) values: loss, dh, dw."""
-    import torch.nn.functional as F
-
-    h64 = h.detach().double().requires_grad_()
-    w64 = w.detach().double().requires_grad_()
-    loss = F.cross_entropy(h64 @ w64.t(), y)
-    dh, dw = torch.autograd.grad(loss, (h64, w64))
-    return loss.detach(), dh, dw
-
-
-def _check(N, D, V, chunk, device, dtype, case, ignore_frac=0.0, autocast=False, timings=False):
-    from phase7fw.kernels.verify import _rel, gated_row
-
-    h, w, y = _inputs(N, D, V, device, dtype, ignore_frac)
-    hi, wi = h.clone().requires_grad_(), w.clone().requires_grad_()
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else torch.autocast(device.type, enabled=False)
-    with ctx:
-        loss = linear_cross_entropy_triton(hi, wi, y, chunk)
-    dh, dw = torch.autograd.grad(loss, (hi, wi))
-    ref, rdh, rdw = _reference64(h, w, y)
-    errors = {"loss": _rel(loss, ref), "dhidden": _rel(dh, rdh), "dweight": _rel(dw, rdw)}
-    del ref, rdh, rdw
-    row = gated_row("cross_entropy", case, errors, (loss, dh, dw))
-    if timings:
-        row.ms.update(_time(hi, wi, y, chunk, device, ctx))
-    return row
-
-
-def _time(h, w, y, chunk, device, ctx) -> dict:
-    import torch.nn.functional as F
-
-    from phase7fw.kernels.verify import _bench, peak_extra_mib
-    from phase7fw.core.memory import chunked_cross_entropy
-
-    ref_chunk = chunk or default_chunk_tokens(w.shape[0], 2)
-    fns = {
-        "triton": lambda: linear_cross_entropy_triton(h, w, y, chunk),
-        "reference_chunked": lambda: chunked_cross_entropy(h, w, y, ref_chunk),
-        "reference_full": lambda: F.cross_entropy(F.linear(h, w).float(), y),
-    }
-    ms = {}
-    for name, fn in fns.items():
-        def fwd_bwd(fn=fn):
-            with ctx:
-                loss = fn()
-            torch.autograd.grad(loss, (h, w))
-
-        ms[f"{name}_fwd_bwd"] = _bench(fwd_bwd, device)
-        if device.type == "cuda":  # peak bytes above the inputs, gradients included
-            ms[f"{name}_peak_extra_MiB"] = peak_extra_mib(fwd_bwd, device)
-    return ms
-
-
-def _guarded(case, fn):
-    from phase7fw.kernels.verify import guarded
-
-    return guarded("cross_entropy", case, fn)
-
-
-def smoke_rows(device: torch.device) -> list:
-    """Tiny fp32 case (odd sizes, ignored targets, chunks not dividing N): loss and both
-    gradients against float64, finite."""
-    device = torch.device(device)
-    case = "tiny"  # fp32, 37 x 24, V=131, chunks of 16, ignored targets
-    return [_guarded(case, lambda: _check(37, 24, 131, 16, device, torch.float32, case, ignore_frac=0.2))]
-
-
-def verify_rows(device: torch.device, quick: bool = False) -> list:
-    """Real shape in bf16 against float64 full cross-entropy on the same inputs, gate 1e-2 on
-    loss, dhidden and dweight, with fwd+bwd timings (triton, checkpointed chunked reference,
-    full logits) and, on CUDA, the peak memory above the inputs of each."""
-    device = torch.device(device)
-    N = 2 * 1024 if quick else 8 * 1024
-    cases = [
-        (f"bf16 hidden ({N},2048), V=32000, default chunk", lambda c: _check(N, 2048, 32000, 0, device, torch.bfloat16, c, timings=True)),
-        ("bf16 (4093,2048), V=32000, chunk 1000, 10% ignored", lambda c: _check(4093, 2048, 32000, 1000, device, torch.bfloat16, c, ignore_frac=0.1)),
-        ("fp32 (2048,2048) under bf16 autocast, V=32000", lambda c: _check(2048, 2048, 32000, 0, device, torch.float32, c, autocast=True)),
-    ]
-    rows = []
-    for case, fn in cases:
-        rows.append(_guarded(case, lambda: fn(case)))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return rows

@@ -1,6 +1,6 @@
 """Chunked AR-SSM scan (SSD form) in Triton, forward and backward.
 
-Same contract as :func:`phase7fw.components.phase7.ssm.ar_ssm_scan_reference`:
+Same contract as :func:`.reference.ar_ssm_scan_reference`:
 ``ar_ssm_scan_triton(x, B, C, log_decay, chunk_size=64) -> y`` with x (b, h, T, dv), B and C
 (b, h, T, r), log_decay (b, h, T) <= 0, y_t = C_t^T S_t, S_t = exp(log_decay_t) S_{t-1} + B_t x_t^T.
 
@@ -24,17 +24,17 @@ cum_t - cum_s, so dL/dcum_t = C_t . dC_t - B_t . dB_t and dL/dlog_decay_t is its
 cumulative sum over t' >= t (done in torch, O(T r)).
 
 All exponents are <= 0 (log_decay <= 0, masked entries use -inf), so nothing overflows.
-Matmuls run in fp32 ("ieee"). ``PHASE7FW_SSM_PRECISION=tf32`` selects TF32 tensor cores; "tf32x3"
-miscomputed dx and faulted on an H200 with Triton 3.6 (2026-11-28): do not use it.
+Matmuls run in fp32 ("ieee"). ``[kernels.ar_ssm_scan] precision = "tf32"`` selects TF32 tensor
+cores; "tf32x3" miscomputed dx and faulted on an H200 with Triton 3.6 (2026-11-28): it is not
+offered.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from phase7fw.kernels._triton import require, tl, triton
+from phase7fw.kernels.ar_ssm_scan import TritonConfig
 
 __all__ = ["ar_ssm_scan_triton"]
 
@@ -132,20 +132,13 @@ def _ssm_bwd_kernel(
 
 # ---------------------------------------------------------------------------------------
 
-#: (chunk Q, dv tile, num_warps, num_stages) on the GPU: the fastest of a sweep on an H200 at
-#: (b=8, h=8, T=1024, dv=256, r=16) (benchmarks/kernels.py --sweep, 2026-11-28). The
-#: interpreter uses Q = 16.
-GPU_CONFIG = (32, 64, 4, 1)
-
-
-#: dot precision on the GPU: "ieee" (fp32 FMA, default) or "tf32" (see the module docstring).
-GPU_PRECISION = os.environ.get("PHASE7FW_SSM_PRECISION", "ieee")
-
-
-def _cfg(x: torch.Tensor, dv: int):
+def _cfg(x: torch.Tensor, dv: int, gpu, precision: str):
+    """Launch configuration: ``gpu`` = (chunk Q, dv tile, num_warps, num_stages) and the dot
+    ``precision`` on a GPU (``[kernels.ar_ssm_scan]``, :class:`TritonConfig`); fixed small
+    tiles in fp32 in the interpreter."""
     if x.device.type == "cuda":
-        Q, bdv, nw, ns = GPU_CONFIG
-        prec = GPU_PRECISION
+        Q, bdv, nw, ns = gpu
+        prec = precision
     else:
         Q, bdv, nw, ns = 16, 32, 4, 1
         prec = "ieee"
@@ -153,11 +146,11 @@ def _cfg(x: torch.Tensor, dv: int):
     return Q, bdv, nw, ns, prec
 
 
-def _fwd_impl(x, B, C, log_decay):
+def _fwd_impl(x, B, C, log_decay, gpu, precision):
     require(x, B, C, log_decay)
     b, h, T, dv = x.shape
     r = B.shape[-1]
-    Q, BDV, nw, ns, prec = _cfg(x, dv)
+    Q, BDV, nw, ns, prec = _cfg(x, dv, gpu, precision)
     n = triton.cdiv(T, Q) if T else 0
     y = torch.empty_like(x)
     states = torch.empty((b, h, n, r, dv), device=x.device, dtype=torch.float32)
@@ -170,11 +163,11 @@ def _fwd_impl(x, B, C, log_decay):
     return y, states
 
 
-def _bwd_impl(x, B, C, log_decay, states, dy):
+def _bwd_impl(x, B, C, log_decay, states, dy, gpu, precision):
     require(x, B, C, log_decay)
     b, h, T, dv = x.shape
     r = B.shape[-1]
-    Q, BDV, nw, ns, prec = _cfg(x, dv)
+    Q, BDV, nw, ns, prec = _cfg(x, dv, gpu, precision)
     n = states.shape[2]
     tiles = triton.cdiv(dv, BDV)
     dx = torch.empty_like(x)
@@ -194,50 +187,56 @@ def _bwd_impl(x, B, C, log_decay, states, dy):
 
 
 @torch.library.custom_op("phase7fw::ar_ssm_scan_fwd", mutates_args=())
-def ar_ssm_scan_fwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, log_decay: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kernel core: (y, states entering each chunk (b, h, n_chunks, r, dv) fp32)."""
-    return _fwd_impl(x, B, C, log_decay)
+def ar_ssm_scan_fwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, log_decay: torch.Tensor, gpu: list[int],
+                    precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel core: (y, states entering each chunk (b, h, n_chunks, r, dv) fp32); ``gpu`` and
+    ``precision``: the launch configuration on a GPU (:class:`TritonConfig`)."""
+    return _fwd_impl(x, B, C, log_decay, gpu, precision)
 
 
 @ar_ssm_scan_fwd.register_fake
-def _(x, B, C, log_decay):
+def _(x, B, C, log_decay, gpu, precision):
     b, h, T, dv = x.shape
-    Q = GPU_CONFIG[0] if x.device.type == "cuda" else 16
+    Q = gpu[0] if x.device.type == "cuda" else 16
     n = -(-T // Q)
     return torch.empty_like(x), x.new_empty((b, h, n, B.shape[-1], dv), dtype=torch.float32)
 
 
 @torch.library.custom_op("phase7fw::ar_ssm_scan_bwd", mutates_args=())
 def ar_ssm_scan_bwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, log_decay: torch.Tensor,
-                    states: torch.Tensor, dy: torch.Tensor
+                    states: torch.Tensor, dy: torch.Tensor, gpu: list[int], precision: str
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dB, dC, dlog_decay)."""
-    return _bwd_impl(x, B, C, log_decay, states, dy)
+    return _bwd_impl(x, B, C, log_decay, states, dy, gpu, precision)
 
 
 @ar_ssm_scan_bwd.register_fake
-def _(x, B, C, log_decay, states, dy):
+def _(x, B, C, log_decay, states, dy, gpu, precision):
     return torch.empty_like(x), torch.empty_like(B), torch.empty_like(C), torch.empty_like(log_decay)
 
 
 def _setup_context(ctx, inputs, output):
-    x, B, C, log_decay = inputs
+    x, B, C, log_decay, gpu, precision = inputs
     ctx.save_for_backward(x, B, C, log_decay, output[1])
+    ctx.gpu, ctx.precision = gpu, precision
 
 
 def _backward(ctx, dy, dstates):
     x, B, C, log_decay, states = ctx.saved_tensors
-    return torch.ops.phase7fw.ar_ssm_scan_bwd(x, B, C, log_decay, states, dy)
+    grads = torch.ops.phase7fw.ar_ssm_scan_bwd(x, B, C, log_decay, states, dy, ctx.gpu, ctx.precision)
+    return (*grads, None, None)
 
 
 ar_ssm_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def ar_ssm_scan_triton(x, B, C, log_decay, chunk_size: int = 64):
+def ar_ssm_scan_triton(x, B, C, log_decay, chunk_size: int = 64, *, tuning: TritonConfig | None = None):
     """Drop-in for ``ar_ssm_scan_reference``. ``chunk_size`` is accepted for the signature; the
-    kernel uses its own chunk length (the result does not depend on it). x keeps its dtype
-    (bf16 in memory is fine); B, C, log_decay are read as given and computed in fp32."""
+    kernel uses its own chunk length, ``tuning.gpu[0]`` on a GPU (the result does not depend on
+    it). x keeps its dtype (bf16 in memory is fine); B, C, log_decay are read as given and
+    computed in fp32. ``tuning``: the launch configuration (``[kernels.ar_ssm_scan]``; None: the
+    defaults)."""
+    tuning = tuning or TritonConfig()
     b, h, T, dv = x.shape
     if B.shape[:3] != (b, h, T) or C.shape != B.shape or log_decay.shape != (b, h, T):
         raise ValueError(
@@ -248,5 +247,5 @@ def ar_ssm_scan_triton(x, B, C, log_decay, chunk_size: int = 64):
         raise ValueError("the Triton AR-SSM scan takes fp32/bf16/fp16 inputs, not fp64")
     with torch.autocast(device_type=x.device.type, enabled=False):
         y, _ = torch.ops.phase7fw.ar_ssm_scan_fwd(x.contiguous(), B.contiguous(), C.contiguous(),
-                                                  log_decay.float().contiguous())
+                                                  log_decay.float().contiguous(), list(tuning.gpu), tuning.precision)
     return y

@@ -2,7 +2,7 @@
 statistics, Delta and the chain rule inside the kernels, a one-pass backward with atomic dq.
 Verified against the fp64 reference on an H200 (tests/gpu) and timed in benchmarks/RESULTS.md.
 
-Same contract as :func:`phase7fw.components.phase7.attention.hyperbolic_attention_reference`:
+Same contract as :func:`.reference.hyperbolic_attention_reference`:
 ``hyperbolic_attention_triton(q, k, v, c, tau, window) -> o`` with q, k, v of shape
 (B, H, T, D) (q, k already rotated), c a scalar or (H,), tau (H,), window W >= 1 (W >= T: full
 causal). Scores for i - W < j <= i, by ``score``:
@@ -58,7 +58,8 @@ from __future__ import annotations
 
 import torch
 
-from phase7fw import geometry
+from phase7fw.kernels.hyperbolic_attention import TritonConfig, geometry
+from phase7fw.kernels.hyperbolic_attention.reference import SCORES
 from phase7fw.kernels._triton import require, tl, triton
 
 __all__ = ["hyperbolic_attention_triton", "hyperbolic_attention_core"]
@@ -472,31 +473,29 @@ def _hyp_attn_bwd_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------
 
-#: Block sizes per kernel, (BM, BN, num_warps, num_stages), the picks of `benchmarks/kernels.py
-#: --sweep` on an H200 (2026-11-29; candidates in ATTN_SWEEP there): "fwd" = query
-#: block x key block of the forward, "bwd" = query block x key block of the fused backward
-#: (one program per key block), "bwd_pre" = rows per program of the Delta/statistics pass
-#: (BN unused). The interpreter uses 16 x 16 blocks.
-GPU_CONFIG = {
-    "fwd": (64, 64, 4, 2),
-    "bwd": (32, 32, 4, 1),
-    "bwd_pre": (64, 0, 4, 1),  # all four candidates within 0.1%
-}
-#: Set True to cast dZ to the input dtype (bf16) for the dq/dk matmuls instead of tf32.
-GRAD_MATMUL_LOW_PRECISION = False
+def gpu_tiles(tuning: TritonConfig) -> list[int]:
+    """The launch configuration of :class:`TritonConfig` as the custom ops take it (11 ints)."""
+    return [*tuning.fwd, *tuning.bwd, *tuning.bwd_pre]
 
 
-def _config(pass_name: str, device: torch.device):
+def _config(pass_name: str, device: torch.device, gpu: list[int]):
+    """(BM, BN, num_warps, num_stages) of a pass: from ``gpu`` (:func:`gpu_tiles`) on a GPU,
+    16 x 16 blocks in the interpreter. "bwd_pre" has rows per program and no BN (0)."""
     if device.type != "cuda":
         return 16, 16, 4, 1
-    return GPU_CONFIG[pass_name]
+    if pass_name == "fwd":
+        return tuple(gpu[0:4])
+    if pass_name == "bwd":
+        return tuple(gpu[4:8])
+    rows, warps, stages = gpu[8:11]
+    return rows, 0, warps, stages
 
 
-def _precisions(dtype: torch.dtype):
+def _precisions(dtype: torch.dtype, grad_low_precision: bool):
     """(PREC for q.k / p.v, GPREC for the dZ matmuls, GRAD_FP32)."""
     if dtype == torch.float32:
         return "ieee", "ieee", True
-    if GRAD_MATMUL_LOW_PRECISION:
+    if grad_low_precision:
         return None, None, False
     return None, "tf32", True
 
@@ -508,16 +507,13 @@ def _block_d(D: int) -> int:
 _CONSTS = dict(TINY=_TINY, MAXA=geometry.MAX_TANGENT_ATANH, MIN_NORM=_MIN_NORM)
 
 
-SCORES = ("distance", "squared_distance", "dot_distance")
-
-
 def _score_flags(score: str, D: int) -> dict:
     if score not in SCORES:
         raise ValueError(f"score must be one of {', '.join(SCORES)}; got {score!r}")
     return dict(SQUARED=score == "squared_distance", DOT=score == "dot_distance", ISD=float(D) ** -0.5)
 
 
-def _fwd_impl(q, k, v, c, tau, window, score):
+def _fwd_impl(q, k, v, c, tau, window, score, gpu, grad_low_precision=False):
     require(q, k, v)
     B, H, T, D = q.shape
     low = q.dtype != torch.float32
@@ -528,8 +524,8 @@ def _fwd_impl(q, k, v, c, tau, window, score):
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     if T == 0:
         return o, o32, lse
-    BM, BN, nw, ns = _config("fwd", q.device)
-    prec, _, _ = _precisions(q.dtype)
+    BM, BN, nw, ns = _config("fwd", q.device, gpu)
+    prec, _, _ = _precisions(q.dtype, grad_low_precision)
     BD = _block_d(D)
     _hyp_attn_fwd_kernel[(triton.cdiv(T, BM), B * H)](
         q, k, v, o, o32 if low else o, lse, c, tau, H, T, window,
@@ -539,7 +535,7 @@ def _fwd_impl(q, k, v, c, tau, window, score):
     return o, o32, lse
 
 
-def _bwd_impl(q, k, v, o, o32, lse, do, c, tau, window, score):
+def _bwd_impl(q, k, v, o, o32, lse, do, c, tau, window, score, gpu, grad_low_precision):
     require(q, k, v)
     B, H, T, D = q.shape
     low = q.dtype != torch.float32
@@ -550,16 +546,16 @@ def _bwd_impl(q, k, v, o, o32, lse, do, c, tau, window, score):
     dq32 = torch.empty(q.shape, device=q.device, dtype=torch.float32)
     rows = torch.empty((4, B, H, T), device=q.device, dtype=torch.float32)
     nq, aq, fq, delta = rows.unbind(0)
-    prec, gprec, gfp32 = _precisions(q.dtype)
+    prec, gprec, gfp32 = _precisions(q.dtype, grad_low_precision)
     BD = _block_d(D)
     even_d = BD == D
-    BMp, _, nw, ns = _config("bwd_pre", q.device)
+    BMp, _, nw, ns = _config("bwd_pre", q.device, gpu)
     _hyp_attn_bwd_pre_kernel[(triton.cdiv(T, BMp), B * H)](
         q, o32 if low else o, do, c, dq32, nq, aq, fq, delta, H, T,
         D=D, BD=BD, BM=BMp, MAXA=_CONSTS["MAXA"], MIN_NORM=_MIN_NORM, EVEN_D=even_d,
         num_warps=nw, num_stages=ns,
     )
-    BM, BN, nw, ns = _config("bwd", q.device)
+    BM, BN, nw, ns = _config("bwd", q.device, gpu)
     NB = triton.cdiv(T, BN)
     part = torch.empty((2, B, H, NB), device=q.device, dtype=torch.float32)
     _hyp_attn_bwd_kernel[(NB, B * H)](
@@ -580,16 +576,18 @@ def _bwd_impl(q, k, v, o, o32, lse, do, c, tau, window, score):
 @torch.library.custom_op("phase7fw::hyperbolic_attention_fwd", mutates_args=())
 def hyperbolic_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor, tau: torch.Tensor, window: int,
-    score: str,
+    score: str, gpu: list[int], grad_low_precision: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Kernel core: (o in v's dtype, o32 (fp32 O for 16-bit inputs, empty for fp32), lse2).
     q, k, v contiguous (B, H, T, D) of one dtype; c and tau contiguous (H,) fp32; window
-    in [1, T]; lse2 is the row log-sum-exp of the scores in base 2; ``score``: see the module."""
-    return _fwd_impl(q, k, v, c, tau, window, score)
+    in [1, T]; lse2 is the row log-sum-exp of the scores in base 2; ``score``: see the module;
+    ``gpu``, ``grad_low_precision``: the launch configuration (:func:`gpu_tiles`), kept for the
+    backward."""
+    return _fwd_impl(q, k, v, c, tau, window, score, gpu, grad_low_precision)
 
 
 @hyperbolic_attention_fwd.register_fake
-def _(q, k, v, c, tau, window, score):
+def _(q, k, v, c, tau, window, score, gpu, grad_low_precision):
     B, H, T, _ = q.shape
     o32 = q.new_empty(q.shape if q.dtype != torch.float32 else (0,), dtype=torch.float32)
     return torch.empty_like(v), o32, q.new_empty((B, H, T), dtype=torch.float32)
@@ -598,30 +596,31 @@ def _(q, k, v, c, tau, window, score):
 @torch.library.custom_op("phase7fw::hyperbolic_attention_bwd", mutates_args=())
 def hyperbolic_attention_bwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, o32: torch.Tensor, lse: torch.Tensor,
-    do: torch.Tensor, c: torch.Tensor, tau: torch.Tensor, window: int, score: str,
+    do: torch.Tensor, c: torch.Tensor, tau: torch.Tensor, window: int, score: str, gpu: list[int],
+    grad_low_precision: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv, d_c_tau) with d_c_tau of shape (2, H): rows d(c), d(tau)."""
-    return _bwd_impl(q, k, v, o, o32, lse, do, c, tau, window, score)
+    return _bwd_impl(q, k, v, o, o32, lse, do, c, tau, window, score, gpu, grad_low_precision)
 
 
 @hyperbolic_attention_bwd.register_fake
-def _(q, k, v, o, o32, lse, do, c, tau, window, score):
+def _(q, k, v, o, o32, lse, do, c, tau, window, score, gpu, grad_low_precision):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), c.new_empty((2, c.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, c, tau, window, score = inputs
+    q, k, v, c, tau, window, score, gpu, grad_low_precision = inputs
     o, o32, lse = output
     ctx.mark_non_differentiable(o32, lse)
     ctx.save_for_backward(q, k, v, o, o32, lse, c, tau)
-    ctx.window, ctx.score = window, score
+    ctx.window, ctx.score, ctx.gpu, ctx.grad_low_precision = window, score, gpu, grad_low_precision
 
 
 def _backward(ctx, do, do32, dlse):
     q, k, v, o, o32, lse, c, tau = ctx.saved_tensors
     dq, dk, dv, dct = torch.ops.phase7fw.hyperbolic_attention_bwd(q, k, v, o, o32, lse, do, c, tau, ctx.window,
-                                                                   ctx.score)
-    return dq, dk, dv, dct[0], dct[1], None, None
+                                                                   ctx.score, ctx.gpu, ctx.grad_low_precision)
+    return dq, dk, dv, dct[0], dct[1], None, None, None, None
 
 
 hyperbolic_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -632,8 +631,10 @@ hyperbolic_attention_fwd.register_autograd(_backward, setup_context=_setup_conte
 # ---------------------------------------------------------------------------------------
 
 
-def hyperbolic_attention_core(q, k, v, c, tau, window: int, score: str = "distance") -> torch.Tensor:
+def hyperbolic_attention_core(q, k, v, c, tau, window: int, score: str = "distance", *,
+                              tuning: TritonConfig | None = None) -> torch.Tensor:
     """Like :func:`hyperbolic_attention_triton` but q, k are used in the dtype given."""
+    tuning = tuning or TritonConfig()
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     _score_flags(score, 1)  # a clear error for an unknown score before any launch
@@ -655,19 +656,22 @@ def hyperbolic_attention_core(q, k, v, c, tau, window: int, score: str = "distan
             raise ValueError(f"c and tau must be scalars or of shape ({H},)")
         o, _, _ = torch.ops.phase7fw.hyperbolic_attention_fwd(
             q.contiguous(), k.contiguous(), v.contiguous(), c.contiguous(), tau.contiguous(),
-            int(min(window, max(T, 1))), score,
+            int(min(window, max(T, 1))), score, gpu_tiles(tuning), tuning.grad_matmul_low_precision,
         )
     return o
 
 
-def hyperbolic_attention_triton(q, k, v, c, tau, window: int, score: str = "distance") -> torch.Tensor:
+def hyperbolic_attention_triton(q, k, v, c, tau, window: int, score: str = "distance", *,
+                                tuning: TritonConfig | None = None) -> torch.Tensor:
     """Drop-in for ``hyperbolic_attention_reference`` (same arguments, output in v's dtype).
 
     q, k are rounded to v's dtype when v is bf16/fp16 (the model's RoPE returns fp32 q, k;
     the kernel reads them in the storage dtype and does all distance maths in fp32).
+    ``tuning``: the launch configuration (``[kernels.hyperbolic_attention]``; None: defaults).
     """
     dtype = v.dtype if v.dtype in (torch.bfloat16, torch.float16) else torch.float32
-    return hyperbolic_attention_core(q.to(dtype), k.to(dtype), v.to(dtype), c, tau, window, score).to(v.dtype)
+    return hyperbolic_attention_core(q.to(dtype), k.to(dtype), v.to(dtype), c, tau, window, score,
+                                     tuning=tuning).to(v.dtype)
 
 
 def flops_per_call(B: int, H: int, T: int, D: int, window: int, backward: bool = True) -> float:

@@ -5,7 +5,7 @@ square root; with fp32 weights and ``state_bits = 32`` the result is bit-identic
 ``torch.optim.AdamW(foreach=False)``), plus:
 
 - ``state_bits = 8``: both moments stored block-wise in 8 bits (m signed, sqrt(v) unsigned,
-  log code book, stochastic rounding: :mod:`phase7fw.core.memory`); 2 + 8/block_size bytes/param.
+  log code book, stochastic rounding: :mod:`.states`); 2 + 8/block_size bytes/param.
 - bf16 weights (``train.param_dtype = "bf16"``): the update is computed in fp32 and written
   back with ``weight_rounding`` = "stochastic" (unbiased; no master copy), "compensated"
   (a bf16 buffer keeps each weight's rounding error: +2 bytes/param, deterministic) or
@@ -22,8 +22,8 @@ and a resumed run draws the same bits.
 The state of each parameter is plain tensors (``weights_only`` checkpoints): ``step`` and
 ``exp_avg``/``exp_avg_sq`` (32-bit) or ``exp_avg_codes``/``exp_avg_absmax``/
 ``exp_avg_sq_codes``/``exp_avg_sq_absmax`` (8-bit), plus ``weight_comp`` when compensated.
-``load_state_dict`` reads all of these and torch's AdamW state; the engine converts the
-other way (:func:`phase7fw.core.memory.adapt_optimizer_state`).
+``load_state_dict`` reads all of these and torch's AdamW state; for any other optimizer this
+plugin's ``adapt_optimizer_state`` hook converts the other way (:mod:`.states`).
 """
 
 # No ``from __future__ import annotations``: the recipe converter reads the real field types.
@@ -34,7 +34,7 @@ from typing import Literal
 import attrs
 import torch
 
-from phase7fw.core import memory
+from phase7fw.components.lowmem import states
 from phase7fw.errors import Phase7Error
 from phase7fw.hookspecs import hookimpl
 from phase7fw.recipe.options import each, in_range, non_negative, option, positive
@@ -140,12 +140,12 @@ class AdamWLowMem(torch.optim.Optimizer):
         state["step"] = torch.as_tensor(saved.get("step", 0.0), dtype=torch.float32).detach().clone().cpu()
         eight = group["state_bits"] == 8
         if "exp_avg_codes" in saved:
-            if eight and memory.block_of(saved) == group["block_size"]:
+            if eight and states.block_of(saved) == group["block_size"]:
                 for k in ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax"):
                     state[k].copy_(saved[k].reshape(state[k].shape))
                 moments = None
             else:
-                moments = memory.dense_moments(saved, memory.block_of(saved))
+                moments = states.dense_moments(saved, states.block_of(saved))
         elif "exp_avg" in saved:
             moments = saved["exp_avg"], saved["exp_avg_sq"]
         else:
@@ -153,7 +153,7 @@ class AdamWLowMem(torch.optim.Optimizer):
         if moments is not None:
             m, v = (t.detach().float().reshape(p.shape) for t in moments)
             if eight:
-                for k, t in memory.quantize_moments(m, v, group["block_size"], chunk=CHUNK).items():
+                for k, t in states.quantize_moments(m, v, group["block_size"], chunk=CHUNK).items():
                     state[k].copy_(t.reshape(state[k].shape))
             else:
                 state["exp_avg"].copy_(m)
@@ -284,7 +284,7 @@ class AdamWLowMem(torch.optim.Optimizer):
                     new = w.to(torch.bfloat16)
                     comp[sl].copy_(w - new.float())
                 else:
-                    new = memory.round_to_bf16(w, generator if rounding == "stochastic" else None)
+                    new = states.round_to_bf16(w, generator if rounding == "stochastic" else None)
                 flat_p[sl].copy_(new)
             self._store_moments(state, sl, start, block, eight, m, v, root, generator)
 
@@ -294,9 +294,9 @@ class AdamWLowMem(torch.optim.Optimizer):
             v = state["exp_avg_sq"].view(-1)[sl].to(device, non_blocking=True)
             return m, v  # views of the state when it is on the device: updated in place
         b = slice(start // block, -(-(start + CHUNK) // block))
-        m = memory.dequantize_blockwise(state["exp_avg_codes"].view(-1)[sl].to(device, non_blocking=True),
+        m = states.dequantize_blockwise(state["exp_avg_codes"].view(-1)[sl].to(device, non_blocking=True),
                                         state["exp_avg_absmax"][b].to(device, non_blocking=True), block=block)
-        s = memory.dequantize_blockwise(state["exp_avg_sq_codes"].view(-1)[sl].to(device, non_blocking=True),
+        s = states.dequantize_blockwise(state["exp_avg_sq_codes"].view(-1)[sl].to(device, non_blocking=True),
                                         state["exp_avg_sq_absmax"][b].to(device, non_blocking=True), block=block)
         return m, s * s
 
@@ -309,7 +309,7 @@ class AdamWLowMem(torch.optim.Optimizer):
             return
         b = slice(start // block, -(-(start + CHUNK) // block))
         for name, x, signed in (("exp_avg", m, True), ("exp_avg_sq", root, False)):
-            codes, absmax = memory.quantize_blockwise(x, signed=signed, block=block, generator=generator)
+            codes, absmax = states.quantize_blockwise(x, signed=signed, block=block, generator=generator)
             self._write(state[f"{name}_codes"].view(-1)[sl], codes)
             self._write(state[f"{name}_absmax"][b], absmax)
 
@@ -341,3 +341,12 @@ def register_components(register):
         description="AdamW for small GPUs: 8-bit states, bf16 weights with stochastic rounding, CPU offload,"
         " per-parameter steps (train.optimizer_in_backward); context: params (groups)",
     )
+
+
+@hookimpl
+def adapt_optimizer_state(state, optimizer):
+    """A checkpoint's optimizer state written by ``adamw_lowmem``, in torch's Adam layout for
+    another optimizer; None (the state as it is) when it was not written by ``adamw_lowmem``
+    or ``optimizer`` reads it itself."""
+    adapted = states.adapt_optimizer_state(state, optimizer)
+    return None if adapted is state else adapted
