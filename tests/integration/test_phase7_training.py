@@ -3,6 +3,7 @@
 import math
 import shutil
 
+import pytest
 import torch
 
 from phase7fw import Engine
@@ -61,6 +62,10 @@ def test_tied_head_trains_with_accumulation(tmp_path):
                                                         "train.max_steps": 4}), quiet=True)
     s = e.fit()
     assert math.isfinite(s["final_loss"]) and e.model.tied_table.grad is None
+    # at init (small weights) the tied head predicts ~uniformly: the first loss is ~ln(vocab)
+    first = rows(tmp_path / "run")[0]["loss"]
+    assert first == pytest.approx(math.log(e.vocab_size), rel=0.1)
+    assert rows(tmp_path / "run")[-1]["loss"] < first
 
 
 def test_a_checkpoint_with_the_old_scalar_log_c_loads_and_resumes_identically(tmp_path):
