@@ -219,4 +219,8 @@ def test_tiny_model_same_loss_and_checkpoint_layout(recipe):
     tri_loss.backward()
     for (name, p), q in zip(ref_model.named_parameters(), tri_model.parameters()):
         if p.grad is not None:
-            assert _rel(q.grad, p.grad) < 1e-4, (name, _rel(q.grad, p.grad))
+            # A one-element parameter (curvature, temperature) sums its gradient over every
+            # position with cancellation, so fp32 reordering alone moves it by ~1e-4 relative
+            # (seen 1.02e-4 on CI's CPU); 1e-3 still catches a wrong backward by far.
+            tol = 1e-3 if p.numel() == 1 else 1e-4
+            assert _rel(q.grad, p.grad) < tol, (name, _rel(q.grad, p.grad))
