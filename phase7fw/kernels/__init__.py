@@ -20,7 +20,9 @@ from typing import Callable
 
 import attrs
 
-__all__ = ["KernelImpl", "launch_check", "lazy", "select", "triton_factory", "triton_kernel", "triton_usable"]
+from phase7fw.recipe.options import option
+
+__all__ = ["KernelImpl", "launch_check", "lazy", "precision_option", "select", "triton_factory", "triton_kernel", "triton_usable"]
 
 
 def lazy(module: str, attr: str) -> Callable:
@@ -59,6 +61,12 @@ def triton_kernel(op: str, module: str, attr: str, description: str, config_cls:
 
     register.__doc__ = f"Register the ``{op}`` op's Triton implementation (kind ``kernel``, ``\"{op}:triton\"``)."
     return lazy(module, attr), register
+
+
+def precision_option(default: str):
+    """The ``precision`` tuning option of a kernel whose dot products may use tensor cores:
+    "ieee" (fp32 FMA) or "tf32" (faster, ~1e-3 relative)."""
+    return option(default, help='dot products: "ieee" (fp32 FMA) or "tf32" (tensor cores, faster, ~1e-3 relative)')
 
 
 def launch_check(n_blocks: int) -> Callable:

@@ -16,7 +16,7 @@ from typing import Literal
 
 import attrs
 
-from phase7fw.kernels import launch_check, triton_kernel
+from phase7fw.kernels import launch_check, precision_option, triton_kernel
 from phase7fw.recipe.options import option
 from phase7fw.kernels.ar_ssm_scan.reference import ar_ssm_scan_reference, ar_ssm_scan_sequential
 
@@ -41,8 +41,9 @@ class TritonConfig:
 
     gpu: tuple[int, int, int, int] = option(
         (32, 64, 4, 1), check=launch_check(2), help="(chunk Q, dv tile, num_warps, num_stages) on a GPU")
-    precision: Literal["ieee", "tf32"] = option(
-        "ieee", help='dot products: "ieee" (fp32 FMA) or "tf32" (tensor cores, faster, ~1e-3 relative)')
+    precision: Literal["ieee", "tf32"] = precision_option("ieee")
+
+
 #: The op's public function (the torch reference); components call it and ``[kernels] ar_ssm_scan``
 #: may swap it for :func:`ar_ssm_scan_triton` (same signature).
 ar_ssm_scan = ar_ssm_scan_reference

@@ -27,6 +27,8 @@ __all__ = [
 ]
 
 OP = "htt_embedding"
+
+
 #: The op's public function (the torch reference); components call it and ``[kernels] htt_embedding``
 #: may swap it for :func:`htt_embedding_triton` (same signature).
 htt_embedding = htt_embedding_reference

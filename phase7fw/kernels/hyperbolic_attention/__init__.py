@@ -58,6 +58,8 @@ class TritonConfig:
         (64, 4, 1), check=launch_check(1), help="backward's row pass (Delta, statistics): (rows, num_warps, num_stages)")
     grad_matmul_low_precision: bool = option(
         False, help="16-bit inputs: the dZ matmuls of the backward in the input dtype instead of TF32")
+
+
 #: The op's public function (the torch reference); components call it and ``[kernels] hyperbolic_attention``
 #: may swap it for :func:`hyperbolic_attention_triton` (same signature).
 hyperbolic_attention = hyperbolic_attention_reference

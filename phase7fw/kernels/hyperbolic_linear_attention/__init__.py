@@ -40,7 +40,7 @@ from typing import Literal
 
 import attrs
 
-from phase7fw.kernels import launch_check, triton_kernel
+from phase7fw.kernels import launch_check, precision_option, triton_kernel
 from phase7fw.kernels.hyperbolic_linear_attention.reference import (
     DEN_EPS,
     MAX_ATANH,
@@ -80,8 +80,8 @@ class TritonConfig:
 
     gpu: tuple[int, int, int] = option((64, 8, 1), check=launch_check(1),
                                        help="(value tile, num_warps, num_stages) on a GPU")
-    precision: Literal["ieee", "tf32"] = option(
-        "tf32", help='dot products: "tf32" (tensor cores, ~1e-3 relative, inside the 1e-2 gate) or "ieee" (fp32 FMA)')
+    precision: Literal["ieee", "tf32"] = precision_option("tf32")
+
 
 #: The op's public function (the chunked torch form); components call this one and kernel
 #: selection may replace it with :func:`hyperbolic_linear_attention_triton` (same signature).

@@ -18,6 +18,8 @@ __all__ = [
 ]
 
 OP = "rmsnorm"
+
+
 #: The op's public function (the torch reference); components call it and ``[kernels] rmsnorm``
 #: may swap it for :func:`rmsnorm_triton` (same signature).
 rmsnorm = rmsnorm_reference

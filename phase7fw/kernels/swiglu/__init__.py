@@ -18,6 +18,8 @@ __all__ = [
 ]
 
 OP = "swiglu"
+
+
 #: The op's public function (the torch reference); components call it and ``[kernels] swiglu``
 #: may swap it for :func:`swiglu_triton` (same signature).
 swiglu = swiglu_reference
