@@ -7,7 +7,7 @@ both modes at a growing context show that a phase7 token costs O(1) in the conte
 
     python benchmarks/bench_decoding.py [--device cuda] [--json out.json]
 
-``--graphs`` adds the static decode step (phase7fw.static_decoding) run eagerly and, on CUDA,
+``--graphs`` adds the static decode step (phase7fw.inference.decoding) run eagerly and, on CUDA,
 captured in a CUDA graph (GraphedDecoder): its greedy tokens must equal the dynamic cached
 path's, and its tokens/s are reported next to it. ``--precision bf16`` stores the linear
 weights in bf16 and decodes under autocast (as ``phase7fw generate``); token equality is then
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from phase7fw import build_model, load_recipe  # noqa: E402
-from phase7fw.decoding import Decoder, GraphedDecoder, prepare_for_inference  # noqa: E402
+from phase7fw.inference.decoding import Decoder, GraphedDecoder, prepare_for_inference  # noqa: E402
 
 SMALL = {"model.seq_len": 128, "model.d_model": 256, "model.n_heads": 4, "model.n_layers": 4}
 P7 = {**SMALL, "model.attention.window": 32, "model.ssm.n_heads": 4, "model.ssm.chunk_size": 16}

@@ -17,8 +17,8 @@ import time
 
 import numpy as np
 
-from phase7fw.data import MixtureSampler, load_mix
-from phase7fw.engine import build_tokenizer
+from phase7fw.data.mixture import MixtureSampler, load_mix
+from phase7fw.core.build import build_tokenizer
 from phase7fw.plugins import load_plugins
 from phase7fw.recipe import load_recipe
 

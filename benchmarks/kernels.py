@@ -41,8 +41,8 @@ def flex_poincare(B, H, T, D, device):
     per-row terms (captured tensors with gradients), causal block mask."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    from phase7fw.geometry import tangent_stats
-    from phase7fw.kernels.verify import attention_inputs
+    from phase7fw.kernels.hyperbolic_attention.geometry import tangent_stats
+    from phase7fw.kernels.hyperbolic_attention.verify import attention_inputs
 
     q, k, v, c, tau = attention_inputs(B, H, T, D, device)
     ins = [t.clone().requires_grad_() for t in (q, k, v, c, tau)]
@@ -84,60 +84,75 @@ SSM_SWEEP = [(64, 64, 8, 1), (64, 64, 4, 1), (64, 32, 4, 1), (32, 64, 4, 1), (64
 
 
 def sweep(dev) -> dict:
-    """Pick block sizes per pass on this GPU (coordinate search; each pass timed on its own)."""
-    from phase7fw.kernels import ar_ssm_scan as S
-    from phase7fw.kernels import hyperbolic_attention as A
-    from phase7fw.kernels.verify import attention_inputs, ssm_inputs
+    """Pick block sizes per pass on this GPU (coordinate search; each pass timed on its own).
+    The picks are printed as the recipe tables that select them ([kernels.<op>] tuning)."""
+    import attrs
+
+    from phase7fw.kernels.ar_ssm_scan import TritonConfig as SsmConfig
+    from phase7fw.kernels.ar_ssm_scan import kernel as S
+    from phase7fw.kernels.ar_ssm_scan.verify import ssm_inputs
+    from phase7fw.kernels.hyperbolic_attention import TritonConfig as AttnConfig
+    from phase7fw.kernels.hyperbolic_attention import kernel as A
+    from phase7fw.kernels.hyperbolic_attention.verify import attention_inputs
 
     B, H, T, D = 8, 16, 1024, 128
     q, k, v, c, tau = attention_inputs(B, H, T, D, dev)
     do = torch.randn_like(v)
     log = {}
+    attn = AttnConfig()
+
+    def fwd(cfg):
+        return A._fwd_impl(q, k, v, c, tau, T, "distance", A.gpu_tiles(cfg))
+
+    def bwd(cfg):
+        return A._bwd_impl(q, k, v, o, o32, lse, do, c, tau, T, "distance", A.gpu_tiles(cfg),
+                           cfg.grad_matmul_low_precision)
 
     def best(pass_name, fn, cands):
+        nonlocal attn
         times = {}
-        for cfg in cands:
-            A.GPU_CONFIG[pass_name] = cfg
+        for cand in cands:
+            cfg = attrs.evolve(attn, **{pass_name: cand if pass_name != "bwd_pre" else (cand[0], *cand[2:])})
             try:
-                times[cfg] = bench(fn)
+                times[cand] = bench(lambda: fn(cfg))
             except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
-                times[cfg] = float("inf")
-                print(pass_name, cfg, "failed:", str(exc).splitlines()[0][:120], flush=True)
+                times[cand] = float("inf")
+                print(pass_name, cand, "failed:", str(exc).splitlines()[0][:120], flush=True)
         pick = min(times, key=times.get)
-        A.GPU_CONFIG[pass_name] = pick
+        attn = attrs.evolve(attn, **{pass_name: pick if pass_name != "bwd_pre" else (pick[0], *pick[2:])})
         log[pass_name] = {str(k_): round(v_, 4) for k_, v_ in times.items()}
         print(pass_name, "->", pick, log[pass_name], flush=True)
 
-    o, o32, lse = A._fwd_impl(q, k, v, c, tau, T)
-    best("fwd", lambda: A._fwd_impl(q, k, v, c, tau, T), ATTN_SWEEP["fwd"])
-    bwd = lambda: A._bwd_impl(q, k, v, o, o32, lse, do, c, tau, T)  # noqa: E731
+    o, o32, lse = fwd(attn)
+    best("fwd", fwd, ATTN_SWEEP["fwd"])
     best("bwd", bwd, ATTN_SWEEP["bwd"])
     best("bwd_pre", bwd, ATTN_SWEEP["bwd_pre"])
-    A.GRAD_MATMUL_LOW_PRECISION = True
-    log["bwd_bf16_grad_matmuls_ms"] = bench(bwd)
-    A.GRAD_MATMUL_LOW_PRECISION = False
-    log["bwd_tf32_grad_matmuls_ms"] = bench(bwd)
+    log["bwd_bf16_grad_matmuls_ms"] = bench(lambda: bwd(attrs.evolve(attn, grad_matmul_low_precision=True)))
+    log["bwd_tf32_grad_matmuls_ms"] = bench(lambda: bwd(attn))
 
     x, Bm, Cm, ld = ssm_inputs(8, 8, 1024, 256, 16, dev)
     sins = [a_.clone().requires_grad_() for a_ in (x, Bm, Cm, ld)]
     gy = torch.randn_like(x)
 
-    def ssm_fb():
-        y = S.ar_ssm_scan_triton(*sins)
+    def ssm_fb(cfg):
+        y = S.ar_ssm_scan_triton(*sins, tuning=cfg)
         torch.autograd.grad(y, sins, gy)
 
     times = {}
-    for cfg in SSM_SWEEP:
-        S.GPU_CONFIG = cfg
+    for cand in SSM_SWEEP:
         try:
-            times[cfg] = bench(ssm_fb)
+            times[cand] = bench(lambda: ssm_fb(SsmConfig(gpu=cand)))
         except Exception as exc:  # noqa: BLE001
-            times[cfg] = float("inf")
-            print("ssm", cfg, "failed:", str(exc).splitlines()[0][:120], flush=True)
-    S.GPU_CONFIG = min(times, key=times.get)
+            times[cand] = float("inf")
+            print("ssm", cand, "failed:", str(exc).splitlines()[0][:120], flush=True)
+    ssm = SsmConfig(gpu=min(times, key=times.get))
     log["ssm"] = {str(k_): round(v_, 4) for k_, v_ in times.items()}
-    print("ssm ->", S.GPU_CONFIG, log["ssm"], flush=True)
-    log["chosen"] = {"attention": dict(A.GPU_CONFIG), "ssm": S.GPU_CONFIG}
+    print("ssm ->", ssm.gpu, log["ssm"], flush=True)
+    log["chosen"] = {"hyperbolic_attention": attrs.asdict(attn), "ar_ssm_scan": attrs.asdict(ssm)}
+    print("recipe tables that select them:\n[kernels.hyperbolic_attention]\nimpl = \"triton\"\n"
+          + "".join(f"{k_} = {list(v_) if isinstance(v_, tuple) else str(v_).lower()}\n"
+                    for k_, v_ in attrs.asdict(attn).items())
+          + f"[kernels.ar_ssm_scan]\nimpl = \"triton\"\ngpu = {list(ssm.gpu)}\n", flush=True)
     return log
 
 
@@ -159,9 +174,12 @@ def main() -> int:
     dev = torch.device("cuda")
     import triton
 
-    from phase7fw.kernels.hyperbolic_attention import hyperbolic_attention_triton
-    from phase7fw.kernels.ar_ssm_scan import ar_ssm_scan_triton
-    from phase7fw.kernels.verify import attention_inputs, format_table, peak_extra_mib, ssm_inputs, verify
+    from phase7fw.kernels.ar_ssm_scan.kernel import ar_ssm_scan_triton
+    from phase7fw.kernels.ar_ssm_scan.verify import ssm_inputs
+    from phase7fw.kernels.checks import peak_extra_mib
+    from phase7fw.kernels.hyperbolic_attention.kernel import hyperbolic_attention_triton
+    from phase7fw.kernels.hyperbolic_attention.verify import attention_inputs
+    from phase7fw.kernels.verify import format_table, verify
 
     meta = {
         "gpu": torch.cuda.get_device_name(),
@@ -275,27 +293,25 @@ def main() -> int:
     sins = [a.clone().requires_grad_() for a in (x, Bm, Cm, ld)]
     gy = torch.randn_like(x)
 
-    def ssm_fb():
-        y = ar_ssm_scan_triton(*sins)
+    def ssm_fb(cfg=None):
+        y = ar_ssm_scan_triton(*sins, tuning=cfg)
         torch.autograd.grad(y, sins, gy)
 
-    from phase7fw.components.phase7.ssm import ar_ssm_scan_reference
+    from phase7fw.kernels.ar_ssm_scan import ar_ssm_scan_reference
 
     def ssm_ref_fb():
         y = ar_ssm_scan_reference(*sins)
         torch.autograd.grad(y, sins, gy)
 
-    from phase7fw.kernels import ar_ssm_scan as ssm_mod
+    from phase7fw.kernels.ar_ssm_scan import TritonConfig as SsmConfig
 
     s = {"ssm_reference_fwd_bwd": bench(ssm_ref_fb)}
     for prec in ("ieee", "tf32"):  # tf32x3 miscomputed dx (Triton 3.6, H200): not offered
-        ssm_mod.GPU_PRECISION = prec
         try:
-            s[f"ssm_triton_{prec}_fwd_bwd"] = bench(ssm_fb)
+            s[f"ssm_triton_{prec}_fwd_bwd"] = bench(lambda: ssm_fb(SsmConfig(precision=prec)))
         except Exception as exc:  # noqa: BLE001
             print("ssm", prec, "failed:", repr(exc)[:300], flush=True)
             s[f"ssm_triton_{prec}_fwd_bwd"] = float("nan")
-    ssm_mod.GPU_PRECISION = "ieee"
     s["ssm_triton_fwd_bwd"] = s["ssm_triton_ieee_fwd_bwd"]
     res["ssm_ms"] = s
     print(s, flush=True)
@@ -306,7 +322,7 @@ def main() -> int:
     # overhead is what a dense table's lookup would not cost, as a share of the step time that
     # `phase7fw bench` measured (--step-json).
     from phase7fw.components.phase7.embedding import HTTEmbedding
-    from phase7fw.kernels.htt_embedding import htt_embedding_triton
+    from phase7fw.kernels.htt_embedding.kernel import htt_embedding_triton
 
     emb = HTTEmbedding(32000, 2048, 2, 32).to(dev)
     emb.init_weights()

@@ -17,7 +17,7 @@ on top of it failed ("accessing tensor output of CUDAGraphs that has been overwr
 notes when each new token reaches the host: (N - 1) tokens over the time from the first new
 token to the last (decoding without the prefill). Greedy, no EOS.
 
-phase7fw's side is ``phase7fw.bench.bench_generate`` (what ``phase7fw bench --generate``
+phase7fw's side is ``phase7fw.cli.benchmark.bench_generate`` (what ``phase7fw bench --generate``
 runs) for the recipe and for the baseline recipe. Needs ``transformers`` (not a phase7fw
 dependency). Prints a table and P9 = phase7 tokens/s / HF static-compile tokens/s.
 """
@@ -104,7 +104,7 @@ def time_hf(model, mode: str, prompt: torch.Tensor, new_tokens: int, device: tor
 def phase7fw_generate(recipe: str, device: torch.device, prompt_tokens: int, new_tokens: int, cuda_graph: str,
                       compile_step: bool = False) -> dict:
     from phase7fw import Engine
-    from phase7fw.bench import bench_generate
+    from phase7fw.cli.benchmark import bench_generate
 
     engine = Engine.from_recipe(recipe, {"train.compile": False, "train.batch_size": 1, "train.grad_accum_steps": 1},
                                 dummy_data=True, resume="never", device=str(device), quiet=True)

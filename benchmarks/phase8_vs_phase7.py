@@ -5,7 +5,7 @@ llama baseline, as the sequence grows (``make bench-phase8-vs-phase7``).
         [--steps N] [--warmup N] [--quality-tokens N] [--out runs/bench_phase8_vs_phase7]
 
 For every sequence length T it trains each model for a few steps on random tokens (the real
-training step, :func:`phase7fw.bench.bench_recipe`) at equal tokens per step (batch =
+training step, :func:`phase7fw.cli.benchmark.bench_recipe`) at equal tokens per step (batch =
 tokens_per_step / T) and reports training tokens/s and peak memory; a length that does not
 fit says "out of memory". The three small models have equal parameter counts: phase7_small
 and phase8_small as shipped, and a llama whose FFN width is chosen to match them. Then each
@@ -79,7 +79,7 @@ def count_params(recipe, overrides: dict) -> int:
 
 
 def speed_rows(models: dict, lengths, tokens_per_step: int, steps: int, warmup: int, device, say) -> list[dict]:
-    from phase7fw.bench import bench_recipe
+    from phase7fw.cli.benchmark import bench_recipe
 
     rows = []
     for T in lengths:
@@ -212,8 +212,8 @@ def main(argv=None) -> int:
         print("error: lengths must be >= 16, --tokens-per-step and --steps >= 1", file=sys.stderr)
         return 2
 
-    from phase7fw.bench import environment
-    from phase7fw.engine import resolve_device
+    from phase7fw.cli.benchmark import environment
+    from phase7fw.core.build import resolve_device
 
     device = resolve_device(args.device or "auto")
     env = environment(device)

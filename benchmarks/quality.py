@@ -153,8 +153,8 @@ def run_all(specs: list[dict], jobs: int, out: Path) -> list[dict]:
 
 def prepare_data(spec: dict) -> None:
     """Tokenize the data of one run into the shared cache (every recipe here uses the same)."""
-    from phase7fw.data import load_mix
-    from phase7fw.engine import build_tokenizer, cache_dir
+    from phase7fw.data.mixture import load_mix
+    from phase7fw.core.build import build_tokenizer, cache_dir
     from phase7fw.plugins import load_plugins
     from phase7fw.recipe import load_recipe
 

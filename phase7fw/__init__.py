@@ -4,12 +4,15 @@ __version__ = "0.1.0"
 
 from phase7fw.hookspecs import hookimpl  # noqa: E402
 from phase7fw.registry import Registry  # noqa: E402
+from phase7fw import _moved  # noqa: E402
+
+_moved.install()  # old flat module paths (phase7fw.engine, ...) keep importing, with a warning
 
 
 def __getattr__(name):
     # The engine pulls in torch; import it lazily so `phase7fw --help` and plugins stay quick.
     if name in ("Engine", "build_model"):
-        from phase7fw import engine
+        from phase7fw.core import engine
 
         return getattr(engine, name)
     if name == "load_recipe":

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -83,3 +85,9 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+
+def digest(obj) -> str:
+    """A stable short hash of JSON-able data (dict key order does not matter)."""
+    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:20]

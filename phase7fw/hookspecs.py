@@ -18,6 +18,14 @@ def register_components(register):
     """
 
 
+@hookspec(firstresult=True)
+def adapt_optimizer_state(state, optimizer):
+    """A checkpoint's optimizer ``state`` (a ``state_dict``) that ``optimizer`` cannot read as
+    it is, converted for it; None when this plugin does not know the layout. The plugin of an
+    optimizer with its own state layout implements it (``adamw_lowmem``: 8-bit moments ->
+    torch's Adam layout); the first non-None result is used."""
+
+
 # The run lifecycle: one mechanism. The trainer calls these hooks through pluggy; every
 # plugin may implement them, and the recipe's [[callbacks]] (``Callback`` components) are
 # attached as implementations for the duration of their run (after the plugins', in recipe

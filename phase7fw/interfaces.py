@@ -1,5 +1,12 @@
 """What the engine expects of each component kind. Components subclass these.
 
+The core knows components only through what is declared here: the model contract
+(:class:`ModelContract`, checked by :func:`check_model` when a model is built; subclassing
+:class:`LanguageModel` fulfils it), the optional decoding protocols (:class:`CachedDecoding`,
+:class:`StaticDecoding`), and what cost estimates read from a model's parts
+(:class:`AttentionLayer`, :class:`ScanLayer`: the FLOPs per token of ``phase7fw bench`` and the
+preflight, the activation bytes of the memory plan).
+
 Context passed to factories, by kind (``factory(config, **context)``):
 
 =====================  =====================================================================
@@ -25,7 +32,7 @@ kernel                 ``device``
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -33,6 +40,108 @@ import torch.nn.functional as F
 from torch import nn
 
 from phase7fw.errors import Phase7Error
+
+
+# ------------------------------------------------------------------------------- contracts
+@runtime_checkable
+class ModelContract(Protocol):
+    """What the engine, the trainer and the tools call on every model (``[model]``).
+    :class:`LanguageModel` implements all of it with defaults; a model that does not subclass
+    it must implement each method itself (:func:`check_model` names what is missing)."""
+
+    vocab_size: int
+    seq_len: int
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor: ...  # logits (batch, seq, vocab)
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]: ...
+
+    def init_weights(self) -> None: ...
+
+    def begin_step(self) -> None: ...
+
+    def finish_backward(self, reduce=None) -> None: ...
+
+    def set_curvature(self, kappa: float) -> None: ...
+
+    def check_strategy(self, strategy: str) -> None: ...
+
+    def enable_activation_checkpointing(self) -> None: ...
+
+    def enable_chunked_cross_entropy(self, chunk_tokens: int) -> None: ...
+
+    def parameter_breakdown(self) -> dict[str, int]: ...
+
+    def matmul_params(self) -> int: ...
+
+    def flops_per_token(self, seq_len: int) -> dict: ...
+
+    def block_activation_bytes_per_token(self, seq_len: int) -> float | None: ...
+
+
+@runtime_checkable
+class CachedDecoding(Protocol):
+    """Incremental decoding (phase7fw/inference/decoding.py): an empty cache, then the new
+    tokens after those the cache holds."""
+
+    def init_cache(self, batch_size: int = 1): ...
+
+    def forward_cached(self, input_ids: torch.Tensor, cache) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class StaticDecoding(Protocol):
+    """The one-token static-shape step a CUDA graph captures (phase7fw/inference/decoding.py)."""
+
+    def init_static_cache(self, cache): ...
+
+    def forward_static(self, static) -> None: ...
+
+
+@runtime_checkable
+class AttentionLayer(Protocol):
+    """An attention module as the cost estimates see it (``phase7fw bench``, the preflight and
+    the memory plan): its heads, its kind ("sdpa" for PyTorch's scaled_dot_product_attention,
+    else the op it runs), the training FLOPs of its scores and values per token (forward and
+    backward) and the scores one token keeps for the backward (heads x keys it sees)."""
+
+    n_heads: int
+    head_dim: int
+    attention_kind: str
+
+    def attention_flops_per_token(self, seq_len: int) -> float: ...
+
+    def attention_scores_per_token(self, seq_len: int) -> int: ...
+
+
+@runtime_checkable
+class ScanLayer(Protocol):
+    """A sequence mixer with a recurrent scan (an SSM): the scan's training FLOPs per token."""
+
+    def scan_flops_per_token(self) -> float: ...
+
+
+def _missing(obj, protocol) -> list[str]:
+    names = [n for n in protocol.__annotations__] + [
+        n for n, v in vars(protocol).items() if callable(v) and not n.startswith("_")]
+    return [n for n in dict.fromkeys(names) if not hasattr(obj, n)
+            or (n not in protocol.__annotations__ and not callable(getattr(obj, n)))]
+
+
+def check_model(model, name: str) -> None:
+    """Raise a :class:`Phase7Error` naming every method or attribute of the model contract
+    (and of a decoding protocol the model implements only in part) that ``model`` lacks."""
+    problems = []
+    missing = _missing(model, ModelContract)
+    if missing:
+        problems.append(f"it lacks {', '.join(missing)} (subclass phase7fw.interfaces.LanguageModel for the defaults)")
+    for protocol in (CachedDecoding, StaticDecoding):
+        lacking = _missing(model, protocol)
+        if 0 < len(lacking) < len(_missing(object(), protocol)):
+            problems.append(f"it implements {protocol.__name__} only in part: {', '.join(lacking)} missing")
+    if problems:
+        raise Phase7Error(f"model {name!r} ({type(model).__name__}) does not fulfil the model contract"
+                          f" (phase7fw/interfaces.py): {'; '.join(problems)}")
 
 
 class HFModel:
@@ -77,15 +186,12 @@ class LanguageModel(nn.Module):
     def cross_entropy(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the LM head on ``hidden`` (ignore index -100): the fused
         kernel when one is selected, else chunked when ``ce_chunk_tokens`` is set (never the full
-        (tokens x vocab) logits: phase7fw/memory.py), else the plain full-logits loss."""
-        from phase7fw.memory import chunked_cross_entropy
+        (tokens x vocab) logits), else the plain full-logits loss: the ``cross_entropy`` op,
+        phase7fw/kernels/cross_entropy/."""
+        from phase7fw.kernels.cross_entropy import linear_cross_entropy
 
-        if self.cross_entropy_fn is not None:
-            return self.cross_entropy_fn(hidden, self.lm_head_weight(), targets, self.ce_chunk_tokens)
-        if self.ce_chunk_tokens:
-            return chunked_cross_entropy(hidden, self.lm_head_weight(), targets, self.ce_chunk_tokens)
-        logits = F.linear(hidden, self.lm_head_weight())
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        fn = self.cross_entropy_fn or linear_cross_entropy
+        return fn(hidden, self.lm_head_weight(), targets, self.ce_chunk_tokens)
 
     def begin_step(self) -> None:
         """Called by the trainer before the first micro-batch of an optimizer step."""
@@ -121,7 +227,7 @@ class LanguageModel(nn.Module):
         )
 
     def hf_export(self) -> HFModel:
-        """This model as a Hugging Face model (phase7fw/hf_export.py writes the folder)."""
+        """This model as a Hugging Face model (phase7fw/export/hf.py writes the folder)."""
         raise Phase7Error(f"model {type(self).__name__} has no Hugging Face export (its component does not"
                           " implement hf_export)")
 
@@ -137,6 +243,29 @@ class LanguageModel(nn.Module):
     def matmul_params(self) -> int:
         """Parameters used in matmuls (embedding lookups excluded), for FLOP counts."""
         return sum(p.numel() for p in self.parameters() if p.dim() >= 2)
+
+    #: width of the feed-forward layers (0: none), for :meth:`block_activation_bytes_per_token`
+    ffn_width: int = 0
+
+    def flops_per_token(self, seq_len: int) -> dict:
+        """Training FLOPs per token (docs/performance.md): 6 N_matmul + what each
+        :class:`AttentionLayer` and :class:`ScanLayer` part declares. Returns ``total`` and its
+        parts ``matmul``, ``attention``, ``ssm``."""
+        matmul = 6 * self.matmul_params()
+        attention = sum(m.attention_flops_per_token(seq_len) for m in self.modules() if isinstance(m, AttentionLayer))
+        ssm = sum(m.scan_flops_per_token() for m in self.modules() if isinstance(m, ScanLayer))
+        return {"total": float(matmul + attention + ssm), "matmul": matmul, "attention": attention, "ssm": ssm}
+
+    def block_activation_bytes_per_token(self, seq_len: int) -> float | None:
+        """A rough estimate of the bytes one block keeps per token for its backward
+        (docs/performance.md): ~30 d_model + 8 x the FFN width + 12 per attention score kept
+        (:meth:`AttentionLayer.attention_scores_per_token`); None when the model does not say
+        (no ``d_model`` or no ``blocks``)."""
+        d_model, blocks = getattr(self, "d_model", 0), getattr(self, "blocks", None)
+        if not d_model or not blocks:
+            return None
+        scores = sum(m.attention_scores_per_token(seq_len) for m in blocks[0].modules() if isinstance(m, AttentionLayer))
+        return 30 * d_model + 8 * self.ffn_width + 12 * scores
 
 
 class Tokenizer:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from phase7fw.threads import prepare_environment
+from phase7fw.core.threads import prepare_environment
 
 # Before any test imports torch: OpenMP threads sleep while they wait, as in the CLI (the
 # suite's own subprocesses share the same few cores with this process).

@@ -19,7 +19,7 @@ import torch
 
 from phase7fw.hookspecs import hookimpl
 from phase7fw.interfaces import Callback
-from phase7fw.recipe import option, positive
+from phase7fw.recipe.options import option, positive
 
 
 @attrs.frozen

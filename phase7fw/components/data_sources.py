@@ -22,7 +22,7 @@ import numpy as np
 from phase7fw.errors import Phase7Error
 from phase7fw.hookspecs import hookimpl
 from phase7fw.interfaces import DataSource
-from phase7fw.recipe import non_negative, option, positive
+from phase7fw.recipe.options import non_negative, option, positive
 
 
 def _read_text(path: Path) -> str:

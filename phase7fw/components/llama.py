@@ -20,6 +20,8 @@ from torch.utils.checkpoint import checkpoint
 
 from phase7fw.errors import Phase7Error
 from phase7fw.hookspecs import hookimpl
+from phase7fw.kernels.rmsnorm import rmsnorm
+from phase7fw.kernels.swiglu import swiglu
 from phase7fw.interfaces import LanguageModel
 from phase7fw.recipe.options import non_negative, option, positive
 
@@ -47,34 +49,22 @@ def resolve_ffn_hidden(config: LlamaConfig) -> int:
     return m * math.ceil(8 * config.d_model / 3 / m)
 
 
-def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / rms(x) * weight over the last dim, computed in (at least) fp32 (bf16 sums of
-    squares lose precision), returned in x's dtype. The ``rmsnorm`` op's torch reference."""
-    dt = torch.promote_types(x.dtype, torch.float32)
-    return F.rms_norm(x.to(dt), (x.size(-1),), weight.to(dt), eps).to(x.dtype)
-
-
-def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up: the ``swiglu`` op's torch reference."""
-    return F.silu(gate) * up
-
-
 def kernel_impls(context: dict) -> tuple:
     """(rmsnorm, swiglu) implementations chosen by ``[kernels]`` in a factory's context."""
     from phase7fw.kernels import select
 
-    return select(context, "rmsnorm", rmsnorm_reference), select(context, "swiglu", swiglu_reference)
+    return select(context, "rmsnorm", rmsnorm), select(context, "swiglu", swiglu)
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight (:func:`rmsnorm_reference`). ``impl`` swaps in a kernel with the
+    """x / rms(x) * weight (the ``rmsnorm`` op, phase7fw/kernels/rmsnorm/). ``impl`` swaps in a kernel with the
     same signature; it is a plain attribute (``norm_impl``), so parameters do not change."""
 
     def __init__(self, dim: int, eps: float, impl=None):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
-        self.norm_impl = impl or rmsnorm_reference
+        self.norm_impl = impl or rmsnorm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm_impl(x, self.weight, self.eps)
@@ -106,6 +96,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
+    attention_kind = "sdpa"  # phase7fw.interfaces.AttentionLayer
+
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int):
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
@@ -113,6 +105,13 @@ class Attention(nn.Module):
         # One matmul for q, k and v: fewer, larger GEMMs.
         self.wqkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)
         self.wo = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+
+    def attention_flops_per_token(self, seq_len: int) -> float:
+        """Scores and values over every earlier token, forward and backward."""
+        return 12 * seq_len * self.n_heads * self.head_dim
+
+    def attention_scores_per_token(self, seq_len: int) -> int:
+        return self.n_heads * seq_len
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -128,8 +127,8 @@ class Attention(nn.Module):
 
     def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv) -> torch.Tensor:
         """``forward`` for new tokens (RoPE angles cos/sin) after those held in ``kv``
-        (a :class:`phase7fw.decoding.KVWindow`), which receives their keys and values."""
-        from phase7fw.decoding import causal_sdpa_with_prefix
+        (a :class:`phase7fw.inference.decoding.KVWindow`), which receives their keys and values."""
+        from phase7fw.components.caches import causal_sdpa_with_prefix
 
         B, T, _ = x.shape
         hd = self.head_dim
@@ -143,7 +142,7 @@ class Attention(nn.Module):
 
     def forward_static(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ring, pos: torch.Tensor):
         """``forward_cached`` of one token at position ``pos`` (a device tensor) over a
-        :class:`phase7fw.static_decoding.StaticRing` of seq_len slots (unfilled ones masked)."""
+        :class:`phase7fw.components.caches.StaticRing` of seq_len slots (unfilled ones masked)."""
         B, hd = x.shape[0], self.head_dim
         q, k, v = self.wqkv(x).split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
         q = apply_rope(q.view(B, 1, self.n_heads, hd).transpose(1, 2), cos, sin)
@@ -156,14 +155,14 @@ class Attention(nn.Module):
 
 class SwiGLU(nn.Module):
     """w2(silu(gate) * up) with [gate, up] = w13(x); ``impl`` (attribute ``glu_impl``) is the
-    elementwise part, :func:`swiglu_reference` or a kernel with its signature."""
+    elementwise part, the ``swiglu`` op (phase7fw/kernels/swiglu/) or a kernel with its signature."""
 
     def __init__(self, d_model: int, hidden: int, impl=None):
         super().__init__()
         self.hidden = hidden
         self.w13 = nn.Linear(d_model, 2 * hidden, bias=False)  # gate and up, one matmul
         self.w2 = nn.Linear(hidden, d_model, bias=False)
-        self.glu_impl = impl or swiglu_reference
+        self.glu_impl = impl or swiglu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x).chunk(2, dim=-1)
@@ -205,6 +204,7 @@ class LlamaModel(LanguageModel):
         self.config = config
         self.vocab_size = vocab_size
         self.seq_len = config.seq_len
+        self.d_model, self.ffn_width = config.d_model, resolve_ffn_hidden(config)
         self.head_dim = head_dim
         self.checkpointing = False
 
@@ -277,14 +277,14 @@ class LlamaModel(LanguageModel):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.logits(self.forward_hidden(input_ids))
 
-    # -- cached decoding (phase7fw.decoding) ---------------------------------------------------
+    # -- cached decoding (phase7fw.inference.decoding) ---------------------------------------------------
     @property
     def context_limit(self) -> int:
         """RoPE tables and training stop at seq_len; longer contexts slide (see decoding.py)."""
         return self.seq_len
 
     def init_cache(self, batch_size: int = 1):
-        from phase7fw.decoding import DecodeCache, KVWindow
+        from phase7fw.components.caches import DecodeCache, KVWindow
 
         return DecodeCache([KVWindow(self.seq_len) for _ in self.blocks])
 
@@ -300,9 +300,9 @@ class LlamaModel(LanguageModel):
         cache.pos += T
         return self.logits(self.norm(h))
 
-    # -- static one-token step (phase7fw.static_decoding): what a CUDA graph captures
+    # -- static one-token step (phase7fw.inference.decoding): what a CUDA graph captures
     def init_static_cache(self, cache):
-        from phase7fw.static_decoding import StaticCache, StaticRing
+        from phase7fw.components.caches import StaticCache, StaticRing
 
         return StaticCache([StaticRing(kv) for kv in cache.layers], cache, self.vocab_size, self.rope_cos.device)
 

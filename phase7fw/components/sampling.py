@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import attrs
 
-from phase7fw import hookimpl
+from phase7fw.hookspecs import hookimpl
 from phase7fw.interfaces import Callback
 from phase7fw.recipe.options import in_range, non_negative, option, positive
 

@@ -19,12 +19,11 @@ from pathlib import Path
 import attrs
 import numpy as np
 
-from phase7fw.data_cache import digest
 from phase7fw.errors import Phase7Error
-from phase7fw.fileio import write_text_atomic
+from phase7fw.fileio import digest, write_text_atomic
 from phase7fw.hookspecs import hookimpl
 from phase7fw.interfaces import Tokenizer
-from phase7fw.recipe import option, positive
+from phase7fw.recipe.options import option, positive
 
 DEFAULT_EOS = "<|endoftext|>"
 

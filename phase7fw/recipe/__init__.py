@@ -9,12 +9,12 @@ from phase7fw.recipe.loader import (
     recipe_to_dict,
     recipe_to_toml,
 )
-from phase7fw.recipe.options import Component, component, each, in_range, non_negative, option, positive
-from phase7fw.recipe.schema import KERNEL_OPS, Recipe
+from phase7fw.recipe.options import Component, KernelChoice, component, each, in_range, non_negative, option, positive
+from phase7fw.recipe.schema import Recipe
 
 __all__ = [
-    "KERNEL_OPS",
     "Component",
+    "KernelChoice",
     "Recipe",
     "apply_overrides",
     "component",

@@ -17,7 +17,7 @@ import attrs
 import cattrs
 from cattrs.errors import ClassValidationError, IterableValidationError
 
-from phase7fw.recipe.options import Component
+from phase7fw.recipe.options import Component, KernelChoice
 from phase7fw.registry import Registry, RegistryError
 
 
@@ -118,6 +118,9 @@ def structure(raw: Any, cls: type, registry: Registry, path: str, errors: list[s
     kwargs = {}
     for name, f in fields.items():
         where = _join(path, name)
+        if f.metadata.get("kernels"):
+            kwargs[name] = structure_kernels(raw.get(name, {}), registry, where, errors)
+            continue
         kind = f.metadata.get("component")
         if kind is not None:
             kwargs[name] = _structure_component_field(raw.get(name), f, kind, registry, where, errors)
@@ -150,6 +153,47 @@ def structure(raw: Any, cls: type, registry: Registry, path: str, errors: list[s
     if len(errors) > n_errors:
         return None
     return cls(**kwargs)
+
+
+def structure_kernels(raw, registry: Registry, path: str, errors: list[str]) -> dict:
+    """``[kernels]``: one :class:`KernelChoice` per op the registry has kernels for, in
+    registration order (absent ops: "reference"). An op is ``"impl"`` or a table with ``impl``
+    and the tuning options of that kernel (its ``config_cls``; for "auto", the Triton one's)."""
+    if not isinstance(raw, dict):
+        errors.append(f"{path}: expected a table, got {_describe(raw)}")
+        return {}
+    ops = registry.kernel_ops()
+    for key in raw:
+        if key not in ops:
+            close = difflib.get_close_matches(key, list(ops), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f" (ops with kernels: {', '.join(ops) or 'none'})"
+            errors.append(f"{_join(path, key)}: unknown op{hint}")
+    out = {}
+    for op, impls in ops.items():
+        where = _join(path, op)
+        value = raw.get(op, "reference")
+        if isinstance(value, dict):
+            options = dict(value)
+            impl = options.pop("impl", "reference")
+        else:
+            impl, options = value, {}
+        allowed = [*impls, "reference", "auto"]
+        if not isinstance(impl, str) or impl not in allowed:
+            shown = f"{_describe(impl)}" if not isinstance(impl, str) else repr(impl)
+            errors.append(f"{where}{'.impl' if isinstance(value, dict) else ''}: expected one of"
+                          f" {', '.join(repr(a) for a in allowed)}, got {shown}")
+            continue
+        if impl == "reference":
+            if options:
+                errors.append(f"{where}: {', '.join(options)}: tuning options of a kernel, but impl is \"reference\""
+                              " (set impl = \"triton\" or \"auto\")")
+                continue
+            out[op] = KernelChoice("reference", None)
+            continue
+        kernel = impl if impl != "auto" else ("triton" if "triton" in impls else impls[0])
+        config = structure(options, registry.get("kernel", f"{op}:{kernel}").config_cls, registry, where, errors)
+        out[op] = KernelChoice(impl, config)
+    return out
 
 
 def _structure_component_field(value, f, kind, registry, path, errors):
@@ -201,24 +245,3 @@ def structure_component(raw, kind: str, registry: Registry, path: str, errors: l
     if config is None or weight is None:
         return None
     return Component(name, config, weight)
-
-
-def to_raw(obj) -> Any:
-    """The inverse of :func:`structure`: plain dicts/lists for TOML, ``None`` left out."""
-    if isinstance(obj, Component):
-        head = {"name": obj.name}
-        if obj.weight != 1.0:
-            head["weight"] = obj.weight
-        return {**head, **to_raw(obj.config)}
-    if attrs.has(type(obj)):
-        out = {}
-        for f in attrs.fields(type(obj)):
-            v = getattr(obj, f.name)
-            if v is not None:
-                out[f.name] = to_raw(v)
-        return out
-    if isinstance(obj, (list, tuple)):
-        return [to_raw(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_raw(v) for k, v in obj.items() if v is not None}
-    return obj

@@ -11,7 +11,8 @@ from typing import Any, Iterable, Mapping
 import tomli_w
 
 from phase7fw.errors import RecipeError
-from phase7fw.recipe.convert import CHECKPOINT_RECIPE, structure, to_raw
+from phase7fw.recipe.convert import CHECKPOINT_RECIPE, structure
+from phase7fw.recipe.options import to_raw
 from phase7fw.recipe.schema import Recipe, combination_errors
 
 

@@ -9,6 +9,8 @@ component's own config class.
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
 
@@ -19,6 +21,16 @@ class Component:
     name: str
     config: object
     weight: float = 1.0  # only data sources carry a weight (the share of the data mix)
+
+
+@attrs.frozen
+class KernelChoice:
+    """An op's implementation chosen in ``[kernels]``: ``impl`` ("reference", "auto" or a
+    registered implementation such as "triton") and the tuning options of the kernel it names
+    (the ``config_cls`` of ``"<op>:triton"`` for "auto"; None for "reference")."""
+
+    impl: str = "reference"
+    config: object = None
 
 
 def option(default=attrs.NOTHING, *, check=None, help: str = "", factory=None,  # noqa: A002
@@ -84,3 +96,27 @@ def each(check):
         return None
 
     return run
+
+
+def to_raw(obj) -> Any:
+    """The inverse of :func:`phase7fw.recipe.convert.structure`: plain dicts/lists for TOML, ``None`` left out."""
+    if isinstance(obj, KernelChoice):  # a plain string unless there are tuning options to record
+        options = to_raw(obj.config) if obj.config is not None else {}
+        return {"impl": obj.impl, **options} if options else obj.impl
+    if isinstance(obj, Component):
+        head = {"name": obj.name}
+        if obj.weight != 1.0:
+            head["weight"] = obj.weight
+        return {**head, **to_raw(obj.config)}
+    if attrs.has(type(obj)):
+        out = {}
+        for f in attrs.fields(type(obj)):
+            v = getattr(obj, f.name)
+            if v is not None:
+                out[f.name] = to_raw(v)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [to_raw(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_raw(v) for k, v in obj.items() if v is not None}
+    return obj

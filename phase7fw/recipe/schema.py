@@ -11,11 +11,8 @@ from typing import Literal
 
 import attrs
 
-from phase7fw.recipe.options import Component, component, in_range, non_negative, option, positive
+from phase7fw.recipe.options import Component, KernelChoice, component, in_range, non_negative, option, positive
 
-KERNEL_OPS = ("hyperbolic_attention", "ar_ssm_scan", "htt_embedding", "rmsnorm", "swiglu", "cross_entropy",
-              "hyperbolic_linear_attention")
-KernelChoice = Literal["triton", "reference", "auto"]
 
 
 @attrs.frozen
@@ -76,17 +73,6 @@ class DataSection:
 
 
 @attrs.frozen
-class KernelsSection:
-    hyperbolic_attention: KernelChoice = "reference"
-    ar_ssm_scan: KernelChoice = "reference"
-    htt_embedding: KernelChoice = "reference"
-    rmsnorm: KernelChoice = "reference"
-    swiglu: KernelChoice = "reference"
-    cross_entropy: KernelChoice = "reference"
-    hyperbolic_linear_attention: KernelChoice = "reference"
-
-
-@attrs.frozen
 class ParallelSection:
     strategy: Literal["none", "ddp", "fsdp"] = "none"
 
@@ -132,7 +118,9 @@ class Recipe:
     curvature_scheduler: Component | None = component("curvature_scheduler", None)
     train: TrainSection = attrs.Factory(TrainSection)
     data: DataSection = attrs.Factory(DataSection)
-    kernels: KernelsSection = attrs.Factory(KernelsSection)
+    #: ``[kernels]``: one :class:`KernelChoice` per registered op (``registry.kernel_ops()``),
+    #: ``op = "triton" | "reference" | "auto"`` or ``[kernels.op] impl = ..., <tuning options>``
+    kernels: dict[str, KernelChoice] = attrs.field(factory=dict, metadata={"kernels": True})
     trackers: list[Component] = component("tracker", many=True)
     callbacks: list[Component] = component("callback", many=True)
     parallel: ParallelSection = attrs.Factory(ParallelSection)

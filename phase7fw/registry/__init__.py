@@ -97,6 +97,11 @@ class Registry:
             raise RegistryError(f"plugin {plugin} registers a {kind} with an empty or non-string name")
         if not callable(factory):
             raise RegistryError(f"plugin {plugin}: factory of {kind} {name!r} is not callable")
+        if kind == "kernel":
+            op, _, impl = name.partition(":")
+            if not op or not impl or impl in ("reference", "auto"):
+                raise RegistryError(f"plugin {plugin} registers kernel {name!r}: a kernel is named \"<op>:<impl>\""
+                                    " (e.g. \"rmsnorm:triton\"; \"reference\" and \"auto\" are reserved)")
         config_cls = config_cls or EmptyConfig
         if not attrs.has(config_cls):
             raise RegistryError(
@@ -137,6 +142,16 @@ class Registry:
             (e for e in self._entries.values() if kind is None or e.kind == kind),
             key=lambda e: (KINDS.index(e.kind), e.name),
         )
+
+    def kernel_ops(self) -> dict[str, list[str]]:
+        """The ops that ``kernel`` entries (named ``"<op>:<impl>"``) implement, in registration
+        order, each with its implementations: what a recipe's ``[kernels]`` table may hold."""
+        ops: dict[str, list[str]] = {}
+        for kind, name in self._entries:
+            if kind == "kernel":
+                op, _, impl = name.partition(":")
+                ops.setdefault(op, []).append(impl)
+        return ops
 
     def __contains__(self, key: tuple[str, str]) -> bool:
         return key in self._entries

@@ -13,7 +13,9 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-CASES = list(range(13))  # phase7fw.kernels.verify.verify: attention full / window / odd T,
+from phase7fw.kernels.verify import ORDER  # noqa: E402 - imports no kernel module
+
+CASES = list(range(len(ORDER)))  # phase7fw.kernels.verify.verify (13 cases): attention full / window / odd T,
 #   distance gate near the boundary, SSM real shape / odd T, then rmsnorm, swiglu,
 #   linear cross-entropy, HTT embedding and hyperbolic linear attention (each of those may
 #   give several rows), then attention with squared_distance and dot_distance scores

@@ -46,7 +46,7 @@ def test_model_with_the_kernel_matches_the_reference_model():
 
 
 def test_static_step_is_captured_in_a_cuda_graph_and_gives_the_recomputed_tokens():
-    from phase7fw.decoding import Decoder, GraphedDecoder
+    from phase7fw.inference.decoding import Decoder, GraphedDecoder
 
     model = _model().eval()
     prompt = torch.randint(0, 257, (40,), generator=torch.Generator().manual_seed(2)).tolist()
@@ -67,7 +67,7 @@ def test_static_step_is_captured_in_a_cuda_graph_and_gives_the_recomputed_tokens
 
 @pytest.mark.slow
 def test_long_context_1_5b_recipe_trains_under_a_10_gib_cap():
-    from phase7fw.bench import bench_recipe, set_memory_cap
+    from phase7fw.cli.benchmark import bench_recipe, set_memory_cap
 
     device = torch.device("cuda")
     set_memory_cap(10, device)

@@ -7,8 +7,8 @@ Each run: ``{"recipe": PATH, "overrides": {...}}``; the engine is the same as ``
 import json
 import sys
 
-from phase7fw.distributed import shutdown
-from phase7fw.engine import Engine
+from phase7fw.core.distributed import shutdown
+from phase7fw.core.engine import Engine
 from phase7fw.plugins import load_plugins
 
 

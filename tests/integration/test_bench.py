@@ -5,7 +5,7 @@ import json
 import pytest
 
 from phase7fw import build_model, load_recipe
-from phase7fw.bench import flops_per_token, search_max
+from phase7fw.cli.benchmark import search_max
 from phase7fw.cli import main
 from tests.conftest import RECIPES
 
@@ -78,10 +78,10 @@ def test_bench_bad_arguments_exit_2(args, message, capsys):
 
 def test_flops_per_token_follows_performance_md():
     llama = build_model(load_recipe(RECIPES / "llama_1.5b.toml"), "meta")
-    f = flops_per_token(llama, 1024)
+    f = llama.flops_per_token(1024)
     assert f["total"] == 6 * llama.matmul_params() + 12 * 24 * 1024 * 2048
     p7 = build_model(load_recipe(RECIPES / "phase7_1.5b.toml"), "meta")
-    f = flops_per_token(p7, 1024)
+    f = p7.flops_per_token(1024)
     assert f["attention"] == 12 * 24 * 256 * 2048  # T_eff = the window
     assert f["ssm"] == 12 * 16 * 2048 * 24  # 12 r d_inner per layer
     assert f["total"] == 6 * p7.matmul_params() + f["attention"] + f["ssm"]

@@ -15,16 +15,16 @@ def _script():
 
 
 def test_bench_phase8_vs_phase7_on_tiny_sizes(tmp_path, capsys, monkeypatch):
-    import phase7fw.bench
+    import phase7fw.cli.benchmark
 
-    real = phase7fw.bench.bench_recipe
+    real = phase7fw.cli.benchmark.bench_recipe
 
     def bench_or_oom(recipe, overrides, **kw):  # the longest length "does not fit"
         if overrides["model.seq_len"] == 64:
             return {"oom": True, "error": "CUDA out of memory. Tried to allocate 2.00 GiB"}
         return real(recipe, overrides, **kw)
 
-    monkeypatch.setattr(phase7fw.bench, "bench_recipe", bench_or_oom)
+    monkeypatch.setattr(phase7fw.cli.benchmark, "bench_recipe", bench_or_oom)
     out = tmp_path / "res" / "cmp"
     argv = ["--lengths", "32,64", "--tokens-per-step", "64", "--steps", "1", "--warmup", "0", "--d-model", "32",
             "--quality-tokens", "128", "--quality-seq-len", "32", "--quality-files", "5", "--out", str(out)]

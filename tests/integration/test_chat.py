@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from phase7fw import Engine
-from phase7fw.chat import find_checkpoint
+from phase7fw.core.checkpoint import find_checkpoint
 from phase7fw.errors import Phase7Error
 from tests.conftest import RECIPES, ROOT, run_cli
 
@@ -80,8 +80,8 @@ def test_chat_over_a_pipe(runs):
 
 
 def test_chat_session_keeps_the_transcript_in_the_context(runs):
-    from phase7fw.chat import ChatSession
-    from phase7fw.generation import SamplingParams
+    from phase7fw.inference.chat import ChatSession
+    from phase7fw.inference.generation import SamplingParams
 
     engine = Engine.from_checkpoint(find_checkpoint(None, str(runs)))
     session = ChatSession(engine, SamplingParams(max_new_tokens=8, temperature=0.0))

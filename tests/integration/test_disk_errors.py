@@ -15,7 +15,7 @@ import uuid
 import pytest
 import torch
 
-from phase7fw.checkpoint import load_checkpoint
+from phase7fw.core.checkpoint import load_checkpoint
 from phase7fw.cli import main
 from phase7fw.components.trackers import JsonlTracker
 from tests.conftest import RECIPES, run_cli
@@ -73,7 +73,7 @@ def test_a_full_filesystem_stops_the_run_with_one_message(tmpfs):
 
 
 def test_a_simulated_full_disk_while_saving(tmp_path, monkeypatch, capsys):
-    import phase7fw.checkpoint as checkpoint
+    import phase7fw.core.checkpoint as checkpoint
 
     real_save, calls = torch.save, {"n": 0}
 
@@ -124,7 +124,7 @@ def test_a_read_only_output_folder(tmp_path, tmpfs, monkeypatch, capsys):
         assert f"error: {out} is read-only (read-only filesystem)" in proc.stderr
         return
     # Simulated: the folder exists but refuses new files (root ignores chmod, so raise EROFS).
-    import phase7fw.run_lock as run_lock
+    import phase7fw.core.run_lock as run_lock
 
     out = tmp_path / "run"
     out.mkdir()

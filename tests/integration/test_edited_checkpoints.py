@@ -4,7 +4,7 @@ exit 2, whichever command reads the file."""
 import pytest
 
 from phase7fw import Engine
-from phase7fw.checkpoint import load_checkpoint, save_checkpoint
+from phase7fw.core.checkpoint import load_checkpoint, save_checkpoint
 from phase7fw.cli import main
 from tests.conftest import RECIPES, tiny_overrides
 

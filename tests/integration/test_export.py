@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from phase7fw import Engine
-from phase7fw.checkpoint import load_checkpoint
-from phase7fw.hf_export import export_checkpoint, import_folder
+from phase7fw.core.checkpoint import load_checkpoint
+from phase7fw.export.hf import export_checkpoint, import_folder
 from tests.conftest import RECIPES, run_cli
 
 pytestmark = pytest.mark.skipif(find_spec("transformers") is None or find_spec("safetensors") is None,
@@ -57,7 +57,7 @@ def trained(tmp_path_factory):
 
 
 def _tokens(engine, n=2):
-    text = (RECIPES.parent / "phase7fw" / "engine.py").read_text()[: 4 * engine.seq_len]
+    text = (RECIPES.parent / "phase7fw" / "core" / "engine.py").read_text()[: 4 * engine.seq_len]
     ids = engine.tokenizer.encode(text)
     T = engine.seq_len
     return torch.tensor([ids[i * T:(i + 1) * T] for i in range(n)])

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from phase7fw import Engine
-from phase7fw.checkpoint import load_checkpoint
+from phase7fw.core.checkpoint import load_checkpoint
 from phase7fw.errors import CheckpointError
-from phase7fw.finetune import check_weights
-from phase7fw.trainer import Trainer
+from phase7fw.core.finetune import check_weights
+from phase7fw.core.trainer import Trainer
 from tests.conftest import RECIPES, run_cli, tiny_overrides
 
 # A small phase7 whose curvature warm-up (4 steps) is over when the source stops (6 steps):

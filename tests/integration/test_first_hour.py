@@ -81,7 +81,8 @@ def test_batch_size_beyond_memory_stops_before_the_sampler_hangs(tmp_path):
 
 
 def test_allow_cpu_lets_a_slow_recipe_build(tmp_path, monkeypatch):
-    from phase7fw import Engine, preflight
+    from phase7fw import Engine
+    from phase7fw.core import preflight
 
     # a tiny recipe made "GPU-sized" by lowering the limit: the same check, no big allocation
     monkeypatch.setattr(preflight, "CPU_STEP_LIMIT_S", 1e-12)
@@ -114,10 +115,10 @@ def test_ctrl_c_in_a_long_first_step_stops_at_once(tmp_path, capsys):
 
 
 def test_ctrl_c_in_a_long_later_step_saves_the_step_before_and_resumes_exactly(tmp_path, monkeypatch):
-    import phase7fw.trainer
+    import phase7fw.core.trainer
     from phase7fw import Engine
 
-    monkeypatch.setattr(phase7fw.trainer, "ROLLBACK_AFTER_S", -1.0)  # every step counts as long
+    monkeypatch.setattr(phase7fw.core.trainer, "ROLLBACK_AFTER_S", -1.0)  # every step counts as long
     over = tiny_overrides(tmp_path, **{"train.max_steps": 5, "train.eval_every": 0, "train.save_every": 0})
 
     def train_losses(folder):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from phase7fw import Engine
-from phase7fw.lm_harness import continuation_logprob, rolling_logprob, split_context
+from phase7fw.inference.lm_harness import continuation_logprob, rolling_logprob, split_context
 from tests.conftest import RECIPES, run_cli
 
 pytestmark = pytest.mark.skipif(find_spec("lm_eval") is None, reason="needs the eval extra: pip install 'phase7fw[eval]'")
@@ -67,7 +67,7 @@ def _direct(engine, ids):
 def test_harness_loglikelihoods_equal_the_engine(checkpoints, tmp_path, monkeypatch, kind):
     for k, v in OFFLINE.items():
         monkeypatch.setenv(k, v)
-    from phase7fw.lm_harness import run_tasks
+    from phase7fw.inference.lm_harness import run_tasks
 
     engine = Engine.from_checkpoint(checkpoints[kind])
     folder = _tasks(tmp_path / "tasks")
@@ -119,7 +119,7 @@ def test_registry_tasks_offline_say_which_dataset(tmp_path, monkeypatch):
     for k, v in {**OFFLINE, "HF_HOME": str(tmp_path / "hf-home")}.items():  # an empty datasets cache
         monkeypatch.setenv(k, v)
     from phase7fw.errors import Phase7Error
-    from phase7fw.lm_harness import load_tasks
+    from phase7fw.inference.lm_harness import load_tasks
 
     with pytest.raises(Phase7Error, match=r"task 'arc_easy': could not reach dataset 'allenai/ai2_arc' \(no network"):
         load_tasks(["arc_easy"], [])

@@ -17,8 +17,9 @@ import attrs
 import pytest
 import torch
 
-from phase7fw.checkpoint import consolidate
-from phase7fw.engine import Engine, build_model
+from phase7fw.core.checkpoint import consolidate
+from phase7fw.core.engine import Engine
+from phase7fw.core.build import build_model
 from phase7fw.plugins import load_plugins
 from phase7fw.recipe import load_recipe
 from phase7fw.recipe.options import Component

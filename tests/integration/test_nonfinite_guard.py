@@ -4,7 +4,7 @@ written with NaN/Inf weights, and the non-finite stop exits 2 naming the last go
 import pytest
 import torch
 
-from phase7fw.checkpoint import load_checkpoint
+from phase7fw.core.checkpoint import load_checkpoint
 from phase7fw.cli import main
 from phase7fw.errors import RecipeError
 from phase7fw.recipe import load_recipe

@@ -3,10 +3,11 @@
 import math
 import shutil
 
+import pytest
 import torch
 
 from phase7fw import Engine
-from phase7fw.checkpoint import load_checkpoint
+from phase7fw.core.checkpoint import load_checkpoint
 from tests.conftest import RECIPES, tiny_overrides
 from tests.integration.test_training import rows
 
@@ -61,12 +62,16 @@ def test_tied_head_trains_with_accumulation(tmp_path):
                                                         "train.max_steps": 4}), quiet=True)
     s = e.fit()
     assert math.isfinite(s["final_loss"]) and e.model.tied_table.grad is None
+    # at init (small weights) the tied head predicts ~uniformly: the first loss is ~ln(vocab)
+    first = rows(tmp_path / "run")[0]["loss"]
+    assert first == pytest.approx(math.log(e.vocab_size), rel=0.1)
+    assert rows(tmp_path / "run")[-1]["loss"] < first
 
 
 def test_a_checkpoint_with_the_old_scalar_log_c_loads_and_resumes_identically(tmp_path):
     """log_c became shape (1,) for FSDP2; checkpoints that hold it as a 0-dim scalar (and its
     AdamW moments as 0-dim) still load, for resume and for inference."""
-    from phase7fw.checkpoint import save_checkpoint
+    from phase7fw.core.checkpoint import save_checkpoint
 
     Engine.from_recipe(TINY, overrides(tmp_path / "a"), quiet=True).fit()
     ref = rows(tmp_path / "a" / "run")

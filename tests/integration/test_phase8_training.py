@@ -7,7 +7,7 @@ import shutil
 import torch
 
 from phase7fw import Engine
-from phase7fw.checkpoint import load_checkpoint
+from phase7fw.core.checkpoint import load_checkpoint
 from tests.conftest import RECIPES, tiny_overrides
 from tests.integration.test_training import rows
 
@@ -30,7 +30,10 @@ def test_phase8_tiny_trains_and_generates_the_same_with_and_without_cache(tmp_pa
     summary = engine.fit()
     log = rows(tmp_path / "run")
     assert log[-1]["loss"] < 0.8 * log[0]["loss"]
-    assert summary["best_val_loss"] is not None and math.isfinite(summary["best_val_loss"])
+    val = [r["loss"] for r in rows(tmp_path / "run", "val")]
+    assert len(val) == 2 and all(math.isfinite(v) for v in val)
+    assert summary["best_val_loss"] == min(val)  # the summary reports the logged evaluations
+    assert val[-1] < log[0]["loss"]  # the held-out loss fell too
     assert {float(b.attn.kappa) for b in engine.model.blocks} == {1.0}
     prompt = "def main(" * 6  # longer than the training sequences: no context limit
     cached = engine.generate(prompt, max_new_tokens=30, temperature=0.0, use_cache=True)

@@ -8,7 +8,7 @@ import warnings
 import pytest
 
 from phase7fw.cli import main
-from phase7fw.engine import Engine
+from phase7fw.core.engine import Engine
 from phase7fw.plugins import PluginError, PluginWarning, load_plugins
 from tests.conftest import RECIPES, run_cli, tiny_overrides
 

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from phase7fw.checkpoint import load_checkpoint
-from phase7fw.run_lock import LOCK_NAME, RunLock, RunLocked
+from phase7fw.core.checkpoint import load_checkpoint
+from phase7fw.core.run_lock import LOCK_NAME, RunLock, RunLocked
 from tests.conftest import RECIPES, ROOT, run_cli
 
 TINY = RECIPES / "llama_tiny.toml"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from phase7fw import Engine
-from phase7fw.checkpoint import load_checkpoint
+from phase7fw.core.checkpoint import load_checkpoint
 from phase7fw.errors import Phase7Error
 from tests.conftest import RECIPES
 from tests.integration.test_phase7_training import overrides
@@ -120,10 +120,12 @@ def test_nonfinite_steps_are_skipped_in_backward_mode(tmp_path):
         return (loss * float("nan"), metrics) if calls["n"] in (2, 3) else (loss, metrics)
 
     engine._loss_fn = flaky
+    before = {k: v.clone() for k, v in engine.model.state_dict().items()}
     summary = engine.fit()
     assert summary["skipped_steps"] == 2 and summary["steps"] == 6
     assert [r["step"] for r in rows(tmp_path / "run") if r.get("skipped")] == [2, 3]
     assert all(torch.isfinite(p.float()).all() for p in engine.model.parameters())
+    assert any(not torch.equal(before[k], v) for k, v in engine.model.state_dict().items())  # the good steps updated
 
 
 def test_standard_adamw_refuses_bf16_weights(tmp_path):

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from phase7fw import Engine, build_model, load_recipe
-from phase7fw.checkpoint import load_checkpoint
-from phase7fw.engine import BUILD_ORDER
+from phase7fw.core.checkpoint import load_checkpoint
+from phase7fw.core.engine import BUILD_ORDER
 from phase7fw.errors import CheckpointError, Phase7Error, TrainingAborted
 from tests.conftest import RECIPES, tiny_overrides
 
@@ -86,15 +86,89 @@ def test_resume_auto_log_has_no_duplicate_steps(tmp_path):
     assert [r["step"] for r in rows(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
 
 
+def test_build_order_is_the_order_the_steps_happen(tmp_path, monkeypatch):
+    """BUILD_ORDER is checked against what actually runs: spies record each step's real work
+    (plugins and recipe loaded, torch seeded, components built, kernels resolved, weights
+    allocated, the first training forward) next to the labels the engine records, and each
+    label must follow its own step's work and come before the next step's."""
+    import phase7fw.core.engine as engine_module
+    from phase7fw.registry import Registry
+
+    log = []
+
+    def spy(owner, name, step):
+        real = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            log.append(("ran", step))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrapper)
+
+    kinds = {"tokenizer": "tokenizer", "data_source": "data", "model": "model", "optimizer": "optimizer",
+             "lr_scheduler": "schedulers", "tracker": "trackers"}
+    real_build = Registry.build
+
+    def build(self, kind, name, config, **context):
+        if kind in kinds:
+            log.append(("ran", kinds[kind]))
+        return real_build(self, kind, name, config, **context)
+
+    monkeypatch.setattr(Registry, "build", build)
+    spy(engine_module, "load_plugins", "plugins")
+    spy(engine_module, "load_recipe", "recipe")
+    spy(engine_module.torch, "manual_seed", "seed")
+    spy(engine_module.Engine, "_select_kernels", "kernels")
+    spy(engine_module, "materialize", "materialize")
+    real_preflight = engine_module.Engine._preflight
+
+    def preflight(self, *args, **kwargs):  # builds a meta model and an optimizer to check the machine
+        start = len(log)
+        real_preflight(self, *args, **kwargs)
+        del log[start:]
+
+    monkeypatch.setattr(engine_module.Engine, "_preflight", preflight)
+    monkeypatch.setattr(engine_module.Engine, "_done",
+                        lambda self, step: (self.build_steps.append(step), log.append(("label", step))))
+    engine = Engine.from_recipe(TINY, tiny_overrides(tmp_path, **{"train.max_steps": 2}))
+    loss_fn = engine._loss_fn
+
+    def first_forward(*args, **kwargs):
+        log.append(("ran", "loop"))
+        return loss_fn(*args, **kwargs)
+
+    engine._loss_fn = first_forward
+    engine.fit()
+
+    assert engine.build_steps == list(BUILD_ORDER)
+    first = {}
+    for i, (what, step) in enumerate(log):
+        if what == "ran":
+            first.setdefault(step, i)
+    label_at = {step: i for i, (what, step) in enumerate(log) if what == "label"}
+    ran = sorted(first, key=first.get)
+    assert ran == [s for s in BUILD_ORDER if s in first]  # the work happens in the documented order
+    for step in ran:  # and each label is recorded after its work, before the next step's work
+        later = [first[s] for s in BUILD_ORDER[BUILD_ORDER.index(step) + 1:] if s in first]
+        if step == "loop":  # the last label says the loop starts: after the trackers, before its first step
+            assert first["trackers"] < label_at["loop"] < first["loop"], log
+        elif step in ("plugins", "recipe"):  # inputs of the engine: recorded when it starts, before the seed
+            assert first[step] < label_at[step] < first["seed"], log
+        else:
+            assert first[step] < label_at[step] < min(later, default=len(log)), (step, log)
+    assert {"plugins", "recipe", "seed", "tokenizer", "kernels", "data", "model", "materialize", "optimizer",
+            "schedulers", "trackers", "loop"} <= set(first)
+
+
 def test_incompatible_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
     Engine.from_recipe(TINY, tiny_overrides(tmp_path, **{"train.max_steps": 3})).fit()
-    import phase7fw.engine
+    import phase7fw.core.engine
 
     def not_now(*args, **kwargs):
         raise AssertionError("data was read or weights allocated before the checkpoint was checked")
 
-    monkeypatch.setattr(phase7fw.engine, "load_mix", not_now)
-    monkeypatch.setattr(phase7fw.engine, "materialize", not_now)
+    monkeypatch.setattr(phase7fw.core.engine, "load_mix", not_now)
+    monkeypatch.setattr(phase7fw.core.engine, "materialize", not_now)
     with pytest.raises(CheckpointError) as info:
         Engine.from_recipe(TINY, tiny_overrides(tmp_path, **{"model.d_model": 48}))
     msg = str(info.value)
@@ -177,19 +251,29 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 
 
 def test_bf16_and_fp16_precision_run_on_cpu(tmp_path):
-    for precision in ("bf16", "fp16"):
+    first = {}
+    for precision in ("fp32", "bf16", "fp16"):
         e = Engine.from_recipe(TINY, tiny_overrides(tmp_path / precision, **{"train.precision": precision,
                                                                               "train.max_steps": 3}), quiet=True)
         s = e.fit()
         assert math.isfinite(s["final_loss"])
         assert (e.scaler is not None) == (precision == "fp16")
+        first[precision] = rows(tmp_path / precision / "run")[0]["loss"]
+    # the same first batch and weights: 16-bit autocast gives the fp32 loss within its rounding
+    assert first["bf16"] == pytest.approx(first["fp32"], rel=2e-2)
+    assert first["fp16"] == pytest.approx(first["fp32"], rel=5e-3)
 
 
 def test_dummy_data_and_activation_checkpointing(tmp_path):
-    e = Engine.from_recipe(TINY, tiny_overrides(tmp_path, **{"train.activation_checkpointing": True,
-                                                            "train.max_steps": 3}), dummy_data=True, quiet=True)
-    assert [s.label.split()[1] for s in e.sources] == ["(synthetic)"]
-    assert math.isfinite(e.fit()["final_loss"])
+    losses = {}
+    for ckpt in (True, False):
+        e = Engine.from_recipe(TINY, tiny_overrides(tmp_path / str(ckpt), **{"train.activation_checkpointing": ckpt,
+                                                                             "train.max_steps": 3}),
+                               dummy_data=True, quiet=True)
+        assert [s.label.split()[1] for s in e.sources] == ["(synthetic)"]
+        losses[ckpt] = e.fit()["final_loss"]
+        assert math.isfinite(losses[ckpt])
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)  # recomputation changes no value
 
 
 def test_engine_api_evaluate_save_load_generate(tmp_path):

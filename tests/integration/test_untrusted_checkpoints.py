@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from phase7fw.checkpoint import save_checkpoint
+from phase7fw.core.checkpoint import save_checkpoint
 from phase7fw.errors import CheckpointError
 from tests.conftest import RECIPES, run_cli
 
@@ -81,7 +81,7 @@ def test_plain_resume_of_a_sharded_folder_points_to_consolidate_without_reading_
 def test_metadata_reader_accepts_real_dcp_metadata_and_rejects_escaping_paths(tmp_path):
     import torch.distributed.checkpoint as dcp
 
-    from phase7fw.dcp_safe import load_full, read_metadata
+    from phase7fw.core.dcp_safe import load_full, read_metadata
 
     state = {"model": {"w": torch.arange(6.0).view(2, 3)}, "optimizer": {"param_groups": [{"lr": 0.1, "betas": (0.9, 0.95)}]}}
     with pytest.warns(UserWarning):

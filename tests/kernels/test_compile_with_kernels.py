@@ -8,8 +8,8 @@ inductor starts from (the kernels stay opaque nodes either way)."""
 
 import torch
 
-from phase7fw.engine import build_model
-from phase7fw.recipe.schema import KERNEL_OPS
+from phase7fw.core.build import build_model
+from phase7fw.kernels.verify import OPS as KERNEL_OPS
 
 
 def test_phase7_blocks_compile_fullgraph_through_all_kernels():

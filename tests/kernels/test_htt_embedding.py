@@ -14,7 +14,8 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from phase7fw.components.phase7.embedding import HTTEmbedding, htt_embedding_reference  # noqa: E402
+from phase7fw.components.phase7.embedding import HTTEmbedding  # noqa: E402
+from phase7fw.kernels.htt_embedding import htt_embedding_reference  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
     pytest.skip("TRITON_INTERPRET=0: these tests run the kernels in Triton's CPU interpreter (on a GPU: tests/gpu)",
@@ -61,7 +62,7 @@ def _grads(fn, m, ids, gout, dtype=None):
     ],
 )
 def test_matches_reference(n_cores, vocab, d_model, rank, shape):
-    from phase7fw.kernels.htt_embedding import htt_embedding_triton
+    from phase7fw.kernels.htt_embedding.kernel import htt_embedding_triton
 
     m = _module(vocab, d_model, n_cores, rank)
     ids = _ids(vocab, shape)
@@ -77,7 +78,7 @@ def test_matches_reference(n_cores, vocab, d_model, rank, shape):
 
 
 def test_int32_ids_and_empty_batch():
-    from phase7fw.kernels.htt_embedding import htt_embedding_triton
+    from phase7fw.kernels.htt_embedding.kernel import htt_embedding_triton
 
     m = _module(101, 29, 2, 5)
     ids = _ids(101, (2, 5))
@@ -93,7 +94,7 @@ def test_int32_ids_and_empty_batch():
 def test_autocast_output_dtype_matches_reference():
     # the reference's einsum runs in bf16 under autocast, then the fp32 scale promotes the rows
     # to fp32; the kernel returns the same dtype (computed in fp32, so closer to exact)
-    from phase7fw.kernels.htt_embedding import htt_embedding_triton
+    from phase7fw.kernels.htt_embedding.kernel import htt_embedding_triton
 
     m = _module(101, 29, 3, 5)
     ids = _ids(101, (2, 9))
@@ -104,7 +105,7 @@ def test_autocast_output_dtype_matches_reference():
     assert a.dtype == b.dtype == torch.float32
     assert _rel(a, exact) < 1e-6 and _rel(b, exact) < 2e-2
     # TF32 dots (on the GPU) exactly where the reference itself is no finer than that
-    from phase7fw.kernels.htt_embedding import _out_dtype_and_tf32
+    from phase7fw.kernels.htt_embedding.kernel import _out_dtype_and_tf32
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _out_dtype_and_tf32(list(m.cores), m.scale) == (torch.float32, True)
@@ -113,7 +114,7 @@ def test_autocast_output_dtype_matches_reference():
 
 
 def test_half_precision_cores():
-    from phase7fw.kernels.htt_embedding import htt_embedding_triton
+    from phase7fw.kernels.htt_embedding.kernel import htt_embedding_triton
 
     m = _module(101, 29, 2, 5, dtype=torch.float16)
     ids = _ids(101, (3, 7))
@@ -126,7 +127,7 @@ def test_half_precision_cores():
 
 
 def test_rejects_float64():
-    from phase7fw.kernels.htt_embedding import htt_embedding_triton
+    from phase7fw.kernels.htt_embedding.kernel import htt_embedding_triton
 
     m = _module(101, 29, 2, 5, dtype=torch.float64)
     with pytest.raises(ValueError, match="fp64"):
@@ -137,7 +138,7 @@ def test_rejects_float64():
 def test_opcheck(n_cores):
     import importlib
 
-    importlib.import_module("phase7fw.kernels.htt_embedding")  # registers the ops
+    importlib.import_module("phase7fw.kernels.htt_embedding.kernel")  # registers the ops
 
     m = _module(101, 29, n_cores, 5)
     ids = _ids(101, (11,))
@@ -152,7 +153,7 @@ def test_opcheck(n_cores):
 
 
 def test_smoke_rows_pass():
-    from phase7fw.kernels.htt_embedding import smoke_rows
+    from phase7fw.kernels.htt_embedding.verify import smoke_rows
 
     rows = smoke_rows(torch.device("cpu"))
     assert len(rows) == 2 and all(r.ok for r in rows), rows
@@ -166,7 +167,7 @@ def _plugins_with_kernel():
     plugins = load_plugins()
     if ("kernel", "htt_embedding:triton") not in plugins.registry:
         def factory(config, **context):
-            from phase7fw.kernels.htt_embedding import htt_embedding_triton
+            from phase7fw.kernels.htt_embedding.kernel import htt_embedding_triton
 
             return htt_embedding_triton
 
@@ -176,7 +177,7 @@ def _plugins_with_kernel():
 
 def test_select_swaps_the_gather_path_only():
     from phase7fw.components.phase7.embedding import HttConfig, build_htt
-    from phase7fw.kernels.htt_embedding import htt_embedding_triton
+    from phase7fw.kernels.htt_embedding.kernel import htt_embedding_triton
 
     reg = _plugins_with_kernel().registry
     ctx = {"registry": reg, "kernels": {"htt_embedding": "triton"}}
@@ -186,9 +187,9 @@ def test_select_swaps_the_gather_path_only():
 
 
 def test_tiny_model_same_loss_grads_and_checkpoint_layout():
-    from phase7fw.engine import build_model
-    from phase7fw.kernels.htt_embedding import htt_embedding_triton
-    from phase7fw.recipe.schema import KERNEL_OPS
+    from phase7fw.core.build import build_model
+    from phase7fw.kernels.htt_embedding.kernel import htt_embedding_triton
+    from phase7fw.kernels.verify import OPS as KERNEL_OPS
 
     plugins = _plugins_with_kernel()
     recipe = "recipes/phase7_tiny.toml"

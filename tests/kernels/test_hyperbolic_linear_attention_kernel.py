@@ -91,7 +91,7 @@ def test_registered_ops_pass_opcheck():
     fq = feature_map(q, c, query=True).requires_grad_()
     fk = feature_map(k, c).requires_grad_()
     ld = (-0.1 * torch.rand(1, 2, 20, generator=g)).requires_grad_()
-    torch.library.opcheck(hla_fwd, (fq, fk, v.requires_grad_(), ld, 16),
+    torch.library.opcheck(hla_fwd, (fq, fk, v.requires_grad_(), ld, 16, [64, 8, 1], "tf32"),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 

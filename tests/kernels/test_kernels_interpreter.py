@@ -8,14 +8,16 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
 
+import importlib
+
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
 
-from phase7fw.components.phase7.attention import hyperbolic_attention_reference  # noqa: E402
-from phase7fw.components.phase7.ssm import ar_ssm_scan_sequential  # noqa: E402
 from phase7fw.kernels import select, triton_usable  # noqa: E402
+from phase7fw.kernels.ar_ssm_scan import ar_ssm_scan_sequential  # noqa: E402
+from phase7fw.kernels.hyperbolic_attention import hyperbolic_attention_reference  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
     pytest.skip("TRITON_INTERPRET=0: these tests run the kernels in Triton's CPU interpreter (on a GPU: tests/gpu)",
@@ -29,7 +31,7 @@ def _rel(a, b):
 
 
 def _attention_case(B, H, T, D, W, scale=0.5, seed=0, dtype=torch.float32, score="distance"):
-    from phase7fw.kernels.hyperbolic_attention import hyperbolic_attention_triton
+    from phase7fw.kernels.hyperbolic_attention.kernel import hyperbolic_attention_triton
 
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H, T, D, generator=g, dtype=torch.float64) * scale
@@ -103,7 +105,7 @@ def test_attention_half_precision_path():
 
 @pytest.mark.parametrize("b,h,T,dv,r", [(1, 2, 37, 8, 4), (2, 1, 50, 40, 20), (1, 1, 16, 16, 16)])
 def test_ssm_scan_matches_sequential(b, h, T, dv, r):
-    from phase7fw.kernels.ar_ssm_scan import ar_ssm_scan_triton
+    from phase7fw.kernels.ar_ssm_scan.kernel import ar_ssm_scan_triton
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(b, h, T, dv, generator=g, dtype=torch.float64)
@@ -124,24 +126,25 @@ def test_ssm_scan_matches_sequential(b, h, T, dv, r):
 
 @pytest.mark.parametrize("score", ["distance", "squared_distance", "dot_distance"])
 def test_opcheck_attention(score):
-    from phase7fw.kernels import hyperbolic_attention  # noqa: F401 - registers the op
+    importlib.import_module("phase7fw.kernels.hyperbolic_attention.kernel")  # registers the op
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 20, 16, generator=g) * 0.5 for _ in range(3))
     args = [t.requires_grad_() for t in (q, k, v, torch.tensor([0.81, 1.21]), torch.tensor([1.0, 0.7]))]
-    torch.library.opcheck(torch.ops.phase7fw.hyperbolic_attention_fwd.default, (*args, 7, score),
+    tiles = [64, 64, 4, 2, 32, 32, 4, 1, 64, 4, 1]  # the GPU launch configuration travels with the op
+    torch.library.opcheck(torch.ops.phase7fw.hyperbolic_attention_fwd.default, (*args, 7, score, tiles, False),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 def test_opcheck_ssm():
-    from phase7fw.kernels import ar_ssm_scan  # noqa: F401 - registers the op
+    importlib.import_module("phase7fw.kernels.ar_ssm_scan.kernel")  # registers the op
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 2, 20, 8, generator=g)
     B, C = torch.randn(1, 2, 20, 4, generator=g), torch.randn(1, 2, 20, 4, generator=g)
     ld = -torch.rand(1, 2, 20, generator=g)
     args = [t.requires_grad_() for t in (x, B, C, ld)]
-    torch.library.opcheck(torch.ops.phase7fw.ar_ssm_scan_fwd.default, tuple(args),
+    torch.library.opcheck(torch.ops.phase7fw.ar_ssm_scan_fwd.default, (*args, [32, 64, 4, 1], "ieee"),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
@@ -153,21 +156,26 @@ def test_triton_usable_reports_the_reason(monkeypatch):
 
 
 def test_select_returns_registered_kernel():
-    from phase7fw.kernels.ar_ssm_scan import ar_ssm_scan_triton
-    from phase7fw.kernels.hyperbolic_attention import hyperbolic_attention_triton
+    from phase7fw.kernels.ar_ssm_scan import TritonConfig as SsmConfig
+    from phase7fw.kernels.ar_ssm_scan.kernel import ar_ssm_scan_triton
+    from phase7fw.kernels.hyperbolic_attention import TritonConfig as AttnConfig
+    from phase7fw.kernels.hyperbolic_attention.kernel import hyperbolic_attention_triton
     from phase7fw.plugins import load_plugins
 
     reg = load_plugins().registry
     assert ("kernel", "hyperbolic_attention:triton") in reg and ("kernel", "ar_ssm_scan:triton") in reg
     ctx = {"registry": reg, "kernels": {"hyperbolic_attention": "triton", "ar_ssm_scan": "reference"}}
-    assert select(ctx, "hyperbolic_attention", hyperbolic_attention_reference) is hyperbolic_attention_triton
+    picked = select(ctx, "hyperbolic_attention", hyperbolic_attention_reference)
+    assert picked.__wrapped__ is hyperbolic_attention_triton  # with the default tuning ([kernels.<op>])
+    assert picked.keywords == {"tuning": AttnConfig()}
     assert select(ctx, "ar_ssm_scan", ar_ssm_scan_sequential) is ar_ssm_scan_sequential
-    assert select({"registry": reg, "kernels": {"ar_ssm_scan": "triton"}}, "ar_ssm_scan", None) is ar_ssm_scan_triton
+    picked = select({"registry": reg, "kernels": {"ar_ssm_scan": "triton"}}, "ar_ssm_scan", None)
+    assert picked.__wrapped__ is ar_ssm_scan_triton and picked.keywords == {"tuning": SsmConfig()}
 
 
 def test_tiny_model_same_output_and_checkpoint_layout():
-    from phase7fw.engine import build_model
-    from phase7fw.recipe.schema import KERNEL_OPS
+    from phase7fw.core.build import build_model
+    from phase7fw.kernels.verify import OPS as KERNEL_OPS
 
     recipe = "recipes/phase7_tiny.toml"
     torch.manual_seed(0)
@@ -186,7 +194,7 @@ def test_tiny_model_same_output_and_checkpoint_layout():
 
 
 def test_doctor_on_cpu(capsys, monkeypatch):
-    from phase7fw.doctor import run_doctor
+    from phase7fw.cli.doctor import run_doctor
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert run_doctor() == 0

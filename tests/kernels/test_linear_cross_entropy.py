@@ -1,4 +1,4 @@
-"""Fused chunked linear cross-entropy (phase7fw.kernels.linear_cross_entropy) in the Triton
+"""Fused chunked linear cross-entropy (phase7fw/kernels/cross_entropy/) in the Triton
 CPU interpreter: loss and gradients against F.cross_entropy on the full logits (fp32 / fp64),
 ignored targets, chunks that do not divide N, the no-grad and frozen-weight paths, opcheck,
 torch.compile tracing, and the phase7_tiny / llama_tiny losses with kernels.cross_entropy =
@@ -45,7 +45,7 @@ def _reference(h, w, y, gout=1.0):
 
 
 def _fused(h, w, y, chunk, gout=1.0):
-    from phase7fw.kernels.linear_cross_entropy import linear_cross_entropy_triton
+    from phase7fw.kernels.cross_entropy.kernel import linear_cross_entropy_triton
 
     hi, wi = h.float().requires_grad_(), w.float().requires_grad_()
     loss = linear_cross_entropy_triton(hi, wi, y, chunk)
@@ -65,8 +65,8 @@ def test_matches_full_cross_entropy(chunk, ignore_every):
 
 
 def test_matches_the_torch_chunked_reference_on_3d_input():
-    from phase7fw.kernels.linear_cross_entropy import linear_cross_entropy_triton
-    from phase7fw.memory import chunked_cross_entropy
+    from phase7fw.kernels.cross_entropy.kernel import linear_cross_entropy_triton
+    from phase7fw.kernels.cross_entropy import chunked_cross_entropy
 
     g = torch.Generator().manual_seed(1)
     h = torch.randn(2, 19, D, generator=g)
@@ -96,7 +96,7 @@ def test_all_ignored_chunk_and_all_ignored_batch():
 
 
 def test_frozen_weight_and_no_grad():
-    from phase7fw.kernels.linear_cross_entropy import linear_cross_entropy_triton
+    from phase7fw.kernels.cross_entropy.kernel import linear_cross_entropy_triton
 
     h, w, y = _case(ignore_every=6)
     ref, rdh, _ = _reference(h, w, y)
@@ -118,7 +118,7 @@ def test_frozen_weight_and_no_grad():
 def test_half_precision_autocast_matches_reference_autocast():
     # fp16 is the 16-bit type the interpreter handles (bf16 is checked on the GPU): fp32 inputs
     # under autocast give fp16 matmuls and fp32 statistics, like F.linear + .float() CE.
-    from phase7fw.kernels.linear_cross_entropy import linear_cross_entropy_triton
+    from phase7fw.kernels.cross_entropy.kernel import linear_cross_entropy_triton
 
     h, w, y = _case(ignore_every=7)
     res = []
@@ -134,7 +134,7 @@ def test_half_precision_autocast_matches_reference_autocast():
 
 
 def test_rejects_bad_shapes():
-    from phase7fw.kernels.linear_cross_entropy import linear_cross_entropy_triton
+    from phase7fw.kernels.cross_entropy.kernel import linear_cross_entropy_triton
 
     h, w, y = _case()
     with pytest.raises(ValueError):
@@ -146,7 +146,7 @@ def test_rejects_bad_shapes():
 
 
 def test_default_chunk():
-    from phase7fw.kernels.linear_cross_entropy import default_chunk_tokens
+    from phase7fw.kernels.cross_entropy.kernel import default_chunk_tokens
 
     assert default_chunk_tokens(32000, 2) == 4096
     assert default_chunk_tokens(128256, 2) == 1024
@@ -154,7 +154,7 @@ def test_default_chunk():
 
 
 def test_opcheck():
-    from phase7fw.kernels.linear_cross_entropy import IGNORE_INDEX  # the import registers the op
+    from phase7fw.kernels.cross_entropy.kernel import IGNORE_INDEX  # the import registers the op
 
     h, w, y = _case(n=20, ignore_every=4)
     assert (y == IGNORE_INDEX).any()
@@ -165,7 +165,7 @@ def test_opcheck():
 
 
 def test_torch_compile_traces_the_op():
-    from phase7fw.kernels.linear_cross_entropy import linear_cross_entropy_triton
+    from phase7fw.kernels.cross_entropy.kernel import linear_cross_entropy_triton
 
     h, w, y = _case(ignore_every=5)
     ref, rdh, rdw = _reference(h, w, y, gout=2.0)
@@ -181,7 +181,7 @@ def test_torch_compile_traces_the_op():
 
 
 def _plugins():
-    from phase7fw.kernels.linear_cross_entropy import linear_cross_entropy_triton
+    from phase7fw.kernels.cross_entropy.kernel import linear_cross_entropy_triton
     from phase7fw.plugins import load_plugins
 
     plugins = load_plugins()
@@ -202,9 +202,9 @@ def _loss_and_grads(model, ids, targets):
 @pytest.mark.parametrize("recipe,chunk", [("recipes/phase7_tiny.toml", 0), ("recipes/phase7_tiny.toml", 23),
                                           ("recipes/llama_tiny.toml", 0)])
 def test_model_loss_with_triton_cross_entropy(recipe, chunk):
-    from phase7fw.engine import build_model
-    from phase7fw.kernels.linear_cross_entropy import linear_cross_entropy_triton
-    from phase7fw.recipe.schema import KERNEL_OPS
+    from phase7fw.core.build import build_model
+    from phase7fw.kernels.cross_entropy.kernel import linear_cross_entropy_triton
+    from phase7fw.kernels.verify import OPS as KERNEL_OPS
 
     plugins = _plugins()
     ref_kernels = {op: "reference" for op in KERNEL_OPS}
@@ -213,7 +213,7 @@ def test_model_loss_with_triton_cross_entropy(recipe, chunk):
     torch.manual_seed(0)
     tri_model = build_model(recipe, "cpu", plugins=plugins, vocab_size=300,
                             kernels=ref_kernels | {"cross_entropy": "triton"})
-    assert tri_model.cross_entropy_fn is linear_cross_entropy_triton
+    assert tri_model.cross_entropy_fn.__wrapped__ is linear_cross_entropy_triton  # bound to its tuning
     assert ref_model.cross_entropy_fn is None  # the torch paths of LanguageModel.cross_entropy
     for m in (ref_model, tri_model):
         m.ce_chunk_tokens = chunk
@@ -232,9 +232,9 @@ def test_model_loss_with_triton_cross_entropy(recipe, chunk):
 
 
 def test_tied_phase7_head_gradient_reaches_the_embedding():
-    from phase7fw.engine import build_model
+    from phase7fw.core.build import build_model
     from phase7fw.recipe import load_recipe
-    from phase7fw.recipe.schema import KERNEL_OPS
+    from phase7fw.kernels.verify import OPS as KERNEL_OPS
 
     plugins = _plugins()
     recipe = load_recipe("recipes/phase7_tiny.toml", {"model.tie_embeddings": True}, plugins=plugins)
@@ -254,7 +254,7 @@ def test_tied_phase7_head_gradient_reaches_the_embedding():
 
 
 def test_doctor_rows_on_cpu():
-    from phase7fw.kernels.linear_cross_entropy import smoke_rows
+    from phase7fw.kernels.cross_entropy.verify import smoke_rows
 
     rows = smoke_rows(torch.device("cpu"))
     assert rows and all(r.ok for r in rows), rows

@@ -14,7 +14,8 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from phase7fw.components.llama import rmsnorm_reference, swiglu_reference  # noqa: E402
+from phase7fw.kernels.rmsnorm import rmsnorm_reference  # noqa: E402
+from phase7fw.kernels.swiglu import swiglu_reference  # noqa: E402
 from phase7fw.errors import Phase7Error  # noqa: E402
 from phase7fw.hookspecs import hookimpl  # noqa: E402
 
@@ -35,7 +36,7 @@ def _rel(a, b):
 @pytest.mark.parametrize("shape", [(2, 3, 37), (222, 37), (3, 7, 2, 129), (1, 3)])
 def test_rmsnorm_matches_reference(shape):
     """(222, 37): 14 row tiles over 4 backward programs, so one program runs past the end."""
-    from phase7fw.kernels.rmsnorm import rmsnorm_triton
+    from phase7fw.kernels.rmsnorm.kernel import rmsnorm_triton
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g)
@@ -55,7 +56,7 @@ def test_rmsnorm_matches_reference(shape):
 
 
 def test_rmsnorm_dtype_contract_and_strided_input():
-    from phase7fw.kernels.rmsnorm import rmsnorm_triton
+    from phase7fw.kernels.rmsnorm.kernel import rmsnorm_triton
 
     g = torch.Generator().manual_seed(1)
     # fp16 activations with an fp32 weight: the output has x's dtype, like the reference
@@ -78,7 +79,7 @@ def test_rmsnorm_dtype_contract_and_strided_input():
 
 
 def test_rmsnorm_too_wide_is_a_clear_error():
-    from phase7fw.kernels.rmsnorm import MAX_HIDDEN, rmsnorm_triton
+    from phase7fw.kernels.rmsnorm.kernel import MAX_HIDDEN, rmsnorm_triton
 
     with pytest.raises(Phase7Error, match="hidden sizes up to"):
         rmsnorm_triton(torch.randn(2, MAX_HIDDEN + 1), torch.ones(MAX_HIDDEN + 1), 1e-5)
@@ -90,7 +91,7 @@ def test_rmsnorm_too_wide_is_a_clear_error():
 @pytest.mark.parametrize("shape", [(3, 5, 37), (2, 1500), (1, 1)])
 def test_swiglu_matches_reference(shape):
     """(2, 1500): two column tiles, the second one partial."""
-    from phase7fw.kernels.swiglu import swiglu_triton
+    from phase7fw.kernels.swiglu.kernel import swiglu_triton
 
     g = torch.Generator().manual_seed(2)
     gate, up, gy = (2 * torch.randn(shape, generator=g) for _ in range(3))
@@ -108,7 +109,7 @@ def test_swiglu_matches_reference(shape):
 
 def test_swiglu_on_halves_of_a_fused_projection():
     """gate and up are strided views (the chunks of w13's output), as in SwiGLU.forward."""
-    from phase7fw.kernels.swiglu import swiglu_triton
+    from phase7fw.kernels.swiglu.kernel import swiglu_triton
 
     g = torch.Generator().manual_seed(3)
     h = torch.randn(2, 9, 2 * 45, generator=g, requires_grad=True)
@@ -127,7 +128,7 @@ _OPCHECK = ("test_schema", "test_faketensor", "test_autograd_registration")
 
 
 def test_opcheck_rmsnorm():
-    importlib.import_module("phase7fw.kernels.rmsnorm")  # registers the ops
+    importlib.import_module("phase7fw.kernels.rmsnorm.kernel")  # registers the ops
 
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(3, 5, 37, generator=g), torch.rand(37, generator=g) + 0.5
@@ -140,7 +141,7 @@ def test_opcheck_rmsnorm():
 
 
 def test_opcheck_swiglu():
-    importlib.import_module("phase7fw.kernels.swiglu")  # registers the ops
+    importlib.import_module("phase7fw.kernels.swiglu.kernel")  # registers the ops
 
     g = torch.Generator().manual_seed(0)
     gate, up, dy = (torch.randn(4, 37, generator=g) for _ in range(3))
@@ -151,7 +152,8 @@ def test_opcheck_swiglu():
 
 
 def test_smoke_rows_pass():
-    from phase7fw.kernels import rmsnorm, swiglu
+    from phase7fw.kernels.rmsnorm import verify as rmsnorm
+    from phase7fw.kernels.swiglu import verify as swiglu
 
     rows = rmsnorm.smoke_rows(torch.device("cpu")) + swiglu.smoke_rows(torch.device("cpu"))
     assert [r.op for r in rows] == ["rmsnorm", "swiglu"]
@@ -169,8 +171,8 @@ class _KernelPlugin:
 
     @hookimpl
     def register_components(self, register):
-        from phase7fw.kernels.rmsnorm import rmsnorm_triton
-        from phase7fw.kernels.swiglu import swiglu_triton
+        from phase7fw.kernels.rmsnorm.kernel import rmsnorm_triton
+        from phase7fw.kernels.swiglu.kernel import swiglu_triton
 
         impls = {"rmsnorm": rmsnorm_triton, "swiglu": swiglu_triton}
         for op in self.ops:
@@ -189,10 +191,10 @@ def _plugins():
 
 @pytest.mark.parametrize("recipe", ["recipes/llama_tiny.toml", "recipes/phase7_tiny.toml"])
 def test_tiny_model_same_loss_and_checkpoint_layout(recipe):
-    from phase7fw.engine import build_model
-    from phase7fw.kernels.rmsnorm import rmsnorm_triton
-    from phase7fw.kernels.swiglu import swiglu_triton
-    from phase7fw.recipe.schema import KERNEL_OPS
+    from phase7fw.core.build import build_model
+    from phase7fw.kernels.rmsnorm.kernel import rmsnorm_triton
+    from phase7fw.kernels.swiglu.kernel import swiglu_triton
+    from phase7fw.kernels.verify import OPS as KERNEL_OPS
 
     plugins = _plugins()
     reference = {op: "reference" for op in KERNEL_OPS}

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from phase7fw.components.phase7 import attention as A
 from phase7fw.errors import Phase7Error
+from phase7fw.kernels import hyperbolic_attention as op
+from phase7fw.kernels.hyperbolic_attention import geometry
 from phase7fw.registry import Registry
 
 D_MODEL, N_HEADS, SEQ = 32, 4, 16
@@ -62,28 +64,28 @@ CASES = [(8, 4), (13, 5), (16, 3), (7, 1), (9, 9), (6, 10), (12, 12), (1, 3), (2
 def test_windowed_equals_dense(T, W, dtype, score):
     q, k, v = qkv(2, 3, T, 8, dtype, seed=T * 100 + W)
     c, tau = head_params(3, dtype)
-    out = A.hyperbolic_attention_reference(q, k, v, c, tau, W, score=score)
-    dense = A.dense_masked_hyperbolic_attention(q, k, v, c, tau, W, score=score)
+    out = op.hyperbolic_attention_reference(q, k, v, c, tau, W, score=score)
+    dense = op.dense_masked_hyperbolic_attention(q, k, v, c, tau, W, score=score)
     # squared scores double the relative error of the fp32 dense path's distances
     squared = score == "squared_distance"
     tol = dict(rtol=0, atol=1e-3) if squared and dtype == torch.float32 else TOL[dtype]
     torch.testing.assert_close(out, dense, **tol)
     assert out.dtype == dtype and out.shape == v.shape
     if dtype == torch.float32:
-        ref64 = A.dense_masked_hyperbolic_attention(*(t.double() for t in (q, k, v, c, tau)), W, score=score)
+        ref64 = op.dense_masked_hyperbolic_attention(*(t.double() for t in (q, k, v, c, tau)), W, score=score)
         torch.testing.assert_close(out.double(), ref64, rtol=0, atol=3e-5 if squared else 1e-5)
     # scalar curvature (float and 0-dim tensor) broadcasts over heads
-    ref = A.dense_masked_hyperbolic_attention(q, k, v, 1.7, tau, W, score=score)
-    torch.testing.assert_close(A.hyperbolic_attention_reference(q, k, v, 1.7, tau, W, score=score), ref, **tol)
+    ref = op.dense_masked_hyperbolic_attention(q, k, v, 1.7, tau, W, score=score)
+    torch.testing.assert_close(op.hyperbolic_attention_reference(q, k, v, 1.7, tau, W, score=score), ref, **tol)
     torch.testing.assert_close(
-        A.hyperbolic_attention_reference(q, k, v, torch.tensor(1.7, dtype=dtype), tau, W, score=score), ref, **tol
+        op.hyperbolic_attention_reference(q, k, v, torch.tensor(1.7, dtype=dtype), tau, W, score=score), ref, **tol
     )
 
 
 def test_window_one_is_identity_on_values():
     q, k, v = qkv(1, 2, 7, 4, torch.float64, seed=3)
     c, tau = head_params(2, torch.float64)
-    torch.testing.assert_close(A.hyperbolic_attention_reference(q, k, v, c, tau, 1), v, rtol=0, atol=0)
+    torch.testing.assert_close(op.hyperbolic_attention_reference(q, k, v, c, tau, 1), v, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("score", ["distance", "squared_distance", "dot_distance"])
@@ -96,7 +98,7 @@ def test_windowed_gradients_equal_dense_gradients(score):
         (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
         return [t.grad for t in ins]
 
-    for gw, gd in zip(grads(A.hyperbolic_attention_reference), grads(A.dense_masked_hyperbolic_attention)):
+    for gw, gd in zip(grads(op.hyperbolic_attention_reference), grads(op.dense_masked_hyperbolic_attention)):
         torch.testing.assert_close(gw, gd, rtol=1e-9, atol=1e-10)
 
 
@@ -105,12 +107,12 @@ def test_reference_is_causal(W):
     T, t = 12, 7
     q, k, v = qkv(2, 3, T, 8, torch.float32, seed=11)
     c, tau = head_params(3, torch.float32)
-    base = A.hyperbolic_attention_reference(q, k, v, c, tau, W)
+    base = op.hyperbolic_attention_reference(q, k, v, c, tau, W)
     k2, v2, q2 = k.clone(), v.clone(), q.clone()
     k2[:, :, t:] += 3.0
     v2[:, :, t:] -= 5.0
     q2[:, :, t:] *= 2.0
-    out = A.hyperbolic_attention_reference(q2, k2, v2, c, tau, W)
+    out = op.hyperbolic_attention_reference(q2, k2, v2, c, tau, W)
     assert torch.equal(out[:, :, :t], base[:, :, :t])
     assert not torch.equal(out[:, :, t:], base[:, :, t:])
 
@@ -143,7 +145,7 @@ def test_gradients_reach_every_parameter_and_input():
         assert p.grad.abs().sum() > 0, name
     # and directly into q, k, v, c and tau of the reference
     leaves = [t.requires_grad_(True) for t in (*qkv(1, 2, 9, 4, torch.float32, seed=4), *head_params(2, torch.float32))]
-    A.hyperbolic_attention_reference(*leaves, 3).pow(2).sum().backward()
+    op.hyperbolic_attention_reference(*leaves, 3).pow(2).sum().backward()
     for t in leaves:
         assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
 
@@ -159,11 +161,14 @@ def test_bf16_autocast_near_boundary_is_finite(scale):
     c = torch.tensor([1.0, 4.0, 10.0], requires_grad=True)
     tau = torch.tensor([0.5, 1.0, 4.0], requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = A.hyperbolic_attention_reference(q, k, v, c, tau, 6)
+        out = op.hyperbolic_attention_reference(q, k, v, c, tau, 6)
         assert out.dtype == torch.bfloat16
         out.float().pow(2).sum().backward()
     for t in (q, k, v, c, tau):
         assert torch.isfinite(t.grad).all()
+    # the same (bf16-rounded) inputs in fp64: the output is within bf16 rounding
+    ref = op.hyperbolic_attention_reference(*(t.detach().double() for t in (q, k, v, c, tau)), 6)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
 
     # Module under autocast, curvature pushed to c_max, inputs scaled up.
     m = seeded("hyperbolic", window=5)
@@ -176,6 +181,9 @@ def test_bf16_autocast_near_boundary_is_finite(scale):
     assert torch.isfinite(x.grad).all()
     for name, p in m.named_parameters():
         assert torch.isfinite(p.grad).all(), name
+    with torch.no_grad():
+        y32 = m(x)  # fp32: bf16 projections and outputs stay within a few bf16 steps of it
+    assert ((y.float() - y32).norm() / y32.norm()).item() < 5e-2
 
 
 def test_set_curvature_changes_output_in_place():
@@ -320,14 +328,12 @@ def test_registration_and_config():
 def test_full_window_equals_plain_causal_attention_over_distances(power):
     """W >= T is full causal: compare with an inline T x T computation from the same helper,
     scores -tau d (power 1) and -tau d^2 (power 2, ``squared``)."""
-    from phase7fw import geometry
-
     q, k, v = qkv(1, 2, 10, 4, torch.float64, seed=12)
     c, tau = head_params(2, torch.float64)
     d = geometry.pairwise_poincare_dist_from_tangent(q, k, c.view(2, 1, 1))
     scores = (-tau.view(2, 1, 1) * d**power).masked_fill(~torch.ones(10, 10, dtype=torch.bool).tril(), float("-inf"))
     expected = F.softmax(scores, -1) @ v
-    got = A.hyperbolic_attention_reference(q, k, v, c, tau, 10**6, score="squared_distance" if power == 2 else "distance")
+    got = op.hyperbolic_attention_reference(q, k, v, c, tau, 10**6, score="squared_distance" if power == 2 else "distance")
     torch.testing.assert_close(got, expected)
 
 
@@ -336,14 +342,14 @@ def test_dot_distance_with_zero_temperature_is_dot_product_attention():
     q, k, v = qkv(1, 2, 9, 4, torch.float64, seed=6)
     c = torch.tensor([0.5, 1.5], dtype=torch.float64)
     expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    got = A.hyperbolic_attention_reference(q, k, v, c, torch.zeros(2, dtype=torch.float64), 10**6, score="dot_distance")
+    got = op.hyperbolic_attention_reference(q, k, v, c, torch.zeros(2, dtype=torch.float64), 10**6, score="dot_distance")
     torch.testing.assert_close(got, expected)
 
 
 def test_unknown_score_is_an_error():
     q, k, v = qkv(1, 1, 4, 4, torch.float64, seed=1)
     with pytest.raises(ValueError, match="score must be one of distance, squared_distance, dot_distance"):
-        A.hyperbolic_attention_reference(q, k, v, 1.0, torch.ones(1, dtype=torch.float64), 2, score="cosine")
+        op.hyperbolic_attention_reference(q, k, v, 1.0, torch.ones(1, dtype=torch.float64), 2, score="cosine")
 
 
 def test_squared_score_flat_limit_is_dot_product_attention():
@@ -353,5 +359,5 @@ def test_squared_score_flat_limit_is_dot_product_attention():
     tau = torch.tensor([0.3, 0.7], dtype=torch.float64)
     logits = 8 * tau.view(2, 1, 1) * (q @ k.transpose(-1, -2)) - 4 * tau.view(2, 1, 1) * k.pow(2).sum(-1).unsqueeze(-2)
     expected = F.softmax(logits.masked_fill(~torch.ones(9, 9, dtype=torch.bool).tril(), float("-inf")), -1) @ v
-    got = A.hyperbolic_attention_reference(q, k, v, 1e-9, tau, 10**6, score="squared_distance")
+    got = op.hyperbolic_attention_reference(q, k, v, 1e-9, tau, 10**6, score="squared_distance")
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

@@ -4,7 +4,7 @@ card with an explicit device index (torch rejects a bare "cuda" device there).""
 import pytest
 import torch
 
-from phase7fw.bench import set_memory_cap
+from phase7fw.cli.benchmark import set_memory_cap
 from phase7fw.errors import Phase7Error
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from phase7fw import Engine
-from phase7fw.console import bits_per_byte, val_line
+from phase7fw.core.console import bits_per_byte, val_line
 from tests.conftest import RECIPES, tiny_overrides
 
 # Multi-byte characters, so bytes, characters and byte-tokenizer tokens all differ.

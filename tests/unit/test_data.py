@@ -1,15 +1,15 @@
-"""The mixture sampler, the validation split and the tokenized cache (phase7fw.data, data_cache)."""
+"""The mixture sampler, the validation split and the tokenized cache (phase7fw.data.mixture, data_cache)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from phase7fw import data_cache
+import phase7fw.data.cache as data_cache
 from phase7fw.components.data_sources import TextFiles, TextFilesConfig
 from phase7fw.components.tokenizers import BytesTokenizer
-from phase7fw.data import MixtureSampler, SourceTokens, split_tokens
-from phase7fw.data_cache import cached_tokens, source_identity, token_dtype
+from phase7fw.data.mixture import MixtureSampler, SourceTokens, split_tokens
+from phase7fw.data.cache import cached_tokens, source_identity, token_dtype
 from phase7fw.errors import Phase7Error
 
 DOCS = [f"document number {i}: " + "x" * (i % 7) for i in range(50)]

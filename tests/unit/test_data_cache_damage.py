@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from phase7fw.components.tokenizers import BPEConfig, BPETokenizer, BytesTokenizer, FileConfig, FileTokenizer
-from phase7fw.data_cache import cached_tokens
+from phase7fw.data.cache import cached_tokens
 from phase7fw.errors import Phase7Error
 
 DOCS = [f"document number {i}: " + "some text " * (i % 7 + 1) for i in range(200)]
@@ -118,7 +118,7 @@ def test_a_non_utf8_tokenizer_file_is_a_clear_error(tmp_path):
 def test_a_full_disk_while_tokenizing_is_one_message_and_leaves_no_partial_entry(tmp_path, monkeypatch):
     import errno
 
-    import phase7fw.data_cache as data_cache
+    import phase7fw.data.cache as data_cache
     from phase7fw.fileio import DiskError
 
     def full(*args, **kwargs):

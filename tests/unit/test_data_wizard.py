@@ -6,7 +6,7 @@ import pytest
 
 from phase7fw.errors import Phase7Error
 from phase7fw.plugins import load_plugins
-from phase7fw.wizard import find_presets, parse_spec, parse_tokens, preset_path
+from phase7fw.cli.wizard import find_presets, parse_spec, parse_tokens, preset_path
 
 REGISTRY = load_plugins().registry
 

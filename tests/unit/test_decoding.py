@@ -6,7 +6,8 @@ import torch
 from phase7fw import build_model, load_recipe
 from phase7fw.components.phase7.cached import SsmCache
 from phase7fw.components.phase8.attention import LinearAttentionCache
-from phase7fw.decoding import Decoder, KVWindow, supports_cache
+from phase7fw.components.caches import KVWindow
+from phase7fw.inference.decoding import Decoder, supports_cache
 from tests.conftest import RECIPES
 
 SEQ, WINDOW = 24, 5

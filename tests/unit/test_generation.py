@@ -6,7 +6,7 @@ import torch
 
 from phase7fw.components.tokenizers import BytesTokenizer
 from phase7fw.errors import Phase7Error
-from phase7fw.generation import (
+from phase7fw.inference.generation import (
     SamplingParams,
     apply_repetition_penalty,
     filter_top_k_top_p,

@@ -1,11 +1,11 @@
-"""phase7fw.geometry against geoopt's PoincareBall (curvature -c), plus fp32 stability."""
+"""phase7fw.kernels.hyperbolic_attention.geometry against geoopt's PoincareBall (curvature -c), plus fp32 stability."""
 
 import math
 
 import pytest
 import torch
 
-from phase7fw import geometry as g
+from phase7fw.kernels.hyperbolic_attention import geometry as g
 
 geoopt = pytest.importorskip("geoopt")
 
@@ -157,13 +157,20 @@ def test_round_trip(c):
     close(g.logmap0(g.expmap0(u32, c), c), u32, 1e-4, 1e-6)
 
 
-def _finite_grads(fn, *inputs):
+def _finite_grads(fn, *inputs, value=None, grad=None):
+    """Finite output and gradients; ``value``/``grad``: the output and the first input's
+    gradient where they are known in closed form."""
     leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
     out = fn(*leaves)
     assert torch.isfinite(out).all()
     out.sum().backward()
     for t in leaves:
         assert t.grad is not None and torch.isfinite(t.grad).all()
+    tol = dict(rtol=1e-5, atol=1e-5) if out.dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    if value is not None:
+        torch.testing.assert_close(out.detach(), torch.as_tensor(value, dtype=out.dtype).expand_as(out), **tol)
+    if grad is not None:
+        torch.testing.assert_close(leaves[0].grad, torch.as_tensor(grad, dtype=out.dtype).expand_as(leaves[0]), **tol)
     return leaves
 
 
@@ -174,12 +181,16 @@ def test_gradients_finite_at_origin_and_edge(dtype):
     x = ball_points(4, c, 41, "edge", dtype)
     y = ball_points(4, c, 42, "edge", dtype)
     ct = torch.tensor(c, dtype=dtype)
-    _finite_grads(lambda v: g.expmap0(v, c), zero)
-    _finite_grads(lambda v: g.logmap0(v, c), zero)
-    _finite_grads(lambda a, b: g.dist(a, b, c), zero, y)
-    _finite_grads(lambda a: g.dist(a, a, c), x)  # distance 0: the arcosh floor keeps it finite
-    _finite_grads(lambda a, b: g.mobius_add(a, b, c), zero, y)
-    _finite_grads(lambda a, b: g.poincare_dist_from_tangent(a, b, c), zero, zero)
+    _finite_grads(lambda v: g.expmap0(v, c), zero, value=0.0, grad=1.0)  # the identity to first order
+    _finite_grads(lambda v: g.logmap0(v, c), zero, value=0.0, grad=1.0)
+    # from the origin: d(0, y) = 2 artanh(sqrt(c) |y|) / sqrt(c)
+    _finite_grads(lambda a, b: g.dist(a, b, c), zero, y, value=2 * torch.atanh(y.norm(dim=-1)))
+    # distance 0: the arcosh floor keeps it finite and ~0 (fp32: its floor is sqrt(2 eps32^2))
+    d_self = g.dist(x, x, c)
+    assert d_self.abs().max().item() < (1e-3 if dtype == torch.float32 else 1e-6)
+    _finite_grads(lambda a: g.dist(a, a, c), x)
+    _finite_grads(lambda a, b: g.mobius_add(a, b, c), zero, y, value=y)  # 0 (+) y = y
+    _finite_grads(lambda a, b: g.poincare_dist_from_tangent(a, b, c), zero, zero, value=0.0)
     u = tangents(4, c, 43, "edge", dtype)
     _finite_grads(lambda a: g.poincare_dist_from_tangent(a, a, c), u)
     # near the edge, including the curvature

@@ -127,6 +127,13 @@ def test_bf16_autocast_forward_backward():
     out.float().sum().backward()
     assert torch.isfinite(out).all()
     assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+    grads = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    ref = m(ids)  # fp32: the bf16 contraction stays within bf16 rounding of it
+    ref.sum().backward()
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2
+    for a, p in zip(grads, m.parameters()):
+        assert ((a - p.grad).norm() / p.grad.norm()).item() < 5e-2
 
 
 def test_dense_embedding():

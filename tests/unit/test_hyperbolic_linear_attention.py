@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from phase7fw import geometry
+from phase7fw.kernels.hyperbolic_attention import geometry
 from phase7fw.kernels.hyperbolic_linear_attention import (
     MAX_ATANH,
     MAX_KLEIN_RADIUS,

@@ -16,7 +16,7 @@ from phase7fw.components.llama import (
 )
 from phase7fw.components.optimizers import AdamWConfig, build_adamw
 from phase7fw.errors import Phase7Error
-from phase7fw.optim_groups import param_groups
+from phase7fw.core.optim_groups import param_groups
 
 V = 61
 

@@ -1,5 +1,5 @@
 """Small-GPU mode pieces: stochastic rounding, 8-bit states, ``adamw_lowmem``, the update
-inside backward, the chunked cross-entropy and the memory plan (phase7fw/memory.py)."""
+inside backward, the chunked cross-entropy and the memory plan (phase7fw/core/memory.py)."""
 
 import math
 
@@ -8,10 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phase7fw import build_model, load_recipe, memory
-from phase7fw.components.lowmem import AdamWLowMem
+from phase7fw import build_model, load_recipe
+from phase7fw.core import memory
+from phase7fw.components.lowmem import AdamWLowMem, states
 from phase7fw.errors import Phase7Error, RecipeError
-from phase7fw.optim_groups import param_groups
+from phase7fw.core.optim_groups import param_groups
+from phase7fw.kernels.cross_entropy import chunked_cross_entropy
 from tests.conftest import RECIPES
 
 
@@ -34,7 +36,7 @@ def bf16_neighbours(x):
 def test_stochastic_rounding_is_exact_for_bf16_values():
     x = torch.randn(4096).to(torch.bfloat16)
     x = torch.cat([x, torch.tensor([0.0, -0.0, 1.0, -3.5, 1e-30, 3e38, float("inf")], dtype=torch.bfloat16)])
-    out = memory.round_to_bf16(x.float(), gen())
+    out = states.round_to_bf16(x.float(), gen())
     assert torch.equal(out.view(torch.int16), x.view(torch.int16))
 
 
@@ -44,7 +46,7 @@ def test_stochastic_rounding_picks_a_neighbour_and_is_unbiased():
     x = torch.cat([x, -x])
     down, up = bf16_neighbours(x.abs())
     n = 4000
-    samples = torch.stack([memory.round_to_bf16(x, g).float() for g in [gen(1)] for _ in range(n)])
+    samples = torch.stack([states.round_to_bf16(x, g).float() for g in [gen(1)] for _ in range(n)])
     assert ((samples.abs() == down) | (samples.abs() == up)).all()
     ulp = up - down
     # each sample is off by at most one ulp: the mean of n has std <= ulp / (2 sqrt n)
@@ -55,8 +57,8 @@ def test_stochastic_rounding_picks_a_neighbour_and_is_unbiased():
 
 def test_stochastic_rounding_is_deterministic_per_seed():
     x = torch.randn(1000)
-    assert torch.equal(memory.round_to_bf16(x, gen(3)), memory.round_to_bf16(x, gen(3)))
-    assert not torch.equal(memory.round_to_bf16(x, gen(3)), memory.round_to_bf16(x, gen(4)))
+    assert torch.equal(states.round_to_bf16(x, gen(3)), states.round_to_bf16(x, gen(3)))
+    assert not torch.equal(states.round_to_bf16(x, gen(3)), states.round_to_bf16(x, gen(4)))
 
 
 # ---------------------------------------------------------------------------- 8-bit states
@@ -75,11 +77,11 @@ def test_quantization_error_bounds(signed):
     block = 256
     x = wide_range(10 * block + 37, signed)  # a partial last block
     step = 2 ** (1 / 8) - 1 if signed else 2 ** (1 / 16) - 1  # relative gap between codes
-    codes, absmax = memory.quantize_blockwise(x, signed=signed, block=block)
+    codes, absmax = states.quantize_blockwise(x, signed=signed, block=block)
     assert codes.dtype == (torch.int8 if signed else torch.uint8) and codes.shape == x.shape
     assert absmax.shape == (11,)
-    back = memory.dequantize_blockwise(codes, absmax, block=block)
-    smallest = memory._table(signed, "cpu")[1] * absmax.repeat_interleave(block)[: x.numel()]
+    back = states.dequantize_blockwise(codes, absmax, block=block)
+    smallest = states._table(signed, "cpu")[1] * absmax.repeat_interleave(block)[: x.numel()]
     err = (back - x).abs()
     # nearest: within half a code gap of the value, or (below the smallest code) of it
     covered = x.abs() >= smallest
@@ -94,7 +96,7 @@ def test_quantization_error_bounds(signed):
     assert torch.equal(back[idx], x[idx])
     # stochastic rounding: within one gap, and unbiased
     g = gen(5)
-    rounds = torch.stack([memory.dequantize_blockwise(*memory.quantize_blockwise(x[:512], signed=signed, block=block,
+    rounds = torch.stack([states.dequantize_blockwise(*states.quantize_blockwise(x[:512], signed=signed, block=block,
                                                                                 generator=g), block=block)
                           for _ in range(2000)])
     xs = x[:512]
@@ -106,13 +108,13 @@ def test_quantization_error_bounds(signed):
 
 def test_moments_roundtrip_and_block_detection():
     m, v = wide_range(3000), wide_range(3000, signed=False).square()
-    state = memory.quantize_moments(m.view(30, 100), v.view(30, 100), block=128)
-    assert state["exp_avg_codes"].shape == (30, 100) and memory.block_of(state) == 128
-    dm, dv = memory.dense_moments(state)
+    state = states.quantize_moments(m.view(30, 100), v.view(30, 100), block=128)
+    assert state["exp_avg_codes"].shape == (30, 100) and states.block_of(state) == 128
+    dm, dv = states.dense_moments(state)
     assert dm.shape == (30, 100)
     assert ((dm.flatten() - m).abs() <= 0.05 * m.abs() + 1e-4 * m.abs().max()).all()
     # sqrt(v) below the smallest code of its block is rounded up (never down to 0)
-    smallest_v = (memory._table(False, "cpu")[1] * state["exp_avg_sq_absmax"].repeat_interleave(128)[:3000]) ** 2
+    smallest_v = (states._table(False, "cpu")[1] * state["exp_avg_sq_absmax"].repeat_interleave(128)[:3000]) ** 2
     covered = v >= smallest_v
     assert ((dv.flatten() - v) / v)[covered].abs().max() < 0.05
     assert (dv.flatten()[~covered] >= v[~covered]).all()
@@ -234,21 +236,21 @@ def test_optimizer_state_converts_both_ways():
     c = AdamWLowMem(param_groups(make_net()), state_bits=8, **HP)
     c.load_state_dict(a.state_dict())
     p0 = next(iter(c.state))
-    m, v = memory.dense_moments(c.state[p0])
+    m, v = states.dense_moments(c.state[p0])
     ref_state = a.state[ref.fc1.weight]
     assert torch.allclose(m, ref_state["exp_avg"], rtol=0.05, atol=1e-4 * ref_state["exp_avg"].abs().max())
     assert c.state[p0]["step"].item() == 10
-    # 8-bit -> torch AdamW through the engine's converter
-    converted = memory.adapt_optimizer_state(c.state_dict(), a)
+    # 8-bit -> torch AdamW through the plugin's converter (the adapt_optimizer_state hook)
+    converted = states.adapt_optimizer_state(c.state_dict(), a)
     s0 = converted["state"][0]
     assert set(s0) == {"step", "exp_avg", "exp_avg_sq"} and s0["exp_avg"].shape == (32, 16)
-    assert not set(memory.LOWMEM_GROUP_KEYS) & set(converted["param_groups"][0])
+    assert not set(states.LOWMEM_GROUP_KEYS) & set(converted["param_groups"][0])
     assert converted["param_groups"][0]["decoupled_weight_decay"] is True
     fresh = torch.optim.AdamW(param_groups(make_net()), **HP)
     fresh.load_state_dict(converted)
     assert torch.equal(fresh.state[fresh.param_groups[0]["params"][0]]["exp_avg"], m)
     # a lowmem optimizer reads any layout itself: nothing to convert
-    assert memory.adapt_optimizer_state(c.state_dict(), c)["state"][0]["exp_avg_codes"].dtype == torch.int8
+    assert states.adapt_optimizer_state(c.state_dict(), c)["state"][0]["exp_avg_codes"].dtype == torch.int8
 
 
 def test_offload_keeps_states_off_the_parameter_device_and_matches():
@@ -454,7 +456,7 @@ def test_chunked_cross_entropy_equals_the_full_one():
     y[0, 3] = -100  # ignored, as in F.cross_entropy
     full = F.cross_entropy(F.linear(h, w).flatten(0, 1), y.flatten())
     gh, gw = torch.autograd.grad(full, (h, w))
-    chunked = memory.chunked_cross_entropy(h, w, y, chunk_tokens=3)
+    chunked = chunked_cross_entropy(h, w, y, chunk_tokens=3)
     ch, cw = torch.autograd.grad(chunked, (h, w))
     torch.testing.assert_close(chunked, full)
     torch.testing.assert_close(ch, gh)
@@ -473,7 +475,7 @@ def test_chunked_cross_entropy_holds_one_chunk_of_logits():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = memory.chunked_cross_entropy(h, w, y, chunk_tokens=16)
+        loss = chunked_cross_entropy(h, w, y, chunk_tokens=16)
     loss.backward()
     assert max(biggest) <= 16 * 1000 and max(biggest) < 64 * 1000
 
@@ -507,3 +509,21 @@ def test_memory_plan_of_the_shipped_small_gpu_recipes():
     standard = meta_plan(RECIPES / "phase7_1.5b.toml", {"optimizer": {"name": "adamw"}, "train.param_dtype": "fp32"})
     assert standard["weights"] + standard["grads"] + standard["optimizer"] == 16.0
     assert standard["peak"] > 20 * memory.GIB
+
+
+def test_the_plugin_converts_its_state_for_another_optimizer_through_the_hook():
+    """The core reaches the 8-bit layout only through the adapt_optimizer_state hook."""
+    from phase7fw.plugins import load_plugins
+
+    x, y = problem()
+    net = make_net()
+    low = AdamWLowMem(param_groups(net), state_bits=8, **HP)
+    train(net, low, 2, x, y)
+    plugins = load_plugins()
+    other = torch.optim.AdamW(param_groups(make_net()), **HP)
+    converted = plugins.call("adapt_optimizer_state", state=low.state_dict(), optimizer=other)
+    assert set(converted["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+    m, _ = states.dense_moments(low.state[low.param_groups[0]["params"][0]])
+    torch.testing.assert_close(converted["state"][0]["exp_avg"], m)
+    assert plugins.call("adapt_optimizer_state", state=low.state_dict(), optimizer=low) is None  # reads it itself
+    assert plugins.call("adapt_optimizer_state", state=other.state_dict(), optimizer=other) is None  # not its layout

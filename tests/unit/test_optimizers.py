@@ -7,7 +7,7 @@ from torch import nn
 from phase7fw.components.llama import LlamaConfig, build_llama
 from phase7fw.components.optimizers import AdamWConfig, build_adamw
 from phase7fw.errors import Phase7Error
-from phase7fw.optim_groups import param_groups
+from phase7fw.core.optim_groups import param_groups
 
 
 class Toy(nn.Module):

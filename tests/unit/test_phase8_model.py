@@ -97,8 +97,6 @@ def test_curvature_follows_the_scheduler_and_is_clamped():
 
 
 def test_bench_counts_linear_attention_flops_without_the_sequence_length():
-    from phase7fw.bench import flops_per_token
-
     m = small_model()
-    short, long = flops_per_token(m, 1024)["attention"], flops_per_token(m, 32768)["attention"]
+    short, long = m.flops_per_token(1024)["attention"], m.flops_per_token(32768)["attention"]
     assert short == long > 0  # flat in T: the chunk, not the context, sets the cost

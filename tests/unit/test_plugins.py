@@ -24,6 +24,12 @@ def test_builtins_are_plugins_like_any_other():
     assert names == list(DEFAULT_PLUGINS) + [n for n in names if n not in DEFAULT_PLUGINS]  # built-ins first
     entry = plugins.registry.get("tokenizer", "bytes")
     assert entry.plugin == "phase7fw.components.tokenizers"
+    # every built-in registered something under its own name (a module that silently registers
+    # nothing, or whose components are credited to another plugin, fails here)
+    components = {row["name"]: row["components"] for row in plugins.describe()}
+    assert [n for n in DEFAULT_PLUGINS if not components[n]] == []
+    assert "model:phase7" in components["phase7fw.components.phase7.model"]
+    assert "kernel:hyperbolic_attention:triton" in components["phase7fw.kernels.plugin"]
 
 
 def test_installed_plugin_is_discovered_and_used(fake_dist):

@@ -1,13 +1,13 @@
 """What a run checks and sets before it allocates: the memory plan against the machine, the
-CPU step-time bound, precision "auto", CPU threads (phase7fw/preflight.py, phase7fw/threads.py)."""
+CPU step-time bound, precision "auto", CPU threads (phase7fw/core/preflight.py, phase7fw/core/threads.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from phase7fw import preflight, threads
-from phase7fw.engine import resolve_precision
+from phase7fw.core import preflight, threads
+from phase7fw.core.build import resolve_precision
 from phase7fw.plugins import load_plugins
 from phase7fw.recipe import load_recipe
 from tests.conftest import RECIPES

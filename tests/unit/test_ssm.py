@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from phase7fw.components.phase7 import ssm
+from phase7fw.kernels import ar_ssm_scan as scan
 from phase7fw.errors import Phase7Error
 from phase7fw.registry import Registry
 
@@ -32,8 +33,8 @@ def _rel_err(a, b):
 def test_chunked_equals_sequential_fp64(T, chunk):
     chunk = T if chunk == "T" else chunk
     args = _inputs(T, strong=T == 37)
-    ref = ssm.ar_ssm_scan_sequential(*args)
-    out = ssm.ar_ssm_scan_reference(*args, chunk_size=chunk)
+    ref = scan.ar_ssm_scan_sequential(*args)
+    out = scan.ar_ssm_scan_reference(*args, chunk_size=chunk)
     assert out.shape == ref.shape == (2, 3, T, 4) and out.dtype == torch.float64
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
 
@@ -41,8 +42,8 @@ def test_chunked_equals_sequential_fp64(T, chunk):
 def test_chunked_gradients_equal_sequential_fp64():
     args = [a.requires_grad_() for a in _inputs(37)]
     w = torch.randn(2, 3, 37, 4, dtype=torch.float64)
-    g_ref = torch.autograd.grad((ssm.ar_ssm_scan_sequential(*args) * w).sum(), args)
-    g_chk = torch.autograd.grad((ssm.ar_ssm_scan_reference(*args, chunk_size=16) * w).sum(), args)
+    g_ref = torch.autograd.grad((scan.ar_ssm_scan_sequential(*args) * w).sum(), args)
+    g_chk = torch.autograd.grad((scan.ar_ssm_scan_reference(*args, chunk_size=16) * w).sum(), args)
     for a, b in zip(g_chk, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
@@ -50,17 +51,17 @@ def test_chunked_gradients_equal_sequential_fp64():
 @pytest.mark.parametrize("T, chunk", [(100, 16), (256, 64), (37, 1)])
 def test_chunked_fp32_within_tolerance(T, chunk):
     args = _inputs(T, seed=1)
-    ref = ssm.ar_ssm_scan_sequential(*args)
-    out = ssm.ar_ssm_scan_reference(*(a.float() for a in args), chunk_size=chunk)
+    ref = scan.ar_ssm_scan_sequential(*args)
+    out = scan.ar_ssm_scan_reference(*(a.float() for a in args), chunk_size=chunk)
     assert out.dtype == torch.float32
     assert _rel_err(out, ref) < FP32_RTOL
 
 
 def test_bf16_inputs_keep_fp32_state():
     args = _inputs(128, seed=2)
-    ref = ssm.ar_ssm_scan_sequential(*(a.bfloat16().double() for a in args))  # same rounded inputs
+    ref = scan.ar_ssm_scan_sequential(*(a.bfloat16().double() for a in args))  # same rounded inputs
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = ssm.ar_ssm_scan_reference(*(a.bfloat16() for a in args), chunk_size=32)
+        out = scan.ar_ssm_scan_reference(*(a.bfloat16() for a in args), chunk_size=32)
     assert out.dtype == torch.bfloat16
     # only the final cast to bf16 rounds: errors are output rounding, not accumulated
     assert _rel_err(out, ref) < BF16_RTOL / 2
@@ -102,7 +103,7 @@ def test_discretize_scales_the_state_input_by_the_step():
     torch.testing.assert_close(x_in, (x.transpose(1, 2) * step.unsqueeze(-1)))
     x2, x_in2, *_ = off.project(up)
     torch.testing.assert_close(x_in2, x2.transpose(1, 2))
-    y = ssm.ar_ssm_scan_sequential(x_in, B, C, log_decay)
+    y = scan.ar_ssm_scan_sequential(x_in, B, C, log_decay)
     torch.testing.assert_close(on(u)[0], on.output(u, x, y), rtol=1e-5, atol=1e-6)
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from phase7fw.decoding import Decoder, GraphedDecoder, make_decoder
+from phase7fw.inference.decoding import Decoder, GraphedDecoder, make_decoder
 from phase7fw.errors import Phase7Error
-from phase7fw.static_decoding import supports_static_decode
+from phase7fw.inference.decoding import supports_static_decode
 from tests.unit.test_decoding import KINDS, SEQ, WINDOW, make
 from tests.unit.test_decoding import greedy_with as greedy
 
@@ -149,7 +149,7 @@ def test_a_failed_capture_is_said_or_raised(monkeypatch):
 
 
 def test_sampling_is_unchanged_on_the_static_path():
-    from phase7fw.generation import SamplingParams, generate_text
+    from phase7fw.inference.generation import SamplingParams, generate_text
 
     class Tok:
         vocab_size, eos_id = 257, -1

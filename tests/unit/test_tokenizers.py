@@ -27,7 +27,7 @@ TEXT = "def main():\n    print('round trip: ünïcode ✓ 🙂')\n"
 
 
 class Sample(list):
-    """What the engine hands to prepare(): an iterable with an identity (see phase7fw.data.TextSample)."""
+    """What the engine hands to prepare(): an iterable with an identity (see phase7fw.data.mixture.TextSample)."""
 
     identity = "sample-1"
     empty = False

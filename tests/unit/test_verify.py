@@ -7,37 +7,46 @@ from phase7fw.kernels import verify as V
 
 
 class _Broken:
-    def verify_rows(self, device, quick):
-        raise RuntimeError("out of shared memory\nsecond line")
+    """An op's checks that fail: each case raises (a case number tells them apart)."""
+
+    def verify_cases(self, device, quick):
+        def case(n):
+            def run():
+                raise RuntimeError(f"out of shared memory in case {n}\nsecond line")
+            return run
+
+        return [case(n) for n in range(6)]
 
     def smoke_rows(self, device):
         raise ValueError("bad launch")
 
 
-def test_verify_names_the_failed_kernel(monkeypatch):
-    def boom(*args, **kwargs):
-        raise RuntimeError("triton missing")
-
+def test_verify_names_the_failed_kernel_and_keeps_the_case_order(monkeypatch):
     monkeypatch.setattr(V, "_module", lambda op: _Broken())
-    monkeypatch.setattr(V, "_check_ssm", boom)
-    rows = V.verify(torch.device("cpu"), only=[4, 6, 7])
+    rows = V.verify(torch.device("cpu"), only=[3, 4, 6, 7, 12])
     assert [(r.op, r.ok, r.detail) for r in rows] == [
-        ("ar_ssm_scan", False, "RuntimeError: triton missing"),
-        ("rmsnorm", False, "RuntimeError: out of shared memory"),
-        ("swiglu", False, "RuntimeError: out of shared memory"),
+        ("hyperbolic_attention", False, "RuntimeError: out of shared memory in case 3"),
+        ("ar_ssm_scan", False, "RuntimeError: out of shared memory in case 0"),
+        ("rmsnorm", False, "RuntimeError: out of shared memory in case 0"),
+        ("swiglu", False, "RuntimeError: out of shared memory in case 0"),
+        ("hyperbolic_attention", False, "RuntimeError: out of shared memory in case 5"),
     ]
 
 
-def test_smoke_reports_every_kernel_when_all_fail(monkeypatch):
-    def boom(*args, **kwargs):
-        raise RuntimeError("triton missing")
+def test_every_case_of_every_op_is_in_the_order():
+    """tests/gpu runs verify() case by case by index: each op's cases appear once each."""
+    import importlib
 
+    want = sorted((op, n) for op in V.OPS
+                  for n in range(len(importlib.import_module(f"phase7fw.kernels.{op}.verify").verify_cases(torch.device("cpu")))))
+    assert sorted(V.ORDER) == want and len(set(V.ORDER)) == len(V.ORDER)
+
+
+def test_smoke_reports_every_kernel_when_all_fail(monkeypatch):
     monkeypatch.setattr(V, "_module", lambda op: _Broken())
-    monkeypatch.setattr(V, "_check_attention", boom)
-    monkeypatch.setattr(V, "_check_ssm", boom)
     rows = V.smoke(torch.device("cpu"))
-    assert [r.op for r in rows] == ["hyperbolic_attention", "ar_ssm_scan", *V.SELF_CHECKING]
-    assert [r.detail for r in rows] == ["RuntimeError: triton missing"] * 2 + ["ValueError: bad launch"] * len(V.SELF_CHECKING)
+    assert [r.op for r in rows] == list(V.OPS)
+    assert [r.detail for r in rows] == ["ValueError: bad launch"] * len(V.OPS)
     assert not any(r.ok for r in rows)
     assert all(r.ms["first_call_incl_compile"] >= 0 for r in rows)
 

@@ -14,9 +14,10 @@ Hyperbolic attention, per head h (spec: design/MODEL.md):
 with c = clamp(kappa * exp(rho), c_min, c_max), kappa set by the curvature scheduler and rho
 (``log_c``) learned per layer, tau_h = softplus(beta_h) learned per head.
 
-:func:`hyperbolic_attention_reference` is the blockwise O(T W)-memory reference that the
-Triton kernel is checked against; :func:`dense_masked_hyperbolic_attention` is an independent
-T x T reference built from :mod:`phase7fw.geometry` ball points, for tests.
+The attention itself is the ``hyperbolic_attention`` op (phase7fw/kernels/hyperbolic_attention/:
+its torch reference, the Triton kernel that ``[kernels] hyperbolic_attention`` selects, and
+their checks); this module holds the projections, RoPE (:mod:`.rotary`), the learned
+curvature and temperatures, and the decode paths (:mod:`.cached`, :mod:`.static`).
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phase7fw import geometry
+from phase7fw.components.phase7 import cached, static
+from phase7fw.components.phase7.rotary import RotaryEmbedding
 from phase7fw.errors import Phase7Error
 from phase7fw.hookspecs import hookimpl
-from phase7fw.recipe import non_negative, option, positive
+from phase7fw.kernels.hyperbolic_attention import SCORES, geometry, hyperbolic_attention, sliding_window_mask
+from phase7fw.recipe.options import non_negative, option, positive
 
 __all__ = [
     "HyperbolicAttention",
@@ -42,9 +45,6 @@ __all__ = [
     "SdpaAttentionConfig",
     "build_hyperbolic_attention",
     "build_sdpa_attention",
-    "dense_masked_hyperbolic_attention",
-    "hyperbolic_attention_reference",
-    "sliding_window_mask",
 ]
 
 
@@ -75,184 +75,9 @@ class SdpaAttentionConfig:
 # ---------------------------------------------------------------------------------------
 
 
-def sliding_window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
-    """True where query position i may attend key position j: 0 <= j <= i and i - j < window."""
-    i = q_pos.unsqueeze(-1)
-    j = k_pos.unsqueeze(-2)
-    return (j <= i) & (i - j < window) & (j >= 0)
-
-
-def _per_head(t, n_heads: int, dtype, device) -> torch.Tensor:
-    """A scalar or (H,) tensor/float as an (H,) tensor of ``dtype`` (differentiable)."""
-    t = t.to(device=device, dtype=dtype) if isinstance(t, torch.Tensor) else torch.tensor(
-        float(t), dtype=dtype, device=device
-    )
-    if t.dim() == 0:
-        return t.expand(n_heads)
-    if t.shape != (n_heads,):
-        raise ValueError(f"expected a scalar or a tensor of shape ({n_heads},), got {tuple(t.shape)}")
-    return t
-
-
-def _compute_dtype(q: torch.Tensor, k: torch.Tensor) -> torch.dtype:
-    # Distances and softmax statistics are never computed below fp32 (bf16 cannot hold
-    # points near the boundary); fp64 inputs stay fp64 for tests.
-    return torch.float64 if torch.float64 in (q.dtype, k.dtype) else torch.float32
-
-
-def _in_compute_dtype(q, k, v, c, tau):
-    """q, k, v in the maths dtype (fp32, or fp64 when given fp64); c and tau as (H,) vectors."""
-    dtype = _compute_dtype(q, k)
-    H = q.shape[1]
-    return (q.to(dtype), k.to(dtype), v.to(dtype), _per_head(c, H, dtype, q.device),
-            _per_head(tau, H, dtype, q.device))
-
-
-SCORES = ("distance", "squared_distance", "dot_distance")
-
-
-def distance_scores(d: torch.Tensor, tau: torch.Tensor, score: str, dot: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention scores from distances d and (for ``dot_distance``) the dot products <q,k>
-    already divided by sqrt(D); tau broadcasts against d."""
-    if score == "distance":
-        return -tau * d
-    if score == "squared_distance":
-        return -tau * (d * d)
-    if score == "dot_distance":
-        return dot - tau * d
-    raise ValueError(f"score must be one of {', '.join(SCORES)}; got {score!r}")
-
-
-def hyperbolic_attention_reference(q, k, v, c, tau, window: int, score: str = "distance") -> torch.Tensor:
-    """Causal sliding-window hyperbolic attention, blockwise: O(T * W) memory.
-
-    q, k, v: (B, H, T, D) (q, k already rotated); c: scalar tensor/float or (H,); tau: (H,);
-    window W >= 1 (W >= T: full causal); ``score``: see :func:`distance_scores`.
-    Returns (B, H, T, D) in v's dtype.
-
-    Queries are split into blocks of Wb = min(W, T) positions; block b's keys are blocks
-    b-1 and b, which hold every key in its window. Distances come from
-    :func:`geometry.dist_from_tangent_stats` (one matmul <q, k> plus per-row scalars), in
-    fp32 (or fp64) whatever the input dtype or autocast state.
-    """
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    B, H, T, D = q.shape
-    out_dtype = v.dtype
-    with torch.autocast(device_type=q.device.type, enabled=False):
-        q, k, v, c, tau = _in_compute_dtype(q, k, v, c, tau)
-
-        wb = min(window, T)
-        nb = math.ceil(T / wb)
-        pad = nb * wb - T
-        if pad:
-            # Padded keys sit at positions >= T, after every real query: causality masks them.
-            q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-
-        sq = geometry.tangent_stats(q, c.view(H, 1))  # each (B, H, Tp)
-        sk = geometry.tangent_stats(k, c.view(H, 1))
-
-        def blocks(t):  # (B, H, Tp, ...) -> (B, H, nb, wb, ...)
-            return t.reshape(B, H, nb, wb, *t.shape[3:])
-
-        def with_previous(t):  # keys of block b: blocks b-1 and b (zeros before block 0)
-            t = blocks(t)
-            if nb == 1:
-                return t
-            prev = F.pad(t, (0, 0) * (t.dim() - 4) + (0, 0, 1, 0))[:, :, :nb]  # shift blocks by one
-            return torch.cat([prev, t], dim=3)
-
-        qb = blocks(q)
-        kb, vb = with_previous(k), with_previous(v)
-        sqb = geometry.TangentStats(*(blocks(s).unsqueeze(-1) for s in sq))  # (B,H,nb,wb,1)
-        skb = geometry.TangentStats(*(with_previous(s).unsqueeze(-2) for s in sk))  # (B,H,nb,1,L)
-        dot = qb @ kb.transpose(-1, -2)  # (B, H, nb, wb, L), L = wb or 2 wb
-        d = geometry.dist_from_tangent_stats(dot, sqb, skb, c.view(H, 1, 1, 1))
-        scores = distance_scores(d, tau.view(H, 1, 1, 1), score, dot * D**-0.5)
-
-        blk = torch.arange(nb, device=q.device).view(nb, 1)
-        q_pos = blk * wb + torch.arange(wb, device=q.device)  # (nb, wb)
-        k_first = (blk - (1 if nb > 1 else 0)) * wb
-        k_pos = k_first + torch.arange(kb.shape[3], device=q.device)  # (nb, L)
-        mask = sliding_window_mask(q_pos, k_pos, window)  # (nb, wb, L); j = i always allowed
-        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-        out = (probs @ vb).reshape(B, H, nb * wb, D)[:, :, :T]
-    return out.to(out_dtype)
-
-
-def dense_masked_hyperbolic_attention(q, k, v, c, tau, window: int, score: str = "distance") -> torch.Tensor:
-    """Independent T x T reference: ball points from ``geometry.expmap0`` (projected to radius
-    0.999/sqrt(c), matching the tangent clamp of the blockwise path), distances from
-    ``geometry.pairwise_dist``, an explicit sliding-window mask. Memory O(T^2 D); tests only."""
-    B, H, T, D = q.shape
-    out_dtype = v.dtype
-    with torch.autocast(device_type=q.device.type, enabled=False):
-        q, k, v, c, tau = _in_compute_dtype(q, k, v, c, tau)
-        edge = 1.0 - math.tanh(geometry.MAX_TANGENT_ATANH)  # = 1e-3: radius 0.999/sqrt(c)
-        x = geometry.project(geometry.expmap0(q, c.view(H, 1)), c.view(H, 1), eps=edge)
-        y = geometry.project(geometry.expmap0(k, c.view(H, 1)), c.view(H, 1), eps=edge)
-        d = geometry.pairwise_dist(x, y, c.view(H, 1, 1))  # (B, H, T, T)
-        pos = torch.arange(T, device=q.device)
-        mask = sliding_window_mask(pos, pos, window)
-        dot = (q @ k.transpose(-1, -2)) * D**-0.5
-        scores = distance_scores(d, tau.view(H, 1, 1), score, dot).masked_fill(~mask, float("-inf"))
-        out = torch.softmax(scores, dim=-1) @ v
-    return out.to(out_dtype)
-
-
 # ---------------------------------------------------------------------------------------
 # Modules
 # ---------------------------------------------------------------------------------------
-
-
-class RotaryEmbedding(nn.Module):
-    """Rotate-half RoPE over (B, H, T, D). Tables are non-persistent fp32 buffers for
-    ``seq_len`` positions, recomputed by ``init_weights`` (after a meta-device build);
-    longer inputs get tables computed on the fly. Output is fp32: the rotation is part of
-    the hyperbolic input and must not be rounded to bf16 first."""
-
-    def __init__(self, head_dim: int, seq_len: int, theta: float):
-        super().__init__()
-        if head_dim % 2:
-            raise Phase7Error(f"RoPE needs an even head dimension, got {head_dim}")
-        self.head_dim, self.seq_len, self.theta = head_dim, seq_len, theta
-        cos, sin = self._tables(seq_len, device=None)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
-
-    def inv_freq(self, device) -> torch.Tensor:
-        half = self.head_dim // 2
-        return self.theta ** (-torch.arange(half, dtype=torch.float64, device=device) / half)
-
-    @staticmethod
-    def angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 (cos, sin) of shape positions.shape + (D/2,), from fp64 products position *
-        inv_freq: the tables, the decode caches and the static step get bit-identical angles."""
-        ang = positions.to(torch.float64).unsqueeze(-1) * inv_freq
-        return ang.cos().float(), ang.sin().float()
-
-    @staticmethod
-    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate-half of x (..., T, D) in fp32 by per-position (cos, sin) of shape (T, D/2)."""
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-
-    def _tables(self, n: int, device):
-        return self.angles(torch.arange(n, device=device), self.inv_freq(device))
-
-    def init_weights(self) -> None:
-        cos, sin = self._tables(self.seq_len, device=self.cos.device)
-        with torch.no_grad():
-            self.cos.copy_(cos)
-            self.sin.copy_(sin)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        T = x.shape[-2]
-        if T <= self.cos.shape[0]:
-            cos, sin = self.cos[:T].float(), self.sin[:T].float()
-        else:
-            cos, sin = self._tables(T, device=x.device)
-        return self.rotate(x, cos, sin)
 
 
 def _inverse_softplus(y: float) -> float:
@@ -260,7 +85,21 @@ def _inverse_softplus(y: float) -> float:
 
 
 class _ProjectedAttention(nn.Module):
-    """Shared parts: q/k/v/out projections (no bias), RoPE, head split/merge."""
+    """Shared parts: q/k/v/out projections (no bias), RoPE, head split/merge, and what the cost
+    estimates read (:class:`phase7fw.interfaces.AttentionLayer`)."""
+
+    attention_kind = "sdpa"
+    window = 0  # keys per query; 0: every earlier token
+
+    def _keys_seen(self, seq_len: int) -> int:
+        return min(self.window or seq_len, seq_len)
+
+    def attention_flops_per_token(self, seq_len: int) -> float:
+        """Scores and values, forward and backward: 12 FLOPs per key seen, head and head dimension."""
+        return 12 * self._keys_seen(seq_len) * self.n_heads * self.head_dim
+
+    def attention_scores_per_token(self, seq_len: int) -> int:
+        return self.n_heads * self._keys_seen(seq_len)
 
     def __init__(self, d_model: int, n_heads: int, seq_len: int, rope_theta: float, n_layers: int):
         super().__init__()
@@ -301,6 +140,8 @@ class _ProjectedAttention(nn.Module):
 class HyperbolicAttention(_ProjectedAttention):
     """Sliding-window attention scored by negative Poincare-ball distance (module docstring)."""
 
+    attention_kind = "hyperbolic"
+
     def __init__(
         self,
         d_model: int,
@@ -325,7 +166,7 @@ class HyperbolicAttention(_ProjectedAttention):
         self.score = score
         # rho: learned per-layer log-curvature. Shape (1,), not a 0-dim scalar: FSDP2 shards
         # parameters along dim 0 (checkpoints with the old 0-dim shape still load, see
-        # phase7fw.checkpoint.upgrade_shapes).
+        # phase7fw.core.checkpoint.upgrade_shapes).
         self.log_c = nn.Parameter(torch.zeros(1))
         self.beta = nn.Parameter(torch.full((n_heads,), _inverse_softplus(init_temperature)))
         # kappa from the curvature scheduler: a buffer updated in place (fill_), so a compiled
@@ -335,7 +176,7 @@ class HyperbolicAttention(_ProjectedAttention):
         self.register_buffer("kappa", torch.ones((), dtype=torch.float32), persistent=False)
         #: the attention core; kernel selection may swap in a Triton implementation with
         #: the same signature as hyperbolic_attention_reference.
-        self.attention_fn = hyperbolic_attention_reference
+        self.attention_fn = hyperbolic_attention
 
     def set_curvature(self, kappa: float) -> None:
         self._kappa = float(kappa)
@@ -371,8 +212,6 @@ class HyperbolicAttention(_ProjectedAttention):
         rows at the tangent clamp (exp-map saturation), the ball radius sqrt(c)|x| reached,
         curvature and temperature, and, over the last ``max_queries`` query rows, the softmax
         entropy (nats) and the score range within each row's window."""
-        from phase7fw.components.phase7.cached import hyperbolic_scores
-
         q, k, _ = self._qkv(x)
         c, tau = self.curvature(), self.temperature()
         sc = c.sqrt()
@@ -380,7 +219,7 @@ class HyperbolicAttention(_ProjectedAttention):
         aq = sc * nq
         T = q.shape[-2]
         rows = torch.arange(max(T - max_queries, 0), T, device=q.device)
-        scores = hyperbolic_scores(q[:, :, rows], k, c, tau, self.score)  # (B, H, R, T)
+        scores = cached.hyperbolic_scores(q[:, :, rows], k, c, tau, self.score)  # (B, H, R, T)
         mask = sliding_window_mask(rows, torch.arange(T, device=q.device), self.window)
         scores = scores.masked_fill(~mask, float("-inf"))
         logp = torch.log_softmax(scores, dim=-1)
@@ -396,28 +235,22 @@ class HyperbolicAttention(_ProjectedAttention):
             "entropy": entropy.mean().item(), "score_range": score_range.mean().item(),
         }
 
-    # -- cached decoding (phase7fw.decoding): a ring buffer of the last W keys/values
+    # -- cached decoding (phase7fw.inference.decoding): a ring buffer of the last W keys/values
     def init_cache(self, batch_size: int = 1):
-        from phase7fw.decoding import KVWindow
+        from phase7fw.components.caches import KVWindow
 
         return KVWindow(self.window)
 
     def forward_cached(self, x: torch.Tensor, cache, start: int) -> torch.Tensor:
         """``forward`` for tokens at positions start.. following those held in ``cache``."""
-        from phase7fw.components.phase7.cached import hyperbolic_forward_cached
+        return cached.hyperbolic_forward_cached(self, x, cache, start)
 
-        return hyperbolic_forward_cached(self, x, cache, start)
-
-    # -- static one-token step (phase7fw.static_decoding): the ring in fixed buffers
+    # -- static one-token step (phase7fw.inference.decoding): the ring in fixed buffers
     def init_static_cache(self, cache):
-        from phase7fw.components.phase7.static import StaticAttention
+        return static.StaticAttention(self, cache)
 
-        return StaticAttention(self, cache)
-
-    def forward_static(self, x: torch.Tensor, static, pos: torch.Tensor) -> torch.Tensor:
-        from phase7fw.components.phase7.static import attention_step
-
-        return attention_step(self, x, static, pos, hyperbolic=True)
+    def forward_static(self, x: torch.Tensor, state, pos: torch.Tensor) -> torch.Tensor:
+        return static.attention_step(self, x, state, pos, hyperbolic=True)
 
     def extra_repr(self) -> str:
         return (f"heads={self.n_heads}, head_dim={self.head_dim}, window={self.window}, score={self.score},"
@@ -447,30 +280,24 @@ class SdpaAttention(_ProjectedAttention):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=sliding_window_mask(pos, pos, self.window))
         return self._out(o)
 
-    # -- cached decoding (phase7fw.decoding): the last `window` keys/values, or all of them
+    # -- cached decoding (phase7fw.inference.decoding): the last `window` keys/values, or all of them
     def init_cache(self, batch_size: int = 1):
-        from phase7fw.decoding import KVWindow
+        from phase7fw.components.caches import KVWindow
 
         return KVWindow(self.window or None)
 
     def forward_cached(self, x: torch.Tensor, cache, start: int) -> torch.Tensor:
-        from phase7fw.components.phase7.cached import sdpa_forward_cached
-
-        return sdpa_forward_cached(self, x, cache, start)
+        return cached.sdpa_forward_cached(self, x, cache, start)
 
     # -- static one-token step: needs a bounded window (a ring); window 0 keeps every key
     def supports_static(self) -> bool:
         return self.window > 0
 
     def init_static_cache(self, cache):
-        from phase7fw.components.phase7.static import StaticAttention
+        return static.StaticAttention(self, cache)
 
-        return StaticAttention(self, cache)
-
-    def forward_static(self, x: torch.Tensor, static, pos: torch.Tensor) -> torch.Tensor:
-        from phase7fw.components.phase7.static import attention_step
-
-        return attention_step(self, x, static, pos, hyperbolic=False)
+    def forward_static(self, x: torch.Tensor, state, pos: torch.Tensor) -> torch.Tensor:
+        return static.attention_step(self, x, state, pos, hyperbolic=False)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Cached decoding for the Phase 7 mixers (see :mod:`phase7fw.decoding` for the protocol).
+"""Cached decoding for the Phase 7 mixers (see :mod:`phase7fw.inference.decoding` for the protocol).
 
 The modules' ``forward_cached`` methods are thin and call these functions, so the training
 forward stays untouched. Every function takes the module itself and reuses its parameters,
@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from phase7fw import geometry
-from phase7fw.decoding import KVWindow, cached_window_attention, dot_product_scores
+from phase7fw.components.caches import KVWindow, cached_window_attention, dot_product_scores
+from phase7fw.kernels.hyperbolic_attention import distance_scores, geometry
 
 
 # ----------------------------------------------------------------------------- attention
@@ -54,10 +54,8 @@ def qkv_at(attn, u: torch.Tensor, start: int):
 
 def hyperbolic_scores(q: torch.Tensor, k: torch.Tensor, c: torch.Tensor, tau: torch.Tensor,
                       score: str = "distance") -> torch.Tensor:
-    """The hyperbolic attention scores (``score``: see ``attention.distance_scores``) for
+    """The hyperbolic attention scores (``score``: see :func:`phase7fw.kernels.hyperbolic_attention.distance_scores`) for
     (B, H, Tq, D) x (B, H, L, D) -> (B, H, Tq, L)."""
-    from phase7fw.components.phase7.attention import distance_scores
-
     H = q.shape[1]
     dt = torch.float64 if torch.float64 in (q.dtype, k.dtype) else torch.float32
     with torch.autocast(q.device.type, enabled=False):

@@ -22,7 +22,7 @@ import attrs
 from phase7fw.errors import CheckpointError, Phase7Error
 from phase7fw.hookspecs import hookimpl
 from phase7fw.interfaces import CurvatureScheduler
-from phase7fw.recipe import non_negative, option, positive
+from phase7fw.recipe.options import non_negative, option, positive
 
 
 @attrs.frozen

@@ -36,36 +36,8 @@ import torch.nn.functional as F
 
 from phase7fw.errors import Phase7Error
 from phase7fw.hookspecs import hookimpl
-from phase7fw.recipe import in_range, option, positive
-
-
-# ----------------------------------------------------------------------------- factorization
-def _iroot_ceil(n: int, k: int) -> int:
-    """Smallest integer a >= 1 with a**k >= n (exact, no float rounding surprises)."""
-    a = max(1, int(round(n ** (1.0 / k))))
-    while a**k < n:
-        a += 1
-    while a > 1 and (a - 1) ** k >= n:
-        a -= 1
-    return a
-
-
-def balanced_factors(n: int, k: int) -> list[int]:
-    """k near-equal integer factors whose product is >= n, largest first.
-
-    Greedy: the first factor is ceil(n ** (1/k)), then the rest factor ceil(n / first) the same
-    way. The product overshoots n by less than one "row" of the last factors, e.g.
-    32000 -> [179, 179] (32041), 2048 -> [46, 45] (2070), 32000 / 3 cores -> [32, 32, 32].
-    """
-    if n < 1 or k < 1:
-        raise Phase7Error(f"cannot factor {n} into {k} factors")
-    factors = []
-    rest = n
-    for left in range(k, 0, -1):
-        f = _iroot_ceil(rest, left)
-        factors.append(f)
-        rest = -(-rest // f)  # ceil division
-    return sorted(factors, reverse=True)
+from phase7fw.kernels.htt_embedding import balanced_factors, htt_embedding, htt_full_table
+from phase7fw.recipe.options import in_range, option, positive
 
 
 # ----------------------------------------------------------------------------- configs
@@ -107,43 +79,6 @@ class DenseEmbedding(nn.Module):
         return f"{self.vocab_size}, {self.d_model}"
 
 
-# einsum equations contracting the rank bonds; letters a, b are bonds, x/y/z column digits,
-# i/j/k row digits, n the flattened token axis.
-_GATHERED_EQ = {2: "nxa,nay->nxy", 3: "nxa,nayb,nbz->nxyz"}
-_FULL_EQ = {2: "ixa,ajy->ijxy", 3: "ixa,ajyb,bkz->ijkxyz"}
-
-
-def _digits(ids: torch.Tensor, vocab_factors) -> torch.Tensor:
-    """Mixed-radix digits of ``ids``: shape ids.shape + (n_cores,), most significant first."""
-    # place values, most significant first: i_k = (i // radix_k) % v_k
-    radix = [math.prod(vocab_factors[k + 1 :]) for k in range(len(vocab_factors))]
-    ids = ids.long()
-    return torch.stack([torch.div(ids, p, rounding_mode="floor") % v for p, v in zip(radix, vocab_factors)], dim=-1)
-
-
-def htt_embedding_reference(ids: torch.Tensor, cores, scale: torch.Tensor, d_model: int) -> torch.Tensor:
-    """Rows (*ids.shape, d_model) of the HTT table held by ``cores`` (G_k of shape
-    (r_{k-1}, v_k, d_k, r_k), factors read from the shapes) times ``scale``.
-
-    Gathers each core's slice at the token's digit and contracts the bonds per token; the full
-    table is never built. Cost per token ~ prod(d_k) * r multiply-adds. ids must be in
-    [0, vocab_size); not checked here, as that would sync with the device."""
-    n_cores = len(cores)
-    dig = _digits(ids.reshape(-1), [c.shape[1] for c in cores])
-    slices = []
-    for k, core in enumerate(cores):
-        s = core.index_select(1, dig[:, k]).movedim(1, 0)  # (N, r_{k-1}, d_k, r_k)
-        if k == 0:
-            s = s.squeeze(1)  # r_0 = 1: (N, d_1, r_1)
-        if k == n_cores - 1:
-            s = s.squeeze(-1)  # r_K = 1
-        slices.append(s)
-    rows = torch.einsum(_GATHERED_EQ[n_cores], *slices)
-    rows = rows.reshape(dig.shape[0], math.prod([c.shape[2] for c in cores]))
-    rows = rows[:, :d_model] * scale
-    return rows.reshape(*ids.shape, d_model)
-
-
 class HTTEmbedding(nn.Module):
     """Tensor-train factorized embedding table (see the module docstring for the layout)."""
 
@@ -164,7 +99,7 @@ class HTTEmbedding(nn.Module):
         self.scale = nn.Parameter(torch.empty(1))
         # The per-token gather path; [kernels] htt_embedding = "triton" swaps in the fused kernel
         # (same signature, no parameters). weight_matrix() always stays einsum.
-        self.gather_fn = htt_embedding_reference
+        self.gather_fn = htt_embedding
 
     def init_weights(self) -> None:
         # Entry variance of the contraction = prod(r_k for inner bonds) * prod(std_k^2); equal
@@ -179,12 +114,7 @@ class HTTEmbedding(nn.Module):
         return self.gather_fn(ids, list(self.cores), self.scale, self.d_model)
 
     def weight_matrix(self) -> torch.Tensor:
-        cores = [c for c in self.cores]
-        cores[0] = cores[0].squeeze(0)
-        cores[-1] = cores[-1].squeeze(-1)
-        full = torch.einsum(_FULL_EQ[self.n_cores], *cores)  # (v_1..v_K, d_1..d_K)
-        full = full.reshape(math.prod(self.vocab_factors), math.prod(self.dim_factors))
-        return full[: self.vocab_size, : self.d_model] * self.scale
+        return htt_full_table(list(self.cores), self.scale, self.vocab_size, self.d_model)
 
     def compression_ratio(self) -> float:
         stored = sum(p.numel() for p in self.parameters())

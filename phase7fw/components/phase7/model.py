@@ -122,7 +122,7 @@ class HybridBlock(nn.Module):
             stats["gate_mean"] = torch.sigmoid(self.gate(u)).float().mean().item()
         return self(x)[0], stats
 
-    # -- cached decoding (phase7fw.decoding): each path keeps its own cache
+    # -- cached decoding (phase7fw.inference.decoding): each path keeps its own cache
     def supports_cache(self) -> bool:
         return all(callable(getattr(p, "forward_cached", None)) for p in (self.attn, self.ssm) if p is not None)
 
@@ -148,7 +148,7 @@ class HybridBlock(nn.Module):
         h = x + mixed
         return h + self.ffn(self.norm2(h))
 
-    # -- static one-token step (phase7fw.static_decoding)
+    # -- static one-token step (phase7fw.inference.decoding)
     def supports_static_decode(self) -> bool:
         parts = [p for p in (self.attn, self.ssm) if p is not None]
         return all(callable(getattr(p, "forward_static", None)) and getattr(p, "supports_static", lambda: True)()
@@ -171,6 +171,7 @@ class Phase7Model(LanguageModel):
         super().__init__()
         self.config = config
         self.vocab_size, self.seq_len = vocab_size, config.seq_len
+        self.d_model, self.ffn_width = config.d_model, ffn_width(config)
         self.embedding = registry.build("embedding", config.embedding.name, config.embedding.config,
                                         vocab_size=vocab_size, d_model=config.d_model, registry=registry,
                                         kernels=kernels, parent=config)
@@ -273,14 +274,14 @@ class Phase7Model(LanguageModel):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.logits(self.forward_hidden(input_ids)[0])
 
-    # -- cached decoding (phase7fw.decoding): O(1) per token in the context length
+    # -- cached decoding (phase7fw.inference.decoding): O(1) per token in the context length
     context_limit = None  # windowed attention + recurrent SSM state: no length limit
 
     def supports_cache(self) -> bool:
         return all(callable(getattr(b, "supports_cache", None)) and b.supports_cache() for b in self.blocks)
 
     def init_cache(self, batch_size: int = 1):
-        from phase7fw.decoding import DecodeCache
+        from phase7fw.components.caches import DecodeCache
 
         return DecodeCache([block.init_cache(batch_size) for block in self.blocks])
 
@@ -294,13 +295,13 @@ class Phase7Model(LanguageModel):
             cache.extra["head"] = self.lm_head_weight()
         return F.linear(self.norm(x), cache.extra["head"])
 
-    # -- static one-token step (phase7fw.static_decoding): what a CUDA graph captures
+    # -- static one-token step (phase7fw.inference.decoding): what a CUDA graph captures
     def supports_static_decode(self) -> bool:
         return self.supports_cache() and all(
             callable(getattr(b, "supports_static_decode", None)) and b.supports_static_decode() for b in self.blocks)
 
     def init_static_cache(self, cache):
-        from phase7fw.static_decoding import StaticCache
+        from phase7fw.components.caches import StaticCache
 
         if "head" not in cache.extra:
             cache.extra["head"] = self.lm_head_weight()
@@ -361,7 +362,7 @@ class Phase7Model(LanguageModel):
         from importlib.resources import files
 
         from phase7fw.interfaces import HFModel
-        from phase7fw.recipe.convert import to_raw
+        from phase7fw.recipe.options import to_raw
 
         section = {"name": "phase7", **to_raw(self.config), "vocab_size": self.vocab_size,
                    "ffn_hidden": ffn_width(self.config)}

@@ -1,4 +1,4 @@
-"""The static one-token decode step of the Phase 7 mixers (see :mod:`phase7fw.static_decoding`).
+"""The static one-token decode step of the Phase 7 mixers (see :mod:`phase7fw.inference.decoding`).
 
 Each function mirrors its dynamic counterpart in :mod:`.cached` for one token whose position is
 a device tensor ``pos``:
@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from phase7fw.components.phase7.attention import RotaryEmbedding
 from phase7fw.components.phase7.cached import SsmCache, hyperbolic_scores, ssm_step
-from phase7fw.decoding import dot_product_scores
-from phase7fw.static_decoding import StaticRing, ring_attention
+from phase7fw.components.phase7.rotary import RotaryEmbedding
+from phase7fw.components.caches import StaticRing, dot_product_scores, ring_attention
 
 
 # ----------------------------------------------------------------------------- attention

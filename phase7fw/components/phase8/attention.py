@@ -37,7 +37,7 @@ from phase7fw.kernels.hyperbolic_linear_attention import (
     hyperbolic_linear_attention_chunked,
     hyperbolic_linear_attention_step,
 )
-from phase7fw.recipe import option, positive
+from phase7fw.recipe.options import option, positive
 
 __all__ = ["HyperbolicLinearAttention", "HyperbolicLinearAttentionConfig", "build_hyperbolic_linear_attention"]
 
@@ -106,6 +106,8 @@ class StaticLinearAttention:
 
 class HyperbolicLinearAttention(nn.Module):
     """Linear-time hyperbolic attention (module docstring)."""
+
+    attention_kind = "hyperbolic"  # the bench's report: not SDPA (the op is hyperbolic_linear_attention)
 
     def __init__(self, d_model: int, n_heads: int, *, chunk_size: int = 64, focus_power: float = 1.0,
                  decay: str = "data", c_min: float = 1e-3, c_max: float = 10.0, n_layers: int = 1):
@@ -187,6 +189,10 @@ class HyperbolicLinearAttention(nn.Module):
         window = 2 * 2 * min(self.chunk_size, seq_len) * D
         state = 2 * 2 * (D + 1) * (D + 1)
         return 3.0 * self.n_heads * (window + state)
+
+    def attention_scores_per_token(self, seq_len: int) -> int:
+        """Weights a token keeps for the backward: its chunk's, per head."""
+        return self.n_heads * min(self.chunk_size, seq_len)
 
     # ------------------------------------------------------------------ cached decoding
     def init_cache(self, batch_size: int = 1) -> LinearAttentionCache:

@@ -30,12 +30,17 @@ division never sees zero (it is still clamped at 1e-6); o_t is a convex combinat
 values. Gradients flow to q, k, v, the decay and the curvature.
 
 Layout: :mod:`.reference` (torch forms), :mod:`.kernel` (Triton, imported lazily),
-:mod:`.verify` (the parity rows of ``phase7fw doctor``); the kernel is registered with the
-others in :mod:`phase7fw.kernels.plugin`. Nothing here imports a component or Triton.
+:mod:`.verify` (the parity rows of ``phase7fw doctor``), :func:`register` (kind ``kernel``,
+``"hyperbolic_linear_attention:triton"``). Nothing here imports a component or Triton.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
+import attrs
+
+from phase7fw.kernels import launch_check, precision_option, triton_kernel
 from phase7fw.kernels.hyperbolic_linear_attention.reference import (
     DEN_EPS,
     MAX_ATANH,
@@ -46,11 +51,13 @@ from phase7fw.kernels.hyperbolic_linear_attention.reference import (
     hyperbolic_linear_attention_quadratic,
     hyperbolic_linear_attention_step,
 )
+from phase7fw.recipe.options import option
 
 __all__ = [
     "DEN_EPS",
     "MAX_ATANH",
     "MAX_KLEIN_RADIUS",
+    "TritonConfig",
     "empty_state",
     "feature_map",
     "hyperbolic_linear_attention",
@@ -58,29 +65,28 @@ __all__ = [
     "hyperbolic_linear_attention_quadratic",
     "hyperbolic_linear_attention_step",
     "hyperbolic_linear_attention_triton",
-    "smoke_rows",
-    "verify_rows",
+    "register",
 ]
+
+OP = "hyperbolic_linear_attention"
+
+
+@attrs.frozen
+class TritonConfig:
+    """Tuning of the Triton kernel on a GPU, ``[kernels.hyperbolic_linear_attention]`` (the
+    interpreter uses 32-wide value tiles in fp32). Not tuned yet (no GPU measurement of this
+    kernel so far): 8 warps because a program holds a D x 64 fp32 state and two Q x D feature
+    tiles (D = 128: ~100 fp32 registers per thread at 8 warps, twice that at 4)."""
+
+    gpu: tuple[int, int, int] = option((64, 8, 1), check=launch_check(1),
+                                       help="(value tile, num_warps, num_stages) on a GPU")
+    precision: Literal["ieee", "tf32"] = precision_option("tf32")
+
 
 #: The op's public function (the chunked torch form); components call this one and kernel
 #: selection may replace it with :func:`hyperbolic_linear_attention_triton` (same signature).
 hyperbolic_linear_attention = hyperbolic_linear_attention_chunked
-
-
-def hyperbolic_linear_attention_triton(*args, **kwargs):
-    """The Triton implementation (imports Triton on first use); see :mod:`.kernel`."""
-    from phase7fw.kernels.hyperbolic_linear_attention.kernel import hyperbolic_linear_attention_triton as impl
-
-    return impl(*args, **kwargs)
-
-
-def smoke_rows(device):
-    from phase7fw.kernels.hyperbolic_linear_attention.verify import smoke_rows as rows
-
-    return rows(device)
-
-
-def verify_rows(device, quick: bool = False):
-    from phase7fw.kernels.hyperbolic_linear_attention.verify import verify_rows as rows
-
-    return rows(device, quick)
+hyperbolic_linear_attention_triton, register = triton_kernel(
+    OP, "phase7fw.kernels.hyperbolic_linear_attention.kernel", "hyperbolic_linear_attention_triton",
+    "chunked O(T) hyperbolic (Lorentz feature map) linear attention, fp32 state, fwd + bwd (grads to q, k, v, c, decay)",
+    TritonConfig)

@@ -29,7 +29,7 @@ reverse cumulative sum.
 Every exponent is <= 0 (masked entries are -inf before exp), so nothing overflows; query
 features are <= 1 and key features <= 10, and every pair weight is >= 0.01 (the feature
 map's Klein-radius clamp), so tf32 dot products (error ~1e-3) keep every weight positive.
-Dot precision on the GPU: :data:`GPU_PRECISION`.
+Dot precision and launch configuration on the GPU: :class:`TritonConfig` (``[kernels.hyperbolic_linear_attention]``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 
 from phase7fw.kernels._triton import require, tl, triton
+from phase7fw.kernels.hyperbolic_linear_attention import TritonConfig
 from phase7fw.kernels.hyperbolic_linear_attention.reference import DEN_EPS, feature_map
 
 __all__ = ["hyperbolic_linear_attention_triton"]
@@ -188,19 +189,12 @@ def _hla_bwd_kernel(
 
 # ---------------------------------------------------------------------------------------
 
-#: (value tile, num_warps, num_stages) on the GPU. Not tuned yet (no GPU measurement of this
-#: kernel so far): 8 warps because a program holds a D x 64 fp32 state and two Q x D feature
-#: tiles (D = 128: ~100 fp32 registers per thread at 8 warps, twice that at 4).
-GPU_CONFIG = (64, 8, 1)
-#: dot precision on the GPU: "tf32" (tensor cores; ~1e-3 relative, inside the 1e-2 gate) or
-#: "ieee" (fp32 FMA). The interpreter always computes in fp32.
-GPU_PRECISION = "tf32"
-
-
-def _launch_cfg(x: torch.Tensor, dv: int):
+def _launch_cfg(x: torch.Tensor, dv: int, gpu, precision: str):
+    """(value tile, num_warps, num_stages, dot precision): ``gpu`` and ``precision`` on a GPU
+    (:class:`TritonConfig`, ``[kernels.hyperbolic_linear_attention]``); fp32 in the interpreter."""
     if x.device.type == "cuda":
-        bv, nw, ns = GPU_CONFIG
-        prec = GPU_PRECISION
+        bv, nw, ns = gpu
+        prec = precision
     else:
         bv, nw, ns, prec = 32, 4, 1, "ieee"
     return min(bv, max(16, triton.next_power_of_2(dv))), nw, ns, prec
@@ -217,12 +211,12 @@ def _split(f: torch.Tensor):
     return f[..., 1:].contiguous(), f[..., 0].contiguous()
 
 
-def _fwd_impl(fq, fk, v, ld, chunk_size):
+def _fwd_impl(fq, fk, v, ld, chunk_size, gpu, precision):
     require(fq, fk, v, ld)
     B, H, T, F1 = fq.shape
     D, DV = F1 - 1, v.shape[-1]
     Q = _check_chunk(chunk_size)
-    BV, nw, ns, prec = _launch_cfg(v, DV)
+    BV, nw, ns, prec = _launch_cfg(v, DV, gpu, precision)
     n = triton.cdiv(T, Q) if T else 0
     o = torch.empty(B, H, T, DV, device=v.device, dtype=torch.float32)
     den = torch.empty(B, H, T, device=v.device, dtype=torch.float32)
@@ -236,12 +230,12 @@ def _fwd_impl(fq, fk, v, ld, chunk_size):
     return o, den, states, zstates
 
 
-def _bwd_impl(fq, fk, v, ld, o, den, states, zstates, do, chunk_size):
+def _bwd_impl(fq, fk, v, ld, o, den, states, zstates, do, chunk_size, gpu, precision):
     require(fq, fk, v, ld)
     B, H, T, F1 = fq.shape
     D, DV = F1 - 1, v.shape[-1]
     Q = _check_chunk(chunk_size)
-    BV, nw, ns, prec = _launch_cfg(v, DV)
+    BV, nw, ns, prec = _launch_cfg(v, DV, gpu, precision)
     tiles = triton.cdiv(DV, BV)
     do = do.float().contiguous()
     # d(den): the clamp passes no gradient where it acted
@@ -266,14 +260,15 @@ def _bwd_impl(fq, fk, v, ld, o, den, states, zstates, do, chunk_size):
 
 
 @torch.library.custom_op("phase7fw::hyperbolic_linear_attention_fwd", mutates_args=())
-def hla_fwd(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, ld: torch.Tensor, chunk_size: int
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Kernel core on fp32 features: (o fp32, den, states and normalizer states entering each chunk)."""
-    return _fwd_impl(fq, fk, v, ld, chunk_size)
+def hla_fwd(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, ld: torch.Tensor, chunk_size: int, gpu: list[int],
+            precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kernel core on fp32 features: (o fp32, den, states and normalizer states entering each
+    chunk); ``gpu``, ``precision``: the launch configuration on a GPU (:class:`TritonConfig`)."""
+    return _fwd_impl(fq, fk, v, ld, chunk_size, gpu, precision)
 
 
 @hla_fwd.register_fake
-def _(fq, fk, v, ld, chunk_size):
+def _(fq, fk, v, ld, chunk_size, gpu, precision):
     B, H, T, F1 = fq.shape
     n = -(-T // chunk_size)
     f32 = dict(dtype=torch.float32)
@@ -283,38 +278,41 @@ def _(fq, fk, v, ld, chunk_size):
 
 @torch.library.custom_op("phase7fw::hyperbolic_linear_attention_bwd", mutates_args=())
 def hla_bwd(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, ld: torch.Tensor, o: torch.Tensor,
-            den: torch.Tensor, states: torch.Tensor, zstates: torch.Tensor, do: torch.Tensor, chunk_size: int
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            den: torch.Tensor, states: torch.Tensor, zstates: torch.Tensor, do: torch.Tensor, chunk_size: int,
+            gpu: list[int], precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d fq, d fk, dv, d log_decay)."""
-    return _bwd_impl(fq, fk, v, ld, o, den, states, zstates, do, chunk_size)
+    return _bwd_impl(fq, fk, v, ld, o, den, states, zstates, do, chunk_size, gpu, precision)
 
 
 @hla_bwd.register_fake
-def _(fq, fk, v, ld, o, den, states, zstates, do, chunk_size):
+def _(fq, fk, v, ld, o, den, states, zstates, do, chunk_size, gpu, precision):
     return torch.empty_like(fq), torch.empty_like(fk), torch.empty_like(v), torch.empty_like(ld)
 
 
 def _setup_context(ctx, inputs, output):
-    fq, fk, v, ld, chunk_size = inputs
+    fq, fk, v, ld, chunk_size, gpu, precision = inputs
     o, den, states, zstates = output
-    ctx.chunk_size = chunk_size
+    ctx.chunk_size, ctx.gpu, ctx.precision = chunk_size, gpu, precision
     ctx.save_for_backward(fq, fk, v, ld, o, den, states, zstates)
 
 
 def _backward(ctx, do, dden, dstates, dzstates):
     fq, fk, v, ld, o, den, states, zstates = ctx.saved_tensors
     grads = torch.ops.phase7fw.hyperbolic_linear_attention_bwd(fq, fk, v, ld, o, den, states, zstates, do,
-                                                               ctx.chunk_size)
-    return (*grads, None)
+                                                               ctx.chunk_size, ctx.gpu, ctx.precision)
+    return (*grads, None, None, None)
 
 
 hla_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def hyperbolic_linear_attention_triton(q, k, v, c, log_decay=None, focus_power: float = 1.0, chunk_size: int = 64):
+def hyperbolic_linear_attention_triton(q, k, v, c, log_decay=None, focus_power: float = 1.0, chunk_size: int = 64,
+                                       *, tuning: TritonConfig | None = None):
     """Drop-in for ``hyperbolic_linear_attention_chunked`` (no starting state): q, k (B, H, T, D),
     v (B, H, T, Dv) in any float dtype but fp64, c scalar or (H,), log_decay (B, H, T) or None.
-    ``chunk_size`` must be a power of two >= 16. Returns o in v's dtype."""
+    ``chunk_size`` must be a power of two >= 16. Returns o in v's dtype. ``tuning``: the launch
+    configuration (``[kernels.hyperbolic_linear_attention]``; None: the defaults)."""
+    tuning = tuning or TritonConfig()
     if torch.float64 in (q.dtype, k.dtype, v.dtype):
         raise ValueError("the Triton hyperbolic linear attention takes fp32/bf16/fp16 inputs, not fp64")
     B, H, T, _ = q.shape
@@ -323,5 +321,6 @@ def hyperbolic_linear_attention_triton(q, k, v, c, log_decay=None, focus_power: 
         fk = feature_map(k, c, focus_power)
         ld = q.new_zeros(B, H, T, dtype=torch.float32) if log_decay is None else log_decay.float()
         o, _, _, _ = torch.ops.phase7fw.hyperbolic_linear_attention_fwd(
-            fq.contiguous(), fk.contiguous(), v.contiguous(), ld.contiguous(), _check_chunk(chunk_size))
+            fq.contiguous(), fk.contiguous(), v.contiguous(), ld.contiguous(), _check_chunk(chunk_size),
+            list(tuning.gpu), tuning.precision)
     return o.to(v.dtype)

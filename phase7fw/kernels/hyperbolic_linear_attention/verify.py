@@ -33,7 +33,7 @@ def inputs(B, H, T, D, device, dtype=torch.bfloat16, max_atanh=4.5, seed=0):
 def check(B, H, T, D, device, dtype, case, timed=True, chunk_size=64):
     from phase7fw.kernels.hyperbolic_linear_attention.kernel import hyperbolic_linear_attention_triton
     from phase7fw.kernels.hyperbolic_linear_attention.reference import hyperbolic_linear_attention_chunked
-    from phase7fw.kernels.verify import _rel, gated_row
+    from phase7fw.kernels.checks import _rel, gated_row
 
     base = inputs(B, H, T, D, device, dtype)
     ins = [t.clone().requires_grad_() for t in base]
@@ -58,7 +58,7 @@ def timings(base, device, chunk_size=64) -> dict:
     import torch.nn.functional as F
 
     from phase7fw.kernels.hyperbolic_linear_attention.kernel import hyperbolic_linear_attention_triton
-    from phase7fw.kernels.verify import _bench
+    from phase7fw.kernels.checks import _bench
 
     ins = [t.clone().requires_grad_() for t in base]
     gout = torch.randn_like(base[2])
@@ -92,7 +92,7 @@ def timings(base, device, chunk_size=64) -> dict:
 
 def smoke_rows(device: torch.device) -> list:
     """Compile and run forward + backward on a tiny fp32 input (odd length, two value tiles)."""
-    from phase7fw.kernels.verify import guarded
+    from phase7fw.kernels.checks import guarded
 
     return [guarded(OP, "tiny", lambda: check(1, 2, 37, 40, device, torch.float32, "tiny", timed=False, chunk_size=16),
                     first_call=True)]
@@ -100,7 +100,7 @@ def smoke_rows(device: torch.device) -> list:
 
 def verify_rows(device: torch.device, quick: bool = False) -> list:
     """bf16 at the benchmark shape (B, 16, 1024, 128) and at T = 4096, and an odd length."""
-    from phase7fw.kernels.verify import guarded
+    from phase7fw.kernels.checks import guarded
 
     B = 2 if quick else 8
     cases = [((B, 16, 1024, 128), f"bf16 ({B},16,1024,128)"),
@@ -110,4 +110,9 @@ def verify_rows(device: torch.device, quick: bool = False) -> list:
             for shape, case in cases]
 
 
-__all__ = ["check", "inputs", "smoke_rows", "timings", "verify_rows"]
+__all__ = ["check", "inputs", "smoke_rows", "timings", "verify_cases", "verify_rows"]
+
+
+def verify_cases(device: torch.device, quick: bool = False) -> list:
+    """One case (several rows): see :func:`verify_rows`."""
+    return [lambda: verify_rows(device, quick)]
