@@ -52,7 +52,7 @@ def test_phase7_blocks_compile_fullgraph_through_all_kernels():
 def test_static_decode_step_compiles_fullgraph_through_all_kernels():
     # On the H100 (torch 2.11) `p9_generate.py --compile-step` broke here: the HTT kernel's
     # wrapper called math.prod on a generator and torch.get_float32_matmul_precision()
-    from phase7fw.decoding import Decoder, GraphedDecoder
+    from phase7fw.inference.decoding import Decoder, GraphedDecoder
 
     torch.manual_seed(0)
     model = build_model("recipes/phase7_tiny.toml", "cpu", vocab_size=300,

@@ -2,6 +2,8 @@
 configuration: validated, recorded in the resolved recipe (and so in every checkpoint), and
 handed to the kernel. The plain string form of old recipes and checkpoints still loads."""
 
+import os
+
 import attrs
 import pytest
 import torch
@@ -117,3 +119,15 @@ def test_the_tuning_reaches_the_kernel():
     assert A._config("fwd", cuda, tiles) == (128, 32, 8, 3)
     assert A._config("bwd_pre", cuda, tiles) == (32, 0, 2, 2)
     assert A._config("fwd", torch.device("cpu"), tiles) == (16, 16, 4, 1)  # the interpreter's own tiles
+
+
+def test_the_retired_scan_precision_variable_is_not_silently_ignored():
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PHASE7FW_SSM_PRECISION="tf32", TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", "import phase7fw.kernels.ar_ssm_scan.kernel"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "PHASE7FW_SSM_PRECISION is no longer read" in done.stderr
+    assert 'precision = "tf32"' in done.stderr

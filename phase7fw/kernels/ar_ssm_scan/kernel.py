@@ -31,10 +31,18 @@ offered.
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 
 from phase7fw.kernels._triton import require, tl, triton
 from phase7fw.kernels.ar_ssm_scan import TritonConfig
+
+if "PHASE7FW_SSM_PRECISION" in os.environ:  # read until 2026-12: say it no longer acts
+    warnings.warn("PHASE7FW_SSM_PRECISION is no longer read; set the scan's precision in the recipe: "
+                  f"[kernels.ar_ssm_scan] impl = \"triton\", precision = \"{os.environ['PHASE7FW_SSM_PRECISION']}\"",
+                  UserWarning, stacklevel=2)
 
 __all__ = ["ar_ssm_scan_triton"]
 
