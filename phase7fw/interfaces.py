@@ -66,7 +66,7 @@ class ModelContract(Protocol):
 
     def check_strategy(self, strategy: str) -> None: ...
 
-    def enable_activation_checkpointing(self) -> None: ...
+    def enable_activation_checkpointing(self, policy: str = "full", every: int = 1) -> None: ...
 
     def enable_chunked_cross_entropy(self, chunk_tokens: int) -> None: ...
 
@@ -210,7 +210,11 @@ class LanguageModel(nn.Module):
         """Initialize every parameter and buffer (called after materializing from meta)."""
         raise NotImplementedError(f"{type(self).__name__} must implement init_weights()")
 
-    def enable_activation_checkpointing(self) -> None:
+    def enable_activation_checkpointing(self, policy: str = "full", every: int = 1) -> None:
+        """Recompute blocks in backward (``train.activation_checkpointing``): ``policy`` is
+        ``train.checkpoint_policy`` ("full" or "save_matmuls"), ``every`` is
+        ``train.checkpoint_every``; phase7fw.components.checkpointing implements both for
+        models whose blocks run through its ``run_block``."""
         raise Phase7Error(f"model {type(self).__name__} does not support activation checkpointing")
 
     def enable_chunked_cross_entropy(self, chunk_tokens: int) -> None:

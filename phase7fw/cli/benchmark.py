@@ -187,6 +187,7 @@ def bench_recipe(recipe, overrides: dict, *, steps: int, warmup: int, device: st
                 "model": engine.model_name, "params": n_params, "matmul_params": model.matmul_params(),
                 "batch_size": t.batch_size, "grad_accum_steps": t.grad_accum_steps, "seq_len": engine.seq_len,
                 "precision": t.precision, "compile": t.compile, "activation_checkpointing": t.activation_checkpointing,
+                "checkpoint_policy": t.checkpoint_policy, "checkpoint_every": t.checkpoint_every,
                 "kernels": dict(engine.kernels), "steps": steps, "warmup": warmup,
                 "flops_per_token": fpt["total"], "flops_split": {k: v for k, v in fpt.items() if k != "total"},
             })

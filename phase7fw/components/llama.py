@@ -16,8 +16,8 @@ import attrs
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from phase7fw.components.checkpointing import BlockCheckpointing, run_block
 from phase7fw.errors import Phase7Error
 from phase7fw.hookspecs import hookimpl
 from phase7fw.kernels.rmsnorm import rmsnorm
@@ -206,7 +206,7 @@ class LlamaModel(LanguageModel):
         self.seq_len = config.seq_len
         self.d_model, self.ffn_width = config.d_model, resolve_ffn_hidden(config)
         self.head_dim = head_dim
-        self.checkpointing = False
+        self.checkpointing: BlockCheckpointing | None = None
 
         self.tok_embeddings = nn.Embedding(vocab_size, config.d_model)
         ffn_hidden = resolve_ffn_hidden(config)
@@ -244,9 +244,10 @@ class LlamaModel(LanguageModel):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def enable_activation_checkpointing(self) -> None:
-        """Recompute each block in backward instead of storing its activations."""
-        self.checkpointing = True
+    def enable_activation_checkpointing(self, policy: str = "full", every: int = 1) -> None:
+        """Recompute blocks in backward instead of storing their activations
+        (phase7fw/components/checkpointing.py: the policy, every N-th block)."""
+        self.checkpointing = BlockCheckpointing(policy, every)
 
     # -- forward ----------------------------------------------------------------------------
     def forward_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -257,12 +258,8 @@ class LlamaModel(LanguageModel):
         # fp32 tables even if the model was cast to bf16: apply_rope rotates in fp32.
         cos, sin = self.rope_cos[:T].float(), self.rope_sin[:T].float()
         h = self.tok_embeddings(input_ids)
-        recompute = self.checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
-            if recompute:
-                h = checkpoint(block, h, cos, sin, use_reentrant=False)
-            else:
-                h = block(h, cos, sin)
+        for i, block in enumerate(self.blocks):
+            h = run_block(self, i, block, h, cos, sin)
         return self.norm(h)
 
     def lm_head_weight(self) -> torch.Tensor:

@@ -121,8 +121,7 @@ def check_buildable(recipe: Recipe, plugins: Plugins) -> None:
         check_strategy(recipe.parallel.strategy)
     run = SimpleNamespace(recipe=recipe, model=model)
     memory.setup_model(run)
-    if recipe.train.activation_checkpointing:
-        model.enable_activation_checkpointing()
+    memory.setup_checkpointing(run)
     registry, max_steps = plugins.registry, recipe.train.max_steps
     run.optimizer = registry.build("optimizer", recipe.optimizer.name, recipe.optimizer.config,
                                    params=param_groups(model))
@@ -226,8 +225,7 @@ class Engine:
         self._done("model")
 
         train = recipe.train
-        if train.activation_checkpointing:
-            self.model.enable_activation_checkpointing()
+        memory.setup_checkpointing(self)
         self._done("activation_checkpointing")
         self._loss_fn = self.model.loss
         strategy = recipe.parallel.strategy

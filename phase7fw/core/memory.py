@@ -172,6 +172,22 @@ def setup_model(engine) -> None:
         engine.model.enable_chunked_cross_entropy(train.ce_chunk_tokens)
 
 
+def setup_checkpointing(engine) -> None:
+    """``train.activation_checkpointing`` with its policy and period. The defaults call the
+    model's method without arguments, as models written before the two keys expect."""
+    train = engine.recipe.train
+    if not train.activation_checkpointing:
+        return
+    if (train.checkpoint_policy, train.checkpoint_every) == ("full", 1):
+        engine.model.enable_activation_checkpointing()
+        return
+    try:
+        engine.model.enable_activation_checkpointing(policy=train.checkpoint_policy, every=train.checkpoint_every)
+    except TypeError as exc:
+        raise Phase7Error(f"model {type(engine.model).__name__} takes no train.checkpoint_policy /"
+                          f" train.checkpoint_every ({exc}); leave them at \"full\" / 1") from exc
+
+
 def setup_optimizer(engine):
     """Checks the optimizer against the memory switches; returns the
     :class:`OptimizerInBackward` when ``train.optimizer_in_backward``, else None."""
@@ -224,8 +240,15 @@ def activation_estimate(model, recipe, vocab_size: int, fused_ce: bool = False) 
     if per_token is None:
         blocks, how = 0, "blocks not counted (the model does not report its activation bytes)"
     elif t.activation_checkpointing:
-        blocks = layers * tokens * d * 4 + 2 * tokens * per_token
-        how = "checkpointed blocks"
+        # every N-th block is checkpointed; a save_matmuls block is counted as one that keeps
+        # everything (an upper bound: it drops only the elementwise intermediates)
+        ckpt = -(-layers // t.checkpoint_every)
+        kept = layers - ckpt if t.checkpoint_policy == "full" else layers
+        blocks = ckpt * tokens * d * 4 + kept * tokens * per_token
+        if t.checkpoint_policy == "full":
+            blocks += 2 * tokens * per_token  # one block recomputed at a time, and its gradients
+        how = "checkpointed blocks" if (t.checkpoint_policy, t.checkpoint_every) == ("full", 1) else (
+            f"checkpointed blocks ({t.checkpoint_policy}, every {t.checkpoint_every})")
     else:
         blocks = layers * tokens * per_token
         how = "no checkpointing"

@@ -112,7 +112,9 @@ def step_flops(model, recipe, world_size: int = 1) -> float:
     t = recipe.train
     per_token = model.flops_per_token(model.seq_len)["total"]  # the model contract (interfaces.py)
     tokens = t.batch_size * t.grad_accum_steps * model.seq_len
-    factor = 4 / 3 if t.activation_checkpointing else 1.0  # the forward runs again in backward
+    factor = 1.0
+    if t.activation_checkpointing and t.checkpoint_policy == "full":  # the forward runs again in backward
+        factor += 1 / 3 / t.checkpoint_every  # (save_matmuls reruns only elementwise work: not counted)
     if t.optimizer_in_backward and t.grad_clip > 0:
         factor *= 2  # exact clipping: forward + backward twice (phase7fw/core/memory.py)
     return per_token * tokens * factor

@@ -32,6 +32,13 @@ class TrainSection:
     )
     grad_clip: float = option(1.0, check=non_negative, help="max global grad norm; 0 disables clipping")
     activation_checkpointing: bool = option(False, help="recompute block activations in backward")
+    checkpoint_policy: Literal["full", "save_matmuls"] = option(
+        "full", help='with activation_checkpointing: "full" keeps each block\'s input only; "save_matmuls" also'
+        " keeps matmul and attention/scan outputs and recomputes the elementwise work (more memory, less compute)"
+    )
+    checkpoint_every: int = option(
+        1, check=positive, help="with activation_checkpointing: checkpoint every N-th block (1: all)"
+    )
     compile: bool = option(False, help="torch.compile the model for training")
     log_every: int = option(10, check=positive, help="console/tracker line every N steps")
     eval_every: int = option(0, check=non_negative, help="validate every N steps (0: only at the end)")
@@ -97,6 +104,12 @@ def combination_errors(recipe: "Recipe") -> list[str]:
                 "train.optimizer_in_backward = true with train.precision = \"fp16\": the fp16 grad scaler needs all"
                 " gradients before the update; use precision = \"bf16\""
             )
+    if not t.activation_checkpointing and (t.checkpoint_policy, t.checkpoint_every) != ("full", 1):
+        errors.append(
+            f"train.checkpoint_policy = {t.checkpoint_policy!r} / train.checkpoint_every = {t.checkpoint_every}"
+            " without train.activation_checkpointing = true: they choose how blocks are recomputed; set"
+            " train.activation_checkpointing = true or leave them out"
+        )
     if t.param_dtype == "bf16":
         if t.precision not in ("bf16", "auto"):
             errors.append(

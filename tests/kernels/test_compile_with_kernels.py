@@ -75,3 +75,35 @@ def test_static_decode_step_compiles_fullgraph_through_all_kernels():
     assert tokens == greedy(Decoder(model, use_cache=False))
     assert compiled.static_steps >= 7 and compiled.path == "static-eager+compile"
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_selective_checkpointing_keeps_the_mixer_kernels_outputs():
+    # train.checkpoint_policy = "save_matmuls": backward reruns neither the attention nor the
+    # scan kernel ("full" reruns both), and the gradients are those of "full"
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMixers(TorchDispatchMode):  # the kernels' forward ops (registered once built)
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func.name() in ("phase7fw::hyperbolic_attention_fwd", "phase7fw::ar_ssm_scan_fwd")
+            return func(*args, **(kwargs or {}))
+
+    from phase7fw.recipe import load_recipe
+
+    rec = load_recipe("recipes/phase7_tiny.toml", {"model.n_layers": 2, "model.seq_len": 32})
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for policy in ("full", "save_matmuls"):
+        torch.manual_seed(0)
+        model = build_model(rec, "cpu", vocab_size=300,
+                            kernels={"hyperbolic_attention": "triton", "ar_ssm_scan": "triton"}).train()
+        model.enable_activation_checkpointing(policy)
+        loss, _ = model.loss(ids, torch.roll(ids, -1, dims=1))
+        counter = CountMixers()
+        with counter:
+            loss.backward()
+        runs[policy] = counter.n, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    assert runs["full"][0] == 4 and runs["save_matmuls"][0] == 0, {k: v[0] for k, v in runs.items()}
+    for a, b in zip(runs["full"][1], runs["save_matmuls"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

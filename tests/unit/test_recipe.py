@@ -136,7 +136,7 @@ def test_set_validated_like_the_file(tmp_path):
     assert errors_of(path, ["optimizer.lr=abc"]) == ["optimizer.lr: expected float, got str 'abc'"]
     assert errors_of(path, ["train.nope=1"]) == ["train.nope: unknown key (allowed: max_steps, batch_size, "
                                                  "grad_accum_steps, precision, grad_clip, activation_checkpointing, "
-                                                 "compile, log_every, eval_every, eval_batches, save_every, "
+                                                 "checkpoint_policy, checkpoint_every, compile, log_every, eval_every, eval_batches, save_every, "
                                                  "max_nonfinite_steps, device, param_dtype, optimizer_in_backward, "
                                                  "ce_chunk_tokens, init_from, freeze)"]
 

@@ -20,8 +20,8 @@ import attrs
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from phase7fw.components.checkpointing import BlockCheckpointing, run_block
 from phase7fw.components.llama import RMSNorm, SwiGLU, kernel_impls
 from phase7fw.components.llama import resolve_ffn_hidden as ffn_width  # same ffn_hidden rule
 from phase7fw.errors import Phase7Error
@@ -181,7 +181,7 @@ class Phase7Model(LanguageModel):
             for i in range(config.n_layers)
         )
         self.norm = RMSNorm(config.d_model, config.norm_eps, kernel_impls({"kernels": kernels, "registry": registry})[0])
-        self.checkpointing = False
+        self.checkpointing: BlockCheckpointing | None = None
         self.head = None
         if config.tie_embeddings:
             # The table E rebuilt from the embedding's factors is held in this buffer for a
@@ -202,8 +202,8 @@ class Phase7Model(LanguageModel):
         if self.head is not None:
             nn.init.normal_(self.head.weight, std=self.config.init_std)
 
-    def enable_activation_checkpointing(self) -> None:
-        self.checkpointing = True
+    def enable_activation_checkpointing(self, policy: str = "full", every: int = 1) -> None:
+        self.checkpointing = BlockCheckpointing(policy, every)
 
     def check_strategy(self, strategy: str) -> None:
         if strategy == "fsdp" and self.head is None:
@@ -222,11 +222,8 @@ class Phase7Model(LanguageModel):
     def forward_hidden(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x = self.embedding(input_ids).float()  # fp32 residual stream, also with bf16 weights
         gate_means = []
-        for block in self.blocks:
-            if self.checkpointing and self.training and torch.is_grad_enabled():
-                x, gm = checkpoint(block, x, use_reentrant=False)
-            else:
-                x, gm = block(x)
+        for i, block in enumerate(self.blocks):
+            x, gm = run_block(self, i, block, x)
             gate_means.append(gm)
         return self.norm(x), gate_means
 
