@@ -11,13 +11,20 @@ from phase7fw.recipe.options import each, in_range, non_negative, option, positi
 
 
 @attrs.frozen
-class AdamWConfig:
+class AdamHyperparameters:
+    """The options every AdamW flavour takes (``adamw``, ``adamw_lowmem``): defined once so
+    their defaults, checks and help cannot drift apart. Subclasses add their own after these."""
+
     lr: float = option(3e-4, check=positive, help="peak learning rate (schedulers scale it)")
     betas: tuple[float, float] = option(
         (0.9, 0.95), check=each(in_range(0.0, 1.0, hi_open=True)), help="Adam moment decay rates"
     )
     eps: float = option(1e-8, check=positive, help="Adam denominator epsilon")
     weight_decay: float = option(0.1, check=non_negative, help="decoupled decay of the decay group")
+
+
+@attrs.frozen
+class AdamWConfig(AdamHyperparameters):
     fused: bool | None = option(None, help="fused CUDA kernel; unset = fused when all params are on CUDA")
 
 

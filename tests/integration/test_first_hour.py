@@ -93,19 +93,27 @@ def test_allow_cpu_lets_a_slow_recipe_build(tmp_path, monkeypatch):
     assert engine.machine["min_step_s"] > 0 and engine.machine["cpu_flops"] > 1e8
 
 
+def ctrl_c_during_call(n: int, loss_fn):
+    """``loss_fn`` whose n-th call (step n) would take a minute, with Ctrl-C coming 0.3 s into it."""
+    calls = 0
+
+    def slow(x, y):
+        nonlocal calls
+        calls += 1
+        if calls == n:
+            threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+            for _ in range(600):
+                time.sleep(0.1)
+        return loss_fn(x, y)
+
+    return slow
+
+
 def test_ctrl_c_in_a_long_first_step_stops_at_once(tmp_path, capsys):
     from phase7fw import Engine
 
     engine = Engine.from_recipe(LLAMA, tiny_overrides(tmp_path, **{"train.max_steps": 3}), quiet=False)
-    real = engine._loss_fn
-
-    def slow(x, y):  # a first step that would take a minute; Ctrl-C comes 0.3 s into it
-        threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
-        for _ in range(600):
-            time.sleep(0.1)
-        return real(x, y)
-
-    engine._loss_fn = slow
+    engine._loss_fn = ctrl_c_during_call(1, engine._loss_fn)
     t0 = time.perf_counter()
     with pytest.raises(KeyboardInterrupt):
         engine.fit()
@@ -127,17 +135,7 @@ def test_ctrl_c_in_a_long_later_step_saves_the_step_before_and_resumes_exactly(t
 
     Engine.from_recipe(LLAMA, {**over, "run.output_dir": str(tmp_path / "ref")}, quiet=True).fit()
     engine = Engine.from_recipe(LLAMA, over, quiet=True)
-    real, calls = engine._loss_fn, {"n": 0}
-
-    def slow_third(x, y):  # step 3 would take a minute; Ctrl-C comes 0.3 s into it
-        calls["n"] += 1
-        if calls["n"] == 3:
-            threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
-            for _ in range(600):
-                time.sleep(0.1)
-        return real(x, y)
-
-    engine._loss_fn = slow_third
+    engine._loss_fn = ctrl_c_during_call(3, engine._loss_fn)
     t0 = time.perf_counter()
     with pytest.raises(KeyboardInterrupt):
         engine.fit()

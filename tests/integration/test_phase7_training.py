@@ -1,27 +1,20 @@
 """The phase7 recipes through the Engine: training, curvature schedule, exact resume."""
 
 import math
-import shutil
 
 import pytest
-import torch
 
 from phase7fw import Engine
 from phase7fw.core.checkpoint import load_checkpoint
-from tests.conftest import RECIPES, tiny_overrides
+from tests.conftest import RECIPES
+from tests.integration.hybrid import assert_resume_is_bit_identical, hybrid_overrides
 from tests.integration.test_training import rows
 
 TINY = RECIPES / "phase7_tiny.toml"
 
 
 def overrides(tmp_path, **extra):
-    base = tiny_overrides(tmp_path, **{
-        "model.d_model": 32, "model.n_heads": 2, "model.seq_len": 32, "model.ffn_hidden": 64,
-        "model.attention.window": 8, "model.ssm.n_heads": 2, "model.ssm.max_rank": 8, "model.ssm.min_rank": 2,
-        "model.ssm.chunk_size": 8, "model.embedding.rank": 4, "curvature_scheduler.warmup_steps": 4,
-    })
-    base.update(extra)
-    return base
+    return hybrid_overrides(tmp_path, {"model.seq_len": 32, "model.attention.window": 8}, **extra)
 
 
 def test_phase7_tiny_trains_and_logs_curvature(tmp_path, capsys):
@@ -41,20 +34,7 @@ def test_phase7_tiny_trains_and_logs_curvature(tmp_path, capsys):
 
 
 def test_phase7_resume_is_bit_identical(tmp_path):
-    Engine.from_recipe(TINY, overrides(tmp_path / "a")).fit()
-    ref = rows(tmp_path / "a" / "run")
-    target = tmp_path / "b" / "run"
-    target.mkdir(parents=True)
-    shutil.copy(tmp_path / "a" / "run" / "phase7_step_3.pt", target)
-    e = Engine.from_recipe(TINY, overrides(tmp_path / "b"))
-    assert e.step == 3 and math.isclose(float(e.model.blocks[0].attn.kappa), ref[2]["curvature"], rel_tol=1e-6)
-    e.fit()
-    again = rows(target)
-    assert [(r["loss"], r["grad_norm"], r["curvature"]) for r in again] == \
-        [(r["loss"], r["grad_norm"], r["curvature"]) for r in ref[3:]]
-    a = load_checkpoint(tmp_path / "a" / "run" / "phase7_final.pt")["model"]
-    b = load_checkpoint(target / "phase7_final.pt")["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_bit_identical(TINY, overrides, tmp_path)
 
 
 def test_tied_head_trains_with_accumulation(tmp_path):

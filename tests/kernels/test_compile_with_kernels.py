@@ -10,6 +10,7 @@ import torch
 
 from phase7fw.core.build import build_model
 from phase7fw.kernels.verify import OPS as KERNEL_OPS
+from tests.kernels.model_check import assert_same_loss_and_grads
 
 
 def test_phase7_blocks_compile_fullgraph_through_all_kernels():
@@ -30,23 +31,7 @@ def test_phase7_blocks_compile_fullgraph_through_all_kernels():
         module.compile(backend="aot_eager", fullgraph=True)
     torch._dynamo.reset()
     ids = torch.randint(0, 300, (2, 64), generator=torch.Generator().manual_seed(1))
-    targets = torch.roll(ids, -1, dims=1)
-    losses = []
-    for model in (ref, fast):
-        model.train()
-        model.begin_step()
-        loss, _ = model.loss(ids, targets)
-        loss.backward()
-        model.finish_backward()
-        losses.append(loss.detach())
-    assert torch.allclose(losses[0], losses[1], rtol=1e-5, atol=1e-5), losses
-    ref_grads = dict(ref.named_parameters())
-    for name, p in fast.named_parameters():
-        g_ref = ref_grads[name].grad
-        assert (p.grad is None) == (g_ref is None), name
-        if g_ref is not None:
-            err = (p.grad - g_ref).norm() / g_ref.norm().clamp_min(1e-12)
-            assert err < 1e-4, (name, float(err))
+    assert_same_loss_and_grads(ref, fast, ids, prepare=lambda model: model.train())
 
 
 def test_static_decode_step_compiles_fullgraph_through_all_kernels():

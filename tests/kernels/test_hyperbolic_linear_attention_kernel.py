@@ -18,6 +18,7 @@ from phase7fw.kernels.hyperbolic_linear_attention import (  # noqa: E402
     hyperbolic_linear_attention_chunked,
     hyperbolic_linear_attention_quadratic,
 )
+from tests.kernels.model_check import assert_same_loss_and_grads  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
     pytest.skip("TRITON_INTERPRET=0: these tests run the kernels in Triton's CPU interpreter (on a GPU: tests/gpu)",
@@ -130,16 +131,4 @@ def test_phase8_model_with_the_kernel_compiles_fullgraph_and_matches_the_referen
         block.compile(backend="aot_eager", fullgraph=True)
     torch._dynamo.reset()
     ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
-    losses = []
-    for model in (ref, fast):
-        model.set_curvature(0.6)
-        model.begin_step()
-        loss, _ = model.loss(ids, torch.roll(ids, -1, dims=1))
-        loss.backward()
-        model.finish_backward()
-        losses.append(loss.detach())
-    assert torch.allclose(losses[0], losses[1], rtol=1e-5, atol=1e-5), losses
-    ref_grads = dict(ref.named_parameters())
-    for name, p in fast.named_parameters():
-        g = ref_grads[name].grad
-        assert (g - p.grad).norm() <= 1e-4 * g.norm().clamp_min(1e-12), name
+    assert_same_loss_and_grads(ref, fast, ids, prepare=lambda model: model.set_curvature(0.6))

@@ -35,9 +35,10 @@ import attrs
 import torch
 
 from phase7fw.components.lowmem import states
+from phase7fw.components.optimizers import AdamHyperparameters
 from phase7fw.errors import Phase7Error
 from phase7fw.hookspecs import hookimpl
-from phase7fw.recipe.options import each, in_range, non_negative, option, positive
+from phase7fw.recipe.options import option
 
 CHUNK = 1 << 21  # elements per update chunk (a multiple of every allowed block size)
 
@@ -51,13 +52,7 @@ def _block(v):
 
 
 @attrs.frozen
-class AdamWLowMemConfig:
-    lr: float = option(3e-4, check=positive, help="peak learning rate (schedulers scale it)")
-    betas: tuple[float, float] = option(
-        (0.9, 0.95), check=each(in_range(0.0, 1.0, hi_open=True)), help="Adam moment decay rates"
-    )
-    eps: float = option(1e-8, check=positive, help="Adam denominator epsilon")
-    weight_decay: float = option(0.1, check=non_negative, help="decoupled decay of the decay group")
+class AdamWLowMemConfig(AdamHyperparameters):
     state_bits: int = option(
         8, check=_bits, help="bits per Adam moment: 32 (fp32) or 8 (block-wise, ~2 bytes/param for both)"
     )

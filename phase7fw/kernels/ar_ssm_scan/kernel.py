@@ -36,6 +36,7 @@ import warnings
 
 import torch
 
+from phase7fw.kernels._chunked import causal_decay, chunk_log_decay, load_rows, program_tiles, row_ptrs
 from phase7fw.kernels._triton import require, tl, triton
 from phase7fw.kernels.ar_ssm_scan import TritonConfig
 
@@ -53,34 +54,27 @@ def _ssm_fwd_kernel(
     T, R, DV, NCHUNK,
     Q: tl.constexpr, BR: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_v = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    offs_q = tl.arange(0, Q)
-    offs_r = tl.arange(0, BR)
-    offs_v = pid_v * BDV + tl.arange(0, BDV)
-    r_ok = offs_r < R
-    v_ok = offs_v < DV
+    pid_v, bh, offs_q, offs_r, offs_v, r_ok, v_ok = program_tiles(Q, BR, BDV, R, DV)
     causal = offs_q[:, None] >= offs_q[None, :]
     state = tl.zeros((BR, BDV), tl.float32)
     for c in range(0, NCHUNK):
         t = c * Q + offs_q
         t_ok = t < T
-        x = tl.load(X + bh * T * DV + t[:, None] * DV + offs_v[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
-        b = tl.load(Bm + bh * T * R + t[:, None] * R + offs_r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
-        cm = tl.load(Cm + bh * T * R + t[:, None] * R + offs_r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
-        ld = tl.load(LD + bh * T + t, mask=t_ok, other=0.0).to(tl.float32)
-        cum = tl.cumsum(ld, 0)
-        total = tl.sum(ld, 0)
+        xv_mask = t_ok[:, None] & v_ok[None, :]
+        xr_mask = t_ok[:, None] & r_ok[None, :]
+        x = load_rows(X, bh, t, offs_v, T, DV, xv_mask)
+        b = load_rows(Bm, bh, t, offs_r, T, R, xr_mask)
+        cm = load_rows(Cm, bh, t, offs_r, T, R, xr_mask)
+        cum, total = chunk_log_decay(LD, bh, t, t_ok, T)
         # state entering this chunk, for the backward
         sptr = STATES + (bh * NCHUNK + c) * R * DV + offs_r[:, None] * DV + offs_v[None, :]
         tl.store(sptr, state, mask=r_ok[:, None] & v_ok[None, :])
 
-        lmat = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
+        lmat = causal_decay(cum, causal)
         g = tl.dot(cm, tl.trans(b), input_precision=PREC) * lmat
         y = tl.dot(g, x, input_precision=PREC)
         y += tl.dot(cm * tl.exp(cum)[:, None], state, input_precision=PREC)
-        tl.store(Y + bh * T * DV + t[:, None] * DV + offs_v[None, :], y.to(Y.dtype.element_ty),
-                 mask=t_ok[:, None] & v_ok[None, :])
+        tl.store(row_ptrs(Y, bh, t, offs_v, T, DV), y.to(Y.dtype.element_ty), mask=xv_mask)
         to_end = tl.exp(total - cum)
         state = state * tl.exp(total) + tl.dot(tl.trans(b * to_end[:, None]), x, input_precision=PREC)
 
@@ -91,35 +85,26 @@ def _ssm_bwd_kernel(
     T, R, DV, NCHUNK, BH,
     Q: tl.constexpr, BR: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_v = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    offs_q = tl.arange(0, Q)
-    offs_r = tl.arange(0, BR)
-    offs_v = pid_v * BDV + tl.arange(0, BDV)
-    r_ok = offs_r < R
-    v_ok = offs_v < DV
+    pid_v, bh, offs_q, offs_r, offs_v, r_ok, v_ok = program_tiles(Q, BR, BDV, R, DV)
     causal = offs_q[:, None] >= offs_q[None, :]
     causal_t = offs_q[:, None] <= offs_q[None, :]
     ds = tl.zeros((BR, BDV), tl.float32)  # dL/d(state leaving the chunk)
-    # this tile's partial dB, dC: (n_tiles, BH, T, R)
-    part = (pid_v * BH + bh) * T * R
+    part = pid_v * BH + bh  # this tile's row of the partial dB, dC: (n_tiles * BH, T, R)
     for cc in range(0, NCHUNK):
         c = NCHUNK - 1 - cc
         t = c * Q + offs_q
         t_ok = t < T
         xv_mask = t_ok[:, None] & v_ok[None, :]
         xr_mask = t_ok[:, None] & r_ok[None, :]
-        x = tl.load(X + bh * T * DV + t[:, None] * DV + offs_v[None, :], mask=xv_mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + bh * T * DV + t[:, None] * DV + offs_v[None, :], mask=xv_mask, other=0.0).to(tl.float32)
-        b = tl.load(Bm + bh * T * R + t[:, None] * R + offs_r[None, :], mask=xr_mask, other=0.0).to(tl.float32)
-        cm = tl.load(Cm + bh * T * R + t[:, None] * R + offs_r[None, :], mask=xr_mask, other=0.0).to(tl.float32)
-        ld = tl.load(LD + bh * T + t, mask=t_ok, other=0.0).to(tl.float32)
-        cum = tl.cumsum(ld, 0)
-        total = tl.sum(ld, 0)
+        x = load_rows(X, bh, t, offs_v, T, DV, xv_mask)
+        dy = load_rows(DY, bh, t, offs_v, T, DV, xv_mask)
+        b = load_rows(Bm, bh, t, offs_r, T, R, xr_mask)
+        cm = load_rows(Cm, bh, t, offs_r, T, R, xr_mask)
+        cum, total = chunk_log_decay(LD, bh, t, t_ok, T)
         s_in = tl.load(STATES + (bh * NCHUNK + c) * R * DV + offs_r[:, None] * DV + offs_v[None, :],
                        mask=r_ok[:, None] & v_ok[None, :], other=0.0)
 
-        lmat = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))  # [i, j]
+        lmat = causal_decay(cum, causal)  # [i, j]
         lmat_t = tl.exp(tl.where(causal_t, cum[None, :] - cum[:, None], float("-inf")))  # [j, i]
         ecum = tl.exp(cum)
         to_end = tl.exp(total - cum)
@@ -133,9 +118,9 @@ def _ssm_bwd_kernel(
         dx = tl.dot(g_t, dy, input_precision=PREC) + tl.dot(b * to_end[:, None], ds, input_precision=PREC)
         ds = ds * tl.exp(total) + tl.dot(tl.trans(cm * ecum[:, None]), dy, input_precision=PREC)
 
-        tl.store(DX + bh * T * DV + t[:, None] * DV + offs_v[None, :], dx.to(DX.dtype.element_ty), mask=xv_mask)
-        tl.store(DB + part + t[:, None] * R + offs_r[None, :], db, mask=xr_mask)
-        tl.store(DC + part + t[:, None] * R + offs_r[None, :], dc, mask=xr_mask)
+        tl.store(row_ptrs(DX, bh, t, offs_v, T, DV), dx.to(DX.dtype.element_ty), mask=xv_mask)
+        tl.store(row_ptrs(DB, part, t, offs_r, T, R), db, mask=xr_mask)
+        tl.store(row_ptrs(DC, part, t, offs_r, T, R), dc, mask=xr_mask)
 
 
 # ---------------------------------------------------------------------------------------

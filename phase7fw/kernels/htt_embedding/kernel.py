@@ -102,6 +102,28 @@ def _htt2_bwd_kernel(
 
 
 @triton.jit
+def _htt3_slices(IDS, t, V1, V2, V3, D1, D2, D3, R1, R2,
+                 BD1: tl.constexpr, BD3: tl.constexpr, BR1: tl.constexpr, BR2: tl.constexpr):
+    """Token t's slices of three cores, shared by the forward and the backward: the output
+    offsets (ox, oz) and their masks, and offset and mask of G_1[0, i_1] (d_1 x r_1),
+    G_2[:, i_2, 0, :] (r_1 x r_2, step R2 for the next middle column) and G_3[:, i_3, :, 0]
+    (r_2 x d_3)."""
+    i1, i2, i3 = _digits(IDS, t, V2, V3, V1)
+    ox = tl.arange(0, BD1)
+    oz = tl.arange(0, BD3)
+    oa = tl.arange(0, BR1)
+    ob = tl.arange(0, BR2)
+    x_ok, z_ok, a_ok, b_ok = ox < D1, oz < D3, oa < R1, ob < R2
+    off1 = i1 * D1 * R1 + ox[:, None] * R1 + oa[None, :]
+    off2 = oa[:, None] * V2 * D2 * R2 + i2 * D2 * R2 + ob[None, :]
+    off3 = ob[:, None] * V3 * D3 + i3 * D3 + oz[None, :]
+    m1 = x_ok[:, None] & a_ok[None, :]
+    m2 = a_ok[:, None] & b_ok[None, :]
+    m3 = b_ok[:, None] & z_ok[None, :]
+    return ox, oz, x_ok, z_ok, off1, m1, off2, m2, off3, m3
+
+
+@triton.jit
 def _htt3_fwd_kernel(
     IDS, G1, G2, G3, SCALE, OUT,
     V1, V2, V3, D1, D2, D3, R1, R2, DM,
@@ -109,19 +131,12 @@ def _htt3_fwd_kernel(
     PREC: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    i1, i2, i3 = _digits(IDS, t, V2, V3, V1)
-    ox = tl.arange(0, BD1)
-    oz = tl.arange(0, BD3)
-    oa = tl.arange(0, BR1)
-    ob = tl.arange(0, BR2)
-    x_ok, z_ok, a_ok, b_ok = ox < D1, oz < D3, oa < R1, ob < R2
-    g1 = tl.load(G1 + i1 * D1 * R1 + ox[:, None] * R1 + oa[None, :], mask=x_ok[:, None] & a_ok[None, :], other=0.0)
-    g3 = tl.load(G3 + ob[:, None] * V3 * D3 + i3 * D3 + oz[None, :], mask=b_ok[:, None] & z_ok[None, :], other=0.0)
-    g1 = g1.to(tl.float32)
-    g3 = g3.to(tl.float32)
+    ox, oz, x_ok, z_ok, off1, m1, off2, m2, off3, m3 = _htt3_slices(
+        IDS, t, V1, V2, V3, D1, D2, D3, R1, R2, BD1, BD3, BR1, BR2)
+    g1 = tl.load(G1 + off1, mask=m1, other=0.0).to(tl.float32)
+    g3 = tl.load(G3 + off3, mask=m3, other=0.0).to(tl.float32)
     scale = tl.load(SCALE).to(tl.float32)
-    m2 = a_ok[:, None] & b_ok[None, :]
-    base2 = G2 + oa[:, None] * V2 * D2 * R2 + i2 * D2 * R2 + ob[None, :]
+    base2 = G2 + off2
     # the middle digit's columns are strided by d_3: one (d_1 x d_3) slab of the row per y
     for y in range(0, D2):
         g2 = tl.load(base2 + y * R2, mask=m2, other=0.0).to(tl.float32)
@@ -140,18 +155,8 @@ def _htt3_bwd_kernel(
     PREC: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    i1, i2, i3 = _digits(IDS, t, V2, V3, V1)
-    ox = tl.arange(0, BD1)
-    oz = tl.arange(0, BD3)
-    oa = tl.arange(0, BR1)
-    ob = tl.arange(0, BR2)
-    x_ok, z_ok, a_ok, b_ok = ox < D1, oz < D3, oa < R1, ob < R2
-    m1 = x_ok[:, None] & a_ok[None, :]
-    m2 = a_ok[:, None] & b_ok[None, :]
-    m3 = b_ok[:, None] & z_ok[None, :]
-    off1 = i1 * D1 * R1 + ox[:, None] * R1 + oa[None, :]
-    off2 = oa[:, None] * V2 * D2 * R2 + i2 * D2 * R2 + ob[None, :]
-    off3 = ob[:, None] * V3 * D3 + i3 * D3 + oz[None, :]
+    ox, oz, x_ok, z_ok, off1, m1, off2, m2, off3, m3 = _htt3_slices(
+        IDS, t, V1, V2, V3, D1, D2, D3, R1, R2, BD1, BD3, BR1, BR2)
     g1 = tl.load(G1 + off1, mask=m1, other=0.0).to(tl.float32)
     g3 = tl.load(G3 + off3, mask=m3, other=0.0).to(tl.float32)
     scale = tl.load(SCALE).to(tl.float32)

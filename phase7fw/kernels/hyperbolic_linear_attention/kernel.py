@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import torch
 
+from phase7fw.kernels._chunked import causal_decay, chunk_log_decay, load_rows, program_tiles, row_ptrs
 from phase7fw.kernels._triton import require, tl, triton
 from phase7fw.kernels.hyperbolic_linear_attention import TritonConfig
 from phase7fw.kernels.hyperbolic_linear_attention.reference import DEN_EPS, feature_map
@@ -49,13 +50,7 @@ def _hla_fwd_kernel(
     T, D, DV, NCHUNK, EPS,
     Q: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_v = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    offs_q = tl.arange(0, Q)
-    offs_d = tl.arange(0, BD)
-    offs_v = pid_v * BV + tl.arange(0, BV)
-    d_ok = offs_d < D
-    v_ok = offs_v < DV
+    pid_v, bh, offs_q, offs_d, offs_v, d_ok, v_ok = program_tiles(Q, BD, BV, D, DV)
     # tile 0 stores what every tile computes alike (den, Z): masks as vectors (a scalar
     # condition in a mask is not supported everywhere)
     first_d = (offs_d * 0 + pid_v) == 0
@@ -70,14 +65,12 @@ def _hla_fwd_kernel(
         t_ok = t < T
         fd_mask = t_ok[:, None] & d_ok[None, :]
         fv_mask = t_ok[:, None] & v_ok[None, :]
-        fq = tl.load(FQ + bh * T * D + t[:, None] * D + offs_d[None, :], mask=fd_mask, other=0.0)
-        fk = tl.load(FK + bh * T * D + t[:, None] * D + offs_d[None, :], mask=fd_mask, other=0.0)
+        fq = load_rows(FQ, bh, t, offs_d, T, D, fd_mask)
+        fk = load_rows(FK, bh, t, offs_d, T, D, fd_mask)
         fq0 = tl.load(FQ0 + bh * T + t, mask=t_ok, other=0.0)
         fk0 = tl.load(FK0 + bh * T + t, mask=t_ok, other=0.0)
-        v = tl.load(V + bh * T * DV + t[:, None] * DV + offs_v[None, :], mask=fv_mask, other=0.0).to(tl.float32)
-        ld = tl.load(LD + bh * T + t, mask=t_ok, other=0.0)
-        cum = tl.cumsum(ld, 0)
-        total = tl.sum(ld, 0)
+        v = load_rows(V, bh, t, offs_v, T, DV, fv_mask)
+        cum, total = chunk_log_decay(LD, bh, t, t_ok, T)
 
         # the state entering this chunk, for the backward: row 0 time-like, rows 1..D space-like
         sp = STATES + (bh * NCHUNK + c) * (D + 1) * DV
@@ -87,14 +80,14 @@ def _hla_fwd_kernel(
         tl.store(zp + offs_d * 0, z0 + offs_d * 0.0, mask=(offs_d == 0) & first_d)
         tl.store(zp + 1 + offs_d, z, mask=d_ok & first_d)
 
-        lmat = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
+        lmat = causal_decay(cum, causal)
         w = (tl.dot(fq, tl.trans(fk), input_precision=PREC) + fq0[:, None] * fk0[None, :]) * lmat
         ec = tl.exp(cum)
         num = tl.dot(w, v, input_precision=PREC)
         num += ec[:, None] * (tl.dot(fq, s, input_precision=PREC) + fq0[:, None] * s0[None, :])
         den = tl.sum(w, 1) + ec * (tl.sum(fq * z[None, :], 1) + fq0 * z0)
         den = tl.maximum(den, EPS)
-        tl.store(O + bh * T * DV + t[:, None] * DV + offs_v[None, :], num / den[:, None], mask=fv_mask)
+        tl.store(row_ptrs(O, bh, t, offs_v, T, DV), num / den[:, None], mask=fv_mask)
         tl.store(DEN + bh * T + t, den, mask=t_ok & first_q)
 
         to_end = tl.exp(total - cum)
@@ -114,13 +107,7 @@ def _hla_bwd_kernel(
     T, D, DV, NCHUNK, BH,
     Q: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_v = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    offs_q = tl.arange(0, Q)
-    offs_d = tl.arange(0, BD)
-    offs_v = pid_v * BV + tl.arange(0, BV)
-    d_ok = offs_d < D
-    v_ok = offs_v < DV
+    pid_v, bh, offs_q, offs_d, offs_v, d_ok, v_ok = program_tiles(Q, BD, BV, D, DV)
     # the normalizer column belongs to tile 0: its terms are added there only
     first = (pid_v == 0).to(tl.float32)
     causal = offs_q[:, None] >= offs_q[None, :]
@@ -128,24 +115,22 @@ def _hla_bwd_kernel(
     ds0 = tl.zeros((BV,), tl.float32)
     dz = tl.zeros((BD,), tl.float32)
     dz0 = tl.sum(tl.zeros((BD,), tl.float32), 0)
-    part = (pid_v * BH + bh) * T  # this tile's slice of the partial feature gradients
+    part = pid_v * BH + bh  # this tile's row of the partial feature gradients: (n_tiles * BH, T, ...)
     for cc in range(0, NCHUNK):
         c = NCHUNK - 1 - cc
         t = c * Q + offs_q
         t_ok = t < T
         fd_mask = t_ok[:, None] & d_ok[None, :]
         fv_mask = t_ok[:, None] & v_ok[None, :]
-        fq = tl.load(FQ + bh * T * D + t[:, None] * D + offs_d[None, :], mask=fd_mask, other=0.0)
-        fk = tl.load(FK + bh * T * D + t[:, None] * D + offs_d[None, :], mask=fd_mask, other=0.0)
+        fq = load_rows(FQ, bh, t, offs_d, T, D, fd_mask)
+        fk = load_rows(FK, bh, t, offs_d, T, D, fd_mask)
         fq0 = tl.load(FQ0 + bh * T + t, mask=t_ok, other=0.0)
         fk0 = tl.load(FK0 + bh * T + t, mask=t_ok, other=0.0)
-        v = tl.load(V + bh * T * DV + t[:, None] * DV + offs_v[None, :], mask=fv_mask, other=0.0).to(tl.float32)
-        do = tl.load(DO + bh * T * DV + t[:, None] * DV + offs_v[None, :], mask=fv_mask, other=0.0).to(tl.float32)
+        v = load_rows(V, bh, t, offs_v, T, DV, fv_mask)
+        do = load_rows(DO, bh, t, offs_v, T, DV, fv_mask)
         den = tl.load(DEN + bh * T + t, mask=t_ok, other=1.0)
         dden = tl.load(DDEN + bh * T + t, mask=t_ok, other=0.0)
-        ld = tl.load(LD + bh * T + t, mask=t_ok, other=0.0)
-        cum = tl.cumsum(ld, 0)
-        total = tl.sum(ld, 0)
+        cum, total = chunk_log_decay(LD, bh, t, t_ok, T)
         sp = STATES + (bh * NCHUNK + c) * (D + 1) * DV
         s0_in = tl.load(sp + offs_v, mask=v_ok, other=0.0)
         s_in = tl.load(sp + (1 + offs_d)[:, None] * DV + offs_v[None, :], mask=d_ok[:, None] & v_ok[None, :],
@@ -154,7 +139,7 @@ def _hla_bwd_kernel(
         z0_in = tl.sum(tl.load(zp + offs_d * 0, mask=offs_d == 0, other=0.0), 0)
         z_in = tl.load(zp + 1 + offs_d, mask=d_ok, other=0.0)
 
-        lmat = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))  # [i, j]
+        lmat = causal_decay(cum, causal)  # [i, j]
         ec = tl.exp(cum)
         to_end = tl.exp(total - cum)
         decay = tl.exp(total)
@@ -180,11 +165,11 @@ def _hla_bwd_kernel(
         dz = dz * decay + tl.sum(fq_e * dden[:, None], 0)
         dz0 = dz0 * decay + tl.sum(fq0_e * dden, 0)
 
-        tl.store(DV_ + bh * T * DV + t[:, None] * DV + offs_v[None, :], dv, mask=fv_mask)
-        tl.store(DFQ + part * D + t[:, None] * D + offs_d[None, :], dfq, mask=fd_mask)
-        tl.store(DFK + part * D + t[:, None] * D + offs_d[None, :], dfk, mask=fd_mask)
-        tl.store(DFQ0 + part + t, dfq0, mask=t_ok)
-        tl.store(DFK0 + part + t, dfk0, mask=t_ok)
+        tl.store(row_ptrs(DV_, bh, t, offs_v, T, DV), dv, mask=fv_mask)
+        tl.store(row_ptrs(DFQ, part, t, offs_d, T, D), dfq, mask=fd_mask)
+        tl.store(row_ptrs(DFK, part, t, offs_d, T, D), dfk, mask=fd_mask)
+        tl.store(DFQ0 + part * T + t, dfq0, mask=t_ok)
+        tl.store(DFK0 + part * T + t, dfk0, mask=t_ok)
 
 
 # ---------------------------------------------------------------------------------------

@@ -24,11 +24,18 @@ __all__ = ["swiglu_triton"]
 
 
 @triton.jit
-def _swiglu_fwd_kernel(G, U, Y, M, N, stride_g, stride_u, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _block(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's (BLOCK_M x BLOCK_N) block of the (M, N) problem: int64 row offsets as a
+    column (rows * stride overflows int32 on large batches), column offsets, in-range mask."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
-    r64 = rows.to(tl.int64)[:, None]
+    return rows.to(tl.int64)[:, None], cols, mask
+
+
+@triton.jit
+def _swiglu_fwd_kernel(G, U, Y, M, N, stride_g, stride_u, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    r64, cols, mask = _block(M, N, BLOCK_M, BLOCK_N)
     g = tl.load(G + r64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + r64 * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     y = g * tl.sigmoid(g) * u
@@ -39,10 +46,7 @@ def _swiglu_fwd_kernel(G, U, Y, M, N, stride_g, stride_u, BLOCK_M: tl.constexpr,
 def _swiglu_bwd_kernel(
     G, U, DY, DG, DU, M, N, stride_g, stride_u, stride_dy, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rows < M)[:, None] & (cols < N)[None, :]
-    r64 = rows.to(tl.int64)[:, None]
+    r64, cols, mask = _block(M, N, BLOCK_M, BLOCK_N)
     g = tl.load(G + r64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + r64 * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(DY + r64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
