@@ -17,12 +17,10 @@ docs/performance.md ("Memory / small-GPU mode") has the measured bytes of each s
 from __future__ import annotations
 
 import functools
-from typing import Literal
 
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-CheckpointPolicyName = Literal["full", "save_matmuls"]
 POLICIES: tuple[str, ...] = ("full", "save_matmuls")
 
 _aten = torch.ops.aten

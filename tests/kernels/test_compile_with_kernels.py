@@ -38,6 +38,7 @@ def test_static_decode_step_compiles_fullgraph_through_all_kernels():
     # On the H100 (torch 2.11) `p9_generate.py --compile-step` broke here: the HTT kernel's
     # wrapper called math.prod on a generator and torch.get_float32_matmul_precision()
     from phase7fw.inference.decoding import Decoder, GraphedDecoder
+    from tests.unit.test_decoding import greedy_with
 
     torch.manual_seed(0)
     model = build_model("recipes/phase7_tiny.toml", "cpu", vocab_size=300,
@@ -46,18 +47,9 @@ def test_static_decode_step_compiles_fullgraph_through_all_kernels():
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     prompt = [5, 17, 2, 250, 9]
-
-    def greedy(dec, n=8):
-        dec.reset(prompt)
-        out = []
-        for _ in range(n):
-            out.append(int(dec.logits().argmax()))
-            dec.extend([out[-1]])
-        return out
-
     compiled = GraphedDecoder(model, capture=False, compile_step=True)
-    tokens = greedy(compiled)
-    assert tokens == greedy(Decoder(model, use_cache=False))
+    tokens, _ = greedy_with(compiled, prompt, 8)
+    assert tokens == greedy_with(Decoder(model, use_cache=False), prompt, 8)[0]
     assert compiled.static_steps >= 7 and compiled.path == "static-eager+compile"
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
@@ -65,14 +57,9 @@ def test_static_decode_step_compiles_fullgraph_through_all_kernels():
 def test_selective_checkpointing_keeps_the_mixer_kernels_outputs():
     # train.checkpoint_policy = "save_matmuls": backward reruns neither the attention nor the
     # scan kernel ("full" reruns both), and the gradients are those of "full"
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from tests.unit.test_checkpointing import CountOps
 
-    class CountMixers(TorchDispatchMode):  # the kernels' forward ops (registered once built)
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n += func.name() in ("phase7fw::hyperbolic_attention_fwd", "phase7fw::ar_ssm_scan_fwd")
-            return func(*args, **(kwargs or {}))
+    mixers = ("phase7fw::hyperbolic_attention_fwd", "phase7fw::ar_ssm_scan_fwd")  # the kernels' forward ops
 
     from phase7fw.recipe import load_recipe
 
@@ -85,7 +72,7 @@ def test_selective_checkpointing_keeps_the_mixer_kernels_outputs():
                             kernels={"hyperbolic_attention": "triton", "ar_ssm_scan": "triton"}).train()
         model.enable_activation_checkpointing(policy)
         loss, _ = model.loss(ids, torch.roll(ids, -1, dims=1))
-        counter = CountMixers()
+        counter = CountOps(lambda op: op.name() in mixers)
         with counter:
             loss.backward()
         runs[policy] = counter.n, [p.grad.clone() for p in model.parameters() if p.grad is not None]

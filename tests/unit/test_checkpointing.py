@@ -24,13 +24,15 @@ MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.at
            torch.ops.aten.baddbmm.default}
 
 
-class _CountMatmuls(TorchDispatchMode):
-    def __init__(self):
+class CountOps(TorchDispatchMode):
+    """Counts the dispatched ops for which ``counted(op)`` is true."""
+
+    def __init__(self, counted):
         super().__init__()
-        self.n = 0
+        self.counted, self.n = counted, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += func in MATMULS
+        self.n += bool(self.counted(func))
         return func(*args, **(kwargs or {}))
 
 
@@ -44,7 +46,7 @@ def _run(kind, setting):
         model.enable_activation_checkpointing(*setting)
     ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(1))
     loss, _ = model.loss(ids, torch.roll(ids, -1, dims=1))
-    counter = _CountMatmuls()
+    counter = CountOps(MATMULS.__contains__)
     with counter:
         loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
