@@ -130,15 +130,17 @@ def test_module_is_causal(kind):
     assert not torch.equal(a[:, t], b[:, t])
 
 
-def test_gradients_reach_every_parameter_and_input():
-    m = seeded("hyperbolic", window=5)
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_gradients_reach_every_parameter_and_input(qk_norm):
+    m = seeded("hyperbolic", window=5, qk_norm=qk_norm)
     x = torch.randn(2, 13, D_MODEL, generator=_gen(2), requires_grad=True)
     out = m(x)
     assert out.shape == x.shape
     (out * torch.randn(out.shape, generator=_gen(3))).sum().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     names = {n for n, _ in m.named_parameters()}
-    assert {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "log_c", "beta"} == names
+    gains = {"q_norm", "k_norm"} if qk_norm else set()
+    assert {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "log_c", "beta"} | gains == names
     for name, p in m.named_parameters():
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
@@ -187,7 +189,7 @@ def test_bf16_autocast_near_boundary_is_finite(scale):
 
 
 def test_set_curvature_changes_output_in_place():
-    m = seeded("hyperbolic", window=5)
+    m = seeded("hyperbolic", window=5, qk_norm=False)  # curvature() is the layer's own c
     x = torch.randn(1, SEQ, D_MODEL, generator=_gen(7))
     buf = m.kappa
     with torch.no_grad():
@@ -209,8 +211,13 @@ def test_set_curvature_changes_output_in_place():
 
 
 def test_temperature_init():
-    m = seeded("hyperbolic", init_temperature=0.3)
+    m = seeded("hyperbolic", init_temperature=0.3, qk_norm=False)
     torch.testing.assert_close(m.temperature(), torch.full((N_HEADS,), 0.3))
+    # with qk_norm the op sees tau / sqrt(D) and c / D (tangent vectors scaled by 1/sqrt(D))
+    m = seeded("hyperbolic", init_temperature=0.3, qk_norm=True)
+    D = D_MODEL // N_HEADS
+    torch.testing.assert_close(m.temperature(), torch.full((N_HEADS,), 0.3 / math.sqrt(D)))
+    torch.testing.assert_close(m.curvature(), torch.tensor(1.0 / D))
 
 
 def naive_attention(q, k, v, window):
@@ -361,3 +368,49 @@ def test_squared_score_flat_limit_is_dot_product_attention():
     expected = F.softmax(logits.masked_fill(~torch.ones(9, 9, dtype=torch.bool).tril(), float("-inf")), -1) @ v
     got = op.hyperbolic_attention_reference(q, k, v, 1e-9, tau, 10**6, score="squared_distance")
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("score", ["distance", "squared_distance", "dot_distance"])
+def test_qk_norm_maps_scaled_normalized_vectors_to_the_ball(score):
+    """qk_norm: q, k RMS-normalized per head (gains), the dot term on them, the distance between
+    expmap0(q / sqrt(D)) and expmap0(k / sqrt(D)) on the ball of the layer's curvature c, built
+    here from geometry.expmap0 / pairwise_dist in fp64 (the module hands the op c/D and tau/sqrt(D))."""
+    m = seeded("hyperbolic", seed=3, qk_norm=True, score=score, window=SEQ).double()
+    with torch.no_grad():
+        m.q_norm.uniform_(0.5, 2.0)  # gains away from 1, radii spread around the clamp
+        m.k_norm.uniform_(0.5, 2.0)
+        m.log_c.fill_(0.4)
+        m.beta.uniform_(-1.0, 1.0)
+    x = torch.randn(2, SEQ, D_MODEL, generator=_gen(5), dtype=torch.float64)
+    D = D_MODEL // N_HEADS
+    with torch.no_grad():
+        got = m(x)
+        def heads(t):
+            return t.view(2, SEQ, N_HEADS, D).transpose(1, 2)
+
+        def normalized(t, gain):  # RMS over the head dimension (eps as F.rms_norm's default)
+            return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + torch.finfo(t.dtype).eps) * gain
+
+        q = m.rope(normalized(heads(m.q_proj(x)), m.q_norm))
+        k = m.rope(normalized(heads(m.k_proj(x)), m.k_norm))
+        v = heads(m.v_proj(x))
+        c = (m.kappa * m.log_c.exp()).reshape(())  # the layer's curvature, inside [c_min, c_max]
+        tau = F.softplus(m.beta)
+        edge = 1.0 - math.tanh(geometry.MAX_TANGENT_ATANH)
+        pq = geometry.project(geometry.expmap0(q / math.sqrt(D), c), c, eps=edge)
+        pk = geometry.project(geometry.expmap0(k / math.sqrt(D), c), c, eps=edge)
+        d = geometry.pairwise_dist(pq, pk, c)
+        scores = -tau.view(-1, 1, 1) * (d * d if score == "squared_distance" else d)
+        if score == "dot_distance":
+            scores = scores + q @ k.transpose(-1, -2) / math.sqrt(D)
+        causal = torch.ones(SEQ, SEQ, dtype=torch.bool).tril()
+        o = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1) @ v
+        expected = m._out(o)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)  # RoPE tables are fp32
+
+
+def test_qk_norm_off_is_the_plain_module():
+    """qk_norm = False keeps the parameters and the curvature/temperature the op sees."""
+    m = seeded("hyperbolic", qk_norm=False)
+    assert m.q_norm is None and "q_norm" not in dict(m.named_parameters())
+    torch.testing.assert_close(m.curvature(), (m.kappa * m.log_c.exp()).reshape(()))

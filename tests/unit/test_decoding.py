@@ -27,6 +27,10 @@ KINDS = {
     "phase7_tied_dense": ("phase7_tiny", {**P7, "model.tie_embeddings": True, "model.embedding": {"name": "dense"}}),
     "phase7_dot_distance": ("phase7_tiny", {**P7, "model.attention.score": "dot_distance"}),
     "phase7_squared_distance": ("phase7_tiny", {**P7, "model.attention.score": "squared_distance"}),
+    "phase7_distance": ("phase7_tiny", {**P7, "model.attention.score": "distance", "model.attention.qk_norm": False}),
+    "phase7_qk_norm_distance": ("phase7_tiny", {**P7, "model.attention.score": "distance", "model.attention.qk_norm": True}),
+    "phase7_mix_sum": ("phase7_tiny", {**P7, "model.block": {"name": "hybrid", "mix": "sum"}}),
+    "phase7_mix_alternate": ("phase7_tiny", {**P7, "model.n_layers": 3, "model.block": {"name": "hybrid", "mix": "alternate"}}),
     "phase7_first_design_ssm": ("phase7_tiny", {**P7, "model.ssm.discretize": False, "model.ssm.out_norm": False,
                                                 "model.ssm.init_std": 0.02}),
     # Phase 8: the linear attention (chunk 16 < SEQ, not a divisor), with and without the SSM
@@ -148,7 +152,7 @@ def test_ssm_state_is_fp32_and_ring_keeps_post_rope_keys():
         model.forward_cached(ids, cache)
         block = model.blocks[0]  # its input is the (position-free) embedding
         u = block.norm1(model.embedding(ids[:, 8:9]))
-        k8 = rope_at(block.attn.rope, block.attn.k_proj(u).view(1, 1, 2, 16).transpose(1, 2), 8)
+        k8 = rope_at(block.attn.rope, block.attn.qk_heads(u)[1], 8)
     attn, ssm = cache.layers[0]["attn"], cache.layers[0]["ssm"]
     assert ssm.state.dtype == torch.float32 and ssm.state.shape == (1, 2, 16, 16)
     assert ssm.conv.shape == (1, 32, 2)  # conv_size - 1 inputs

@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from phase7fw import Engine
 from tests.conftest import RECIPES
@@ -30,8 +31,10 @@ def test_phase7_logs_layer_statistics(tmp_path):
     for layer in (0, 1):
         p = f"L{layer}."
         attn = engine.model.blocks[layer].attn
-        assert row[p + "attn.curvature"] == pytest.approx(attn.curvature().item())
-        assert row[p + "attn.tau_mean"] == pytest.approx(attn.temperature().mean().item())
+        # the layer's own c and tau (the op sees them scaled when qk_norm is on)
+        c = (attn.kappa * attn.log_c.exp()).clamp(attn.c_min, attn.c_max)
+        assert row[p + "attn.curvature"] == pytest.approx(c.item())
+        assert row[p + "attn.tau_mean"] == pytest.approx(torch.nn.functional.softplus(attn.beta).mean().item())
         assert 0 <= row[p + "attn.saturated"] <= 1 and 0 < row[p + "attn.ball_radius"] < 1
         assert 0 < row[p + "attn.entropy"] <= math.log(8) + 1e-6  # at most uniform over the window
         assert row[p + "attn.score_range"] > 0

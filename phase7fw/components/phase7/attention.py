@@ -6,11 +6,13 @@ and return a module mapping (B, T, d_model) -> (B, T, d_model), projections incl
 optional context key ``n_layers`` scales the output-projection init (residual depth).
 
 Hyperbolic attention, per head h (spec: design/MODEL.md):
-    q, k = RoPE(W_q u), RoPE(W_k u)      tangent vectors at the origin
-    s_ij = -tau_h * d_c(expmap0(q_i), expmap0(k_j))   for i - W < j <= i   (``score = "distance"``)
+    q, k = RoPE(N_q(W_q u)), RoPE(N_k(W_k u))   N: per-head RMS norm with learned gains (``qk_norm``)
+    s_ij = <q_i, k_j>/sqrt(D) - tau_h * d_c(expmap0(q_i/sqrt(D)), expmap0(k_j/sqrt(D)))
+                                           for i - W < j <= i   (``score = "dot_distance"``, the default)
     o_i  = sum_j softmax_j(s_ij) v_j
-``score = "squared_distance"`` uses -tau_h d^2 and ``"dot_distance"`` <q_i, k_j>/sqrt(D) - tau_h d
-(measured against each other in docs/model.md, "Quality").
+``score = "distance"`` uses -tau_h d alone and ``"squared_distance"`` -tau_h d^2; without ``qk_norm``
+q and k go to the ball unscaled (the first design; measured against each other in docs/model.md,
+"Quality").
 with c = clamp(kappa * exp(rho), c_min, c_max), kappa set by the curvature scheduler and rho
 (``log_c``) learned per layer, tau_h = softplus(beta_h) learned per head.
 
@@ -60,8 +62,13 @@ class HyperbolicAttentionConfig:
     init_temperature: float = option(1.0, check=positive, help="initial tau = softplus(beta) of every head")
     c_min: float = option(1e-3, check=positive, help="lower clamp of the effective curvature")
     c_max: float = option(10.0, check=positive, help="upper clamp of the effective curvature")
+    # Defaults measured in docs/model.md ("Quality"); checkpoints from before keep the legacy values.
     score: Literal["distance", "squared_distance", "dot_distance"] = option(
-        "distance", help="s = -tau d (distance), -tau d^2 (squared_distance) or <q,k>/sqrt(D) - tau d (dot_distance)")
+        "dot_distance", legacy="distance",
+        help="s = -tau d (distance), -tau d^2 (squared_distance) or <q,k>/sqrt(D) - tau d (dot_distance)")
+    qk_norm: bool = option(
+        True, legacy=False, help="RMS-normalize q and k per head (learned gains) and map q/sqrt(D), k/sqrt(D) to the ball,"
+        " so the exp-map does not saturate as |q| grows")
 
 
 @attrs.frozen
@@ -113,15 +120,21 @@ class _ProjectedAttention(nn.Module):
         self.o_proj = nn.Linear(d_model, d_model, bias=False)
         self.rope = RotaryEmbedding(self.head_dim, seq_len, rope_theta)
 
+    def _heads(self, t):
+        B, T, _ = t.shape
+        return t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def qk_heads(self, x):
+        """q, k (B, H, T, D) before RoPE (RMS-normalized when the module has ``q_norm``)."""
+        q, k = self._heads(self.q_proj(x)), self._heads(self.k_proj(x))
+        if getattr(self, "q_norm", None) is not None:
+            q = F.rms_norm(q, (self.head_dim,), self.q_norm)
+            k = F.rms_norm(k, (self.head_dim,), self.k_norm)
+        return q, k
+
     def _qkv(self, x):
-        B, T, _ = x.shape
-
-        def heads(t):
-            return t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-
-        q = self.rope(heads(self.q_proj(x)))
-        k = self.rope(heads(self.k_proj(x)))
-        return q, k, heads(self.v_proj(x))
+        q, k = self.qk_heads(x)
+        return self.rope(q), self.rope(k), self._heads(self.v_proj(x))
 
     def _out(self, o):
         B, H, T, D = o.shape
@@ -153,7 +166,8 @@ class HyperbolicAttention(_ProjectedAttention):
         init_temperature: float = 1.0,
         c_min: float = 1e-3,
         c_max: float = 10.0,
-        score: str = "distance",
+        score: str = "dot_distance",
+        qk_norm: bool = True,
         n_layers: int = 1,
     ):
         super().__init__(d_model, n_heads, seq_len, rope_theta, n_layers)
@@ -169,6 +183,12 @@ class HyperbolicAttention(_ProjectedAttention):
         # phase7fw.core.checkpoint.upgrade_shapes).
         self.log_c = nn.Parameter(torch.zeros(1))
         self.beta = nn.Parameter(torch.full((n_heads,), _inverse_softplus(init_temperature)))
+        # qk_norm: |q| ~ sqrt(D) like QK-norm dot-product attention; the ball sees q/sqrt(D).
+        # d_c(exp(s q), exp(s k)) = s d_{c s^2}(exp(q), exp(k)), so the attention op gets
+        # c s^2 and tau s (tau s^2 for d^2) (curvature(), temperature()) and needs no change.
+        self.q_norm = nn.Parameter(torch.ones(self.head_dim)) if qk_norm else None
+        self.k_norm = nn.Parameter(torch.ones(self.head_dim)) if qk_norm else None
+        self.tangent_scale = self.head_dim**-0.5 if qk_norm else 1.0
         # kappa from the curvature scheduler: a buffer updated in place (fill_), so a compiled
         # graph reads it as data and does not recompile when it changes; not checkpointed
         # (the scheduler owns it).
@@ -184,12 +204,18 @@ class HyperbolicAttention(_ProjectedAttention):
             self.kappa.fill_(self._kappa)
 
     def curvature(self) -> torch.Tensor:
-        """Effective curvature c = clamp(kappa * exp(log_c), c_min, c_max), 0-dim fp32."""
-        return (self.kappa.float() * self.log_c.float().exp()).clamp(self.c_min, self.c_max).reshape(())
+        """Effective curvature c = clamp(kappa * exp(log_c), c_min, c_max), 0-dim fp32 (times
+        the tangent scale squared with ``qk_norm``: the curvature the op sees)."""
+        c = (self.kappa.float() * self.log_c.float().exp()).clamp(self.c_min, self.c_max).reshape(())
+        return c * self.tangent_scale**2
 
     def temperature(self) -> torch.Tensor:
-        """Per-head tau = softplus(beta), fp32."""
-        return F.softplus(self.beta.float())
+        """Per-head tau = softplus(beta), fp32, times what the tangent scale s asks of the op's
+        distances with ``qk_norm``: s for tau d, s^2 for tau d^2."""
+        return F.softplus(self.beta.float()) * self._tau_scale()
+
+    def _tau_scale(self) -> float:
+        return self.tangent_scale ** (2 if self.score == "squared_distance" else 1)
 
     def init_weights(self) -> None:
         # q, k are tangent vectors: std 1/sqrt(d_model * head_dim) gives |q| ~ 1 for unit-RMS
@@ -198,6 +224,9 @@ class HyperbolicAttention(_ProjectedAttention):
         with torch.no_grad():
             self.log_c.zero_()
             self.beta.fill_(_inverse_softplus(self.init_temperature))
+            for gain in (self.q_norm, self.k_norm):
+                if gain is not None:
+                    gain.fill_(1.0)
             self.kappa.fill_(self._kappa)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -231,7 +260,9 @@ class HyperbolicAttention(_ProjectedAttention):
             "sqrt_c_q_norm": aq.mean().item(),
             "saturated": (aq >= geometry.MAX_TANGENT_ATANH).float().mean().item(),
             "ball_radius": torch.tanh(aq.clamp_max(geometry.MAX_TANGENT_ATANH)).mean().item(),
-            "curvature": c.item(), "tau_mean": tau.mean().item(), "tau_max": tau.max().item(),
+            # the layer's own c and tau (the op sees c s^2 and tau s with qk_norm)
+            "curvature": c.item() / self.tangent_scale**2, "tau_mean": tau.mean().item() / self._tau_scale(),
+            "tau_max": tau.max().item() / self._tau_scale(),
             "entropy": entropy.mean().item(), "score_range": score_range.mean().item(),
         }
 
@@ -316,6 +347,7 @@ def build_hyperbolic_attention(config, *, d_model: int, n_heads: int, seq_len: i
         c_min=config.c_min,
         c_max=config.c_max,
         score=config.score,
+        qk_norm=config.qk_norm,
         n_layers=context.get("n_layers", 1),
     )
     # [kernels] hyperbolic_attention: swap in the Triton core (same signature, no parameters).

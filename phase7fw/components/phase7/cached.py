@@ -42,14 +42,8 @@ def rope_at(rope, x: torch.Tensor, start: int) -> torch.Tensor:
 
 def qkv_at(attn, u: torch.Tensor, start: int):
     """The module's q, k (rotated at absolute positions), v for the new tokens u (B, T, D)."""
-    B, T, _ = u.shape
-
-    def heads(t):
-        return t.view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)
-
-    q = rope_at(attn.rope, heads(attn.q_proj(u)), start)
-    k = rope_at(attn.rope, heads(attn.k_proj(u)), start)
-    return q, k, heads(attn.v_proj(u))
+    q, k = attn.qk_heads(u)
+    return rope_at(attn.rope, q, start), rope_at(attn.rope, k, start), attn._heads(attn.v_proj(u))
 
 
 def hyperbolic_scores(q: torch.Tensor, k: torch.Tensor, c: torch.Tensor, tau: torch.Tensor,

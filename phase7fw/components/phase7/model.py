@@ -52,6 +52,9 @@ class Phase7Config:
 @attrs.frozen
 class HybridBlockConfig:
     gate_init_bias: float = option(0.0, help="b_g at init: 0 starts the mix at g = 0.5")
+    mix: Literal["gate", "sum", "alternate"] = option(
+        "gate", help="how a hybrid block joins its paths: gate = g*Attn + (1-g)*SSM with a learned "
+        "per-channel gate; sum = Attn + SSM; alternate = SSM in even layers, attention in odd ones")
 
 
 class HybridBlock(nn.Module):
@@ -71,13 +74,17 @@ class HybridBlock(nn.Module):
         self.norm2 = RMSNorm(mc.d_model, mc.norm_eps, norm_impl)
         self.attn = None
         self.ssm = None
-        if mc.mixer in ("hybrid", "attention"):
+        mixer = mc.mixer
+        if mixer == "hybrid" and config.mix == "alternate":  # Samba-style interleaving, no gate
+            mixer = "ssm" if layer_idx % 2 == 0 else "attention"
+        if mixer in ("hybrid", "attention"):
             self.attn = registry.build("attention", mc.attention.name, mc.attention.config, **ctx)
-        if mc.mixer in ("hybrid", "ssm"):
+        if mixer in ("hybrid", "ssm"):
             self.ssm = registry.build("ssm", mc.ssm.name, mc.ssm.config, **ctx)  # may be None ("none")
         if self.attn is None and self.ssm is None:
             raise Phase7Error(f"model.mixer = {mc.mixer!r} with ssm 'none' leaves a block without a sequence mixer")
-        self.gate = nn.Linear(mc.d_model, mc.d_model, bias=True) if self.attn is not None and self.ssm is not None else None
+        both = self.attn is not None and self.ssm is not None
+        self.gate = nn.Linear(mc.d_model, mc.d_model, bias=True) if both and config.mix == "gate" else None
         self.ffn = SwiGLU(mc.d_model, ffn_width(mc), glu_impl)
 
     def init_weights(self) -> None:
@@ -94,18 +101,9 @@ class HybridBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         u = self.norm1(x)
-        gate_mean = x.new_zeros((), dtype=torch.float32)
-        if self.ssm is not None:
-            s, gate_mean = self.ssm(u)
-        if self.attn is None:
-            mixed = s
-        elif self.ssm is None:
-            mixed = self.attn(u)
-        else:
-            g = torch.sigmoid(self.gate(u))
-            mixed = g * self.attn(u) + (1 - g) * s
-        h = x + mixed
-        return h + self.ffn(self.norm2(h)), gate_mean
+        s, gate_mean = (None, x.new_zeros((), dtype=torch.float32)) if self.ssm is None else self.ssm(u)
+        a = None if self.attn is None else self.attn(u)
+        return self._mix_and_ffn(x, u, a, s), gate_mean
 
     @torch.no_grad()
     def diagnostics(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -142,6 +140,8 @@ class HybridBlock(nn.Module):
             mixed = s
         elif s is None:
             mixed = a
+        elif self.gate is None:  # mix = "sum"
+            mixed = a + s
         else:
             g = torch.sigmoid(self.gate(u))
             mixed = g * a + (1 - g) * s

@@ -177,7 +177,11 @@ class _Projected(nn.Module):
         def heads(t):
             return t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
 
-        return rope(heads(self.q_proj(x)), theta), rope(heads(self.k_proj(x)), theta), heads(self.v_proj(x))
+        q, k = heads(self.q_proj(x)), heads(self.k_proj(x))
+        if getattr(self, "q_norm", None) is not None:  # qk_norm: per-head RMS norm before RoPE
+            q = F.rms_norm(q, (self.head_dim,), self.q_norm)
+            k = F.rms_norm(k, (self.head_dim,), self.k_norm)
+        return rope(q, theta), rope(k, theta), heads(self.v_proj(x))
 
     def out(self, o):
         B, H, T, D = o.shape
@@ -207,7 +211,8 @@ class HyperbolicAttention(_Projected):
     """Scores from d = d_c(expmap0(q_i), expmap0(k_j)) on the Poincare ball of curvature -c: -tau_h d
     (``score = "distance"``, the default of exports without the option), -tau_h d^2 ("squared_distance")
     or <q_i, k_j> / sqrt(D) - tau_h d ("dot_distance"); causal sliding window; d from <q, k> and per-row
-    scalars (1 - c|x|^2 never formed by subtraction)."""
+    scalars (1 - c|x|^2 never formed by subtraction). ``qk_norm``: q, k RMS-normalized per head and
+    q / sqrt(D), k / sqrt(D) mapped to the ball, computed as s d_{c s^2}(expmap0(q), expmap0(k)), s = 1/sqrt(D)."""
 
     def __init__(self, opts, d_model, n_heads, curvature):
         super().__init__(d_model, n_heads)
@@ -218,13 +223,19 @@ class HyperbolicAttention(_Projected):
         self.c_min, self.c_max, self.kappa = opts["c_min"], opts["c_max"], curvature
         self.log_c = nn.Parameter(torch.zeros(1))  # shape (1,) as in phase7fw (FSDP2 shards dim 0)
         self.beta = nn.Parameter(torch.zeros(n_heads))
+        qk_norm = opts.get("qk_norm", False)
+        self.q_norm = nn.Parameter(torch.ones(self.head_dim)) if qk_norm else None
+        self.k_norm = nn.Parameter(torch.ones(self.head_dim)) if qk_norm else None
+        self.tangent_scale = self.head_dim**-0.5 if qk_norm else 1.0
 
     def forward(self, x):
         q, k, v = self.qkv(x, self.theta)
         out_dtype, T = v.dtype, x.shape[1]
         with torch.autocast(x.device.type, enabled=False):
             c = (self.kappa * self.log_c.float().exp()).clamp(self.c_min, self.c_max).reshape(())
+            c = c * self.tangent_scale**2
             tau = F.softplus(self.beta.float()).view(-1, 1, 1)
+            tau = tau * self.tangent_scale ** (2 if self.score == "squared_distance" else 1)
             v = v.float()
             nq, aq, fq = (s.unsqueeze(-1) for s in tangent_stats(q, c))
             nk, ak, fk = (s.unsqueeze(-2) for s in tangent_stats(k, c))
@@ -259,7 +270,7 @@ class SdpaAttention(_Projected):
         return self.out(o)
 
 
-ATTENTIONS = {"hyperbolic": (HyperbolicAttention, {"window", "rope_theta", "c_min", "c_max", "score"}),
+ATTENTIONS = {"hyperbolic": (HyperbolicAttention, {"window", "rope_theta", "c_min", "c_max", "score", "qk_norm"}),
               "sdpa": (SdpaAttention, {"window", "rope_theta"})}
 
 
@@ -347,11 +358,16 @@ SSMS = {"ar_ssm": (ArSsm, {"max_rank", "min_rank", "n_heads", "expand", "conv_si
 
 # ----------------------------------------------------------------------------- model
 class HybridBlock(nn.Module):
-    """h = x + g * Attn(u) + (1 - g) * SSM(u), u = norm1(x), g = sigmoid(W_g u + b_g); out = h + FFN(norm2(h))."""
+    """h = x + g * Attn(u) + (1 - g) * SSM(u), u = norm1(x), g = sigmoid(W_g u + b_g); out = h + FFN(norm2(h)).
+    Block option ``mix``: "sum" joins the paths as Attn(u) + SSM(u); "alternate" keeps the SSM in even
+    layers and the attention in odd ones."""
 
-    def __init__(self, p, curvature):
+    def __init__(self, p, curvature, layer_idx):
         super().__init__()
         d, mixer = p["d_model"], p["mixer"]
+        mix = p["block"].get("mix", "gate")
+        if mixer == "hybrid" and mix == "alternate":
+            mixer = "ssm" if layer_idx % 2 == 0 else "attention"
         self.norm1, self.norm2 = RMSNorm(d, p["norm_eps"]), RMSNorm(d, p["norm_eps"])
         self.attn = self.ssm = None
         if mixer in ("hybrid", "attention"):
@@ -360,7 +376,8 @@ class HybridBlock(nn.Module):
         if mixer in ("hybrid", "ssm"):
             cls, known = SSMS[p["ssm"]["name"]]
             self.ssm = cls(_options("ssm", p["ssm"], known), d) if cls is not None else None
-        self.gate = nn.Linear(d, d, bias=True) if self.attn is not None and self.ssm is not None else None
+        both = self.attn is not None and self.ssm is not None
+        self.gate = nn.Linear(d, d, bias=True) if both and mix == "gate" else None
         self.ffn = SwiGLU(d, p["ffn_hidden"])
 
     def forward(self, x):
@@ -369,6 +386,8 @@ class HybridBlock(nn.Module):
             mixed = self.ssm(u)
         elif self.ssm is None:
             mixed = self.attn(u)
+        elif self.gate is None:
+            mixed = self.attn(u) + self.ssm(u)
         else:
             g = torch.sigmoid(self.gate(u))
             mixed = g * self.attn(u) + (1 - g) * self.ssm(u)
@@ -376,7 +395,7 @@ class HybridBlock(nn.Module):
         return h + self.ffn(self.norm2(h))
 
 
-BLOCKS = {"hybrid": (HybridBlock, set())}
+BLOCKS = {"hybrid": (HybridBlock, {"mix"})}
 
 
 def _check_names(p):
@@ -404,7 +423,7 @@ class Phase7fwForCausalLM(Phase7fwPreTrainedModel, GenerationMixin):
         _check_names(p)
         cls, known = EMBEDDINGS[p["embedding"]["name"]]
         self.embedding = cls(_options("embedding", p["embedding"], known), p["vocab_size"], p["d_model"])
-        self.blocks = nn.ModuleList(BLOCKS[p["block"]["name"]][0](p, config.curvature) for _ in range(p["n_layers"]))
+        self.blocks = nn.ModuleList(BLOCKS[p["block"]["name"]][0](p, config.curvature, i) for i in range(p["n_layers"]))
         self.norm = RMSNorm(p["d_model"], p["norm_eps"])
         self.head = None if p["tie_embeddings"] else nn.Linear(p["d_model"], p["vocab_size"], bias=False)
         self.post_init()
