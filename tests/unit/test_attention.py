@@ -414,3 +414,15 @@ def test_qk_norm_off_is_the_plain_module():
     m = seeded("hyperbolic", qk_norm=False)
     assert m.q_norm is None and "q_norm" not in dict(m.named_parameters())
     torch.testing.assert_close(m.curvature(), (m.kappa * m.log_c.exp()).reshape(()))
+
+
+def test_checkpoint_recipes_without_the_new_options_keep_the_first_attention():
+    """A checkpoint written before QK-norm stores [model.attention] without qk_norm (and, before
+    the score option, without score): its recipe loads as the design it trained."""
+    from phase7fw import load_recipe
+
+    raw = {"model": {"name": "phase7", "attention": {"name": "hyperbolic", "window": 64}}}
+    stored = load_recipe(raw, checkpoint=True).model.config.attention.config
+    fresh = load_recipe(raw).model.config.attention.config
+    assert (stored.score, stored.qk_norm) == ("distance", False)
+    assert (fresh.score, fresh.qk_norm) == ("dot_distance", True)
