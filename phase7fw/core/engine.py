@@ -376,9 +376,10 @@ class Engine:
         # Each rank reads its slice of the global batch: N ranks x batch b = 1 process x batch N*b.
         ranks = {"rank": self.dist.rank, "world_size": self.dist.world_size}
         self.train_sampler = MixtureSampler(self.sources, seq_len=seq_len, batch_size=train.batch_size,
-                                            seed=recipe.run.seed, split="train", **ranks)
+                                            seed=recipe.run.seed, split="train", sampling=recipe.data.sampling,
+                                            **ranks)
         self.val_sampler = None
-        if recipe.data.val_fraction > 0:
+        if recipe.data.val_fraction > 0:  # random windows: the same validation set whatever the sampling
             self.val_sampler = MixtureSampler(self.sources, seq_len=seq_len, batch_size=train.batch_size,
                                               seed=recipe.run.seed, split="val", **ranks)
 

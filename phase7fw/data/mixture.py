@@ -4,9 +4,11 @@
 them, and gets each source's tokens from the tokenized cache (:mod:`phase7fw.data.cache`,
 memory-mapped, so huge sources are never read into RAM). Each source is split into a
 training part and a held-out validation tail (``data.val_fraction``). The
-:class:`MixtureSampler` draws each window's source by weight and its offset uniformly, from
-a random generator seeded by (seed, split, batch index): batch ``i`` is the same whatever
-happened before it, so resuming only needs the index.
+:class:`MixtureSampler` draws each window's source by weight, from a random generator seeded
+by (seed, split, batch index), and its offset uniformly (``data.sampling = "random"``) or as
+the source's next window in a shuffled epoch (``"epochs"``: windows at stride seq_len, a new
+order and phase each epoch, so no text repeats before the source is used up). Batch ``i`` is
+the same whatever happened before it, so resuming only needs the index.
 
 Bits per byte: the cache records how many UTF-8 bytes of text each source's tokens came
 from, so a source has a bytes-per-token ratio (EOS tokens included in the count, as they
@@ -191,6 +193,7 @@ class MixtureSampler:
         split: str = "train",
         rank: int = 0,
         world_size: int = 1,
+        sampling: str = "random",
     ):
         if not 0 <= rank < world_size:
             raise Phase7Error(f"data sampler: rank {rank} is outside a world of {world_size} processes")
@@ -205,16 +208,73 @@ class MixtureSampler:
         self.probs = weights / weights.sum()
         self.seq_len, self.batch_size = seq_len, batch_size
         self.seed, self.split, self.rank, self.world_size = seed, split, rank, world_size
+        if sampling not in ("random", "epochs"):
+            raise Phase7Error(f"data.sampling must be 'random' or 'epochs', got {sampling!r}")
+        self.sampling = sampling
         self.position = 0  # index of the next batch
+        # epochs: draws of each source in batches before an index, kept every _EVERY batches so
+        # that any batch is found by replaying at most _EVERY source choices
+        self._counts_at = {0: np.zeros(len(self.arrays), dtype=np.int64)}
+        self._last = (0, self._counts_at[0])
+        self._epochs: dict[tuple[int, int], tuple[int, np.ndarray, int]] = {}
+
+    _EVERY = 1024
+
+    def _sources(self, index: int) -> tuple[np.random.Generator, np.ndarray]:
+        rng = np.random.default_rng([self.seed, self._SPLITS[self.split], 0, index])
+        return rng, rng.choice(len(self.arrays), size=self.batch_size * self.world_size, p=self.probs)
 
     def _draw(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Source and start offset of every row of the global batch ``index``."""
-        rng = np.random.default_rng([self.seed, self._SPLITS[self.split], 0, index])
-        which = rng.choice(len(self.arrays), size=self.batch_size * self.world_size, p=self.probs)
+        rng, which = self._sources(index)
         window = self.seq_len + 1
-        starts = np.asarray([rng.integers(0, len(self.arrays[s]) - window + 1) for s in which], dtype=np.int64)
+        if self.sampling == "epochs":
+            starts = self._epoch_starts(index, which)
+        else:
+            starts = np.asarray([rng.integers(0, len(self.arrays[s]) - window + 1) for s in which], dtype=np.int64)
         mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         return which[mine], starts[mine]
+
+    def _counts_before(self, index: int) -> np.ndarray:
+        """How many rows each source gave in batches 0 .. index-1."""
+        if len(self.arrays) == 1:
+            return np.asarray([index * self.batch_size * self.world_size], dtype=np.int64)
+        base = max(i for i in self._counts_at if i <= index)
+        counts = self._counts_at[base]
+        if base < self._last[0] <= index:  # reading in order: one batch's choices, not _EVERY
+            base, counts = self._last
+        counts = counts.copy()
+        for i in range(base, index):
+            counts += np.bincount(self._sources(i)[1], minlength=len(self.arrays))
+            if (i + 1) % self._EVERY == 0:
+                self._counts_at.setdefault(i + 1, counts.copy())
+        self._last = (index, counts.copy())
+        return counts
+
+    def _epoch_starts(self, index: int, which: np.ndarray) -> np.ndarray:
+        """The k-th row drawn from a source takes window k of its shuffled epochs."""
+        counts = self._counts_before(index)
+        starts = np.empty(len(which), dtype=np.int64)
+        for r, s in enumerate(which):
+            n_windows, order, phase = self._epoch(int(s), int(counts[s]) // self._n_windows(s))
+            starts[r] = phase + order[counts[s] % n_windows] * self.seq_len
+            counts[s] += 1
+        return starts
+
+    def _n_windows(self, s: int) -> int:
+        return (len(self.arrays[s]) - self.seq_len - 1) // self.seq_len + 1
+
+    def _epoch(self, s: int, epoch: int) -> tuple[int, np.ndarray, int]:
+        """Source s's epoch: (windows, their order, the phase of the window grid)."""
+        key = (s, epoch)
+        if key not in self._epochs:
+            if len(self._epochs) >= 2 * len(self.arrays):  # a source's current and next epoch
+                self._epochs.clear()
+            n = self._n_windows(s)
+            slack = len(self.arrays[s]) - self.seq_len - 1 - (n - 1) * self.seq_len  # 0 .. seq_len - 1
+            rng = np.random.default_rng([self.seed, self._SPLITS[self.split], 1, s, epoch])
+            self._epochs[key] = (n, rng.permutation(n), int(rng.integers(0, slack + 1)))
+        return self._epochs[key]
 
     def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         which, starts = self._draw(index)

@@ -77,6 +77,10 @@ class DataSection:
         0.05, check=in_range(0.0, 0.5, hi_open=True), help="tail of each source held out for validation"
     )
     cache_dir: str = option("", help="tokenized data cache (default: ~/.cache/phase7fw)")
+    sampling: Literal["random", "epochs"] = option(
+        "random", help="training windows: random = uniform offsets (text may repeat long before a source is used"
+        " up); epochs = each source cut into windows, shuffled, none repeated before the source is used up"
+    )
 
 
 @attrs.frozen

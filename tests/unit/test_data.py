@@ -171,3 +171,73 @@ def test_ranks_read_slices_of_the_global_batch():
         assert np.array_equal(x.numpy(), np.concatenate([s.batch(i)[0].numpy() for s in ranks]))
     with pytest.raises(Phase7Error, match="rank 2 is outside a world of 2"):
         MixtureSampler(srcs, seq_len=8, batch_size=2, seed=3, rank=2, world_size=2)
+
+
+# ----------------------------------------------------------------------------- data.sampling = "epochs"
+def _position_sources(lengths, weights):
+    """Sources whose token at position p is p (mod 2**16) plus 20000 * source: a window names its start."""
+    return [SourceTokens(f"s{i}", w, (np.arange(n) + 20000 * i).astype(np.uint16), np.zeros(0, np.uint16))
+            for i, (n, w) in enumerate(zip(lengths, weights))]
+
+
+def _starts(sampler, n_batches):
+    """(source, start) of every row of the first n_batches, in draw order."""
+    out = []
+    for i in range(n_batches):
+        x, y = sampler.batch(i)
+        assert np.array_equal(x[:, 1:].numpy(), y[:, :-1].numpy())
+        out += [(int(t) // 20000, int(t) % 20000) for t in x[:, 0]]
+    return out
+
+
+def test_epochs_use_every_window_once_before_repeating():
+    seq = 16
+    (src,) = _position_sources([1000], [1.0])
+    sampler = MixtureSampler([src], seq_len=seq, batch_size=4, seed=5, sampling="epochs")
+    n_windows = (1000 - seq - 1) // seq + 1  # 61
+    starts = [s for _, s in _starts(sampler, 40)]  # 160 draws: two whole epochs and part of a third
+    for epoch in (starts[:n_windows], starts[n_windows:2 * n_windows]):
+        assert len(set(epoch)) == n_windows  # no window twice within an epoch
+        phase = epoch[0] % seq
+        assert all(s % seq == phase and s + seq + 1 <= 1000 for s in epoch)  # one grid, inside the source
+    assert starts[:n_windows] != starts[n_windows:2 * n_windows]  # a new order each epoch
+    # the default draws uniform offsets: windows repeat and overlap long before 61 draws
+    random = [s for _, s in _starts(MixtureSampler([src], seq_len=seq, batch_size=4, seed=5), 15)]
+    assert len({s // seq for s in random}) < len(random)
+
+
+def test_epochs_with_several_sources_and_exact_resume():
+    srcs = _position_sources([700, 1500, 400], [1.0, 2.0, 1.0])
+    make = lambda: MixtureSampler(srcs, seq_len=8, batch_size=6, seed=2, sampling="epochs")  # noqa: E731
+    draws = _starts(make(), 60)
+    for s, length in enumerate((700, 1500, 400)):
+        mine = [start for src, start in draws if src == s]
+        n_windows = (length - 9) // 8 + 1
+        first_epoch = mine[:n_windows]
+        assert len(set(first_epoch)) == len(first_epoch), s  # distinct until the source is used up
+    counts = np.bincount([s for s, _ in draws], minlength=3)
+    assert np.allclose(counts / counts.sum(), [0.25, 0.5, 0.25], atol=0.05)  # weights as before
+    # any batch is the same whether reached in order, at random, or after a resume
+    a = make()
+    in_order = [a.batch(i)[0] for i in range(30)]
+    b = make()
+    b._EVERY = 4  # keep source counts every 4 batches: later look-ups start from those
+    assert np.array_equal(b.batch(29)[0], in_order[29]) and np.array_equal(b.batch(3)[0], in_order[3])
+    assert sorted(b._counts_at) == [0, 4, 8, 12, 16, 20, 24, 28]
+    assert np.array_equal(b.batch(13)[0], in_order[13])
+    c = make()
+    c.load_state_dict({**a.state_dict(), "position": 17})
+    assert np.array_equal(next(c)[0], in_order[17])
+    with pytest.raises(Phase7Error, match="data.sampling must be 'random' or 'epochs'"):
+        MixtureSampler(srcs, seq_len=8, batch_size=2, seed=0, sampling="shuffle")
+
+
+def test_the_recipe_key_reaches_the_training_sampler(tmp_path):
+    from phase7fw import Engine
+    from tests.conftest import RECIPES
+
+    over = {"data.sampling": "epochs", "run.output_dir": str(tmp_path / "run"), "data.cache_dir": str(tmp_path / "c")}
+    engine = Engine.from_recipe(RECIPES / "llama_tiny.toml", over, dummy_data=True, resume="never", quiet=True)
+    assert engine.train_sampler.sampling == "epochs" and engine.val_sampler.sampling == "random"
+    with pytest.raises(Phase7Error, match="data.sampling"):
+        Engine.from_recipe(RECIPES / "llama_tiny.toml", {**over, "data.sampling": "shuffle"}, dummy_data=True, quiet=True)
