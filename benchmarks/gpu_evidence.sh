@@ -56,8 +56,9 @@ for stage in "$@"; do
           --set train.compile=false --json "$OUT/max_8g.json" 2>&1 | tail -12 ;;
     model-quality)  # phase7, its ablations and llama at ~100M on the same data (issue 15); the
                     # recipes' 1000 steps are 8.2M tokens, QUALITY_STEPS=3000 gives the 24.6M point
+      # QUALITY_ARGS adds arguments: recipes, --seeds, --set 'data.sampling="epochs"'
       python3 benchmarks/quality.py --jobs ${QUALITY_JOBS:-4} --steps ${QUALITY_STEPS:-1000} \
-          --out "$OUT/quality" 2>&1 | tail -20
+          --out "$OUT/quality" ${QUALITY_ARGS:-} 2>&1 | tail -20
       find "$OUT/quality" -name "*.pt" -delete ;;   # checkpoints stay behind (large)
     phase8)       # P11 (issue 18): T = 1k..32k against phase7 and llama, then the 10 GiB long recipe
       python3 benchmarks/phase8_vs_phase7.py --out "$OUT/phase8" 2>&1 | tail -16
