@@ -99,3 +99,37 @@ def test_the_engine_hands_the_keys_to_the_model_and_names_a_model_that_takes_non
     assert old.on
     with pytest.raises(Phase7Error, match=r"OldModel takes no train.checkpoint_policy"):
         memory.setup_checkpointing(SimpleNamespace(recipe=recipe, model=old))
+
+
+def test_the_compiled_backward_keeps_what_the_policy_saves():
+    """Under torch.compile the policy reaches the partitioned graph: the compiled backward of
+    save_matmuls has as many matmuls as without checkpointing, full has more."""
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    def backward_matmuls(setting):
+        name, over = MODELS["llama"]
+        torch.manual_seed(0)
+        model = build_model(load_recipe(RECIPES / f"{name}.toml", {**over, "model.n_layers": 2}), "cpu",
+                            vocab_size=300).train()
+        if setting is not None:
+            model.enable_activation_checkpointing(*setting)
+        counted = []
+
+        def backend(gm, example_inputs):
+            def bw_compiler(graph, _):
+                counted.append(sum(n.op == "call_function" and n.target in MATMULS for n in graph.graph.nodes))
+                return make_boxed_func(graph.forward)
+
+            return aot_module_simplified(gm, example_inputs, fw_compiler=lambda g, _: make_boxed_func(g.forward),
+                                         bw_compiler=bw_compiler, partition_fn=min_cut_rematerialization_partition)
+
+        torch._dynamo.reset()
+        ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(1))
+        step = torch.compile(lambda x: model.loss(x, torch.roll(x, -1, dims=1))[0], backend=backend)
+        step(ids).backward()
+        return sum(counted)
+
+    plain, full, selective = (backward_matmuls(s) for s in (None, ("full", 1), ("save_matmuls", 1)))
+    assert full > plain and selective == plain, (plain, full, selective)
