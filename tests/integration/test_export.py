@@ -142,6 +142,7 @@ def test_phase7_variants_and_bf16(tmp_path):
     if "qk_norm" in attrs.fields_dict(HyperbolicAttentionConfig):
         variants += [{"model.attention.qk_norm": flag, "model.attention.score": score}
                      for flag, score in ((True, "distance"), (False, "dot_distance"), (True, "dot_distance"))]
+        variants += [{"model.attention": {"name": "sdpa", "window": 16, "qk_norm": True}}]
     variants += [{"model.block": {"name": "hybrid", "mix": mix}} for mix in ("sum", "alternate")]
     if {"discretize", "out_norm"} <= set(attrs.fields_dict(ArSsmConfig)):
         variants += [{"model.ssm.discretize": flag, "model.ssm.out_norm": not flag} for flag in (True, False)]

@@ -242,15 +242,24 @@ def naive_rope(x, theta=10000.0):
 
 
 @pytest.mark.parametrize("window", [0, 3, 16, 40])
-def test_sdpa_matches_naive(window):
-    m = seeded("sdpa", window=window).double()
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_sdpa_matches_naive(window, qk_norm):
+    m = seeded("sdpa", window=window, qk_norm=qk_norm).double()
     x = torch.randn(2, SEQ, D_MODEL, generator=_gen(8), dtype=torch.float64)
     H, Dh = N_HEADS, D_MODEL // N_HEADS
+    if qk_norm:
+        with torch.no_grad():
+            m.q_norm.uniform_(0.5, 2.0)
+            m.k_norm.uniform_(0.5, 2.0)
 
-    def heads(w):
-        return (x @ w.T).view(2, SEQ, H, Dh).transpose(1, 2)
+    def heads(w, gain=None):
+        t = (x @ w.T).view(2, SEQ, H, Dh).transpose(1, 2)
+        if gain is None:
+            return t
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + torch.finfo(t.dtype).eps) * gain
 
-    q, k = naive_rope(heads(m.q_proj.weight)), naive_rope(heads(m.k_proj.weight))
+    q = naive_rope(heads(m.q_proj.weight, m.q_norm if qk_norm else None))
+    k = naive_rope(heads(m.k_proj.weight, m.k_norm if qk_norm else None))
     o = naive_attention(q, k, heads(m.v_proj.weight), window)
     expected = o.transpose(1, 2).reshape(2, SEQ, D_MODEL) @ m.o_proj.weight.T
     # RoPE tables are fp32 by design, hence ~1e-6 agreement in fp64

@@ -24,6 +24,7 @@ KINDS = {
     "phase7_ssm_only": ("phase7_tiny", {**P7, "model.mixer": "ssm"}),
     "phase7_sdpa_full": ("phase7_tiny", {**P7, "model.attention": {"name": "sdpa"}}),
     "phase7_sdpa_window": ("phase7_tiny", {**P7, "model.attention": {"name": "sdpa", "window": 6}}),
+    "phase7_sdpa_qk_norm": ("phase7_tiny", {**P7, "model.attention": {"name": "sdpa", "window": 6, "qk_norm": True}}),
     "phase7_tied_dense": ("phase7_tiny", {**P7, "model.tie_embeddings": True, "model.embedding": {"name": "dense"}}),
     "phase7_dot_distance": ("phase7_tiny", {**P7, "model.attention.score": "dot_distance"}),
     "phase7_squared_distance": ("phase7_tiny", {**P7, "model.attention.score": "squared_distance"}),

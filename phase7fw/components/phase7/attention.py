@@ -75,6 +75,7 @@ class HyperbolicAttentionConfig:
 class SdpaAttentionConfig:
     rope_theta: float = option(10000.0, check=positive, help="RoPE base")
     window: int = option(0, check=non_negative, help="keys per query (i-W < j <= i); 0: full causal")
+    qk_norm: bool = option(False, help="RMS-normalize q and k per head (learned gains), as the hyperbolic default")
 
 
 # ---------------------------------------------------------------------------------------
@@ -108,7 +109,8 @@ class _ProjectedAttention(nn.Module):
     def attention_scores_per_token(self, seq_len: int) -> int:
         return self.n_heads * self._keys_seen(seq_len)
 
-    def __init__(self, d_model: int, n_heads: int, seq_len: int, rope_theta: float, n_layers: int):
+    def __init__(self, d_model: int, n_heads: int, seq_len: int, rope_theta: float, n_layers: int,
+                 qk_norm: bool = False):
         super().__init__()
         if d_model % n_heads:
             raise Phase7Error(f"attention: d_model {d_model} is not divisible by n_heads {n_heads}")
@@ -119,6 +121,8 @@ class _ProjectedAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, d_model, bias=False)
         self.o_proj = nn.Linear(d_model, d_model, bias=False)
         self.rope = RotaryEmbedding(self.head_dim, seq_len, rope_theta)
+        self.q_norm = nn.Parameter(torch.ones(self.head_dim)) if qk_norm else None
+        self.k_norm = nn.Parameter(torch.ones(self.head_dim)) if qk_norm else None
 
     def _heads(self, t):
         B, T, _ = t.shape
@@ -127,7 +131,7 @@ class _ProjectedAttention(nn.Module):
     def qk_heads(self, x):
         """q, k (B, H, T, D) before RoPE (RMS-normalized when the module has ``q_norm``)."""
         q, k = self._heads(self.q_proj(x)), self._heads(self.k_proj(x))
-        if getattr(self, "q_norm", None) is not None:
+        if self.q_norm is not None:
             q = F.rms_norm(q, (self.head_dim,), self.q_norm)
             k = F.rms_norm(k, (self.head_dim,), self.k_norm)
         return q, k
@@ -148,6 +152,10 @@ class _ProjectedAttention(nn.Module):
         # Residual branches add up over depth: shrink the output projection (GPT-2 style).
         nn.init.normal_(self.o_proj.weight, std=std / math.sqrt(2 * self.n_layers))
         self.rope.init_weights()
+        with torch.no_grad():
+            for gain in (self.q_norm, self.k_norm):
+                if gain is not None:
+                    gain.fill_(1.0)
 
 
 class HyperbolicAttention(_ProjectedAttention):
@@ -170,7 +178,7 @@ class HyperbolicAttention(_ProjectedAttention):
         qk_norm: bool = True,
         n_layers: int = 1,
     ):
-        super().__init__(d_model, n_heads, seq_len, rope_theta, n_layers)
+        super().__init__(d_model, n_heads, seq_len, rope_theta, n_layers, qk_norm)
         if not 0 < c_min <= c_max:
             raise Phase7Error(f"attention: need 0 < c_min <= c_max, got c_min={c_min}, c_max={c_max}")
         self.window, self.c_min, self.c_max = window, c_min, c_max
@@ -186,8 +194,6 @@ class HyperbolicAttention(_ProjectedAttention):
         # qk_norm: |q| ~ sqrt(D) like QK-norm dot-product attention; the ball sees q/sqrt(D).
         # d_c(exp(s q), exp(s k)) = s d_{c s^2}(exp(q), exp(k)), so the attention op gets
         # c s^2 and tau s (tau s^2 for d^2) (curvature(), temperature()) and needs no change.
-        self.q_norm = nn.Parameter(torch.ones(self.head_dim)) if qk_norm else None
-        self.k_norm = nn.Parameter(torch.ones(self.head_dim)) if qk_norm else None
         self.tangent_scale = self.head_dim**-0.5 if qk_norm else 1.0
         # kappa from the curvature scheduler: a buffer updated in place (fill_), so a compiled
         # graph reads it as data and does not recompile when it changes; not checkpointed
@@ -224,9 +230,6 @@ class HyperbolicAttention(_ProjectedAttention):
         with torch.no_grad():
             self.log_c.zero_()
             self.beta.fill_(_inverse_softplus(self.init_temperature))
-            for gain in (self.q_norm, self.k_norm):
-                if gain is not None:
-                    gain.fill_(1.0)
             self.kappa.fill_(self._kappa)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -292,9 +295,10 @@ class SdpaAttention(_ProjectedAttention):
     """Causal (optionally sliding-window) softmax(q k^T / sqrt(D)) v with RoPE."""
 
     def __init__(
-        self, d_model: int, n_heads: int, seq_len: int, *, rope_theta: float = 10000.0, window: int = 0, n_layers: int = 1
+        self, d_model: int, n_heads: int, seq_len: int, *, rope_theta: float = 10000.0, window: int = 0,
+        n_layers: int = 1, qk_norm: bool = False,
     ):
-        super().__init__(d_model, n_heads, seq_len, rope_theta, n_layers)
+        super().__init__(d_model, n_heads, seq_len, rope_theta, n_layers, qk_norm)
         self.window = window
 
     def init_weights(self) -> None:
@@ -359,7 +363,8 @@ def build_hyperbolic_attention(config, *, d_model: int, n_heads: int, seq_len: i
 
 def build_sdpa_attention(config, *, d_model: int, n_heads: int, seq_len: int, layer_idx: int, **context):
     return SdpaAttention(
-        d_model, n_heads, seq_len, rope_theta=config.rope_theta, window=config.window, n_layers=context.get("n_layers", 1)
+        d_model, n_heads, seq_len, rope_theta=config.rope_theta, window=config.window,
+        n_layers=context.get("n_layers", 1), qk_norm=config.qk_norm,
     )
 
 

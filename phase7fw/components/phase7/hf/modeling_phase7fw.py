@@ -163,13 +163,15 @@ EMBEDDINGS = {"htt": (HTTEmbedding, {"n_cores", "rank"}), "dense": (DenseEmbeddi
 
 # ----------------------------------------------------------------------------- attention
 class _Projected(nn.Module):
-    def __init__(self, d_model, n_heads):
+    def __init__(self, d_model, n_heads, qk_norm=False):
         super().__init__()
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
         self.k_proj = nn.Linear(d_model, d_model, bias=False)
         self.v_proj = nn.Linear(d_model, d_model, bias=False)
         self.o_proj = nn.Linear(d_model, d_model, bias=False)
+        self.q_norm = nn.Parameter(torch.ones(self.head_dim)) if qk_norm else None
+        self.k_norm = nn.Parameter(torch.ones(self.head_dim)) if qk_norm else None
 
     def qkv(self, x, theta):
         B, T, _ = x.shape
@@ -178,7 +180,7 @@ class _Projected(nn.Module):
             return t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
 
         q, k = heads(self.q_proj(x)), heads(self.k_proj(x))
-        if getattr(self, "q_norm", None) is not None:  # qk_norm: per-head RMS norm before RoPE
+        if self.q_norm is not None:  # qk_norm: per-head RMS norm before RoPE
             q = F.rms_norm(q, (self.head_dim,), self.q_norm)
             k = F.rms_norm(k, (self.head_dim,), self.k_norm)
         return rope(q, theta), rope(k, theta), heads(self.v_proj(x))
@@ -215,7 +217,8 @@ class HyperbolicAttention(_Projected):
     q / sqrt(D), k / sqrt(D) mapped to the ball, computed as s d_{c s^2}(expmap0(q), expmap0(k)), s = 1/sqrt(D)."""
 
     def __init__(self, opts, d_model, n_heads, curvature):
-        super().__init__(d_model, n_heads)
+        qk_norm = opts.get("qk_norm", False)
+        super().__init__(d_model, n_heads, qk_norm)
         self.window, self.theta = opts["window"], opts["rope_theta"]
         self.score = opts.get("score", "distance")
         if self.score not in SCORES:
@@ -223,9 +226,6 @@ class HyperbolicAttention(_Projected):
         self.c_min, self.c_max, self.kappa = opts["c_min"], opts["c_max"], curvature
         self.log_c = nn.Parameter(torch.zeros(1))  # shape (1,) as in phase7fw (FSDP2 shards dim 0)
         self.beta = nn.Parameter(torch.zeros(n_heads))
-        qk_norm = opts.get("qk_norm", False)
-        self.q_norm = nn.Parameter(torch.ones(self.head_dim)) if qk_norm else None
-        self.k_norm = nn.Parameter(torch.ones(self.head_dim)) if qk_norm else None
         self.tangent_scale = self.head_dim**-0.5 if qk_norm else 1.0
 
     def forward(self, x):
@@ -256,7 +256,7 @@ class HyperbolicAttention(_Projected):
 
 class SdpaAttention(_Projected):
     def __init__(self, opts, d_model, n_heads, curvature):
-        super().__init__(d_model, n_heads)
+        super().__init__(d_model, n_heads, opts.get("qk_norm", False))
         self.window, self.theta = opts["window"], opts["rope_theta"]
 
     def forward(self, x):
@@ -271,7 +271,7 @@ class SdpaAttention(_Projected):
 
 
 ATTENTIONS = {"hyperbolic": (HyperbolicAttention, {"window", "rope_theta", "c_min", "c_max", "score", "qk_norm"}),
-              "sdpa": (SdpaAttention, {"window", "rope_theta"})}
+              "sdpa": (SdpaAttention, {"window", "rope_theta", "qk_norm"})}
 
 
 # ----------------------------------------------------------------------------- AR-SSM
