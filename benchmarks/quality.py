@@ -13,8 +13,10 @@ and quality.png (validation loss against tokens and against training time; needs
 
 Reported per recipe: parameters, validation loss (nats per token) at a third of the run and at
 its end, bits per byte at the end (loss / ln 2 x tokens / bytes of the validation text, so
-models with different tokenizers compare), tokens/s, and the validation loss at equal wall
-clock: at the training time of the fastest recipe, interpolated linearly between evaluations.
+models with different tokenizers compare), the best validation loss and where it was, the
+training loss over the last tenth of the steps (with the best loss: overfitting shows), tokens/s,
+and the validation loss at equal wall clock: at the training time of the fastest recipe,
+interpolated linearly between evaluations.
 Training time excludes evaluation; with ``--jobs`` > 1 the runs share the device and their
 times are only comparable when the runs were alike (the report says so).
 """
@@ -201,12 +203,19 @@ def summarize(results: list[dict], jobs: int) -> dict:
         at_budget, _ = _mean_std([_interp([(v["train_seconds"], v["loss"]) for v in r["val"]], budget)
                                   for r in runs] if budget else [])
         bpt = runs[0]["bytes_per_token"] or 1.0
+        # overfitting shows as a best validation loss before the end and a training loss far
+        # below it: the training loss is the mean over the run's last tenth of steps
+        best, _ = _mean_std([min(v["loss"] for v in r["val"]) for r in runs if r["val"]])
+        best_tokens = min(runs[0]["val"], key=lambda v: v["loss"])["tokens"] if runs[0]["val"] else None
+        train_end, _ = _mean_std([_late_mean(r.get("train") or [], r["val"][-1]["step"] if r["val"] else 0)
+                                  for r in runs])
         rows.append({
             "name": name, "params": runs[0]["params"], "seeds": [r["seed"] for r in runs],
             "tokens_early": next((v["tokens"] for v in runs[0]["val"] if v["step"] == third), None),
             "tokens_end": runs[0]["tokens"], "val_loss_early": early, "val_loss_end": end, "val_loss_end_std": end_sd,
             "bpb_end": None if end is None else end / math.log(2) / bpt,
-            "val_loss_equal_time": at_budget,
+            "val_loss_equal_time": at_budget, "val_loss_best": best, "tokens_best": best_tokens,
+            "train_loss_end": train_end,
             "tokens_per_s": _mean_std([r["tokens_per_s"] for r in runs])[0],
             "train_seconds": _mean_std([r["train_seconds"] for r in runs])[0],
             "peak_memory_gib": runs[0]["peak_memory_gib"],
@@ -217,6 +226,12 @@ def summarize(results: list[dict], jobs: int) -> dict:
     first = results[0] if results else {}
     return {"rows": rows, "baseline": base["name"] if base else None, "time_budget_s": budget, "jobs": jobs,
             "device": first.get("device"), "torch": first.get("torch"), "date": time.strftime("%Y-%m-%d")}
+
+
+def _late_mean(train: list[dict], last_step: int) -> float | None:
+    """Mean training loss over the last tenth of the steps (None without training rows)."""
+    late = [t["loss"] for t in train if t.get("loss") is not None and t["step"] > 0.9 * last_step]
+    return sum(late) / len(late) if late else None
 
 
 def markdown(summary: dict) -> str:
@@ -232,14 +247,17 @@ def markdown(summary: dict) -> str:
         f" of training (the fastest recipe's){'; runs shared the device (' + str(summary['jobs']) + ' at a time)' if summary['jobs'] > 1 else ''}.",
         "",
         f"| recipe | params | seeds | val loss @ {_tokens(early)} tok | val loss @ {_tokens(end)} tok"
-        f" | vs {summary['baseline']} | bits/byte | val loss @ equal time | tokens/s | train s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f" | vs {summary['baseline']} | bits/byte | best val loss (@ tok) | train loss @ end"
+        " | val loss @ equal time | tokens/s | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         sd = f" ± {r['val_loss_end_std']:.4f}" if r["val_loss_end_std"] else ""
         lines.append(
             f"| {r['name']} | {r['params'] / 1e6:.1f}M | {len(r['seeds'])} | {f(r['val_loss_early'])} | {f(r['val_loss_end'])}{sd}"
-            f" | {f(r['vs_baseline'], '{:+.1%}')} | {f(r['bpb_end'])} | {f(r['val_loss_equal_time'])}"
+            f" | {f(r['vs_baseline'], '{:+.1%}')} | {f(r['bpb_end'])}"
+            f" | {f(r.get('val_loss_best'))} (@ {_tokens(r.get('tokens_best'))}) | {f(r.get('train_loss_end'))}"
+            f" | {f(r['val_loss_equal_time'])}"
             f" | {f(r['tokens_per_s'], '{:,.0f}')} | {f(r['train_seconds'], '{:.0f}')} |")
     return "\n".join(lines) + "\n"
 

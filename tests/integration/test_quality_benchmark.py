@@ -50,6 +50,18 @@ def test_summary_equal_tokens_equal_time_and_bits_per_byte():
     assert "| phase7_100m | 0.0M | 2 |" in md and "1.5000 ± 0.1414" in md
 
 
+def test_summary_shows_overfitting_best_and_late_training_loss():
+    """A run whose validation loss rises at the end: the best value and where it was, and the
+    training loss over the last tenth of the steps."""
+    q = _load()
+    run = _run("phase7_100m", 0, [(10, 100, 1.0, 2.0), (20, 200, 2.0, 1.2), (30, 300, 3.0, 1.6)])
+    run["train"] = [{"step": s, "loss": 2.0 - s / 30} for s in range(1, 31)]  # steps 28-30 are the last tenth
+    row = q.summarize([run], jobs=1)["rows"][0]
+    assert row["val_loss_best"] == pytest.approx(1.2) and row["tokens_best"] == 200
+    assert row["train_loss_end"] == pytest.approx(2.0 - (28 + 29 + 30) / 3 / 30)
+    assert "| 1.2000 (@ 0.2k) | 1.0333 |" in q.markdown(q.summarize([run], jobs=1))
+
+
 @pytest.mark.slow
 def test_tiny_setting_trains_two_recipes_and_writes_the_report(tmp_path):
     out = tmp_path / "q"
