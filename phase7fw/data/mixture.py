@@ -232,8 +232,12 @@ class MixtureSampler:
             starts = self._epoch_starts(index, which)
         else:
             starts = np.asarray([rng.integers(0, len(self.arrays[s]) - window + 1) for s in which], dtype=np.int64)
-        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        return which[mine], starts[mine]
+        return which[self._mine], starts[self._mine]
+
+    @property
+    def _mine(self) -> slice:
+        """This rank's rows of a global batch."""
+        return slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
 
     def _counts_before(self, index: int) -> np.ndarray:
         """How many rows each source gave in batches 0 .. index-1."""
@@ -288,14 +292,14 @@ class MixtureSampler:
     def batch_bytes(self, index: int) -> float | None:
         """UTF-8 bytes of text behind the targets of batch ``index`` (seq_len tokens a row, each
         row at its source's bytes-per-token ratio); None when a row's source has no ratio."""
-        ratios = [self.bytes_per_token[s] for s in self._draw(index)[0]]
+        ratios = [self.bytes_per_token[s] for s in self.source_of_rows(index)]
         if any(r is None for r in ratios):
             return None
         return float(sum(ratios)) * self.seq_len
 
     def source_of_rows(self, index: int) -> np.ndarray:
-        """Which source each row of batch ``index`` came from (for tests and stats)."""
-        return self._draw(index)[0]
+        """Which source each row of batch ``index`` came from (no offsets drawn)."""
+        return self._sources(index)[1][self._mine]
 
     def __iter__(self):
         return self

@@ -153,7 +153,7 @@ def test_ssm_state_is_fp32_and_ring_keeps_post_rope_keys():
         model.forward_cached(ids, cache)
         block = model.blocks[0]  # its input is the (position-free) embedding
         u = block.norm1(model.embedding(ids[:, 8:9]))
-        k8 = rope_at(block.attn.rope, block.attn.qk_heads(u)[1], 8)
+        k8 = rope_at(block.attn.rope, block.attn.projected(u)[1], 8)
     attn, ssm = cache.layers[0]["attn"], cache.layers[0]["ssm"]
     assert ssm.state.dtype == torch.float32 and ssm.state.shape == (1, 2, 16, 16)
     assert ssm.conv.shape == (1, 32, 2)  # conv_size - 1 inputs

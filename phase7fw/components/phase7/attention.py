@@ -124,21 +124,23 @@ class _ProjectedAttention(nn.Module):
         self.q_norm = nn.Parameter(torch.ones(self.head_dim)) if qk_norm else None
         self.k_norm = nn.Parameter(torch.ones(self.head_dim)) if qk_norm else None
 
-    def _heads(self, t):
-        B, T, _ = t.shape
-        return t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+    def projected(self, x):
+        """q, k, v (B, H, T, D) before RoPE (q, k RMS-normalized when the module has ``q_norm``);
+        the decode paths rotate q and k at their absolute positions."""
+        B, T, _ = x.shape
 
-    def qk_heads(self, x):
-        """q, k (B, H, T, D) before RoPE (RMS-normalized when the module has ``q_norm``)."""
-        q, k = self._heads(self.q_proj(x)), self._heads(self.k_proj(x))
+        def heads(t):
+            return t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
         if self.q_norm is not None:
             q = F.rms_norm(q, (self.head_dim,), self.q_norm)
             k = F.rms_norm(k, (self.head_dim,), self.k_norm)
-        return q, k
+        return q, k, v
 
     def _qkv(self, x):
-        q, k = self.qk_heads(x)
-        return self.rope(q), self.rope(k), self._heads(self.v_proj(x))
+        q, k, v = self.projected(x)
+        return self.rope(q), self.rope(k), v
 
     def _out(self, o):
         B, H, T, D = o.shape
@@ -209,19 +211,21 @@ class HyperbolicAttention(_ProjectedAttention):
         with torch.no_grad():
             self.kappa.fill_(self._kappa)
 
+    def layer_curvature(self) -> torch.Tensor:
+        """The layer's curvature c = clamp(kappa * exp(log_c), c_min, c_max), 0-dim fp32."""
+        return (self.kappa.float() * self.log_c.float().exp()).clamp(self.c_min, self.c_max).reshape(())
+
+    def layer_temperature(self) -> torch.Tensor:
+        """The layer's per-head tau = softplus(beta), fp32."""
+        return F.softplus(self.beta.float())
+
     def curvature(self) -> torch.Tensor:
-        """Effective curvature c = clamp(kappa * exp(log_c), c_min, c_max), 0-dim fp32 (times
-        the tangent scale squared with ``qk_norm``: the curvature the op sees)."""
-        c = (self.kappa.float() * self.log_c.float().exp()).clamp(self.c_min, self.c_max).reshape(())
-        return c * self.tangent_scale**2
+        """The curvature the op sees: c, times s^2 with ``qk_norm`` (tangent scale s)."""
+        return self.layer_curvature() * self.tangent_scale**2
 
     def temperature(self) -> torch.Tensor:
-        """Per-head tau = softplus(beta), fp32, times what the tangent scale s asks of the op's
-        distances with ``qk_norm``: s for tau d, s^2 for tau d^2."""
-        return F.softplus(self.beta.float()) * self._tau_scale()
-
-    def _tau_scale(self) -> float:
-        return self.tangent_scale ** (2 if self.score == "squared_distance" else 1)
+        """The temperatures the op sees: tau, times s (tau d) or s^2 (tau d^2) with ``qk_norm``."""
+        return self.layer_temperature() * self.tangent_scale ** (2 if self.score == "squared_distance" else 1)
 
     def init_weights(self) -> None:
         # q, k are tangent vectors: std 1/sqrt(d_model * head_dim) gives |q| ~ 1 for unit-RMS
@@ -263,9 +267,8 @@ class HyperbolicAttention(_ProjectedAttention):
             "sqrt_c_q_norm": aq.mean().item(),
             "saturated": (aq >= geometry.MAX_TANGENT_ATANH).float().mean().item(),
             "ball_radius": torch.tanh(aq.clamp_max(geometry.MAX_TANGENT_ATANH)).mean().item(),
-            # the layer's own c and tau (the op sees c s^2 and tau s with qk_norm)
-            "curvature": c.item() / self.tangent_scale**2, "tau_mean": tau.mean().item() / self._tau_scale(),
-            "tau_max": tau.max().item() / self._tau_scale(),
+            "curvature": self.layer_curvature().item(),  # the layer's own c and tau, not the op's
+            "tau_mean": self.layer_temperature().mean().item(), "tau_max": self.layer_temperature().max().item(),
             "entropy": entropy.mean().item(), "score_range": score_range.mean().item(),
         }
 

@@ -42,8 +42,8 @@ def rope_at(rope, x: torch.Tensor, start: int) -> torch.Tensor:
 
 def qkv_at(attn, u: torch.Tensor, start: int):
     """The module's q, k (rotated at absolute positions), v for the new tokens u (B, T, D)."""
-    q, k = attn.qk_heads(u)
-    return rope_at(attn.rope, q, start), rope_at(attn.rope, k, start), attn._heads(attn.v_proj(u))
+    q, k, v = attn.projected(u)
+    return rope_at(attn.rope, q, start), rope_at(attn.rope, k, start), v
 
 
 def hyperbolic_scores(q: torch.Tensor, k: torch.Tensor, c: torch.Tensor, tau: torch.Tensor,

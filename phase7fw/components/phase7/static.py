@@ -42,9 +42,8 @@ def rope_at_pos(x: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor) -> t
 
 
 def attention_step(attn, u: torch.Tensor, st: StaticAttention, pos: torch.Tensor, hyperbolic: bool) -> torch.Tensor:
-    q, k = attn.qk_heads(u)
+    q, k, v = attn.projected(u)
     q, k = rope_at_pos(q, st.inv_freq, pos), rope_at_pos(k, st.inv_freq, pos)
-    v = attn._heads(attn.v_proj(u))
     if hyperbolic:
         c, tau = attn.curvature(), attn.temperature()
         o = ring_attention(q, k, v, st.ring, pos, lambda qb, keys: hyperbolic_scores(qb, keys, c, tau, attn.score))
