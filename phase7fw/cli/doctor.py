@@ -14,6 +14,17 @@ def _version(module: str) -> str:
     return getattr(mod, "__version__", "installed")
 
 
+def _dist_version(dist: str) -> str:
+    """The installed version of a distribution, without importing it (fla's import warns on a
+    machine without a GPU)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def run_doctor(require_gpu: bool = False, verify: bool = False) -> int:
     import torch
 
@@ -35,6 +46,9 @@ def run_doctor(require_gpu: bool = False, verify: bool = False) -> int:
         warnings.append("no CUDA GPU: training runs on the CPU (fine for tiny recipes); Triton kernels are off")
     for name in ("datasets", "tokenizers", "wandb"):
         print(f"{name:<9} {_version(name)}")
+    fla = _dist_version("fla-core")
+    print(f"fla-core  {fla} (optional, CUDA only: [kernels] hyperbolic_linear_attention = \"fla\""
+          + ("; pip install fla-core einops)" if fla == "not installed" else ")"))
 
     from phase7fw.plugins import PluginError
 

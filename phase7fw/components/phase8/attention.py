@@ -12,7 +12,8 @@ docs/model.md "Phase 8"):
 
 No positional rotation: order enters through the decay (and the block's SSM path with its
 causal convolution). Training runs the op's chunked form (``attention_fn``; ``[kernels]
-hyperbolic_linear_attention = "triton"`` swaps in the Triton kernel); cached decoding keeps
+hyperbolic_linear_attention = "triton"`` swaps in the Triton kernel, ``"fla"``
+flash-linear-attention's GLA kernels); cached decoding keeps
 only the state S per layer (no growth with the context) and runs the recurrent step.
 
 Factories are called as ``factory(config, *, d_model, n_heads, seq_len, layer_idx, **context)``
@@ -232,7 +233,7 @@ def build_hyperbolic_linear_attention(config: HyperbolicLinearAttentionConfig, *
     module = HyperbolicLinearAttention(
         d_model, n_heads, chunk_size=config.chunk_size, focus_power=config.focus_power, decay=config.decay,
         c_min=config.c_min, c_max=config.c_max, n_layers=context.get("n_layers", 1))
-    # [kernels] hyperbolic_linear_attention: the Triton kernel (same signature, no parameters)
+    # [kernels] hyperbolic_linear_attention: the Triton kernel or fla's (same signature, no parameters)
     from phase7fw.kernels import select
 
     module.attention_fn = select(context, "hyperbolic_linear_attention", module.attention_fn)

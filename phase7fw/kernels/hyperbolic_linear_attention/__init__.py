@@ -4,7 +4,8 @@ One op, three forms that agree to 1e-5 in fp32 (tests/unit/test_hyperbolic_linea
 
 - :func:`hyperbolic_linear_attention_chunked` -- chunked parallel form for training (the
   torch reference of the Triton kernel in :mod:`.kernel`, selected by ``[kernels]
-  hyperbolic_linear_attention = "triton"``);
+  hyperbolic_linear_attention = "triton"``, and of flash-linear-attention's GLA kernel in
+  :mod:`.fla_backend`, ``= "fla"``, optional package fla-core);
 - :func:`hyperbolic_linear_attention_step` -- the recurrence, one token at a time, for
   cached decoding (state (B, H, D+1, Dv+1) fp32, no growth with the context);
 - :func:`hyperbolic_linear_attention_quadratic` -- the T x T masked form, tests only.
@@ -30,8 +31,10 @@ division never sees zero (it is still clamped at 1e-6); o_t is a convex combinat
 values. Gradients flow to q, k, v, the decay and the curvature.
 
 Layout: :mod:`.reference` (torch forms), :mod:`.kernel` (Triton, imported lazily),
+:mod:`.fla_backend` (the op through fla's ``chunk_simple_gla``, fla imported when selected),
 :mod:`.verify` (the parity rows of ``phase7fw doctor``), :func:`register` (kind ``kernel``,
-``"hyperbolic_linear_attention:triton"``). Nothing here imports a component or Triton.
+``"hyperbolic_linear_attention:triton"`` and ``"hyperbolic_linear_attention:fla"``). Nothing
+here imports a component, Triton or fla.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from typing import Literal
 
 import attrs
 
-from phase7fw.kernels import launch_check, precision_option, triton_kernel
+from phase7fw.kernels import launch_check, lazy, precision_option, triton_kernel
 from phase7fw.kernels.hyperbolic_linear_attention.reference import (
     DEN_EPS,
     MAX_ATANH,
@@ -62,6 +65,7 @@ __all__ = [
     "feature_map",
     "hyperbolic_linear_attention",
     "hyperbolic_linear_attention_chunked",
+    "hyperbolic_linear_attention_fla",
     "hyperbolic_linear_attention_quadratic",
     "hyperbolic_linear_attention_step",
     "hyperbolic_linear_attention_triton",
@@ -86,7 +90,21 @@ class TritonConfig:
 #: The op's public function (the chunked torch form); components call this one and kernel
 #: selection may replace it with :func:`hyperbolic_linear_attention_triton` (same signature).
 hyperbolic_linear_attention = hyperbolic_linear_attention_chunked
-hyperbolic_linear_attention_triton, register = triton_kernel(
+hyperbolic_linear_attention_triton, _register_triton = triton_kernel(
     OP, "phase7fw.kernels.hyperbolic_linear_attention.kernel", "hyperbolic_linear_attention_triton",
     "chunked O(T) hyperbolic (Lorentz feature map) linear attention, fp32 state, fwd + bwd (grads to q, k, v, c, decay)",
     TritonConfig)
+_FLA = "phase7fw.kernels.hyperbolic_linear_attention.fla_backend"
+#: the op through flash-linear-attention's chunk_simple_gla (CUDA only; fla imported on first call)
+hyperbolic_linear_attention_fla = lazy(_FLA, "hyperbolic_linear_attention_fla")
+
+
+def register(register) -> None:
+    """Register the op's kernels: our Triton kernel (``"hyperbolic_linear_attention:triton"``,
+    what "auto" picks) and flash-linear-attention's GLA (``"hyperbolic_linear_attention:fla"``,
+    optional package fla-core, checked when a recipe selects it)."""
+    _register_triton(register)
+    register("kernel", f"{OP}:fla", lazy(_FLA, "factory"),
+             description="the same op through flash-linear-attention's chunk_simple_gla (optional: pip install"
+             " fla-core einops) on the fp32 Lorentz features (D+1) and [v, 1] (Dv+1), feature map in torch;"
+             " fwd + bwd (grads to q, k, v, c, decay), CUDA only")

@@ -1,9 +1,10 @@
-"""Parity rows of the hyperbolic linear attention kernel for ``phase7fw doctor`` (smoke test)
-and ``phase7fw doctor --verify``: the Triton kernel against the chunked torch form evaluated
+"""Parity rows of the hyperbolic linear attention kernels for ``phase7fw doctor`` (smoke test)
+and ``phase7fw doctor --verify``: the Triton kernel, and on a GPU where fla imports the fla
+backend (:mod:`.fla_backend`, rows marked ``[fla]``), against the chunked torch form evaluated
 in float64 on the same (bf16-rounded) inputs, forward and every gradient (q, k, v, c, decay),
 with the numerics gate of :mod:`phase7fw.kernels.verify`; tangent norms reach past the
-clamp (points at radius 0.999/sqrt(c)). Timed next to SDPA (cuDNN, full causal) at the same
-shape on a GPU."""
+clamp (points at radius 0.999/sqrt(c)). Timed side by side with SDPA (cuDNN, full causal)
+at the same shape on a GPU. Without fla, its rows are left out and the first row says so."""
 
 from __future__ import annotations
 
@@ -30,49 +31,106 @@ def inputs(B, H, T, D, device, dtype=torch.bfloat16, max_atanh=4.5, seed=0):
             ld.float().to(device))
 
 
-def check(B, H, T, D, device, dtype, case, timed=True, chunk_size=64):
+def _backends(device) -> tuple[dict, str | None]:
+    """{name: implementation} to check on ``device``: our Triton kernel, and fla's GLA
+    (:mod:`.fla_backend`) on a GPU where fla imports; and a note when fla is left out."""
     from phase7fw.kernels.hyperbolic_linear_attention.kernel import hyperbolic_linear_attention_triton
-    from phase7fw.kernels.hyperbolic_linear_attention.reference import hyperbolic_linear_attention_chunked
-    from phase7fw.kernels.checks import _rel, gated_row
 
+    impls = {"triton": hyperbolic_linear_attention_triton}
+    if device.type != "cuda":
+        return impls, None  # fla runs on CUDA only (not in Triton's interpreter)
+    from phase7fw.kernels.hyperbolic_linear_attention.fla_backend import (
+        INSTALL_HINT,
+        fla_status,
+        hyperbolic_linear_attention_fla,
+    )
+
+    ok, why = fla_status()
+    if not ok:
+        return impls, f"rows left out: fla cannot be imported ({why}); {INSTALL_HINT}"
+    impls["fla"] = hyperbolic_linear_attention_fla
+    return impls, None
+
+
+def compare(B, H, T, D, device, dtype, case, timed=True, chunk_size=64, backends=None) -> list:
+    """One row per implementation (``backends``: {name: fn}; default :func:`_backends`: the
+    Triton kernel, then fla's where it runs), each against the same float64 reference on the
+    same inputs and output gradient, forward and every gradient. Timed (``timed``): each
+    implementation's fwd and fwd+bwd, and on a GPU SDPA at the same shape (once, in the first
+    row; the others give their ratio to it and to the first row's fwd+bwd)."""
+    from phase7fw.kernels.checks import _collect, _rel, gated_row
+    from phase7fw.kernels.hyperbolic_linear_attention.reference import hyperbolic_linear_attention_chunked
+
+    note = None
+    if backends is None:
+        backends, note = _backends(device)
     base = inputs(B, H, T, D, device, dtype)
-    ins = [t.clone().requires_grad_() for t in base]
-    out = hyperbolic_linear_attention_triton(*ins, 1.0, chunk_size)
-    gout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, ins, gout)
+    gout = torch.randn(base[2].shape, generator=torch.Generator(device="cpu").manual_seed(1)).to(device, dtype)
     ref_ins = [t.detach().double().requires_grad_() for t in base]
     ref = hyperbolic_linear_attention_chunked(*ref_ins, 1.0, chunk_size)
     ref_grads = torch.autograd.grad(ref, ref_ins, gout.double())
-    errors = {"out": _rel(out, ref)}
-    for name, a, b in zip(("dq", "dk", "dv", "dc", "ddecay"), grads, ref_grads):
-        errors[name] = _rel(a, b)
-    row = gated_row(OP, case, errors, (out, *grads))
-    del ref, ref_grads, ref_ins
-    if timed:
-        row.ms.update(timings(base, device, chunk_size))
-    return row
+    ref = ref.detach()
+    del ref_ins
+
+    def one(name, fn, case):
+        ins = [t.clone().requires_grad_() for t in base]
+        out = fn(*ins, 1.0, chunk_size)
+        grads = torch.autograd.grad(out, ins, gout)
+        errors = {"out": _rel(out, ref)}
+        for gname, a, b in zip(("dq", "dk", "dv", "dc", "ddecay"), grads, ref_grads):
+            errors[gname] = _rel(a, b)
+        row = gated_row(OP, case, errors, (out, *grads))
+        del out, grads, ins
+        if timed:
+            row.ms.update(timings(base, device, chunk_size, fn, name, sdpa=not rows))
+        return row
+
+    rows, lead = [], next(iter(backends))
+    for name, fn in backends.items():  # one failing implementation never hides another's row
+        row_case = case if not rows else f"{case} [{name}]"
+        row = _collect(OP, row_case, lambda name=name, fn=fn, row_case=row_case: one(name, fn, row_case))[0]
+        if timed and rows:  # side by side with the first row: its SDPA time and its fwd+bwd
+            first, fb = rows[0].ms, row.ms.get(f"{name}_fwd_bwd")
+            if fb is not None and "sdpa_cudnn_causal_fwd_bwd" in first:
+                row.ms["ratio_vs_sdpa"] = fb / first["sdpa_cudnn_causal_fwd_bwd"]
+            if fb is not None and f"{lead}_fwd_bwd" in first:
+                row.ms[f"ratio_vs_{lead}"] = fb / first[f"{lead}_fwd_bwd"]
+        rows.append(row)
+    if note:
+        rows[0].ms["fla"] = note
+    return rows
 
 
-def timings(base, device, chunk_size=64) -> dict:
-    """fwd and fwd+bwd of the kernel; on a GPU also SDPA (cuDNN, full causal) at the same shape."""
+def check(B, H, T, D, device, dtype, case, timed=True, chunk_size=64):
+    """The Triton kernel's row (see :func:`compare`)."""
+    from phase7fw.kernels.hyperbolic_linear_attention.kernel import hyperbolic_linear_attention_triton
+
+    return compare(B, H, T, D, device, dtype, case, timed, chunk_size,
+                   {"triton": hyperbolic_linear_attention_triton})[0]
+
+
+def timings(base, device, chunk_size=64, fn=None, name="triton", sdpa=True) -> dict:
+    """fwd and fwd+bwd of ``fn`` (default: the Triton kernel), keys ``<name>_fwd``,
+    ``<name>_fwd_bwd``; on a GPU with ``sdpa`` also SDPA (cuDNN, full causal) at the same shape."""
     import torch.nn.functional as F
 
-    from phase7fw.kernels.hyperbolic_linear_attention.kernel import hyperbolic_linear_attention_triton
     from phase7fw.kernels.checks import _bench
 
+    if fn is None:
+        from phase7fw.kernels.hyperbolic_linear_attention.kernel import hyperbolic_linear_attention_triton as fn
     ins = [t.clone().requires_grad_() for t in base]
     gout = torch.randn_like(base[2])
 
     def fwd_bwd():
-        o = hyperbolic_linear_attention_triton(*ins, 1.0, chunk_size)
+        o = fn(*ins, 1.0, chunk_size)
         torch.autograd.grad(o, ins, gout)
 
     def fwd():
         with torch.no_grad():
-            hyperbolic_linear_attention_triton(*ins, 1.0, chunk_size)
+            fn(*ins, 1.0, chunk_size)
 
-    ms = {"triton_fwd": _bench(fwd, device), "triton_fwd_bwd": _bench(fwd_bwd, device)}
-    if device.type == "cuda":
+    ms = {f"{name}_fwd": _bench(fwd, device), f"{name}_fwd_bwd": _bench(fwd_bwd, device)}
+    if sdpa and device.type == "cuda":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         qs, ks, vs = (t.clone().requires_grad_() for t in base[:3])
@@ -84,33 +142,40 @@ def timings(base, device, chunk_size=64) -> dict:
 
         try:
             ms["sdpa_cudnn_causal_fwd_bwd"] = _bench(sdpa_fb, device)
-            ms["ratio_vs_sdpa"] = ms["triton_fwd_bwd"] / ms["sdpa_cudnn_causal_fwd_bwd"]
+            ms["ratio_vs_sdpa"] = ms[f"{name}_fwd_bwd"] / ms["sdpa_cudnn_causal_fwd_bwd"]
         except Exception as exc:  # noqa: BLE001 - a backend that cannot run this shape
             ms["sdpa_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
     return ms
 
 
 def smoke_rows(device: torch.device) -> list:
-    """Compile and run forward + backward on a tiny fp32 input (odd length, two value tiles)."""
-    from phase7fw.kernels.checks import guarded
+    """Compile and run forward + backward on a tiny fp32 input (odd length, two value tiles):
+    the Triton kernel, and on a GPU fla's GLA where fla imports."""
+    from phase7fw.kernels.checks import _collect
 
-    return [guarded(OP, "tiny", lambda: check(1, 2, 37, 40, device, torch.float32, "tiny", timed=False, chunk_size=16),
-                    first_call=True)]
+    return _collect(OP, "tiny", lambda: compare(1, 2, 37, 40, device, torch.float32, "tiny", timed=False,
+                                                chunk_size=16), first_call=True)
 
 
 def verify_rows(device: torch.device, quick: bool = False) -> list:
-    """bf16 at the benchmark shape (B, 16, 1024, 128) and at T = 4096, and an odd length."""
-    from phase7fw.kernels.checks import guarded
+    """bf16 at the benchmark shape (B, 16, 1024, 128), at T = 4096 and 16384, and an odd
+    length: the Triton kernel's rows, each followed by fla's where fla runs (``[fla]``)."""
+    from phase7fw.kernels.checks import _collect
 
     B = 2 if quick else 8
     cases = [((B, 16, 1024, 128), f"bf16 ({B},16,1024,128)"),
              ((1, 16, 4096, 128), "bf16 (1,16,4096,128)"),
+             ((1, 16, 16384, 128), "bf16 (1,16,16384,128)"),
              ((1, 4, 1000, 64), "bf16 (1,4,1000,64) odd T")]
-    return [guarded(OP, case, lambda s=shape, case=case: check(*s, device, torch.bfloat16, case))
-            for shape, case in cases]
+    rows = []
+    for shape, case in cases:
+        rows += _collect(OP, case, lambda s=shape, case=case: compare(*s, device, torch.bfloat16, case))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
 
 
-__all__ = ["check", "inputs", "smoke_rows", "timings", "verify_cases", "verify_rows"]
+__all__ = ["check", "compare", "inputs", "smoke_rows", "timings", "verify_cases", "verify_rows"]
 
 
 def verify_cases(device: torch.device, quick: bool = False) -> list:
