@@ -12,6 +12,9 @@ On a CUDA GPU (bf16):
   P6  HTT embedding (vocab 32000, d 2048, rank 32) per optimizer step: the micro-batches'
       gathers + one tied-table rebuild, minus a dense lookup, over the step time of --step-json
 plus the correctness table of ``phase7fw doctor --verify`` (every speed number is gated on it).
+``--quick --only-verify 10`` runs only Phase 8's linear attention rows: our Triton kernel,
+flash-linear-attention's GLA (rows ``[fla]``, when fla-core is installed) and SDPA cuDNN side
+by side at (2,16,1024,128), (1,16,4096,128), (1,16,16384,128) and an odd length.
 Writes kernels.json and kernels.md to --out. Imports only torch, triton and phase7fw's
 kernel/geometry/component modules (no pluggy needed).
 """
