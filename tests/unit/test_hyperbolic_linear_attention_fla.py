@@ -154,9 +154,17 @@ def test_fla_is_a_choice_of_the_recipe_without_tuning_options_and_auto_keeps_the
         load_recipe(tiny, {f"kernels.{OP}": {"impl": "fla", "gpu": [64, 8, 1]}})
 
 
-def test_the_fla_backend_refuses_cpu_and_fp64_tensors_with_a_clear_message():
+def test_the_fla_backend_refuses_a_machine_without_cuda_and_cpu_and_fp64_tensors(monkeypatch, tmp_path, capsys):
+    from phase7fw.cli import main
+
+    monkeypatch.setattr(fla_backend, "load_gla", lambda: TorchGLA())  # as if fla were installed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = main(["run", str(RECIPES / "phase8_tiny.toml"), "--dummy-data", "--set",
+                 f'kernels.{OP}="fla"', "--set", "train.max_steps=1", "--set", f'run.output_dir="{tmp_path}"'])
+    err = capsys.readouterr().err
+    assert code == 2 and "need a CUDA GPU (this machine has none;" in err and "Traceback" not in err
     q, k, v, c, ld = _inputs(dtype=torch.float32, T=8)
-    with pytest.raises(fla_backend.FlaUnavailable, match="need a CUDA GPU .*got a cpu tensor"):
+    with pytest.raises(fla_backend.FlaUnavailable, match=r"need a CUDA GPU \(got a cpu tensor"):
         fla_backend.hyperbolic_linear_attention_fla(q, k, v, c, ld)
     with pytest.raises(ValueError, match="not fp64"):
         fla_backend.hyperbolic_linear_attention_fla(q.double(), k.double(), v.double(), c, ld)

@@ -22,6 +22,7 @@ before a recipe selects it.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Callable
 
 import torch
@@ -49,7 +50,10 @@ def load_gla() -> Callable:
     """fla's ``chunk_simple_gla``; :class:`FlaUnavailable` with the install hint when fla
     cannot be imported (missing, or broken against this torch/Triton)."""
     try:
-        from fla.ops.simple_gla import chunk_simple_gla
+        with warnings.catch_warnings():  # fla's import on a machine without a GPU says it "rolls
+            # back to CPU", which its GLA kernels cannot (the calls below refuse CPU tensors)
+            warnings.filterwarnings("ignore", message="Triton is not supported on current platform")
+            from fla.ops.simple_gla import chunk_simple_gla
     except Exception as exc:  # noqa: BLE001 - missing or broken: either way it cannot run
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
         raise FlaUnavailable(
@@ -97,6 +101,12 @@ def gla_form(gla: Callable, q, k, v, c, log_decay=None, focus_power: float = 1.0
     return out.to(v.dtype)
 
 
+def _cpu_refusal(what: str) -> FlaUnavailable:
+    return FlaUnavailable(
+        f"kernels.hyperbolic_linear_attention = \"fla\" runs flash-linear-attention's Triton kernels, which need"
+        f" a CUDA GPU ({what}; Triton's CPU interpreter cannot run them); select \"reference\" or \"auto\" here")
+
+
 def hyperbolic_linear_attention_fla(q, k, v, c, log_decay=None, focus_power: float = 1.0, chunk_size: int = 64):
     """Drop-in for ``hyperbolic_linear_attention_chunked`` (no starting state) on a CUDA GPU:
     q, k (B, H, T, D), v (B, H, T, Dv) in fp32/bf16/fp16, c scalar or (H,), log_decay
@@ -104,15 +114,16 @@ def hyperbolic_linear_attention_fla(q, k, v, c, log_decay=None, focus_power: flo
     if torch.float64 in (q.dtype, k.dtype, v.dtype):
         raise ValueError("the fla hyperbolic linear attention takes fp32/bf16/fp16 inputs, not fp64")
     if q.device.type != "cuda":
-        raise FlaUnavailable(
-            f"kernels.hyperbolic_linear_attention = \"fla\" runs flash-linear-attention's Triton kernels,"
-            f" which need a CUDA GPU (got a {q.device.type} tensor; Triton's CPU interpreter cannot run"
-            " them); select \"reference\" or \"auto\" here")
+        raise _cpu_refusal(f"got a {q.device.type} tensor")
     return gla_form(load_gla(), q, k, v, c, log_decay, focus_power, chunk_size)
 
 
 def factory(config, **context):
-    """The ``"hyperbolic_linear_attention:fla"`` kernel: checks that fla imports (one clear
-    error with the install hint otherwise) when a recipe selects it, before any step runs."""
+    """The ``"hyperbolic_linear_attention:fla"`` kernel: checks, when a recipe selects it and
+    before any step runs, that fla imports (one clear error with the install hint otherwise)
+    and that this machine has a CUDA GPU (a run on the CPU of a GPU machine is refused at its
+    first call)."""
     load_gla()
+    if not torch.cuda.is_available():
+        raise _cpu_refusal("this machine has none")
     return hyperbolic_linear_attention_fla
