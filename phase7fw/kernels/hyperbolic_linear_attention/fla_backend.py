@@ -50,8 +50,9 @@ def load_gla() -> Callable:
     """fla's ``chunk_simple_gla``; :class:`FlaUnavailable` with the install hint when fla
     cannot be imported (missing, or broken against this torch/Triton)."""
     try:
-        with warnings.catch_warnings():  # fla's import on a machine without a GPU says it "rolls
-            # back to CPU", which its GLA kernels cannot (the calls below refuse CPU tensors)
+        # fla's import on a machine without a GPU warns that it "rolls back to CPU", which its
+        # GLA kernels cannot do (the calls below refuse CPU tensors)
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Triton is not supported on current platform")
             from fla.ops.simple_gla import chunk_simple_gla
     except Exception as exc:  # noqa: BLE001 - missing or broken: either way it cannot run
