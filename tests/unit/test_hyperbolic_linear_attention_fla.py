@@ -198,6 +198,16 @@ def test_verification_compares_each_backend_with_the_same_reference_and_one_fail
     assert not rows[1].ok and "ZeroDivisionError" in rows[1].detail
 
 
+def test_the_fla_row_times_the_gla_alone_at_both_widths(monkeypatch):
+    from phase7fw.kernels.hyperbolic_linear_attention import verify
+
+    gla = TorchGLA()
+    monkeypatch.setattr(fla_backend, "load_gla", lambda: gla)
+    ms = verify._gla_alone(1, 2, 20, 8, torch.device("cpu"))
+    assert set(ms) == {"fla_gla_alone_K9_fwd_bwd", "fla_gla_alone_K8_fwd_bwd"} and all(t > 0 for t in ms.values())
+    assert [c["q"] for c in gla.calls] == [(1, 20, 2, 9), (1, 20, 2, 8)] and gla.calls[0]["scale"] == 1.0
+
+
 def test_doctor_names_the_optional_fla_core(monkeypatch, capsys):
     import importlib.metadata as md
 
