@@ -1,5 +1,5 @@
 """Phase 8 on a CUDA GPU (marker ``gpu``; ``python -m pytest -m gpu tests/gpu``): the Triton
-kernel inside the model against the torch chunked form, the static decode step captured in a
+kernel (and the fla backend, when fla-core is installed) inside the model against the torch chunked form, the static decode step captured in a
 CUDA graph, and the long-context 1.5B recipe under a 10 GiB cap. The kernel's own bf16 vs
 fp64 rows are case 10 of test_kernels_gpu.py."""
 
@@ -25,9 +25,14 @@ def _model(kernels=None, **extra):
     return build_model(rec, "cuda", vocab_size=257, kernels=kernels or {})
 
 
-def test_model_with_the_kernel_matches_the_reference_model():
+@pytest.mark.parametrize("backend", ["triton", "fla"])
+def test_model_with_the_kernel_matches_the_reference_model(backend):
+    if backend == "fla":
+        pytest.importorskip("fla.ops.simple_gla", reason="fla-core not installed (pip install fla-core einops)")
     ref = _model()
-    fast = _model({"hyperbolic_linear_attention": "triton"})
+    fast = _model({"hyperbolic_linear_attention": backend})
+    if backend == "fla":
+        assert fast.blocks[0].attn.attention_fn.__name__ == "hyperbolic_linear_attention_fla"
     fast.load_state_dict(ref.state_dict())
     ids = torch.randint(0, 257, (4, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     losses = []

@@ -128,23 +128,13 @@ def _gla_alone(B, H, T, D, device) -> dict:
     return ms
 
 
-def check(B, H, T, D, device, dtype, case, timed=True, chunk_size=64):
-    """The Triton kernel's row (see :func:`compare`)."""
-    from phase7fw.kernels.hyperbolic_linear_attention.kernel import hyperbolic_linear_attention_triton
-
-    return compare(B, H, T, D, device, dtype, case, timed, chunk_size,
-                   {"triton": hyperbolic_linear_attention_triton})[0]
-
-
-def timings(base, device, chunk_size=64, fn=None, name="triton", sdpa=True) -> dict:
-    """fwd and fwd+bwd of ``fn`` (default: the Triton kernel), keys ``<name>_fwd``,
-    ``<name>_fwd_bwd``; on a GPU with ``sdpa`` also SDPA (cuDNN, full causal) at the same shape."""
+def timings(base, device, chunk_size, fn, name, sdpa=True) -> dict:
+    """fwd and fwd+bwd of the implementation ``fn``, keys ``<name>_fwd``, ``<name>_fwd_bwd``;
+    on a GPU with ``sdpa`` also SDPA (cuDNN, full causal) at the same shape."""
     import torch.nn.functional as F
 
     from phase7fw.kernels.checks import _bench
 
-    if fn is None:
-        from phase7fw.kernels.hyperbolic_linear_attention.kernel import hyperbolic_linear_attention_triton as fn
     ins = [t.clone().requires_grad_() for t in base]
     gout = torch.randn_like(base[2])
 
@@ -202,7 +192,7 @@ def verify_rows(device: torch.device, quick: bool = False) -> list:
     return rows
 
 
-__all__ = ["check", "compare", "inputs", "smoke_rows", "timings", "verify_cases", "verify_rows"]
+__all__ = ["compare", "inputs", "smoke_rows", "timings", "verify_cases", "verify_rows"]
 
 
 def verify_cases(device: torch.device, quick: bool = False) -> list:
