@@ -445,6 +445,21 @@ def test_bf16_weights_need_bf16_autocast():
         load_recipe(RECIPES / "phase7_tiny.toml", {"train.param_dtype": "bf16"})
 
 
+def test_fused_update_refused_where_triton_cannot_run(monkeypatch):
+    """optimizer.fused = true on CPU parameters without the interpreter: one message naming
+    the option, the reason and the way out, at build; recipe validation (meta parameters)
+    accepts it, the device is not known there."""
+    from phase7fw.components.lowmem import AdamWLowMemConfig, build_adamw_lowmem
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    net = make_net()
+    with pytest.raises(Phase7Error, match=r"optimizer.fused = true runs a Triton kernel, which cannot run here: "
+                                          r"device is cpu.*set optimizer.fused = false"):
+        build_adamw_lowmem(AdamWLowMemConfig(fused=True), params=param_groups(net))
+    meta = make_net().to("meta")
+    assert build_adamw_lowmem(AdamWLowMemConfig(fused=True), params=param_groups(meta)).param_groups[0]["fused"]
+
+
 # ---------------------------------------------------------------------------- chunked cross-entropy
 
 
