@@ -126,6 +126,8 @@ def fused_chunk_update(w: torch.Tensor, g: torch.Tensor, moments: tuple, *, comp
     ``offset`` is the chunk's first element in its parameter (the random streams are per
     element of the parameter, so a chunking change does not change them)."""
     require(w)
+    if scale is not None:
+        scale = scale.to(device=w.device, dtype=torch.float32)
     eight = len(moments) == 4
     beta1, beta2 = betas
     bc1 = 1 - beta1**step
