@@ -1,6 +1,7 @@
 """The AR-SSM's causal depthwise convolution, forward + backward: ``F.conv1d(groups=d)`` (cuDNN on
-a GPU) against ``phase7fw.components.phase7.conv.depthwise_conv`` (K shifted multiply-adds), eager
-and under torch.compile, at the 1.5B model's shape (issue 16).
+a GPU, what the model runs) against the same convolution as K shifted multiply-adds in fp32,
+eager and under torch.compile, at the 1.5B model's shape (issue 16: could a form that
+torch.compile fuses replace cuDNN's depthwise path? benchmarks/RESULTS.md has the answer).
 
     python benchmarks/ssm_conv.py [--batch 8] [--seq 1024] [--d-model 2048] [--kernel 4] [--json PATH]
 
@@ -14,16 +15,25 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from phase7fw.components.phase7.conv import depthwise_conv  # noqa: E402
+def depthwise_conv(seq, weight, bias):
+    """conv1d(seq (b, d, L), weight (d, 1, K), bias, groups=d) as K shifted multiply-adds,
+    accumulated in fp32 and rounded once (under autocast: inputs and result in its dtype)."""
+    out_dtype = torch.promote_types(seq.dtype, weight.dtype)
+    if torch.is_autocast_enabled(seq.device.type):
+        out_dtype = torch.get_autocast_dtype(seq.device.type)
+        seq, weight, bias = seq.to(out_dtype), weight.to(out_dtype), bias.to(out_dtype)
+    K, n = weight.shape[-1], seq.shape[-1] - weight.shape[-1] + 1
+    w = weight.reshape(-1, K).float()
+    out = bias.float().unsqueeze(-1) + w[:, :1] * seq[..., :n].float()
+    for k in range(1, K):
+        out = out + w[:, k : k + 1] * seq[..., k : k + n].float()
+    return out.to(out_dtype)
 
 
 def conv1d(seq, w, b):

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from phase7fw.components.phase7 import ssm
-from phase7fw.components.phase7.conv import depthwise_conv
 from phase7fw.kernels import ar_ssm_scan as scan
 from phase7fw.errors import Phase7Error
 from phase7fw.registry import Registry
@@ -149,33 +148,6 @@ def test_module_is_causal(t):
         y2, _ = m(x2)
     assert torch.equal(y[:, :t], y2[:, :t])  # bit-identical before t
     assert not torch.allclose(y[:, t], y2[:, t])  # and t itself does see its input
-
-
-@pytest.mark.parametrize("K", [1, 3, 4])
-def test_depthwise_conv_equals_conv1d_with_gradients(K):
-    """The shifted multiply-add form computes F.conv1d(groups=d): values and every gradient in
-    fp64, values in fp32, and under CPU autocast the bf16 result conv1d gives (fp32 accumulation,
-    one rounding)."""
-    F = torch.nn.functional
-    g = torch.Generator().manual_seed(K)
-    seq = torch.randn(2, 6, 11, generator=g, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(6, 1, K, generator=g, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
-    ours = depthwise_conv(seq, w, b)
-    ref = F.conv1d(seq, w, b, groups=6)
-    assert ours.dtype == torch.float64 and ours.shape == (2, 6, 12 - K)
-    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
-    up = torch.randn(ref.shape, generator=g, dtype=torch.float64)
-    grads = torch.autograd.grad((ours * up).sum(), (seq, w, b))
-    for mine, theirs in zip(grads, torch.autograd.grad((ref * up).sum(), (seq, w, b))):
-        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
-    s32, w32, b32 = (t.detach().float() for t in (seq, w, b))
-    torch.testing.assert_close(depthwise_conv(s32, w32, b32), F.conv1d(s32, w32, b32, groups=6))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = depthwise_conv(s32.bfloat16(), w32, b32)
-        assert mixed.dtype == torch.bfloat16
-    exact = F.conv1d(s32.bfloat16().float(), w32.bfloat16().float(), b32.bfloat16().float(), groups=6)
-    torch.testing.assert_close(mixed.float(), exact, rtol=4e-3, atol=1e-6)  # one bf16 rounding
 
 
 def test_conv_is_left_padded_only():

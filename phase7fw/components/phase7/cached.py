@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from phase7fw.components.caches import KVWindow, cached_window_attention, dot_product_scores
-from phase7fw.components.phase7.conv import depthwise_conv
 from phase7fw.kernels.hyperbolic_attention import distance_scores, geometry
 
 
@@ -104,13 +103,23 @@ class SsmCache:
         self.pos = 0
 
 
+def _conv_last(ssm, seq: torch.Tensor) -> torch.Tensor:
+    """The causal conv's output for the last of the K inputs seq (b, d, K): (b, 1, d). A
+    weighted sum (conv1d's setup costs more than the token)."""
+    w, bias = ssm.conv_weight[:, 0], ssm.conv_bias
+    if torch.is_autocast_enabled(seq.device.type):  # what conv1d under autocast computes in
+        dt_ = torch.get_autocast_dtype(seq.device.type)
+        seq, w, bias = seq.to(dt_), w.to(dt_), bias.to(dt_)
+    return ((seq * w).sum(-1) + bias).unsqueeze(1)
+
+
 def ssm_step(ssm, u: torch.Tensor, conv: torch.Tensor, state: torch.Tensor):
     """One token u (b, 1, d) after conv tail ``conv`` (b, d, K-1) and state S (b, H, r, dv):
     (output (b, 1, d), the new conv tail, the new state). Fixed shapes, no host reads: the
     static step (:mod:`.static`) runs it too."""
     sdt = state.dtype
     seq = torch.cat([conv.to(u.dtype), u.transpose(1, 2)], dim=-1)  # (b, d, K)
-    x, xT, BT, CT, ldT, _ = ssm.project(depthwise_conv(seq, ssm.conv_weight, ssm.conv_bias).transpose(1, 2))
+    x, xT, BT, CT, ldT, _ = ssm.project(_conv_last(ssm, seq))
     with torch.autocast(u.device.type, enabled=False):
         decay = ldT[:, :, 0].to(sdt).exp()[..., None, None]
         S = decay * state + BT[:, :, 0, :, None].to(sdt) * xT[:, :, 0, None, :].to(sdt)
@@ -130,7 +139,10 @@ def ssm_forward_cached(ssm, u: torch.Tensor, cache: SsmCache) -> torch.Tensor:
         cache.pos += 1
         return out
     seq = torch.cat([cache.conv.to(u.dtype), u.transpose(1, 2)], dim=-1)  # (b, d, K-1+t)
-    up = depthwise_conv(seq, ssm.conv_weight, ssm.conv_bias).transpose(1, 2)
+    if t == 1:
+        up = _conv_last(ssm, seq)
+    else:
+        up = F.conv1d(seq, ssm.conv_weight, ssm.conv_bias, groups=ssm.d_model).transpose(1, 2)
     cache.conv = seq[..., seq.shape[-1] - (K - 1) :]
     x, xT, BT, CT, ldT, _ = ssm.project(up)
 

@@ -43,7 +43,6 @@ from torch import nn
 
 from phase7fw.errors import Phase7Error
 from phase7fw.hookspecs import hookimpl
-from phase7fw.components.phase7.conv import depthwise_conv
 from phase7fw.kernels.ar_ssm_scan import ar_ssm_scan
 from phase7fw.recipe.options import non_negative, option, positive
 
@@ -168,7 +167,7 @@ class ArSsm(nn.Module):
     def causal_conv(self, u: torch.Tensor) -> torch.Tensor:
         """Depthwise conv over time with K-1 zeros on the left only: out_t uses u_{t-K+1..t}."""
         u = F.pad(u.transpose(1, 2), (self.conv_size - 1, 0))
-        return depthwise_conv(u, self.conv_weight, self.conv_bias).transpose(1, 2)
+        return F.conv1d(u, self.conv_weight, self.conv_bias, groups=self.d_model).transpose(1, 2)
 
     def rank_gate(self, logits: torch.Tensor | None, shape) -> torch.Tensor:
         """g (b, t, H, r) in fp32: min_rank ones, then sigmoid of the gate logits."""
