@@ -18,6 +18,7 @@ targets. Sources without text (synthetic tokens) have no ratio and no bits per b
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable, Iterator, Sequence
 
@@ -85,7 +86,11 @@ def build_sources(recipe, registry, *, cache_dir: str, dummy_data: bool = False)
     specs = list(recipe.data.sources)
     if dummy_data:
         errors: list[str] = []
-        specs = [structure_component({"name": "synthetic"}, "data_source", registry, "--dummy-data", errors)]
+        # enough tokens that the validation tail holds two windows even at long sequence lengths
+        window = getattr(recipe.model.config, "seq_len", 0) + 1
+        n_tokens = max(1_000_000, math.ceil(2 * window / max(recipe.data.val_fraction, 1e-3)))
+        specs = [structure_component({"name": "synthetic", "n_tokens": n_tokens}, "data_source", registry,
+                                     "--dummy-data", errors)]
         if errors:
             raise Phase7Error("; ".join(errors))
     if not specs:

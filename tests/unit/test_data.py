@@ -241,3 +241,17 @@ def test_the_recipe_key_reaches_the_training_sampler(tmp_path):
     assert engine.train_sampler.sampling == "epochs" and engine.val_sampler.sampling == "random"
     with pytest.raises(Phase7Error, match="data.sampling"):
         Engine.from_recipe(RECIPES / "llama_tiny.toml", {**over, "data.sampling": "shuffle"}, dummy_data=True, quiet=True)
+
+
+@pytest.mark.parametrize("seq_len,expected", [(128, 1_000_000), (40_000, 4_000_100)])
+def test_dummy_data_holds_two_validation_windows_at_any_sequence_length(tmp_path, seq_len, expected):
+    """--dummy-data (and phase7fw bench) at 32k+ tokens per sequence: the synthetic stream grows
+    so that its 2% validation tail is two windows long (it was a fixed 1M tokens: 20k of them)."""
+    from phase7fw import load_recipe
+    from phase7fw.data.mixture import build_sources
+    from phase7fw.plugins import load_plugins
+    from tests.conftest import RECIPES
+
+    recipe = load_recipe(RECIPES / "phase8_tiny.toml", {"model.seq_len": seq_len})
+    (source,) = build_sources(recipe, load_plugins().registry, cache_dir=str(tmp_path), dummy_data=True)
+    assert source.name == "synthetic" and source.source.config.n_tokens == expected

@@ -169,3 +169,21 @@ def test_data_files_and_paths_accept_one_string_like_load_dataset():
     assert list(built[1].texts()) == ["a plain text document"]
     with pytest.raises(Phase7Error, match=r"data.sources\[0\].data_files: expected a str or an array of them, got int 3"):
         load_recipe({"data": {"sources": [{"name": "hf_dataset", "path": "json", "data_files": 3}]}}, plugins=plugins)
+
+
+def test_python_packages_reads_every_module_of_the_named_packages(tmp_path, monkeypatch):
+    from phase7fw.components.data_sources import PythonPackages, PythonPackagesConfig
+
+    pkg = tmp_path / "p7fw_corpus_pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("A = 1\n")
+    (pkg / "sub" / "mod.py").write_text("def f():\n    return 2\n")
+    (pkg / "notes.txt").write_text("not code")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    source = PythonPackages(PythonPackagesConfig(packages=["p7fw_corpus_pkg"]))
+    assert list(source.texts()) == ["A = 1\n", "def f():\n    return 2\n"]
+    assert source.num_documents() == 2 and "2 files of p7fw_corpus_pkg" in source.describe()
+    with pytest.raises(Phase7Error, match=r"python_packages: 'no_such_pkg_p7' is not an installed package"):
+        PythonPackages(PythonPackagesConfig(packages=["no_such_pkg_p7"]))
+    with pytest.raises(Phase7Error, match="'packages' is empty"):
+        PythonPackages(PythonPackagesConfig(packages=[]))
