@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,9 @@ def test_tiny_setting_trains_two_recipes_and_writes_the_report(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), *recipes, "--setting", "tiny", "--out", str(out)],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # how often the schedule reads the corpus: 8 steps x 4 x 64 tokens of 20 files
+    assert re.search(r"data: data\.sources\[0\] \(python_stdlib\).*: [\d,]+ training tokens; 2,048 tokens read "
+                     r"0\.\d\d epochs of it\n", proc.stdout), proc.stdout[:2000]
     data = json.loads((out / "quality.json").read_text())
     names = [r["name"] for r in data["summary"]["rows"]]
     assert names == ["llama_100m", "phase7_100m"]
