@@ -116,13 +116,26 @@ class TextFiles(DataSource):
         return f"text_files({len(self.files)} files from {', '.join(self.patterns)})"
 
 
+class _PythonFiles(DataSource):
+    """A source whose documents are the ``.py`` files in ``self.files`` (set by the subclass)."""
+
+    files: list[Path]
+
+    def texts(self):
+        for path in self.files:
+            yield _read_text(path)
+
+    def num_documents(self):
+        return len(self.files)
+
+
 @attrs.frozen
 class PythonStdlibConfig:
     max_files: int = option(0, check=non_negative, help="use only the first N files (sorted); 0: all")
     include_tests: bool = option(True, help="include the test/ packages of the standard library")
 
 
-class PythonStdlib(DataSource):
+class PythonStdlib(_PythonFiles):
     """The standard library's own ``.py`` files: ~30 MB of real code with its test packages,
     ~11-12 MB where the Python install ships without them (Debian/Ubuntu packages)."""
 
@@ -138,15 +151,8 @@ class PythonStdlib(DataSource):
             raise Phase7Error(f"python_stdlib: no .py files found under {root}")
         self.root, self.files = root, files
 
-    def texts(self):
-        for path in self.files:
-            yield _read_text(path)
-
     def cache_identity(self):
         return {"python": sys.version, "files": _files_identity(self.files)}
-
-    def num_documents(self):
-        return len(self.files)
 
     def describe(self) -> str:
         return f"python_stdlib({len(self.files)} files under {self.root})"
@@ -157,7 +163,7 @@ class PythonPackagesConfig:
     packages: list[str] = option(factory=lambda: ["torch"], help="installed packages whose .py files are read")
 
 
-class PythonPackages(DataSource):
+class PythonPackages(_PythonFiles):
     """The ``.py`` files of installed packages (default: torch, ~45 MB, installed wherever
     phase7fw runs): more code than a standard library shipped without its tests (~11 MB), so a
     benchmark can train 25M tokens without repeating text."""
@@ -174,15 +180,8 @@ class PythonPackages(DataSource):
                 files += sorted(p for p in Path(root).rglob("*.py") if "__pycache__" not in p.parts)
         self.packages, self.files = list(config.packages), files
 
-    def texts(self):
-        for path in self.files:
-            yield _read_text(path)
-
     def cache_identity(self):
         return {"packages": self.packages, "files": _files_identity(self.files)}
-
-    def num_documents(self):
-        return len(self.files)
 
     def describe(self) -> str:
         return f"python_packages({len(self.files)} files of {', '.join(self.packages)})"
