@@ -1,6 +1,7 @@
 """The hyperbolic linear attention Triton kernel in Triton's CPU interpreter (small fp32
 shapes) against the fp64 quadratic reference: output and every gradient (q, k, v, c, decay),
-odd lengths, several value tiles, padded head dims, no decay, focusing; torch.library
+odd lengths, several value tiles, padded head dims, no decay, focusing, one chunk and many;
+the inter-chunk scan against the sequential recurrence; torch.library
 registration (opcheck); selection through the registry; bad input named."""
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ def _case(B, H, T, D, Dv, chunk, decay=True, focus=1.0, seed=0):
         (1, 1, 33, 12, 16, 32, False, 1.0),  # no decay, one partial chunk after a full one
         (1, 2, 20, 16, 16, 16, True, 3.0),  # focused directions
         (1, 1, 16, 16, 16, 64, True, 1.0),  # one chunk longer than the sequence
+        (1, 1, 16, 16, 16, 16, True, 1.0),  # one chunk, exactly full
+        (1, 2, 64, 8, 6, 16, True, 1.0),  # T an exact multiple of the chunk
+        (1, 1, 16 * 33 + 5, 8, 40, 16, True, 1.0),  # 34 chunks: three scan steps of 16, two value tiles
     ],
 )
 def test_kernel_matches_fp64_reference(B, H, T, D, Dv, chunk, decay, focus):
@@ -69,6 +73,35 @@ def test_kernel_matches_fp64_reference(B, H, T, D, Dv, chunk, decay, focus):
         assert torch.isfinite(a).all(), name
         assert b.abs().sum() > 0, name  # the case exercises this gradient
         assert _rel(a, b) < 1e-5, (name, _rel(a, b))
+
+
+def _sequential_scan(x, totals, reverse):
+    """fp64: the running sum entering each chunk in walking order, R <- exp(total_c) R + x_c."""
+    x, g = x.double().flatten(3), totals.double().view(*x.shape[:2], -1, 1)
+    out, run = torch.empty_like(x), torch.zeros_like(x[:, :, 0])
+    for c in reversed(range(x.shape[2])) if reverse else range(x.shape[2]):
+        out[:, :, c] = run
+        run = g[:, :, c].exp() * run + x[:, :, c]
+    return out
+
+
+@pytest.mark.parametrize("n,block,reverse", [(1, 16, False), (16, 16, True), (17, 64, False), (40, 256, True),
+                                             (40, 16, False)])
+def test_inter_chunk_scan_matches_the_sequential_recurrence(n, block, reverse):
+    """Phase 2 alone: one scan step of 16 chunks, a partial one, several; state and
+    normalizer columns split over several programs (D + 1 = 9 rows, Dv = 6 at 16 elements);
+    decays that vanish (-1000: a difference of running sums would lose the small ones) and
+    none (0)."""
+    from phase7fw.kernels.hyperbolic_linear_attention.kernel import _scan
+
+    g = torch.Generator().manual_seed(n)
+    states, zstates = torch.randn(2, 1, n, 9, 6, generator=g), torch.rand(2, 1, n, 9, generator=g)
+    totals = -3 * torch.rand(2, n, generator=g)
+    totals[0, ::5], totals[1, 1::3] = -1000.0, 0.0
+    want_s, want_z = (_sequential_scan(t, totals, reverse) for t in (states, zstates))
+    _scan(states, zstates, totals, (block, 1, 1), reverse)
+    for got, want in ((states, want_s), (zstates, want_z)):
+        assert (got.flatten(3).double() - want).abs().max() <= 1e-6 * want.abs().max()
 
 
 def test_kernel_equals_the_torch_chunked_form_bitwise_close():

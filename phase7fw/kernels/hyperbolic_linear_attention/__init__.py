@@ -78,12 +78,18 @@ OP = "hyperbolic_linear_attention"
 @attrs.frozen
 class TritonConfig:
     """Tuning of the Triton kernel on a GPU, ``[kernels.hyperbolic_linear_attention]`` (the
-    interpreter uses 32-wide value tiles in fp32). Not tuned yet (no GPU measurement of this
-    kernel so far): 8 warps because a program holds a D x 64 fp32 state and two Q x D feature
-    tiles (D = 128: ~100 fp32 registers per thread at 8 warps, twice that at 4)."""
+    interpreter uses 32-wide value tiles and 64-element scan tiles in fp32). Not tuned yet (no
+    GPU measurement of the chunk-parallel kernels so far): ``gpu`` launches the per-chunk
+    kernels, 8 warps because the backward's program holds two D x BV fp32 states and the
+    chunk's Q x D query and key tiles (D = 128, BV = 64, Q = 64: ~130 fp32 registers per thread
+    for these alone at 8 warps, twice that at 4); ``scan`` launches the inter-chunk scan, memory-bound (each program
+    reads and writes its columns of every chunk's state, 16 chunks per step)."""
 
     gpu: tuple[int, int, int] = option((64, 8, 1), check=launch_check(1),
-                                       help="(value tile, num_warps, num_stages) on a GPU")
+                                       help="(value tile, num_warps, num_stages) of the per-chunk kernels on a GPU")
+    scan: tuple[int, int, int] = option((256, 4, 1), check=launch_check(1),
+                                        help="(state elements per program, num_warps, num_stages) of the inter-chunk"
+                                        " scan on a GPU")
     precision: Literal["ieee", "tf32"] = precision_option("tf32")
 
 

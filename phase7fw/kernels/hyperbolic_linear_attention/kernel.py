@@ -7,24 +7,38 @@ autograd takes its gradients to q, k and c; the kernels compute, from fp32 featu
 into their time-like column (phi_0) and space-like part (phi_1:), the normalized decayed
 linear attention.
 
-One program per (batch x head, value tile) walks the chunks of Q tokens in order, keeping
-the state of its value tile in fp32 registers: S (D x BV) and S0 (BV) for the values, and
-the normalizer Z (D), Z0 (scalar) -- the extended value column of 1s, recomputed by every
-tile (a row sum), so no tile needs another's. Per chunk, with cum the running log-decay
-within the chunk and L_ij = exp(cum_i - cum_j) for i >= j (else 0):
+The state is fp32: per value tile S (D x BV) and S0 (BV) for the values, and the normalizer
+Z (D), Z0 (scalar) -- the extended value column of 1s, kept once per chunk (value tile 0
+writes it, every tile reads it). Per chunk, with cum the running log-decay within the chunk
+and L_ij = exp(cum_i - cum_j) for i >= j (else 0), and S_in the state entering the chunk:
 
     W   = (phi_q phi_k^T + phi_q0 phi_k0^T) * L                 (Q x Q)
-    num = W v + exp(cum) * (phi_q S + phi_q0 S0)              den = rowsum(W) + exp(cum) * (phi_q Z + phi_q0 Z0)
+    num = W v + exp(cum) * (phi_q S_in + phi_q0 S0_in)        den = rowsum(W) + exp(cum) * (phi_q Z_in + phi_q0 Z0_in)
     o   = num / max(den, eps)                                 (den >= 0.01 by construction)
-    S  <- exp(cum_Q) S + (phi_k * exp(cum_Q - cum))^T v       (and S0, Z, Z0 alike)
+    S_in[c+1] = exp(total_c) S_in[c] + U_c,   U_c = (phi_k * exp(total_c - cum))^T v   (S0, Z, Z0 alike)
 
-The state entering every chunk is stored (fp32, O(T D Dv / Q)) for the backward, which walks
-the chunks in reverse carrying dS (and dZ for the normalizer column), with
-dN = dO / den and dden = -(dO . o) / den (computed in torch: a sum over all value tiles).
-Each tile writes its share of d phi_q and d phi_k (summed in torch) and its own dv. The
-decay gradient needs no kernel: the output depends on the running log-decay G only through
-G_t - G_s, so dL/dG_t = phi_q,t . dphi_q,t - phi_k,t . dphi_k,t and dlog_decay is its
-reverse cumulative sum.
+Chunk-parallel, in three launches, so that the grid grows with T (walking the chunks in one
+program per (batch x head, value tile) left 8 programs for a 132-SM GPU at T = 16k with 32k
+tokens per step):
+
+1. ``_hla_fwd_local_kernel``, one program per (chunk, value tile, b*h): the chunk's own U_c
+   (and, tile 0, its normalizer part and its total log-decay) into STATES / ZSTATES;
+2. ``_hla_scan_kernel``, one program per (b*h, slice of the state's (D+1) x Dv elements or
+   of its normalizer column): walks the n chunks, 16 per step (their loads issued together),
+   turning U_c in place into S_in[c] (elementwise, memory-bound, fp32 FMA whatever the
+   ``precision``; exponents are sums of log-decays, never differences of long sums);
+3. ``_hla_fwd_out_kernel``, one program per (chunk, value tile, b*h): o and den from W and S_in.
+
+STATES / ZSTATES (fp32, O(T D Dv / Q)) keep the states entering every chunk for the backward,
+which runs the same three phases in reverse with dN = dO / den and dden = -(dO . o) / den
+(computed in torch: a sum over all value tiles): each chunk's own contribution to dL/d(the
+state leaving the chunk before it), V_c = (phi_q * exp(cum))^T dN (and, tile 0, the normalizer
+part with dden), the reverse scan dS_out[c-1] = exp(total_c) dS_out[c] + V_c (dS_out[n-1] = 0),
+then one program per (chunk, value tile, b*h) writes the chunk's dv and its tile's share of
+d phi_q and d phi_k (summed in torch) from W, S_in and dS_out (a second buffer the size of
+STATES, held while the backward runs). The decay gradient needs no
+kernel: the output depends on the running log-decay G only through G_t - G_s, so
+dL/dG_t = phi_q,t . dphi_q,t - phi_k,t . dphi_k,t and dlog_decay is its reverse cumulative sum.
 
 Every exponent is <= 0 (masked entries are -inf before exp), so nothing overflows; query
 features are <= 1 and key features <= 10, and every pair weight is >= 0.01 (the feature
@@ -36,7 +50,7 @@ from __future__ import annotations
 
 import torch
 
-from phase7fw.kernels._chunked import causal_decay, chunk_log_decay, load_rows, program_tiles, row_ptrs
+from phase7fw.kernels._chunked import causal_decay, chunk_log_decay, chunk_tiles, load_rows, row_ptrs
 from phase7fw.kernels._triton import require, tl, triton
 from phase7fw.kernels.hyperbolic_linear_attention import TritonConfig
 from phase7fw.kernels.hyperbolic_linear_attention.reference import DEN_EPS, feature_map
@@ -44,145 +58,232 @@ from phase7fw.kernels.hyperbolic_linear_attention.reference import DEN_EPS, feat
 __all__ = ["hyperbolic_linear_attention_triton"]
 
 
+#: chunks per step of the inter-chunk scan: their loads are issued together (one memory
+#: latency per CH chunks, not per chunk) and combined by a CH x CH matrix (tl.dot needs >= 16)
+SCAN_CHUNKS = 16
+
+
 @triton.jit
-def _hla_fwd_kernel(
+def _features(F, F0, bh, t, offs_d, T, D, t_ok, d_ok):
+    """A chunk's space-like features (tokens x BD) and time-like column, 0 where out of range."""
+    f = load_rows(F, bh, t, offs_d, T, D, t_ok[:, None] & d_ok[None, :])
+    return f, tl.load(F0 + bh * T + t, mask=t_ok, other=0.0)
+
+
+@triton.jit
+def _pair_weights(fq, fq0, fk, fk0, lmat, PREC: tl.constexpr):
+    """W_ij = (phi_q,i . phi_k,j) L_ij within the chunk."""
+    return (tl.dot(fq, tl.trans(fk), input_precision=PREC) + fq0[:, None] * fk0[None, :]) * lmat
+
+
+@triton.jit
+def _load_state(SP, ZP, row, offs_d, offs_v, d_ok, v_ok, D, DV):
+    """Chunk ``row`` (= bh * n + c) of a (b*h, n, D+1, DV) state and its (b*h, n, D+1)
+    normalizer column: (time-like row s0, rows 1..D s, z0, z)."""
+    sp = SP + row * (D + 1) * DV
+    s0 = tl.load(sp + offs_v, mask=v_ok, other=0.0)
+    s = tl.load(sp + (1 + offs_d)[:, None] * DV + offs_v[None, :], mask=d_ok[:, None] & v_ok[None, :], other=0.0)
+    zp = ZP + row * (D + 1)
+    z0 = tl.sum(tl.load(zp + offs_d * 0, mask=offs_d == 0, other=0.0), 0)
+    return s0, s, z0, tl.load(zp + 1 + offs_d, mask=d_ok, other=0.0)
+
+
+@triton.jit
+def _store_local(SP, ZP, TOT, row, total, f, f0, w, x, r, offs_d, offs_v, d_ok, v_ok, first, D, DV,
+                 PREC: tl.constexpr):
+    """One chunk's own contribution to the state at its end (forward: f = phi_k, w = exp(cum_Q -
+    cum), x = v, r = 1) or at its start (backward: f = phi_q, w = exp(cum), x = dN, r = dden),
+    written where the scan turns it into the running state: rows 1..D (f w)^T x, row 0
+    (f0 w)^T x; in value tile 0 only (``first``, a vector mask: a scalar condition in a mask is
+    not supported everywhere) the normalizer column (f w)^T r, (f0 w) . r and the chunk's total
+    log-decay (TOT, (b*h, n))."""
+    fw = f * w[:, None]
+    f0w = f0 * w
+    sp = SP + row * (D + 1) * DV
+    tl.store(sp + offs_v, tl.sum(f0w[:, None] * x, 0), mask=v_ok)
+    tl.store(sp + (1 + offs_d)[:, None] * DV + offs_v[None, :], tl.dot(tl.trans(fw), x, input_precision=PREC),
+             mask=d_ok[:, None] & v_ok[None, :])
+    zp = ZP + row * (D + 1)
+    one = (offs_d == 0) & first
+    tl.store(zp + offs_d * 0, tl.sum(f0w * r, 0) + offs_d * 0.0, mask=one)
+    tl.store(zp + 1 + offs_d, tl.sum(fw * r[:, None], 0), mask=d_ok & first)
+    tl.store(TOT + row + offs_d * 0, total + offs_d * 0.0, mask=one)
+
+
+@triton.jit
+def _hla_fwd_local_kernel(
+    FK, FK0, V, LD, STATES, ZSTATES, TOT,
+    T, D, DV, NCHUNK,
+    Q: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    c, pid_v, bh, offs_q, t, offs_d, offs_v, t_ok, d_ok, v_ok = chunk_tiles(Q, BD, BV, D, DV, T)
+    fk, fk0 = _features(FK, FK0, bh, t, offs_d, T, D, t_ok, d_ok)
+    v = load_rows(V, bh, t, offs_v, T, DV, t_ok[:, None] & v_ok[None, :])
+    cum, total = chunk_log_decay(LD, bh, t, t_ok, T)
+    _store_local(STATES, ZSTATES, TOT, bh * NCHUNK + c, total, fk, fk0, tl.exp(total - cum), v,
+                 t_ok.to(tl.float32), offs_d, offs_v, d_ok, v_ok, (offs_d * 0 + pid_v) == 0, D, DV, PREC)
+
+
+@triton.jit
+def _scan_rows(P, TOT, bh, NCHUNK, E, offs_e, REVERSE: tl.constexpr, CH: tl.constexpr):
+    """Turn the chunks' own contributions X_c (rows of E elements at P + (bh * n + c) * E; this
+    program's columns ``offs_e``), in place, into the running sum entering each chunk in walking
+    order (c = 0, 1, ... or, with REVERSE, n-1, n-2, ...): R = 0 at the first, then
+    R <- exp(g_c) R + X_c (g: the chunk totals in TOT). CH chunks per step, loaded together:
+    with R_0 entering the step, R_j = exp(sum_{l<j} g_l) R_0 + sum_{i<j} exp(sum_{i<l<j} g_l) X_i.
+    Every exponent is a sum of log-decays (<= 0), never a difference of two sums (a
+    difference of long sums would lose the short one's digits)."""
+    e_ok = offs_e < E
+    j = tl.arange(0, CH)
+    lower = j[:, None] > j[None, :]  # [j, i]: i < j
+    last = j == CH - 1
+    run = offs_e * 0.0  # R entering the step
+    for step in range(0, tl.cdiv(NCHUNK, CH)):
+        k = step * CH + j
+        k_ok = k < NCHUNK
+        if REVERSE:
+            c = NCHUNK - 1 - k
+            c_prev = c + 1
+        else:
+            c = k
+            c_prev = c - 1
+        g = tl.load(TOT + bh * NCHUNK + c, mask=k_ok, other=0.0)
+        # gs_j = g_{j-1} (0 for j = 0): loaded one chunk back rather than shifted in registers
+        gs = tl.load(TOT + bh * NCHUNK + c_prev, mask=k_ok & (j > 0), other=0.0)
+        ptrs = P + (bh * NCHUNK + c)[:, None] * E + offs_e[None, :]
+        mask = k_ok[:, None] & e_ok[None, :]
+        x = tl.load(ptrs, mask=mask, other=0.0)
+        # [j, i]: the running sum over rows l of gs_l for l > i + 1, i.e. sum_{i<l<j} g_l
+        seg = tl.cumsum(tl.where(j[:, None] > j[None, :] + 1, gs[:, None], 0.0), 0)
+        m = tl.where(lower, tl.exp(seg), 0.0)
+        r = tl.exp(tl.cumsum(gs, 0))[:, None] * run[None, :] + tl.dot(m, x, input_precision="ieee")
+        tl.store(ptrs, r, mask=mask)
+        # the step's last chunk, one plain recurrence step: the sum entering the next step
+        g_last = tl.sum(tl.where(last, g, 0.0), 0)
+        run = tl.exp(g_last) * tl.sum(tl.where(last[:, None], r, 0.0), 0) + tl.sum(tl.where(last[:, None], x, 0.0), 0)
+
+
+@triton.jit
+def _hla_scan_kernel(STATES, ZSTATES, TOT, NCHUNK, ES, EZ, S_TILES,
+                     BLOCK: tl.constexpr, CH: tl.constexpr, REVERSE: tl.constexpr):
+    # programs (column tile, b*h): the first S_TILES tiles cover the (D+1) x DV state of a chunk
+    # (contiguous, ES elements), the rest its normalizer column (EZ = D+1 elements)
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    if pid < S_TILES:
+        _scan_rows(STATES, TOT, bh, NCHUNK, ES, pid * BLOCK + offs, REVERSE, CH)
+    else:
+        _scan_rows(ZSTATES, TOT, bh, NCHUNK, EZ, (pid - S_TILES) * BLOCK + offs, REVERSE, CH)
+
+
+@triton.jit
+def _hla_fwd_out_kernel(
     FQ, FQ0, FK, FK0, V, LD, O, DEN, STATES, ZSTATES,
     T, D, DV, NCHUNK, EPS,
     Q: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_v, bh, offs_q, offs_d, offs_v, d_ok, v_ok = program_tiles(Q, BD, BV, D, DV)
-    # tile 0 stores what every tile computes alike (den, Z): masks as vectors (a scalar
-    # condition in a mask is not supported everywhere)
-    first_d = (offs_d * 0 + pid_v) == 0
-    first_q = (offs_q * 0 + pid_v) == 0
-    causal = offs_q[:, None] >= offs_q[None, :]
-    s = tl.zeros((BD, BV), tl.float32)
-    s0 = tl.zeros((BV,), tl.float32)
-    z = tl.zeros((BD,), tl.float32)
-    z0 = tl.sum(tl.zeros((BD,), tl.float32), 0)
-    for c in range(0, NCHUNK):
-        t = c * Q + offs_q
-        t_ok = t < T
-        fd_mask = t_ok[:, None] & d_ok[None, :]
-        fv_mask = t_ok[:, None] & v_ok[None, :]
-        fq = load_rows(FQ, bh, t, offs_d, T, D, fd_mask)
-        fk = load_rows(FK, bh, t, offs_d, T, D, fd_mask)
-        fq0 = tl.load(FQ0 + bh * T + t, mask=t_ok, other=0.0)
-        fk0 = tl.load(FK0 + bh * T + t, mask=t_ok, other=0.0)
-        v = load_rows(V, bh, t, offs_v, T, DV, fv_mask)
-        cum, total = chunk_log_decay(LD, bh, t, t_ok, T)
+    c, pid_v, bh, offs_q, t, offs_d, offs_v, t_ok, d_ok, v_ok = chunk_tiles(Q, BD, BV, D, DV, T)
+    fv_mask = t_ok[:, None] & v_ok[None, :]
+    fq, fq0 = _features(FQ, FQ0, bh, t, offs_d, T, D, t_ok, d_ok)
+    fk, fk0 = _features(FK, FK0, bh, t, offs_d, T, D, t_ok, d_ok)
+    v = load_rows(V, bh, t, offs_v, T, DV, fv_mask)
+    cum, total = chunk_log_decay(LD, bh, t, t_ok, T)
+    s0, s, z0, z = _load_state(STATES, ZSTATES, bh * NCHUNK + c, offs_d, offs_v, d_ok, v_ok, D, DV)
 
-        # the state entering this chunk, for the backward: row 0 time-like, rows 1..D space-like
-        sp = STATES + (bh * NCHUNK + c) * (D + 1) * DV
-        tl.store(sp + offs_v, s0, mask=v_ok)
-        tl.store(sp + (1 + offs_d)[:, None] * DV + offs_v[None, :], s, mask=d_ok[:, None] & v_ok[None, :])
-        zp = ZSTATES + (bh * NCHUNK + c) * (D + 1)
-        tl.store(zp + offs_d * 0, z0 + offs_d * 0.0, mask=(offs_d == 0) & first_d)
-        tl.store(zp + 1 + offs_d, z, mask=d_ok & first_d)
+    w = _pair_weights(fq, fq0, fk, fk0, causal_decay(cum, offs_q[:, None] >= offs_q[None, :]), PREC)
+    ec = tl.exp(cum)
+    num = tl.dot(w, v, input_precision=PREC)
+    num += ec[:, None] * (tl.dot(fq, s, input_precision=PREC) + fq0[:, None] * s0[None, :])
+    den = tl.sum(w, 1) + ec * (tl.sum(fq * z[None, :], 1) + fq0 * z0)
+    den = tl.maximum(den, EPS)
+    tl.store(row_ptrs(O, bh, t, offs_v, T, DV), num / den[:, None], mask=fv_mask)
+    # tile 0 stores what every tile computes alike
+    tl.store(DEN + bh * T + t, den, mask=t_ok & ((offs_q * 0 + pid_v) == 0))
 
-        lmat = causal_decay(cum, causal)
-        w = (tl.dot(fq, tl.trans(fk), input_precision=PREC) + fq0[:, None] * fk0[None, :]) * lmat
-        ec = tl.exp(cum)
-        num = tl.dot(w, v, input_precision=PREC)
-        num += ec[:, None] * (tl.dot(fq, s, input_precision=PREC) + fq0[:, None] * s0[None, :])
-        den = tl.sum(w, 1) + ec * (tl.sum(fq * z[None, :], 1) + fq0 * z0)
-        den = tl.maximum(den, EPS)
-        tl.store(row_ptrs(O, bh, t, offs_v, T, DV), num / den[:, None], mask=fv_mask)
-        tl.store(DEN + bh * T + t, den, mask=t_ok & first_q)
 
-        to_end = tl.exp(total - cum)
-        fk_end = fk * to_end[:, None]
-        fk0_end = fk0 * to_end
-        decay = tl.exp(total)
-        s = s * decay + tl.dot(tl.trans(fk_end), v, input_precision=PREC)
-        s0 = s0 * decay + tl.sum(fk0_end[:, None] * v, 0)
-        z = z * decay + tl.sum(fk_end, 0)
-        z0 = z0 * decay + tl.sum(fk0_end, 0)
+@triton.jit
+def _upstream(DO, DEN, DDEN, bh, t, offs_v, T, DV, fv_mask, t_ok):
+    """dN = dO / den (tokens x value tile) and dden of a chunk's tokens, 0 where out of range."""
+    do = load_rows(DO, bh, t, offs_v, T, DV, fv_mask)
+    den = tl.load(DEN + bh * T + t, mask=t_ok, other=1.0)
+    return do / den[:, None], tl.load(DDEN + bh * T + t, mask=t_ok, other=0.0)
+
+
+@triton.jit
+def _hla_bwd_local_kernel(
+    FQ, FQ0, LD, DEN, DO, DDEN, DSTATES, DZSTATES, TOT,
+    T, D, DV, NCHUNK,
+    Q: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    c, pid_v, bh, offs_q, t, offs_d, offs_v, t_ok, d_ok, v_ok = chunk_tiles(Q, BD, BV, D, DV, T)
+    fq, fq0 = _features(FQ, FQ0, bh, t, offs_d, T, D, t_ok, d_ok)
+    dn, dden = _upstream(DO, DEN, DDEN, bh, t, offs_v, T, DV, t_ok[:, None] & v_ok[None, :], t_ok)
+    cum, total = chunk_log_decay(LD, bh, t, t_ok, T)
+    _store_local(DSTATES, DZSTATES, TOT, bh * NCHUNK + c, total, fq, fq0, tl.exp(cum), dn, dden,
+                 offs_d, offs_v, d_ok, v_ok, (offs_d * 0 + pid_v) == 0, D, DV, PREC)
 
 
 @triton.jit
 def _hla_bwd_kernel(
-    FQ, FQ0, FK, FK0, V, LD, DEN, DO, DDEN, STATES, ZSTATES,
+    FQ, FQ0, FK, FK0, V, LD, DEN, DO, DDEN, STATES, ZSTATES, DSTATES, DZSTATES,
     DFQ, DFQ0, DFK, DFK0, DV_,
     T, D, DV, NCHUNK, BH,
     Q: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_v, bh, offs_q, offs_d, offs_v, d_ok, v_ok = program_tiles(Q, BD, BV, D, DV)
+    c, pid_v, bh, offs_q, t, offs_d, offs_v, t_ok, d_ok, v_ok = chunk_tiles(Q, BD, BV, D, DV, T)
+    fd_mask = t_ok[:, None] & d_ok[None, :]
+    fv_mask = t_ok[:, None] & v_ok[None, :]
     # the normalizer column belongs to tile 0: its terms are added there only
     first = (pid_v == 0).to(tl.float32)
-    causal = offs_q[:, None] >= offs_q[None, :]
-    ds = tl.zeros((BD, BV), tl.float32)  # dL/d(state leaving the chunk)
-    ds0 = tl.zeros((BV,), tl.float32)
-    dz = tl.zeros((BD,), tl.float32)
-    dz0 = tl.sum(tl.zeros((BD,), tl.float32), 0)
+    fq, fq0 = _features(FQ, FQ0, bh, t, offs_d, T, D, t_ok, d_ok)
+    fk, fk0 = _features(FK, FK0, bh, t, offs_d, T, D, t_ok, d_ok)
+    v = load_rows(V, bh, t, offs_v, T, DV, fv_mask)
+    dn, dden = _upstream(DO, DEN, DDEN, bh, t, offs_v, T, DV, fv_mask, t_ok)
+    cum, total = chunk_log_decay(LD, bh, t, t_ok, T)
+    lmat = causal_decay(cum, offs_q[:, None] >= offs_q[None, :])  # [i, j]
+    ec = tl.exp(cum)
+    to_end = tl.exp(total - cum)
+    g0 = dden * first  # upstream of the normalizer column, in tile 0 only
+    # m_ij = dN'_i . v'_j over this tile's columns (+ the normalizer column in tile 0)
+    m = (tl.dot(dn, tl.trans(v), input_precision=PREC) + g0[:, None]) * lmat
     part = pid_v * BH + bh  # this tile's row of the partial feature gradients: (n_tiles * BH, T, ...)
-    for cc in range(0, NCHUNK):
-        c = NCHUNK - 1 - cc
-        t = c * Q + offs_q
-        t_ok = t < T
-        fd_mask = t_ok[:, None] & d_ok[None, :]
-        fv_mask = t_ok[:, None] & v_ok[None, :]
-        fq = load_rows(FQ, bh, t, offs_d, T, D, fd_mask)
-        fk = load_rows(FK, bh, t, offs_d, T, D, fd_mask)
-        fq0 = tl.load(FQ0 + bh * T + t, mask=t_ok, other=0.0)
-        fk0 = tl.load(FK0 + bh * T + t, mask=t_ok, other=0.0)
-        v = load_rows(V, bh, t, offs_v, T, DV, fv_mask)
-        do = load_rows(DO, bh, t, offs_v, T, DV, fv_mask)
-        den = tl.load(DEN + bh * T + t, mask=t_ok, other=1.0)
-        dden = tl.load(DDEN + bh * T + t, mask=t_ok, other=0.0)
-        cum, total = chunk_log_decay(LD, bh, t, t_ok, T)
-        sp = STATES + (bh * NCHUNK + c) * (D + 1) * DV
-        s0_in = tl.load(sp + offs_v, mask=v_ok, other=0.0)
-        s_in = tl.load(sp + (1 + offs_d)[:, None] * DV + offs_v[None, :], mask=d_ok[:, None] & v_ok[None, :],
-                       other=0.0)
-        zp = ZSTATES + (bh * NCHUNK + c) * (D + 1)
-        z0_in = tl.sum(tl.load(zp + offs_d * 0, mask=offs_d == 0, other=0.0), 0)
-        z_in = tl.load(zp + 1 + offs_d, mask=d_ok, other=0.0)
+    row = bh * NCHUNK + c
+    # each gradient is stored once computed, and each state loaded where first needed (fewer live registers)
+    s0_in, s_in, z0_in, z_in = _load_state(STATES, ZSTATES, row, offs_d, offs_v, d_ok, v_ok, D, DV)  # entering
+    dfq = tl.dot(m, fk, input_precision=PREC) + ec[:, None] * (
+        tl.dot(dn, tl.trans(s_in), input_precision=PREC) + g0[:, None] * z_in[None, :])
+    dfq0 = tl.sum(m * fk0[None, :], 1) + ec * (tl.sum(dn * s0_in[None, :], 1) + g0 * z0_in)
+    tl.store(row_ptrs(DFQ, part, t, offs_d, T, D), dfq, mask=fd_mask)
+    tl.store(DFQ0 + part * T + t, dfq0, mask=t_ok)
 
-        lmat = causal_decay(cum, causal)  # [i, j]
-        ec = tl.exp(cum)
-        to_end = tl.exp(total - cum)
-        decay = tl.exp(total)
-        dn = do / den[:, None]
-        g0 = dden * first  # upstream of the normalizer column, in tile 0 only
-        # m_ij = dN'_i . v'_j over this tile's columns (+ the normalizer column in tile 0)
-        m = (tl.dot(dn, tl.trans(v), input_precision=PREC) + g0[:, None]) * lmat
-        w = (tl.dot(fq, tl.trans(fk), input_precision=PREC) + fq0[:, None] * fk0[None, :]) * lmat
-
-        dfq = tl.dot(m, fk, input_precision=PREC) + ec[:, None] * (
-            tl.dot(dn, tl.trans(s_in), input_precision=PREC) + g0[:, None] * z_in[None, :])
-        dfq0 = tl.sum(m * fk0[None, :], 1) + ec * (tl.sum(dn * s0_in[None, :], 1) + g0 * z0_in)
-        dfk = tl.dot(tl.trans(m), fq, input_precision=PREC) + to_end[:, None] * (
-            tl.dot(v, tl.trans(ds), input_precision=PREC) + first * dz[None, :])
-        dfk0 = tl.sum(m * fq0[:, None], 0) + to_end * (tl.sum(v * ds0[None, :], 1) + first * dz0)
-        dv = tl.dot(tl.trans(w), dn, input_precision=PREC) + to_end[:, None] * (
-            tl.dot(fk, ds, input_precision=PREC) + fk0[:, None] * ds0[None, :])
-
-        fq_e = fq * ec[:, None]
-        fq0_e = fq0 * ec
-        ds = ds * decay + tl.dot(tl.trans(fq_e), dn, input_precision=PREC)
-        ds0 = ds0 * decay + tl.sum(fq0_e[:, None] * dn, 0)
-        dz = dz * decay + tl.sum(fq_e * dden[:, None], 0)
-        dz0 = dz0 * decay + tl.sum(fq0_e * dden, 0)
-
-        tl.store(row_ptrs(DV_, bh, t, offs_v, T, DV), dv, mask=fv_mask)
-        tl.store(row_ptrs(DFQ, part, t, offs_d, T, D), dfq, mask=fd_mask)
-        tl.store(row_ptrs(DFK, part, t, offs_d, T, D), dfk, mask=fd_mask)
-        tl.store(DFQ0 + part * T + t, dfq0, mask=t_ok)
-        tl.store(DFK0 + part * T + t, dfk0, mask=t_ok)
+    ds0, ds, dz0, dz = _load_state(DSTATES, DZSTATES, row, offs_d, offs_v, d_ok, v_ok, D, DV)  # dL/d(leaving)
+    dfk = tl.dot(tl.trans(m), fq, input_precision=PREC) + to_end[:, None] * (
+        tl.dot(v, tl.trans(ds), input_precision=PREC) + first * dz[None, :])
+    dfk0 = tl.sum(m * fq0[:, None], 0) + to_end * (tl.sum(v * ds0[None, :], 1) + first * dz0)
+    tl.store(row_ptrs(DFK, part, t, offs_d, T, D), dfk, mask=fd_mask)
+    tl.store(DFK0 + part * T + t, dfk0, mask=t_ok)
+    w = _pair_weights(fq, fq0, fk, fk0, lmat, PREC)
+    dv = tl.dot(tl.trans(w), dn, input_precision=PREC) + to_end[:, None] * (
+        tl.dot(fk, ds, input_precision=PREC) + fk0[:, None] * ds0[None, :])
+    tl.store(row_ptrs(DV_, bh, t, offs_v, T, DV), dv, mask=fv_mask)
 
 
 # ---------------------------------------------------------------------------------------
 
 def _launch_cfg(x: torch.Tensor, dv: int, gpu, precision: str):
-    """(value tile, num_warps, num_stages, dot precision): ``gpu`` and ``precision`` on a GPU
-    (:class:`TritonConfig`, ``[kernels.hyperbolic_linear_attention]``); fp32 in the interpreter."""
+    """(value tile, num_warps, num_stages, dot precision, scan launch) on a GPU: ``gpu`` is
+    :class:`TritonConfig`'s ``gpu`` followed by its ``scan`` (elements per program, num_warps,
+    num_stages; the default scan launch where only the three ``gpu`` numbers are given) and
+    ``precision`` (``[kernels.hyperbolic_linear_attention]``); in the interpreter fp32, 32-wide
+    value tiles and 64-element scan tiles (several per state even in small tests)."""
     if x.device.type == "cuda":
-        bv, nw, ns = gpu
+        bv, nw, ns = gpu[:3]
+        scan = tuple(gpu[3:6]) or TritonConfig().scan
         prec = precision
     else:
-        bv, nw, ns, prec = 32, 4, 1, "ieee"
-    return min(bv, max(16, triton.next_power_of_2(dv))), nw, ns, prec
+        bv, nw, ns, prec, scan = 32, 4, 1, "ieee", (64, 1, 1)
+    return min(bv, max(16, triton.next_power_of_2(dv))), nw, ns, prec, scan
 
 
 def _check_chunk(chunk_size: int) -> int:
@@ -196,12 +297,24 @@ def _split(f: torch.Tensor):
     return f[..., 1:].contiguous(), f[..., 0].contiguous()
 
 
+def _scan(states, zstates, totals, scan, reverse: bool):
+    """Phase 2: the chunks' own contributions in ``states`` / ``zstates`` become, in place, the
+    running state entering each chunk (forward) or dL/d(the state leaving it) (``reverse``)."""
+    block, nw, ns = scan
+    BH, n = totals.shape
+    es, ez = states[0, 0, 0].numel(), zstates.shape[-1]
+    s_tiles = triton.cdiv(es, block)
+    _hla_scan_kernel[(s_tiles + triton.cdiv(ez, block), BH)](
+        states, zstates, totals, n, es, ez, s_tiles, BLOCK=block, CH=SCAN_CHUNKS, REVERSE=reverse,
+        num_warps=nw, num_stages=ns)
+
+
 def _fwd_impl(fq, fk, v, ld, chunk_size, gpu, precision):
     require(fq, fk, v, ld)
     B, H, T, F1 = fq.shape
     D, DV = F1 - 1, v.shape[-1]
     Q = _check_chunk(chunk_size)
-    BV, nw, ns, prec = _launch_cfg(v, DV, gpu, precision)
+    BV, nw, ns, prec, scan = _launch_cfg(v, DV, gpu, precision)
     n = triton.cdiv(T, Q) if T else 0
     o = torch.empty(B, H, T, DV, device=v.device, dtype=torch.float32)
     den = torch.empty(B, H, T, device=v.device, dtype=torch.float32)
@@ -209,9 +322,12 @@ def _fwd_impl(fq, fk, v, ld, chunk_size, gpu, precision):
     zstates = torch.empty(B, H, n, D + 1, device=v.device, dtype=torch.float32)
     if T:
         (fqs, fq0), (fks, fk0) = _split(fq), _split(fk)
-        _hla_fwd_kernel[(triton.cdiv(DV, BV), B * H)](
-            fqs, fq0, fks, fk0, v, ld, o, den, states, zstates, T, D, DV, n, DEN_EPS,
-            Q=Q, BD=max(16, triton.next_power_of_2(D)), BV=BV, PREC=prec, num_warps=nw, num_stages=ns)
+        totals = torch.empty(B * H, n, device=v.device, dtype=torch.float32)
+        grid = (n * triton.cdiv(DV, BV), B * H)
+        meta = dict(Q=Q, BD=max(16, triton.next_power_of_2(D)), BV=BV, PREC=prec, num_warps=nw, num_stages=ns)
+        _hla_fwd_local_kernel[grid](fks, fk0, v, ld, states, zstates, totals, T, D, DV, n, **meta)
+        _scan(states, zstates, totals, scan, reverse=False)
+        _hla_fwd_out_kernel[grid](fqs, fq0, fks, fk0, v, ld, o, den, states, zstates, T, D, DV, n, DEN_EPS, **meta)
     return o, den, states, zstates
 
 
@@ -220,7 +336,7 @@ def _bwd_impl(fq, fk, v, ld, o, den, states, zstates, do, chunk_size, gpu, preci
     B, H, T, F1 = fq.shape
     D, DV = F1 - 1, v.shape[-1]
     Q = _check_chunk(chunk_size)
-    BV, nw, ns, prec = _launch_cfg(v, DV, gpu, precision)
+    BV, nw, ns, prec, scan = _launch_cfg(v, DV, gpu, precision)
     tiles = triton.cdiv(DV, BV)
     do = do.float().contiguous()
     # d(den): the clamp passes no gradient where it acted
@@ -232,10 +348,18 @@ def _bwd_impl(fq, fk, v, ld, o, den, states, zstates, do, chunk_size, gpu, preci
     dfk0 = torch.zeros_like(dfq0)
     if T:
         (fqs, fq0), (fks, fk0) = _split(fq), _split(fk)
-        _hla_bwd_kernel[(tiles, B * H)](
-            fqs, fq0, fks, fk0, v, ld, den, do, dden, states, zstates, dfq, dfq0, dfk, dfk0, dv,
-            T, D, DV, states.shape[2], B * H,
-            Q=Q, BD=max(16, triton.next_power_of_2(D)), BV=BV, PREC=prec, num_warps=nw, num_stages=ns)
+        n = states.shape[2]
+        # dL/d(the state leaving each chunk) and its normalizer column: the chunks' own
+        # contributions first, turned into the sums over the later chunks by the reverse scan
+        dstates, dzstates = torch.empty_like(states), torch.empty_like(zstates)
+        totals = torch.empty(B * H, n, device=v.device, dtype=torch.float32)
+        grid = (n * tiles, B * H)
+        meta = dict(Q=Q, BD=max(16, triton.next_power_of_2(D)), BV=BV, PREC=prec, num_warps=nw, num_stages=ns)
+        _hla_bwd_local_kernel[grid](fqs, fq0, ld, den, do, dden, dstates, dzstates, totals, T, D, DV, n, **meta)
+        _scan(dstates, dzstates, totals, scan, reverse=True)
+        _hla_bwd_kernel[grid](
+            fqs, fq0, fks, fk0, v, ld, den, do, dden, states, zstates, dstates, dzstates, dfq, dfq0, dfk, dfk0, dv,
+            T, D, DV, n, B * H, **meta)
     dfq = torch.cat([dfq0.sum(0).unsqueeze(-1), dfq.sum(0)], dim=-1)
     dfk = torch.cat([dfk0.sum(0).unsqueeze(-1), dfk.sum(0)], dim=-1)
     # dL/dG_t = phi_q,t . dphi_q,t - phi_k,t . dphi_k,t; dlog_decay_s = sum_{t >= s} dL/dG_t
@@ -248,7 +372,8 @@ def _bwd_impl(fq, fk, v, ld, o, den, states, zstates, do, chunk_size, gpu, preci
 def hla_fwd(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, ld: torch.Tensor, chunk_size: int, gpu: list[int],
             precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Kernel core on fp32 features: (o fp32, den, states and normalizer states entering each
-    chunk); ``gpu``, ``precision``: the launch configuration on a GPU (:class:`TritonConfig`)."""
+    chunk); ``gpu`` (:class:`TritonConfig`'s ``gpu``, then optionally its ``scan``),
+    ``precision``: the launch configuration on a GPU."""
     return _fwd_impl(fq, fk, v, ld, chunk_size, gpu, precision)
 
 
@@ -307,5 +432,5 @@ def hyperbolic_linear_attention_triton(q, k, v, c, log_decay=None, focus_power: 
         ld = q.new_zeros(B, H, T, dtype=torch.float32) if log_decay is None else log_decay.float()
         o, _, _, _ = torch.ops.phase7fw.hyperbolic_linear_attention_fwd(
             fq.contiguous(), fk.contiguous(), v.contiguous(), ld.contiguous(), _check_chunk(chunk_size),
-            list(tuning.gpu), tuning.precision)
+            [*tuning.gpu, *tuning.scan], tuning.precision)
     return o.to(v.dtype)
