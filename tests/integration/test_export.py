@@ -144,6 +144,7 @@ def test_phase7_variants_and_bf16(tmp_path):
                      for flag, score in ((True, "distance"), (False, "dot_distance"), (True, "dot_distance"))]
         variants += [{"model.attention": {"name": "sdpa", "window": 16, "qk_norm": True}}]
     variants += [{"model.block": {"name": "hybrid", "mix": mix}} for mix in ("sum", "alternate")]
+    variants += [{"model.block": {"name": "hybrid", "ssm_every": 2}}]
     if {"discretize", "out_norm"} <= set(attrs.fields_dict(ArSsmConfig)):
         variants += [{"model.ssm.discretize": flag, "model.ssm.out_norm": not flag} for flag in (True, False)]
     for i, over in enumerate(variants):

@@ -32,6 +32,7 @@ KINDS = {
     "phase7_qk_norm_distance": ("phase7_tiny", {**P7, "model.attention.score": "distance", "model.attention.qk_norm": True}),
     "phase7_mix_sum": ("phase7_tiny", {**P7, "model.block": {"name": "hybrid", "mix": "sum"}}),
     "phase7_mix_alternate": ("phase7_tiny", {**P7, "model.n_layers": 3, "model.block": {"name": "hybrid", "mix": "alternate"}}),
+    "phase7_ssm_every2": ("phase7_tiny", {**P7, "model.n_layers": 3, "model.block": {"name": "hybrid", "ssm_every": 2}}),
     "phase7_first_design_ssm": ("phase7_tiny", {**P7, "model.ssm.discretize": False, "model.ssm.out_norm": False,
                                                 "model.ssm.init_std": 0.02}),
     # Phase 8: the linear attention (chunk 16 < SEQ, not a divisor), with and without the SSM

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from phase7fw import build_model, hookimpl, load_recipe
+from phase7fw.errors import Phase7Error
 from phase7fw.plugins import load_plugins
 from tests.conftest import RECIPES
 
@@ -112,6 +113,31 @@ def test_block_mix_sum_and_alternate_drop_the_gate():
     u = block.norm1(x)
     h = x + block.attn(u) + block.ssm(u)[0]
     torch.testing.assert_close(block(x)[0], h + block.ffn(block.norm2(h)))
+
+
+def test_block_ssm_every_keeps_the_ssm_in_every_kth_block():
+    m = small_model(n_layers=5, block={"name": "hybrid", "ssm_every": 2})
+    layout = [(b.attn is not None, b.ssm is not None, b.gate is not None) for b in m.blocks]
+    assert layout == [(True, True, True), (True, False, False)] * 2 + [(True, True, True)]
+    assert m.parameter_breakdown()["ssm"] == 3 * sum(p.numel() for p in m.blocks[0].ssm.parameters())
+    summed = small_model(n_layers=3, block={"name": "hybrid", "mix": "sum", "ssm_every": 3})
+    assert [(b.ssm is not None, b.gate is None) for b in summed.blocks] == [(True, True), (False, True), (False, True)]
+    # causal, and the attention-only blocks follow the paths run by hand
+    x = torch.randint(0, 257, (2, 24))
+    y = x.clone()
+    y[:, 13] = (y[:, 13] + 1) % 257
+    with torch.no_grad():
+        assert torch.equal(m.eval()(x)[:, :13], m(y)[:, :13])
+        block, h = m.blocks[1], torch.randn(2, 24, 32)
+        mid = h + block.attn(block.norm1(h))
+        torch.testing.assert_close(block(h)[0], mid + block.ffn(block.norm2(mid)))
+
+
+@pytest.mark.parametrize("over", [{"mixer": "attention"}, {"block": {"name": "hybrid", "mix": "alternate"}}])
+def test_block_ssm_every_refused_without_gated_or_summed_hybrid_blocks(over):
+    block = {"name": "hybrid", "ssm_every": 2, **over.get("block", {})}
+    with pytest.raises(Phase7Error, match=r"model.block.ssm_every = 2 needs model.mixer = \"hybrid\""):
+        small_model(**{**over, "block": block})
 
 
 def test_ssm_none_builds_attention_only_blocks():

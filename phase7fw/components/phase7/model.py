@@ -55,6 +55,18 @@ class HybridBlockConfig:
     mix: Literal["gate", "sum", "alternate"] = option(
         "gate", help="how a hybrid block joins its paths: gate = g*Attn + (1-g)*SSM with a learned "
         "per-channel gate; sum = Attn + SSM; alternate = SSM in even layers, attention in odd ones")
+    ssm_every: int = option(1, check=positive, help="the SSM path in every k-th block (layers 0, k, 2k, ...), "
+                            "attention only in the others; 1 = every block (gate / sum)")
+
+
+def block_mixer(mixer: str, mix: str, ssm_every: int, layer_idx: int) -> str:
+    """The paths of block ``layer_idx``: "hybrid", "attention" or "ssm" (the exported modeling
+    file repeats this rule, standalone)."""
+    if mixer != "hybrid":
+        return mixer
+    if mix == "alternate":  # Samba-style interleaving, no gate
+        return "ssm" if layer_idx % 2 == 0 else "attention"
+    return "hybrid" if layer_idx % ssm_every == 0 else "attention"
 
 
 class HybridBlock(nn.Module):
@@ -74,9 +86,11 @@ class HybridBlock(nn.Module):
         self.norm2 = RMSNorm(mc.d_model, mc.norm_eps, norm_impl)
         self.attn = None
         self.ssm = None
-        mixer = mc.mixer
-        if mixer == "hybrid" and config.mix == "alternate":  # Samba-style interleaving, no gate
-            mixer = "ssm" if layer_idx % 2 == 0 else "attention"
+        if config.ssm_every != 1 and (mc.mixer != "hybrid" or config.mix == "alternate"):
+            raise Phase7Error(f"model.block.ssm_every = {config.ssm_every} needs model.mixer = \"hybrid\" with"
+                              f" model.block.mix = \"gate\" or \"sum\" (got mixer {mc.mixer!r}, mix"
+                              f" {config.mix!r}); set ssm_every = 1")
+        mixer = block_mixer(mc.mixer, config.mix, config.ssm_every, layer_idx)
         if mixer in ("hybrid", "attention"):
             self.attn = registry.build("attention", mc.attention.name, mc.attention.config, **ctx)
         if mixer in ("hybrid", "ssm"):

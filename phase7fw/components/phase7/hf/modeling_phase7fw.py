@@ -360,14 +360,16 @@ SSMS = {"ar_ssm": (ArSsm, {"max_rank", "min_rank", "n_heads", "expand", "conv_si
 class HybridBlock(nn.Module):
     """h = x + g * Attn(u) + (1 - g) * SSM(u), u = norm1(x), g = sigmoid(W_g u + b_g); out = h + FFN(norm2(h)).
     Block option ``mix``: "sum" joins the paths as Attn(u) + SSM(u); "alternate" keeps the SSM in even
-    layers and the attention in odd ones."""
+    layers and the attention in odd ones. ``ssm_every`` k: the SSM path in layers 0, k, 2k, ... only."""
 
     def __init__(self, p, curvature, layer_idx):
         super().__init__()
         d, mixer = p["d_model"], p["mixer"]
-        mix = p["block"].get("mix", "gate")
+        mix, every = p["block"].get("mix", "gate"), p["block"].get("ssm_every", 1)
         if mixer == "hybrid" and mix == "alternate":
             mixer = "ssm" if layer_idx % 2 == 0 else "attention"
+        elif mixer == "hybrid" and layer_idx % every:
+            mixer = "attention"
         self.norm1, self.norm2 = RMSNorm(d, p["norm_eps"]), RMSNorm(d, p["norm_eps"])
         self.attn = self.ssm = None
         if mixer in ("hybrid", "attention"):
@@ -395,7 +397,7 @@ class HybridBlock(nn.Module):
         return h + self.ffn(self.norm2(h))
 
 
-BLOCKS = {"hybrid": (HybridBlock, {"mix"})}
+BLOCKS = {"hybrid": (HybridBlock, {"mix", "ssm_every"})}
 
 
 def _check_names(p):
