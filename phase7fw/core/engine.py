@@ -235,11 +235,15 @@ class Engine:
             # graph inputs), which makes the first step minutes faster than tracing the whole
             # model and avoids whole-graph recompiles. Embedding, final norm and loss stay eager.
             # A plugin model without ``.blocks`` gets its whole loss compiled instead.
+            mode = None if train.compile_mode == "default" else train.compile_mode
             if strategy == "none" and getattr(self.model, "blocks", None) is None:
-                self._loss_fn = torch.compile(self.model.loss)
+                self._loss_fn = torch.compile(self.model.loss, mode=mode)
             else:
                 for unit in distributed.shard_units(self.model):
-                    unit.compile()
+                    unit.compile(mode=mode)
+        # CUDA-graph modes: each forward must tell the graph trees a new micro-batch begins
+        self._cudagraphs = (train.compile and train.compile_mode in ("reduce-overhead", "max-autotune")
+                            and self.device.type == "cuda")
         self._done("compile")
         if strategy == "fsdp":
             # Shard on the meta device, allocate only this rank's shards, then copy in the
@@ -702,6 +706,7 @@ class Engine:
                 with self.autocast():
                     # Through the (possibly wrapped) loss, so FSDP gathers its shards; the
                     # validation number is the cross-entropy without auxiliary losses.
+                    self._begin_forward()
                     loss, metrics = self._loss_fn(x, y)
                 total += metrics.get("ce_loss", loss).detach().float()
         finally:
@@ -713,6 +718,13 @@ class Engine:
             mean_bytes = float(distributed.all_mean(torch.tensor(float(sum(n_bytes)), device=self.device), self.dist))
             bpb = bits_per_byte(loss, tokens, mean_bytes)
         return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "bpb": bpb, "tokens": tokens}
+
+    def _begin_forward(self) -> None:
+        """Before each training or validation forward: with a CUDA-graph compile mode
+        (``train.compile_mode``), tell the graph trees that a new micro-batch begins, so the
+        previous one's graph outputs (already consumed by its backward) may be overwritten."""
+        if getattr(self, "_cudagraphs", False):
+            torch.compiler.cudagraph_mark_step_begin()
 
     def autocast(self):
         precision = self.recipe.train.precision

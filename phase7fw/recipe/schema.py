@@ -40,6 +40,10 @@ class TrainSection:
         1, check=positive, help="with activation_checkpointing: checkpoint every N-th block (1: all)"
     )
     compile: bool = option(False, help="torch.compile the model for training")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = option(
+        "default", help='torch.compile mode with compile = true; "reduce-overhead" replays each compiled block'
+        " from a CUDA graph (less host work per micro-batch at small batches; on a GPU only)"
+    )
     log_every: int = option(10, check=positive, help="console/tracker line every N steps")
     eval_every: int = option(0, check=non_negative, help="validate every N steps (0: only at the end)")
     eval_batches: int = option(8, check=positive, help="validation batches per evaluation")
@@ -108,6 +112,11 @@ def combination_errors(recipe: "Recipe") -> list[str]:
                 "train.optimizer_in_backward = true with train.precision = \"fp16\": the fp16 grad scaler needs all"
                 " gradients before the update; use precision = \"bf16\""
             )
+    if t.compile_mode != "default" and not t.compile:
+        errors.append(
+            f"train.compile_mode = {t.compile_mode!r} without train.compile = true: the mode is torch.compile's;"
+            " set train.compile = true or leave compile_mode out"
+        )
     if not t.activation_checkpointing and (t.checkpoint_policy, t.checkpoint_every) != ("full", 1):
         errors.append(
             f"train.checkpoint_policy = {t.checkpoint_policy!r} / train.checkpoint_every = {t.checkpoint_every}"

@@ -312,6 +312,20 @@ def test_compiled_training_matches_eager(tmp_path):
         assert math.isclose(ra["loss"], rb["loss"], rel_tol=1e-4)
 
 
+def test_compile_mode_reaches_torch_compile_and_graph_modes_mark_each_forward(tmp_path, monkeypatch):
+    modes, marks = [], []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: modes.append(kw.get("mode")))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    over = {"train.max_steps": 2, "train.grad_accum_steps": 3, "train.eval_every": 2, "train.save_every": 0,
+            "train.compile": True, "train.compile_mode": "reduce-overhead"}
+    engine = Engine.from_recipe(TINY, tiny_overrides(tmp_path, **over), quiet=True)
+    assert modes == ["reduce-overhead"] * 2  # one per block (regional compilation)
+    assert engine._cudagraphs is False  # no CUDA graphs on the CPU: nothing to mark
+    engine._cudagraphs = True  # as on a GPU: every training micro-batch and validation batch marks a step
+    engine.fit()
+    assert len(marks) == 2 * 3 + 2  # 2 steps x 3 micro-batches + 2 validation batches at step 2
+
+
 def test_resume_with_a_longer_max_steps_replans_the_lr_schedule(tmp_path, capsys):
     """Extending a run: after the resume the LR follows a schedule planned for the new length
     (the LRs of a run planned for 12 steps from the start), and the console says so."""

@@ -136,9 +136,19 @@ def test_set_validated_like_the_file(tmp_path):
     assert errors_of(path, ["optimizer.lr=abc"]) == ["optimizer.lr: expected float, got str 'abc'"]
     assert errors_of(path, ["train.nope=1"]) == ["train.nope: unknown key (allowed: max_steps, batch_size, "
                                                  "grad_accum_steps, precision, grad_clip, activation_checkpointing, "
-                                                 "checkpoint_policy, checkpoint_every, compile, log_every, eval_every, eval_batches, save_every, "
+                                                 "checkpoint_policy, checkpoint_every, compile, compile_mode, log_every, eval_every, eval_batches, save_every, "
                                                  "max_nonfinite_steps, device, param_dtype, optimizer_in_backward, "
                                                  "ce_chunk_tokens, init_from, freeze)"]
+
+
+def test_compile_mode_needs_compile(tmp_path):
+    path = write(tmp_path, "r.toml", BASE)
+    assert errors_of(path, ['train.compile_mode="reduce-overhead"']) == [
+        "train.compile_mode = 'reduce-overhead' without train.compile = true: the mode is torch.compile's;"
+        " set train.compile = true or leave compile_mode out"]
+    assert errors_of(path, ['train.compile_mode="fast"'])[0].startswith("train.compile_mode: ")
+    r = load_recipe(path, ["train.compile=true", 'train.compile_mode="max-autotune-no-cudagraphs"'])
+    assert r.train.compile_mode == "max-autotune-no-cudagraphs"
 
 
 def test_resolved_recipe_round_trips(tmp_path):
