@@ -23,8 +23,9 @@ tokens per step):
 
 1. ``_hla_fwd_local_kernel``, one program per (chunk, value tile, b*h): the chunk's own U_c
    (and, tile 0, its normalizer part and its total log-decay) into STATES / ZSTATES;
-2. ``_hla_scan_kernel``, one program per (b*h, slice of the state's (D+1) x Dv elements or
-   of its normalizer column): walks the n chunks, 16 per step (their loads issued together),
+2. the inter-chunk scan (:func:`phase7fw.kernels._chunked.chunk_scan`, shared with the AR-SSM
+   scan), one program per (b*h, slice of the state's (D+1) x Dv elements or of its normalizer
+   column): walks the n chunks, 16 per step (their loads issued together),
    turning U_c in place into S_in[c] (elementwise, memory-bound, fp32 FMA whatever the
    ``precision``; exponents are sums of log-decays, never differences of long sums);
 3. ``_hla_fwd_out_kernel``, one program per (chunk, value tile, b*h): o and den from W and S_in.
@@ -50,17 +51,20 @@ from __future__ import annotations
 
 import torch
 
-from phase7fw.kernels._chunked import causal_decay, chunk_log_decay, chunk_tiles, load_rows, row_ptrs
+from phase7fw.kernels._chunked import (
+    causal_decay,
+    chunk_log_decay,
+    chunk_scan,
+    chunk_tiles,
+    load_rows,
+    row_ptrs,
+    store_total,
+)
 from phase7fw.kernels._triton import require, tl, triton
 from phase7fw.kernels.hyperbolic_linear_attention import TritonConfig
 from phase7fw.kernels.hyperbolic_linear_attention.reference import DEN_EPS, feature_map
 
 __all__ = ["hyperbolic_linear_attention_triton"]
-
-
-#: chunks per step of the inter-chunk scan: their loads are issued together (one memory
-#: latency per CH chunks, not per chunk) and combined by a CH x CH matrix (tl.dot needs >= 16)
-SCAN_CHUNKS = 16
 
 
 @triton.jit
@@ -104,10 +108,9 @@ def _store_local(SP, ZP, TOT, row, total, f, f0, w, x, r, offs_d, offs_v, d_ok, 
     tl.store(sp + (1 + offs_d)[:, None] * DV + offs_v[None, :], tl.dot(tl.trans(fw), x, input_precision=PREC),
              mask=d_ok[:, None] & v_ok[None, :])
     zp = ZP + row * (D + 1)
-    one = (offs_d == 0) & first
-    tl.store(zp + offs_d * 0, tl.sum(f0w * r, 0) + offs_d * 0.0, mask=one)
+    tl.store(zp + offs_d * 0, tl.sum(f0w * r, 0) + offs_d * 0.0, mask=(offs_d == 0) & first)
     tl.store(zp + 1 + offs_d, tl.sum(fw * r[:, None], 0), mask=d_ok & first)
-    tl.store(TOT + row + offs_d * 0, total + offs_d * 0.0, mask=one)
+    store_total(TOT, row, total, offs_d, first)
 
 
 @triton.jit
@@ -122,59 +125,6 @@ def _hla_fwd_local_kernel(
     cum, total = chunk_log_decay(LD, bh, t, t_ok, T)
     _store_local(STATES, ZSTATES, TOT, bh * NCHUNK + c, total, fk, fk0, tl.exp(total - cum), v,
                  t_ok.to(tl.float32), offs_d, offs_v, d_ok, v_ok, (offs_d * 0 + pid_v) == 0, D, DV, PREC)
-
-
-@triton.jit
-def _scan_rows(P, TOT, bh, NCHUNK, E, offs_e, REVERSE: tl.constexpr, CH: tl.constexpr):
-    """Turn the chunks' own contributions X_c (rows of E elements at P + (bh * n + c) * E; this
-    program's columns ``offs_e``), in place, into the running sum entering each chunk in walking
-    order (c = 0, 1, ... or, with REVERSE, n-1, n-2, ...): R = 0 at the first, then
-    R <- exp(g_c) R + X_c (g: the chunk totals in TOT). CH chunks per step, loaded together:
-    with R_0 entering the step, R_j = exp(sum_{l<j} g_l) R_0 + sum_{i<j} exp(sum_{i<l<j} g_l) X_i.
-    Every exponent is a sum of log-decays (<= 0), never a difference of two sums (a
-    difference of long sums would lose the short one's digits)."""
-    e_ok = offs_e < E
-    j = tl.arange(0, CH)
-    lower = j[:, None] > j[None, :]  # [j, i]: i < j
-    last = j == CH - 1
-    run = offs_e * 0.0  # R entering the step
-    for step in range(0, tl.cdiv(NCHUNK, CH)):
-        k = step * CH + j
-        k_ok = k < NCHUNK
-        if REVERSE:
-            c = NCHUNK - 1 - k
-            c_prev = c + 1
-        else:
-            c = k
-            c_prev = c - 1
-        g = tl.load(TOT + bh * NCHUNK + c, mask=k_ok, other=0.0)
-        # gs_j = g_{j-1} (0 for j = 0): loaded one chunk back rather than shifted in registers
-        gs = tl.load(TOT + bh * NCHUNK + c_prev, mask=k_ok & (j > 0), other=0.0)
-        ptrs = P + (bh * NCHUNK + c)[:, None] * E + offs_e[None, :]
-        mask = k_ok[:, None] & e_ok[None, :]
-        x = tl.load(ptrs, mask=mask, other=0.0)
-        # [j, i]: the running sum over rows l of gs_l for l > i + 1, i.e. sum_{i<l<j} g_l
-        seg = tl.cumsum(tl.where(j[:, None] > j[None, :] + 1, gs[:, None], 0.0), 0)
-        m = tl.where(lower, tl.exp(seg), 0.0)
-        r = tl.exp(tl.cumsum(gs, 0))[:, None] * run[None, :] + tl.dot(m, x, input_precision="ieee")
-        tl.store(ptrs, r, mask=mask)
-        # the step's last chunk, one plain recurrence step: the sum entering the next step
-        g_last = tl.sum(tl.where(last, g, 0.0), 0)
-        run = tl.exp(g_last) * tl.sum(tl.where(last[:, None], r, 0.0), 0) + tl.sum(tl.where(last[:, None], x, 0.0), 0)
-
-
-@triton.jit
-def _hla_scan_kernel(STATES, ZSTATES, TOT, NCHUNK, ES, EZ, S_TILES,
-                     BLOCK: tl.constexpr, CH: tl.constexpr, REVERSE: tl.constexpr):
-    # programs (column tile, b*h): the first S_TILES tiles cover the (D+1) x DV state of a chunk
-    # (contiguous, ES elements), the rest its normalizer column (EZ = D+1 elements)
-    pid = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    if pid < S_TILES:
-        _scan_rows(STATES, TOT, bh, NCHUNK, ES, pid * BLOCK + offs, REVERSE, CH)
-    else:
-        _scan_rows(ZSTATES, TOT, bh, NCHUNK, EZ, (pid - S_TILES) * BLOCK + offs, REVERSE, CH)
 
 
 @triton.jit
@@ -298,15 +248,10 @@ def _split(f: torch.Tensor):
 
 
 def _scan(states, zstates, totals, scan, reverse: bool):
-    """Phase 2: the chunks' own contributions in ``states`` / ``zstates`` become, in place, the
-    running state entering each chunk (forward) or dL/d(the state leaving it) (``reverse``)."""
-    block, nw, ns = scan
-    BH, n = totals.shape
-    es, ez = states[0, 0, 0].numel(), zstates.shape[-1]
-    s_tiles = triton.cdiv(es, block)
-    _hla_scan_kernel[(s_tiles + triton.cdiv(ez, block), BH)](
-        states, zstates, totals, n, es, ez, s_tiles, BLOCK=block, CH=SCAN_CHUNKS, REVERSE=reverse,
-        num_warps=nw, num_stages=ns)
+    """Phase 2 (:func:`phase7fw.kernels._chunked.chunk_scan`): the chunks' own contributions in
+    ``states`` / ``zstates`` become, in place, the running state entering each chunk (forward)
+    or dL/d(the state leaving it) (``reverse``)."""
+    chunk_scan(totals, (states, zstates), scan, reverse)
 
 
 def _fwd_impl(fq, fk, v, ld, chunk_size, gpu, precision):
