@@ -1,6 +1,7 @@
 """Triton kernels vs their torch references in the Triton CPU interpreter (small fp32 shapes,
 float64 references): forward and every gradient, windowed and full causal, odd lengths,
-padded head dims; torch.library.opcheck; selection plumbing; doctor on a CPU machine."""
+padded head dims, the AR-SSM scan under both schedules; torch.library.opcheck; selection
+plumbing; doctor on a CPU machine."""
 
 from __future__ import annotations
 
@@ -103,25 +104,107 @@ def test_attention_half_precision_path():
         assert _rel(a, b) < 5e-3, (name, _rel(a, b))
 
 
-@pytest.mark.parametrize("b,h,T,dv,r", [(1, 2, 37, 8, 4), (2, 1, 50, 40, 20), (1, 1, 16, 16, 16)])
-def test_ssm_scan_matches_sequential(b, h, T, dv, r):
-    from phase7fw.kernels.ar_ssm_scan.kernel import ar_ssm_scan_triton
+SCHEDULES = ("rows", "chunks")  # [kernels.ar_ssm_scan] schedule: every scan case runs under both
 
-    g = torch.Generator().manual_seed(1)
+
+def _ssm_inputs(b, h, T, dv, r, seed=1):
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, h, T, dv, generator=g, dtype=torch.float64)
     B = torch.randn(b, h, T, r, generator=g, dtype=torch.float64) * 0.5
     C = torch.randn(b, h, T, r, generator=g, dtype=torch.float64) * 0.5
     ld = -torch.rand(b, h, T, generator=g, dtype=torch.float64) * 0.5
-    ref_in = [t.clone().requires_grad_() for t in (x, B, C, ld)]
+    gy = torch.randn(b, h, T, dv, generator=g, dtype=torch.float64)
+    return [x, B, C, ld], gy
+
+
+def _ssm_vs_sequential(base, gy, schedule):
+    """The kernel (fp32) under ``schedule`` and the fp64 recurrence: rel. errors of y and of
+    the gradients to x, B, C, log_decay (each asserted to be exercised: non-zero)."""
+    from phase7fw.kernels.ar_ssm_scan import TritonConfig as SsmConfig
+    from phase7fw.kernels.ar_ssm_scan.kernel import ar_ssm_scan_triton
+
+    ref_in = [t.clone().requires_grad_() for t in base]
     ref = ar_ssm_scan_sequential(*ref_in)
-    gy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
     want = torch.autograd.grad(ref, ref_in, gy)
-    ins = [t.float().clone().requires_grad_() for t in (x, B, C, ld)]
-    y = ar_ssm_scan_triton(*ins)
+    ins = [t.float().clone().requires_grad_() for t in base]
+    y = ar_ssm_scan_triton(*ins, tuning=SsmConfig(schedule=schedule))
     got = torch.autograd.grad(y, ins, gy.float())
-    assert _rel(y, ref) < 1e-5
-    for name, a, bb in zip(("x", "B", "C", "log_decay"), got, want):
-        assert _rel(a, bb) < 1e-4, (name, _rel(a, bb))
+    assert all(w.abs().sum() > 0 for w in want)
+    return _rel(y, ref), {name: _rel(a, bb) for name, a, bb in zip(("x", "B", "C", "log_decay"), got, want)}
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("b,h,T,dv,r", [
+    (1, 2, 37, 8, 4),  # odd T: two full chunks of 16 and a partial one
+    (2, 1, 50, 40, 20),  # two dv tiles (of 32), rank padded to 32
+    (1, 1, 16, 16, 16),  # one chunk, exactly full
+    (1, 1, 5, 8, 4),  # one partial chunk
+    (1, 1, 16 * 33 + 5, 40, 4),  # 34 chunks: the inter-chunk scan takes three steps of 16; two dv tiles
+])
+def test_ssm_scan_matches_sequential(b, h, T, dv, r, schedule):
+    base, gy = _ssm_inputs(b, h, T, dv, r)
+    err_y, err_g = _ssm_vs_sequential(base, gy, schedule)
+    assert err_y < 1e-5
+    assert all(e < 1e-4 for e in err_g.values()), err_g
+
+
+def test_ssm_chunks_schedule_with_vanishing_and_no_decay():
+    """The inter-chunk scan with chunks whose decay vanishes (a token at log-decay -1000: a
+    difference of running sums would lose the others) and chunks without decay (0)."""
+    base, gy = _ssm_inputs(1, 2, 16 * 20 + 3, 8, 4, seed=4)
+    ld = base[3]
+    ld[0, 0, 16 * 3 + 7], ld[0, 1, 16 * 11] = -1000.0, -1000.0
+    ld[0, 0, 16 * 5: 16 * 9] = 0.0
+    err_y, err_g = _ssm_vs_sequential(base, gy, "chunks")
+    assert err_y < 1e-5
+    assert all(e < 1e-4 for e in err_g.values()), err_g
+
+
+def test_ssm_schedules_agree_and_share_the_saved_states(monkeypatch):
+    """Both schedules give the same y and the same states entering each chunk (the layout the
+    backward reads), so the backward of either schedule accepts the states of either forward;
+    "chunks" selected through the recipe override reaches the kernel."""
+    import phase7fw.kernels.ar_ssm_scan.kernel as K
+    from phase7fw.kernels import KernelImpl
+    from phase7fw.plugins import load_plugins
+    from phase7fw.recipe import load_recipe
+
+    (x, B, C, ld), gy = _ssm_inputs(1, 2, 16 * 17 + 9, 40, 12, seed=2)
+    x, B, C, ld, gy = (t.float() for t in (x, B, C, ld, gy))
+    fwd, bwd = torch.ops.phase7fw.ar_ssm_scan_fwd, torch.ops.phase7fw.ar_ssm_scan_bwd
+    y_r, s_r = fwd(x, B, C, ld, [32, 64, 4, 1], "ieee", "rows")
+    y_c, s_c = fwd(x, B, C, ld, [32, 64, 4, 1], "ieee", "chunks")
+    assert s_r.shape == s_c.shape == (1, 2, 18, 12, 40)
+    assert _rel(y_c, y_r) < 1e-6 and _rel(s_c, s_r) < 1e-6
+    g_r = bwd(x, B, C, ld, s_r, gy, [32, 64, 4, 1], "ieee", "rows")
+    for states in (s_r, s_c):
+        g_c = bwd(x, B, C, ld, states, gy, [32, 64, 4, 1], "ieee", "chunks")
+        for name, a, bb in zip(("x", "B", "C", "log_decay"), g_c, g_r):
+            assert _rel(a, bb) < 1e-6, (name, _rel(a, bb))
+
+    plugins = load_plugins()
+    recipe = load_recipe("recipes/phase7_tiny.toml", ['kernels.ar_ssm_scan={impl="triton", schedule="chunks"}'],
+                         plugins=plugins)
+    choice = recipe.kernels["ar_ssm_scan"]
+    impl = select({"registry": plugins.registry, "kernels": {"ar_ssm_scan": KernelImpl(choice.impl, choice.config)}},
+                  "ar_ssm_scan", None)
+    launched, real = [], K._fwd_impl
+    monkeypatch.setattr(K, "_fwd_impl", lambda *a: launched.append(a[-1]) or real(*a))
+    y = impl(x[:, :, :20], B[:, :, :20], C[:, :, :20], ld[:, :, :20])
+    assert launched == ["chunks"] and _rel(y, y_r[:, :, :20]) < 1e-6
+
+
+def test_ssm_unknown_schedule_is_refused_naming_the_key():
+    import phase7fw.kernels.ar_ssm_scan.kernel as K
+    from phase7fw.kernels.ar_ssm_scan import TritonConfig as SsmConfig
+
+    (x, B, C, ld), _ = _ssm_inputs(1, 1, 20, 8, 4)
+    x, B, C, ld = (t.float() for t in (x, B, C, ld))
+    message = r"\[kernels.ar_ssm_scan\] schedule: expected one of 'rows', 'chunks', got 'diagonal'"
+    with pytest.raises(ValueError, match=message):
+        K.ar_ssm_scan_triton(x, B, C, ld, tuning=SsmConfig(schedule="diagonal"))
+    with pytest.raises(ValueError, match=message):
+        torch.ops.phase7fw.ar_ssm_scan_fwd(x, B, C, ld, [32, 64, 4, 1], "ieee", "diagonal")
 
 
 @pytest.mark.parametrize("score", ["distance", "squared_distance", "dot_distance"])
@@ -136,7 +219,8 @@ def test_opcheck_attention(score):
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
-def test_opcheck_ssm():
+@pytest.mark.parametrize("schedule", [(), ("rows",), ("chunks",)])  # (): the signature before schedules existed
+def test_opcheck_ssm(schedule):
     importlib.import_module("phase7fw.kernels.ar_ssm_scan.kernel")  # registers the op
 
     g = torch.Generator().manual_seed(0)
@@ -144,7 +228,7 @@ def test_opcheck_ssm():
     B, C = torch.randn(1, 2, 20, 4, generator=g), torch.randn(1, 2, 20, 4, generator=g)
     ld = -torch.rand(1, 2, 20, generator=g)
     args = [t.requires_grad_() for t in (x, B, C, ld)]
-    torch.library.opcheck(torch.ops.phase7fw.ar_ssm_scan_fwd.default, (*args, [32, 64, 4, 1], "ieee"),
+    torch.library.opcheck(torch.ops.phase7fw.ar_ssm_scan_fwd.default, (*args, [32, 64, 4, 1], "ieee", *schedule),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 

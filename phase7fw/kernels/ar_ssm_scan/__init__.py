@@ -3,7 +3,8 @@ S_t = exp(log_decay_t) S_{t-1} + B_t x_t^T. Everything of it is in this folder:
 
 - :mod:`.reference`: :func:`ar_ssm_scan_reference` (chunked, what the model runs by default)
   and :func:`ar_ssm_scan_sequential` (the plain recurrence, the test oracle);
-- :mod:`.kernel`: the Triton forward and backward (imported only when selected);
+- :mod:`.kernel`: the Triton forward and backward, two schedules (``[kernels.ar_ssm_scan]
+  schedule``: "rows" or "chunks"; imported only when selected);
 - :mod:`.verify`: its parity rows (``phase7fw doctor --verify``);
 - :func:`register`: kind ``kernel``, ``"ar_ssm_scan:triton"``.
 
@@ -12,7 +13,7 @@ Components call :func:`ar_ssm_scan` and let kernel selection swap it.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import attrs
 
@@ -22,6 +23,7 @@ from phase7fw.kernels.ar_ssm_scan.reference import ar_ssm_scan_reference, ar_ssm
 
 __all__ = [
     "OP",
+    "SCHEDULES",
     "TritonConfig",
     "ar_ssm_scan",
     "ar_ssm_scan_reference",
@@ -33,15 +35,31 @@ __all__ = [
 OP = "ar_ssm_scan"
 
 
+#: the kernel's schedules (``[kernels.ar_ssm_scan] schedule``, :mod:`.kernel`)
+Schedule = Literal["rows", "chunks"]
+SCHEDULES = get_args(Schedule)
+
+
 @attrs.frozen
 class TritonConfig:
     """Tuning of the Triton scan on a GPU, ``[kernels.ar_ssm_scan]`` (the interpreter uses
-    16-token chunks, 32-wide tiles, fp32). The default is the fastest of a sweep on an H200 at
-    (b=8, h=8, T=1024, dv=256, r=16) (benchmarks/kernels.py --sweep, 2026-11-28)."""
+    16-token chunks, 32-wide tiles, 64-element scan slices, fp32). ``gpu``'s default is the
+    fastest of a sweep on an H200 at (b=8, h=8, T=1024, dv=256, r=16) (benchmarks/kernels.py
+    --sweep, 2026-11-28), measured with the "rows" schedule. ``schedule``: "rows" walks the
+    chunks of each (batch x head) row in one program per value tile (few programs when batch x
+    heads is small, as at long sequences); "chunks" gives every chunk its own programs (per-chunk
+    kernels and an inter-chunk scan launched with ``scan``, not tuned yet)."""
 
     gpu: tuple[int, int, int, int] = option(
-        (32, 64, 4, 1), check=launch_check(2), help="(chunk Q, dv tile, num_warps, num_stages) on a GPU")
+        (32, 64, 4, 1), check=launch_check(2),
+        help="(chunk Q, dv tile, num_warps, num_stages) on a GPU (both schedules)")
     precision: Literal["ieee", "tf32"] = precision_option("ieee")
+    schedule: Schedule = option(
+        "rows", help='"rows": one program per (batch x head, dv tile) walks the chunks; "chunks": chunk-parallel'
+        " (more launches, a grid that grows with the sequence)")
+    scan: tuple[int, int, int] = option(
+        (64, 4, 1), check=launch_check(1),
+        help='(state elements per program, num_warps, num_stages) of the inter-chunk scan, schedule "chunks"')
 
 
 #: The op's public function (the torch reference); components call it and ``[kernels] ar_ssm_scan``
