@@ -1,20 +1,24 @@
 """Kernel benchmarks P3, P4, P5 (design/PERFORMANCE.md), each a ratio measured in one run.
 
     python benchmarks/kernels.py [--out DIR] [--quick] [--skip-verify] [--step-json BENCH.json]
-                                 [--sweep] [--attention-only]
+                                 [--sweep] [--attention-only] [--ssm-only]
 
 On a CUDA GPU (bf16):
   P3  hyperbolic attention fwd+bwd at (8,16,1024,128), full causal, vs SDPA cuDNN (and FA2)
   P4  the same vs Poincare attention through FlexAttention's score_mod (compiled), and the
       peak extra memory at T = 1024 / 2048 / 4096 (O(T) vs O(T^2))
   P5  AR-SSM scan fwd+bwd at (B=8, T=1024, d_model=2048: 8 heads x 256, rank 16) vs SDPA
-      FlashAttention-2 fwd+bwd at the same (B, T, d_model) = (8, 16 heads, 1024, 128)
+      FlashAttention-2 fwd+bwd at the same (B, T, d_model) = (8, 16 heads, 1024, 128); the
+      scan is timed under both ``[kernels.ar_ssm_scan] schedule``s ("rows", "chunks"), there
+      and at batch 1 with T = 16k (8 x 256) and 32k (8 x 32), with the ratios chunks / rows
   P6  HTT embedding (vocab 32000, d 2048, rank 32) per optimizer step: the micro-batches'
       gathers + one tied-table rebuild, minus a dense lookup, over the step time of --step-json
 plus the correctness table of ``phase7fw doctor --verify`` (every speed number is gated on it).
 ``--quick --only-verify 10`` runs only Phase 8's linear attention rows: our Triton kernel,
 flash-linear-attention's GLA (rows ``[fla]``, when fla-core is installed) and SDPA cuDNN side
 by side at (2,16,1024,128), (1,16,4096,128), (1,16,16384,128) and an odd length.
+``--ssm-only`` is the AR-SSM schedule A/B alone: the scan's verify cases (a row per schedule,
+both gated) and the timings of P5's block, then stops.
 Writes kernels.json and kernels.md to --out. Imports only torch, triton and phase7fw's
 kernel/geometry/component modules (no pluggy needed).
 """
@@ -85,6 +89,49 @@ ATTN_SWEEP = {
 SSM_SWEEP = [(64, 64, 8, 1), (64, 64, 4, 1), (64, 32, 4, 1), (32, 64, 4, 1), (64, 128, 8, 1), (32, 32, 4, 1),
              (128, 64, 8, 1)]
 
+#: AR-SSM scan shapes (b, h, T, dv, r) timed under each [kernels.ar_ssm_scan] schedule: P5's
+#: (the 1.5B model at B=8 x 1024; its keys carry no prefix), and batch 1 at long sequences,
+#: where the "rows" schedule has few programs: the 1.5B model's heads at 16k, phase7_small's at 32k
+SSM_SHAPES = {"": (8, 8, 1024, 256, 16), "b1_T16384_dv256_": (1, 8, 16384, 256, 16),
+              "b1_T32768_dv32_": (1, 8, 32768, 32, 16)}
+
+
+def ssm_timings(dev) -> tuple[dict, dict]:
+    """fwd+bwd median ms of the AR-SSM scan at :data:`SSM_SHAPES` under each schedule and dot
+    precision (keys ``ssm_<shape>triton_<precision>_fwd_bwd`` for "rows", the measured default,
+    and ``ssm_<shape>triton_chunks_<precision>_fwd_bwd``), the torch reference at P5's shape;
+    and the ratios chunks / rows. A configuration that fails is NaN and printed."""
+    from phase7fw.kernels.ar_ssm_scan import SCHEDULES, TritonConfig, ar_ssm_scan_reference
+    from phase7fw.kernels.ar_ssm_scan.kernel import ar_ssm_scan_triton
+    from phase7fw.kernels.ar_ssm_scan.verify import ssm_inputs
+
+    s, ratios = {}, {}
+    for prefix, shape in SSM_SHAPES.items():
+        sins = [a.clone().requires_grad_() for a in ssm_inputs(*shape, dev)]
+        gy = torch.randn_like(sins[0])
+
+        def fwd_bwd(scan=ar_ssm_scan_triton, **tuning):
+            y = scan(*sins, **tuning)
+            torch.autograd.grad(y, sins, gy)
+
+        if not prefix:
+            s["ssm_reference_fwd_bwd"] = bench(lambda: fwd_bwd(ar_ssm_scan_reference))
+        for schedule in SCHEDULES:
+            for prec in ("ieee", "tf32"):  # tf32x3 miscomputed dx (Triton 3.6, H200): not offered
+                key = f"ssm_{prefix}triton_{'' if schedule == 'rows' else schedule + '_'}{prec}_fwd_bwd"
+                cfg = TritonConfig(precision=prec, schedule=schedule)
+                try:
+                    s[key] = bench(lambda: fwd_bwd(tuning=cfg))
+                except Exception as exc:  # noqa: BLE001
+                    print("ssm", shape, schedule, prec, "failed:", repr(exc)[:300], flush=True)
+                    s[key] = float("nan")
+        for prec in ("ieee", "tf32"):
+            ratios[f"ssm {shape} {prec}: chunks / rows"] = (
+                s[f"ssm_{prefix}triton_chunks_{prec}_fwd_bwd"] / s[f"ssm_{prefix}triton_{prec}_fwd_bwd"])
+    s["ssm_triton_fwd_bwd"] = s["ssm_triton_ieee_fwd_bwd"]  # P5: the default tuning
+    print(s, flush=True)
+    return s, ratios
+
 
 def sweep(dev) -> dict:
     """Pick block sizes per pass on this GPU (coordinate search; each pass timed on its own).
@@ -141,7 +188,7 @@ def sweep(dev) -> dict:
         y = S.ar_ssm_scan_triton(*sins, tuning=cfg)
         torch.autograd.grad(y, sins, gy)
 
-    times = {}
+    times = {}  # schedule "rows" (the default); ssm_timings() times "chunks" at these tiles
     for cand in SSM_SWEEP:
         try:
             times[cand] = bench(lambda: ssm_fb(SsmConfig(gpu=cand)))
@@ -171,18 +218,19 @@ def main() -> int:
                     help="time the P3 attention rows against SDPA and stop (no FlexAttention, SSM or HTT)")
     ap.add_argument("--only-verify", type=int, nargs="*", default=None,
                     help="run only these verify cases (indices) and stop")
+    ap.add_argument("--ssm-only", action="store_true",
+                    help="the AR-SSM scan A/B and stop: its verify cases (a row per schedule; unless --skip-verify"
+                    " or --only-verify) and its timings under both [kernels.ar_ssm_scan] schedules")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda")
     import triton
 
-    from phase7fw.kernels.ar_ssm_scan.kernel import ar_ssm_scan_triton
-    from phase7fw.kernels.ar_ssm_scan.verify import ssm_inputs
     from phase7fw.kernels.checks import peak_extra_mib
     from phase7fw.kernels.hyperbolic_attention.kernel import hyperbolic_attention_triton
     from phase7fw.kernels.hyperbolic_attention.verify import attention_inputs
-    from phase7fw.kernels.verify import format_table, verify
+    from phase7fw.kernels.verify import ORDER, format_table, verify
 
     meta = {
         "gpu": torch.cuda.get_device_name(),
@@ -197,15 +245,27 @@ def main() -> int:
         (out / "kernels.json").write_text(json.dumps(res, indent=1, default=str))
         md += ["### Block-size sweep (ms)", "", "```", json.dumps(res["sweep"], indent=1, default=str), "```", ""]
 
+    only = args.only_verify
+    if args.ssm_only and only is None:
+        only = [i for i, (op, _) in enumerate(ORDER) if op == "ar_ssm_scan"]
     if not args.skip_verify:
-        rows = verify(dev, quick=args.quick, only=args.only_verify)
+        rows = verify(dev, quick=args.quick, only=only)
         table = format_table(rows)
         print(table, flush=True)
         md += ["### Correctness (fp64 reference, gate 1e-2)", "", table, ""]
         res["verify"] = [r.__dict__ for r in rows]
         (out / "kernels.json").write_text(json.dumps(res, indent=1, default=str))
-        if args.only_verify is not None:
+        if args.only_verify is not None and not args.ssm_only:
             return 0 if all(r.ok for r in rows) else 1
+        verified = all(r.ok for r in rows)
+    else:
+        verified = True
+
+    if args.ssm_only:
+        s, ratios = ssm_timings(dev)
+        res.update(ssm_ms=s, ratios=ratios)
+        report(out, res, md, s, ratios)
+        return 0 if verified else 1
 
     # ---- P3 / P4: attention at (8, 16, 1024, 128), full causal -------------------------------
     B, H, T, D = 8, 16, 1024, 128
@@ -291,33 +351,9 @@ def main() -> int:
         mem[TT] = peak_extra_mib(f2)
     res["attention_peak_extra_mib_B1_H16"] = mem
 
-    # ---- P5: AR-SSM scan at (B=8, T=1024, d_model=2048) --------------------------------------
-    x, Bm, Cm, ld = ssm_inputs(8, 8, 1024, 256, 16, dev)
-    sins = [a.clone().requires_grad_() for a in (x, Bm, Cm, ld)]
-    gy = torch.randn_like(x)
-
-    def ssm_fb(cfg=None):
-        y = ar_ssm_scan_triton(*sins, tuning=cfg)
-        torch.autograd.grad(y, sins, gy)
-
-    from phase7fw.kernels.ar_ssm_scan import ar_ssm_scan_reference
-
-    def ssm_ref_fb():
-        y = ar_ssm_scan_reference(*sins)
-        torch.autograd.grad(y, sins, gy)
-
-    from phase7fw.kernels.ar_ssm_scan import TritonConfig as SsmConfig
-
-    s = {"ssm_reference_fwd_bwd": bench(ssm_ref_fb)}
-    for prec in ("ieee", "tf32"):  # tf32x3 miscomputed dx (Triton 3.6, H200): not offered
-        try:
-            s[f"ssm_triton_{prec}_fwd_bwd"] = bench(lambda: ssm_fb(SsmConfig(precision=prec)))
-        except Exception as exc:  # noqa: BLE001
-            print("ssm", prec, "failed:", repr(exc)[:300], flush=True)
-            s[f"ssm_triton_{prec}_fwd_bwd"] = float("nan")
-    s["ssm_triton_fwd_bwd"] = s["ssm_triton_ieee_fwd_bwd"]
+    # ---- P5: AR-SSM scan at (B=8, T=1024, d_model=2048), both schedules, and long sequences ---
+    s, ssm_ratios = ssm_timings(dev)
     res["ssm_ms"] = s
-    print(s, flush=True)
 
     # ---- P6: HTT embedding cost per optimizer step of the 1.5B recipe -------------------------
     # vocab 32000, d_model 2048, 2 cores, rank 32; a step of `micro` micro-batches of `tokens`
@@ -356,22 +392,29 @@ def main() -> int:
         "P3 T=4096 window 256 / sdpa_cudnn full causal": t["T4096_hyp_fwd_bwd_w256"] / t["T4096_sdpa_cudnn_fwd_bwd"],
         "P4 flex_poincare / hyp (target >= 5, stretch 8)": t["flex_poincare_fwd_bwd"] / t["hyp_fwd_bwd"],
         "P5 ssm / sdpa_fa2 (target <= 1.5, stretch 1.0)": s["ssm_triton_fwd_bwd"] / t["sdpa_fa2_fwd_bwd"],
+        "P5 ssm schedule chunks / sdpa_fa2": s["ssm_triton_chunks_ieee_fwd_bwd"] / t["sdpa_fa2_fwd_bwd"],
+        **ssm_ratios,
     }
     if step:
         step_ms = step["step_time_s"] * 1e3
         ratios[f"P6 HTT overhead / step ({micro} x {tokens} tokens, step {step_ms:.0f} ms) (target <= 0.02)"] = (
             (h["htt_per_step"] - h["dense_per_step"]) / step_ms)
     res["ratios"] = ratios
+    md += ["| peak extra memory, attention fwd+bwd, B=1 H=16 D=128 | MiB |", "|---|---|"]
+    md += [f"| T={k} | {v:.1f} |" for k, v in mem.items()] + [""]
+    report(out, res, md, {**t, **s, **h}, ratios)
+    return 0
+
+
+def report(out: Path, res: dict, md: list, timings: dict, ratios: dict) -> None:
+    """Print the Markdown (``md`` then the timings and ratios tables) and write kernels.md and kernels.json."""
     md += ["### Timings (median ms, do_bench)", "", "| what | ms |", "|---|---|"]
-    md += [f"| {k} | {v:.3f} |" for k, v in {**t, **s, **h}.items()]
-    md += ["", "| peak extra memory, attention fwd+bwd, B=1 H=16 D=128 | MiB |", "|---|---|"]
-    md += [f"| T={k} | {v:.1f} |" for k, v in mem.items()]
+    md += [f"| {k} | {v:.3f} |" for k, v in timings.items()]
     md += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in ratios.items()]
     text = "\n".join(md)
     print(text, flush=True)
     (out / "kernels.md").write_text(text + "\n")
     (out / "kernels.json").write_text(json.dumps(res, indent=1, default=str))
-    return 0
 
 
 if __name__ == "__main__":

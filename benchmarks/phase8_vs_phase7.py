@@ -2,7 +2,8 @@
 llama baseline, as the sequence grows (``make bench-phase8-vs-phase7``).
 
     python benchmarks/phase8_vs_phase7.py [--lengths 1024,2048,...] [--tokens-per-step N]
-        [--steps N] [--warmup N] [--quality-tokens N] [--out runs/bench_phase8_vs_phase7]
+        [--steps N] [--warmup N] [--quality-tokens N] [--set KEY=VALUE ...]
+        [--out runs/bench_phase8_vs_phase7]
 
 For every sequence length T it trains each model for a few steps on random tokens (the real
 training step, :func:`phase7fw.cli.benchmark.bench_recipe`) at equal tokens per step (batch =
@@ -12,6 +13,10 @@ and phase8_small as shipped, and a llama whose FFN width is chosen to match them
 model trains on the same data (the Python standard library, byte tokens, same seed and
 schedule) for the same number of tokens and its validation loss is reported. Prints the
 tables and writes ``OUT.json`` and ``OUT.md``.
+
+``--set`` adds a recipe override to every model (after the script's own), e.g. the AR-SSM scan's
+chunk-parallel schedule, which Phase 7 and Phase 8 both use:
+``--set 'kernels.ar_ssm_scan={impl="triton", schedule="chunks"}'`` (docs/kernels.md).
 
 On a CPU it runs tiny sizes (shorter lengths, fewer tokens) and says so: those numbers only
 show that everything runs, not how fast a GPU is.
@@ -56,6 +61,23 @@ def model_overrides(name: str, *, d_model: int, n_layers: int, n_heads: int, gpu
         kernels += ("hyperbolic_linear_attention",) if name.startswith("phase8") else ("hyperbolic_attention",)
         over.update({f"kernels.{op}": "auto" for op in kernels})
     return over
+
+
+def apply_sets(models: dict, sets: list[str], seq_len: int) -> None:
+    """Add the ``--set KEY=VALUE`` overrides to every model's, each model's recipe validated
+    with them (a :class:`~phase7fw.errors.RecipeError` names the model and the key)."""
+    from phase7fw import load_recipe
+    from phase7fw.errors import RecipeError
+    from phase7fw.recipe import parse_set
+
+    extra = dict(parse_set(item) for item in sets)
+    for name, (recipe, over) in models.items():
+        over.update(extra)
+        try:
+            load_recipe(recipe, {**over, "model.seq_len": seq_len})
+        except RecipeError as exc:
+            where = f"{Path(recipe).name} (model {name!r}, with the --set overrides)"
+            raise RecipeError(exc.errors, source=where) from None
 
 
 def match_llama_ffn(overrides: dict, target_params: int, seq_len: int) -> int:
@@ -200,6 +222,9 @@ def main(argv=None) -> int:
     ap.add_argument("--d-model", type=int, default=256 if gpu else CPU_MODEL["model.d_model"])
     ap.add_argument("--n-layers", type=int, default=4 if gpu else CPU_MODEL["model.n_layers"])
     ap.add_argument("--n-heads", type=int, default=4 if gpu else CPU_MODEL["model.n_heads"])
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                    help="a recipe override (TOML value) for every model, after the script's own, e.g."
+                    " --set 'kernels.ar_ssm_scan={impl=\"triton\", schedule=\"chunks\"}' (repeatable)")
     ap.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     ap.add_argument("--out", default="runs/bench_phase8_vs_phase7", help="writes OUT.json and OUT.md")
     args = ap.parse_args(argv)
@@ -214,6 +239,7 @@ def main(argv=None) -> int:
 
     from phase7fw.cli.benchmark import environment
     from phase7fw.core.build import resolve_device
+    from phase7fw.errors import Phase7Error
 
     device = resolve_device(args.device or "auto")
     env = environment(device)
@@ -223,6 +249,11 @@ def main(argv=None) -> int:
             " the numbers only show that everything runs")
     size = dict(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, gpu=device.type == "cuda")
     models = {name: (recipe, model_overrides(name, **size)) for name, recipe in RECIPES.items()}
+    try:
+        apply_sets(models, args.overrides, lengths[0])
+    except Phase7Error as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     target = count_params(RECIPES["phase7 (window)"], {**models["phase7 (window)"][1], "model.seq_len": lengths[0]})
     width = match_llama_ffn(models["llama (sdpa)"][1], target, lengths[0])
     models["llama (sdpa)"][1]["model.ffn_hidden"] = width

@@ -27,11 +27,12 @@ OPS = ("hyperbolic_attention", "ar_ssm_scan", "rmsnorm", "swiglu", "cross_entrop
 #: ``verify``'s cases in a fixed order, (op, the op's case number): tests/gpu runs them one by
 #: one by index (0-2 attention full / window / odd T, 3 the distance gate, 4-5 the SSM, 6-10
 #: RMSNorm, SwiGLU, cross-entropy, HTT, linear attention, each possibly several rows, 11-12
-#: attention with the squared_distance and dot_distance scores).
+#: attention with the squared_distance and dot_distance scores, 13 the SSM at long sequences
+#: with batch 1). Every SSM case gives a row per ``[kernels.ar_ssm_scan] schedule``.
 ORDER = [("hyperbolic_attention", 0), ("hyperbolic_attention", 1), ("hyperbolic_attention", 2),
          ("hyperbolic_attention", 3), ("ar_ssm_scan", 0), ("ar_ssm_scan", 1), ("rmsnorm", 0), ("swiglu", 0),
          ("cross_entropy", 0), ("htt_embedding", 0), ("hyperbolic_linear_attention", 0),
-         ("hyperbolic_attention", 4), ("hyperbolic_attention", 5)]
+         ("hyperbolic_attention", 4), ("hyperbolic_attention", 5), ("ar_ssm_scan", 2)]
 
 
 def _module(op: str):

@@ -50,3 +50,29 @@ def test_bench_phase8_vs_phase7_on_tiny_sizes(tmp_path, capsys, monkeypatch):
 def test_bad_lengths_are_one_message(capsys):
     assert _script().main(["--lengths", "1k,2k"]) == 2
     assert "comma-separated integers" in capsys.readouterr().err
+
+
+def test_set_overrides_reach_every_model_and_a_bad_one_is_one_message(tmp_path, capsys, monkeypatch):
+    import phase7fw.cli.benchmark
+
+    seen = {}
+
+    def fake_bench(recipe, overrides, **kw):
+        seen[recipe.name] = overrides
+        return {"oom": False, "tokens_per_s": 1.0, "params": 1, "peak_memory_gib": None}
+
+    monkeypatch.setattr(phase7fw.cli.benchmark, "bench_recipe", fake_bench)
+    chunks = 'kernels.ar_ssm_scan={impl="auto", schedule="chunks"}'
+    argv = ["--lengths", "32", "--tokens-per-step", "32", "--steps", "1", "--d-model", "32", "--quality-tokens", "0",
+            "--out", str(tmp_path / "cmp"), "--set", chunks, "--set", "train.log_every=7"]
+    assert _script().main(argv) == 0
+    assert sorted(seen) == ["llama_tiny.toml", "phase7_small.toml", "phase8_small.toml"]
+    for over in seen.values():
+        assert over["kernels.ar_ssm_scan"] == {"impl": "auto", "schedule": "chunks"}
+        assert over["train.log_every"] == 7
+    capsys.readouterr()
+    bad = ["--lengths", "32", "--set", 'kernels.ar_ssm_scan={impl="triton", schedule="diagonal"}']
+    assert _script().main(bad) == 2
+    err = capsys.readouterr().err
+    assert "kernels.ar_ssm_scan.schedule: expected one of 'rows', 'chunks', got 'diagonal'" in err
+    assert "Traceback" not in err

@@ -194,6 +194,16 @@ def test_ssm_schedules_agree_and_share_the_saved_states(monkeypatch):
     assert launched == ["chunks"] and _rel(y, y_r[:, :, :20]) < 1e-6
 
 
+def test_ssm_smoke_rows_check_both_schedules():
+    """The doctor's rows (phase7fw/kernels/ar_ssm_scan/verify.py): one per schedule, both gated."""
+    from phase7fw.kernels.ar_ssm_scan.verify import smoke_rows
+
+    rows = smoke_rows(torch.device("cpu"))
+    assert [r.case for r in rows] == ["tiny", "tiny [chunks]"]
+    assert all(r.ok for r in rows), [(r.case, r.detail, r.errors) for r in rows]
+    assert all(set(r.errors) == {"out", "dx", "dB", "dC", "dlog_decay"} for r in rows)
+
+
 def test_ssm_unknown_schedule_is_refused_naming_the_key():
     import phase7fw.kernels.ar_ssm_scan.kernel as K
     from phase7fw.kernels.ar_ssm_scan import TritonConfig as SsmConfig

@@ -27,7 +27,7 @@ either schedule reads the states of either forward):
   Two launches per step, but only batch x heads x dv tiles programs: at long sequences with
   small batches the grid collapses (batch 1 x 8 heads x 1 tile = 8 programs on a 132-SM GPU).
 - "chunks": chunk-parallel, the grid (chunks x dv tiles, batch x head) grows with T. Forward,
-  three launches: ``_ssm_fwd_local_kernel`` writes each chunk's U and total log-decay;
+  three launches: ``_ssm_local_kernel`` writes each chunk's U and total log-decay;
   :func:`phase7fw.kernels._chunked.chunk_scan` (shared with the hyperbolic linear attention;
   one program per (batch x head, slice of ``[kernels.ar_ssm_scan] scan`` state elements),
   16 chunks per step, fp32) turns them in place into S_in; ``_ssm_fwd_out_kernel`` computes
@@ -105,17 +105,11 @@ def _chunk_y(x, b, cm, cum, s_in, causal, PREC: tl.constexpr):
 
 
 @triton.jit
-def _chunk_state(x, b, cum, total, PREC: tl.constexpr):
-    """The chunk's own contribution to the state leaving it, (B * exp(total - cum))^T x:
-    S_out = exp(total) S_in + this."""
-    return tl.dot(tl.trans(b * tl.exp(total - cum)[:, None]), x, input_precision=PREC)
-
-
-@triton.jit
-def _chunk_dstate(dy, cm, cum, PREC: tl.constexpr):
-    """The chunk's own contribution to dL/d(the state entering it), (C * exp(cum))^T dy:
-    dS_out[c-1] = exp(total_c) dS_out[c] + this."""
-    return tl.dot(tl.trans(cm * tl.exp(cum)[:, None]), dy, input_precision=PREC)
+def _chunk_own(f, v, w, PREC: tl.constexpr):
+    """(f * w)^T v, a chunk's own contribution: to the state leaving it with f = B, v = x,
+    w = exp(total - cum) (S_out = exp(total) S_in + this); to dL/d(the state entering it) with
+    f = C, v = dy, w = exp(cum) (dS_out[c-1] = exp(total_c) dS_out[c] + this)."""
+    return tl.dot(tl.trans(f * w[:, None]), v, input_precision=PREC)
 
 
 @triton.jit
@@ -165,7 +159,7 @@ def _ssm_fwd_kernel(
                  mask=r_ok[:, None] & v_ok[None, :])
         y = _chunk_y(x, b, cm, cum, state, causal, PREC)
         tl.store(row_ptrs(Y, bh, t, offs_v, T, DV), y.to(Y.dtype.element_ty), mask=xv_mask)
-        state = state * tl.exp(total) + _chunk_state(x, b, cum, total, PREC)
+        state = state * tl.exp(total) + _chunk_own(b, x, tl.exp(total - cum), PREC)
 
 
 @triton.jit
@@ -186,24 +180,30 @@ def _ssm_bwd_kernel(
         s_in = tl.load(_state_ptrs(STATES, bh * NCHUNK + c, offs_r, offs_v, R, DV),
                        mask=r_ok[:, None] & v_ok[None, :], other=0.0)
         dx, db, dc = _chunk_grads(x, dy, b, cm, cum, total, s_in, ds, offs_q, PREC)
-        ds = ds * tl.exp(total) + _chunk_dstate(dy, cm, cum, PREC)
+        ds = ds * tl.exp(total) + _chunk_own(cm, dy, tl.exp(cum), PREC)
         _store_grads(DX, DB, DC, bh, part, t, offs_r, offs_v, T, R, DV, dx, db, dc, xv_mask, xr_mask)
 
 
 # schedule "chunks": per-chunk kernels, grid (chunks x dv tiles, b*h), and chunk_scan -------
 
 @triton.jit
-def _ssm_fwd_local_kernel(
-    X, Bm, LD, STATES, TOT,
+def _ssm_local_kernel(
+    F, V, LD, OUT, TOT,
     T, R, DV, NCHUNK,
-    Q: tl.constexpr, BR: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr,
+    Q: tl.constexpr, BR: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr, FORWARD: tl.constexpr,
 ):
+    """Each chunk's own contribution (:func:`_chunk_own`) into its row of OUT, and its total
+    log-decay into TOT (value tile 0): forward F = B, V = x; backward F = C, V = dy."""
     c, pid_v, bh, offs_q, t, offs_r, offs_v, t_ok, r_ok, v_ok = chunk_tiles(Q, BR, BDV, R, DV, T)
-    x = load_rows(X, bh, t, offs_v, T, DV, t_ok[:, None] & v_ok[None, :])
-    b = load_rows(Bm, bh, t, offs_r, T, R, t_ok[:, None] & r_ok[None, :])
+    v = load_rows(V, bh, t, offs_v, T, DV, t_ok[:, None] & v_ok[None, :])
+    f = load_rows(F, bh, t, offs_r, T, R, t_ok[:, None] & r_ok[None, :])
     cum, total = chunk_log_decay(LD, bh, t, t_ok, T)
+    if FORWARD:
+        w = tl.exp(total - cum)
+    else:
+        w = tl.exp(cum)
     row = bh * NCHUNK + c
-    tl.store(_state_ptrs(STATES, row, offs_r, offs_v, R, DV), _chunk_state(x, b, cum, total, PREC),
+    tl.store(_state_ptrs(OUT, row, offs_r, offs_v, R, DV), _chunk_own(f, v, w, PREC),
              mask=r_ok[:, None] & v_ok[None, :])
     store_total(TOT, row, total, offs_q, (offs_q * 0 + pid_v) == 0)
 
@@ -220,22 +220,6 @@ def _ssm_fwd_out_kernel(
                    mask=r_ok[:, None] & v_ok[None, :], other=0.0)
     y = _chunk_y(x, b, cm, cum, s_in, offs_q[:, None] >= offs_q[None, :], PREC)
     tl.store(row_ptrs(Y, bh, t, offs_v, T, DV), y.to(Y.dtype.element_ty), mask=xv_mask)
-
-
-@triton.jit
-def _ssm_bwd_local_kernel(
-    Cm, LD, DY, DSTATES, TOT,
-    T, R, DV, NCHUNK,
-    Q: tl.constexpr, BR: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr,
-):
-    c, pid_v, bh, offs_q, t, offs_r, offs_v, t_ok, r_ok, v_ok = chunk_tiles(Q, BR, BDV, R, DV, T)
-    dy = load_rows(DY, bh, t, offs_v, T, DV, t_ok[:, None] & v_ok[None, :])
-    cm = load_rows(Cm, bh, t, offs_r, T, R, t_ok[:, None] & r_ok[None, :])
-    cum, total = chunk_log_decay(LD, bh, t, t_ok, T)
-    row = bh * NCHUNK + c
-    tl.store(_state_ptrs(DSTATES, row, offs_r, offs_v, R, DV), _chunk_dstate(dy, cm, cum, PREC),
-             mask=r_ok[:, None] & v_ok[None, :])
-    store_total(TOT, row, total, offs_q, (offs_q * 0 + pid_v) == 0)
 
 
 @triton.jit
@@ -305,7 +289,7 @@ def _fwd_impl(x, B, C, log_decay, gpu, precision, schedule):
     # "chunks": each chunk's own contribution, turned in place into the state entering it
     totals = torch.empty((b * h, n), device=x.device, dtype=torch.float32)
     grid = (n * tiles, b * h)
-    _ssm_fwd_local_kernel[grid](x, B, log_decay, states, totals, T, r, dv, n, **meta)
+    _ssm_local_kernel[grid](B, x, log_decay, states, totals, T, r, dv, n, FORWARD=True, **meta)
     chunk_scan(totals, (states,), scan, reverse=False)
     _ssm_fwd_out_kernel[grid](x, B, C, log_decay, y, states, T, r, dv, n, **meta)
     return y, states
@@ -327,7 +311,7 @@ def _bwd_impl(x, B, C, log_decay, states, dy, gpu, precision, schedule):
         dstates = torch.empty_like(states)
         totals = torch.empty((b * h, n), device=x.device, dtype=torch.float32)
         grid = (n * tiles, b * h)
-        _ssm_bwd_local_kernel[grid](C, log_decay, dy, dstates, totals, T, r, dv, n, **meta)
+        _ssm_local_kernel[grid](C, dy, log_decay, dstates, totals, T, r, dv, n, FORWARD=False, **meta)
         chunk_scan(totals, (dstates,), scan, reverse=True)
         _ssm_bwd_chunk_kernel[grid](x, B, C, log_decay, dy, states, dstates, dx, dB, dC, T, r, dv, n, b * h, **meta)
     dB, dC = dB.sum(0), dC.sum(0)
