@@ -10,8 +10,8 @@ training step, :func:`phase7fw.cli.benchmark.bench_recipe`) at equal tokens per 
 tokens_per_step / T) and reports training tokens/s and peak memory; a length that does not
 fit says "out of memory". The three small models have equal parameter counts: phase7_small
 and phase8_small as shipped, and a llama whose FFN width is chosen to match them. Then each
-model trains on the same data (the Python standard library, byte tokens, same seed and
-schedule) for the same number of tokens and its validation loss is reported. Prints the
+model trains on the same data (the quality benchmark's corpus, :func:`quality_sources`, byte
+tokens, same seed and schedule) for the same number of tokens and its validation loss is reported. Prints the
 tables and writes ``OUT.json`` and ``OUT.md``.
 
 ``--set`` adds a recipe override to every model (after the script's own), e.g. the AR-SSM scan's
@@ -122,6 +122,16 @@ def speed_rows(models: dict, lengths, tokens_per_step: int, steps: int, warmup: 
     return rows
 
 
+def quality_sources(max_files: int) -> list[dict]:
+    """The quality runs' corpus: the first ``max_files`` files of the standard library (the
+    CPU's quick setting), or (0) the quality benchmark's corpus, recipes/quality/common.toml:
+    35% standard library + 65% torch's sources, large enough that 20M tokens repeat no text
+    (repeated text favours the models that memorize; benchmarks/RESULTS.md, "Model quality")."""
+    if max_files:
+        return [{"name": "python_stdlib", "max_files": max_files}]
+    return [{"name": "python_stdlib", "weight": 0.35}, {"name": "python_packages", "packages": ["torch"], "weight": 0.65}]
+
+
 def quality_rows(models: dict, tokens: int, seq_len: int, batch: int, device, say, *, lr: float = 1e-3,
                  max_files: int = 0) -> list[dict]:
     """Each model trained for ``tokens`` tokens on the same data, seed and schedule (AdamW at
@@ -135,7 +145,7 @@ def quality_rows(models: dict, tokens: int, seq_len: int, batch: int, device, sa
             run = {**over, "model.seq_len": seq_len, "train.batch_size": batch, "train.max_steps": steps,
                    "train.eval_batches": 16, "lr_scheduler.warmup_steps": max(1, steps // 20), "run.seed": 0,
                    "run.output_dir": f"{tmp}/{i}", "train.log_every": max(1, steps // 10),
-                   "data.sources": [{"name": "python_stdlib", "max_files": max_files}], "data.val_fraction": 0.02,
+                   "data.sources": quality_sources(max_files), "data.sampling": "epochs", "data.val_fraction": 0.02,
                    "optimizer.name": "adamw", "optimizer.lr": lr, "optimizer.weight_decay": 0.1,
                    "lr_scheduler.name": "warmup_cosine", "lr_scheduler.min_lr": lr / 10}
             if name.startswith("phase7"):
@@ -218,7 +228,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quality-seq-len", type=int, default=1024 if gpu else 128)
     ap.add_argument("--quality-lr", type=float, default=1e-3, help="learning rate of the quality runs (all models)")
     ap.add_argument("--quality-files", type=int, default=0 if gpu else 400,
-                    help="use the first N files of the standard library (0: all of it)")
+                    help="train on the first N files of the standard library (0: the quality benchmark's corpus,"
+                    " standard library + torch's sources)")
     ap.add_argument("--d-model", type=int, default=256 if gpu else CPU_MODEL["model.d_model"])
     ap.add_argument("--n-layers", type=int, default=4 if gpu else CPU_MODEL["model.n_layers"])
     ap.add_argument("--n-heads", type=int, default=4 if gpu else CPU_MODEL["model.n_heads"])

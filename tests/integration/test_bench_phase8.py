@@ -76,3 +76,17 @@ def test_set_overrides_reach_every_model_and_a_bad_one_is_one_message(tmp_path, 
     err = capsys.readouterr().err
     assert "kernels.ar_ssm_scan.schedule: expected one of 'rows', 'chunks', got 'diagonal'" in err
     assert "Traceback" not in err
+
+
+def test_quality_runs_use_the_quality_benchmarks_corpus_on_the_gpu():
+    """--quality-files 0 (the GPU default): the same non-repeating corpus as benchmarks/quality.py."""
+    from phase7fw import load_recipe
+
+    script = _script()
+    gpu = load_recipe(script.RECIPES["phase8 (linear)"], {"data.sources": script.quality_sources(0)})
+    common = load_recipe(ROOT / "recipes" / "quality" / "common.toml")
+    assert [(s.name, s.weight, s.config) for s in gpu.data.sources] == \
+        [(s.name, s.weight, s.config) for s in common.data.sources]
+    assert common.data.sampling == "epochs"
+    cpu = load_recipe(script.RECIPES["phase8 (linear)"], {"data.sources": script.quality_sources(5)})
+    assert [(s.name, s.config.max_files) for s in cpu.data.sources] == [("python_stdlib", 5)]
