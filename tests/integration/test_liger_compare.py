@@ -1,0 +1,40 @@
+"""benchmarks/liger_compare.py without a GPU: the refusal, the install hint, the table."""
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("liger_compare", ROOT / "benchmarks" / "liger_compare.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_refuses_without_a_gpu(capsys):
+    assert _script().main(["--out", "unused"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_missing_liger_names_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # import fails as if not installed
+    monkeypatch.delitem(sys.modules, "liger_kernel.transformers.functional", raising=False)
+    impls, why = _script()._liger()
+    assert impls is None and "pip install liger-kernel" in why
+
+
+def test_table_has_the_ratio_and_names_failures():
+    ok = lambda ms: {"errors": {"out": 1e-3, "d0": 4e-3}, "fwd_bwd_ms": ms, "peak_extra_mib": 64.0}  # noqa: E731
+    res = {"environment": {"liger": "0.8.5", "gpu": "GPU", "torch": "t", "triton": "tr", "date": "d"}, "rows": 8192,
+           "ops": {"swiglu": {"reference": ok(3.0), "ours": ok(1.0), "liger": ok(0.8)},
+                   "rmsnorm": {"reference": ok(2.0), "ours": ok(1.0), "liger": {"error": "RuntimeError: boom"}}}}
+    table = _script().markdown(res)
+    assert "| swiglu | 3.000 ms, err 4.0e-03, 64 MiB | 1.000 ms, err 4.0e-03, 64 MiB | 0.800 ms, err 4.0e-03," \
+           " 64 MiB | 1.25 |" in table
+    assert "| rmsnorm |" in table and "failed: RuntimeError: boom | - |" in table
