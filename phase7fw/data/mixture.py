@@ -316,9 +316,16 @@ class MixtureSampler:
 
     def state_dict(self) -> dict:
         return {"position": self.position, "seed": self.seed, "split": self.split, "rank": self.rank,
-                "world_size": self.world_size}
+                "world_size": self.world_size, "sampling": self.sampling}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("seed") != self.seed:
             raise Phase7Error(f"data sampler seed {state.get('seed')} in the checkpoint differs from run.seed {self.seed}")
+        # a position means other windows under the other sampler: resuming would silently change
+        # the data order (checkpoints from before "epochs" existed have no key: "random")
+        saved = state.get("sampling", "random")
+        if saved != self.sampling:
+            raise Phase7Error(
+                f"the checkpoint's data order was drawn with data.sampling = {saved!r}, the recipe now says"
+                f" {self.sampling!r}; resume with --set data.sampling='\"{saved}\"' (or start a new run)")
         self.position = int(state["position"])

@@ -232,6 +232,22 @@ def test_epochs_with_several_sources_and_exact_resume():
         MixtureSampler(srcs, seq_len=8, batch_size=2, seed=0, sampling="shuffle")
 
 
+def test_resume_under_the_other_sampler_is_refused_with_the_setting_that_continues_it():
+    srcs = _sources([1.0, 2.0])
+    epochs = MixtureSampler(srcs, seq_len=8, batch_size=2, seed=0, sampling="epochs")
+    rand = MixtureSampler(srcs, seq_len=8, batch_size=2, seed=0)
+    assert epochs.state_dict()["sampling"] == "epochs"
+    with pytest.raises(Phase7Error) as info:
+        epochs.load_state_dict(rand.state_dict())
+    assert str(info.value) == ("the checkpoint's data order was drawn with data.sampling = 'random', the recipe now"
+                               " says 'epochs'; resume with --set data.sampling='\"random\"' (or start a new run)")
+    old = {k: v for k, v in rand.state_dict().items() if k != "sampling"}  # written before the key existed
+    with pytest.raises(Phase7Error, match="drawn with data.sampling = 'random'"):
+        epochs.load_state_dict({**old, "position": 3})
+    rand.load_state_dict({**old, "position": 3})
+    assert rand.position == 3
+
+
 def test_the_recipe_key_reaches_the_training_sampler(tmp_path):
     from phase7fw import Engine
     from tests.conftest import RECIPES
