@@ -162,13 +162,9 @@ def main(argv=None) -> int:
         ours, reference = _ours_and_reference(op)
         res["ops"][op] = measure(op, {"reference": reference, "ours": ours, "liger": liger[op]}, args.rows, device)
         print(op, json.dumps(res["ops"][op], default=str), flush=True)
-    text = markdown(res)
-    print("\n" + text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    out.with_suffix(".md").write_text(text)
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    from benchmarks._report import write_report
+
+    write_report(args.out, res, markdown(res))
     return 0
 
 

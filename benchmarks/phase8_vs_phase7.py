@@ -25,7 +25,6 @@ show that everything runs, not how fast a GPU is.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -275,13 +274,9 @@ def main(argv=None) -> int:
         batch = max(1, args.tokens_per_step // args.quality_seq_len)
         result["quality"] = quality_rows(models, args.quality_tokens, args.quality_seq_len, batch, str(device), say,
                                          lr=args.quality_lr, max_files=args.quality_files)
-    text = markdown(result)
-    print("\n" + text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(text)
-    say(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    from benchmarks._report import write_report
+
+    write_report(args.out, result, markdown(result))
     return 0
 
 
