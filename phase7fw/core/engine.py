@@ -723,7 +723,7 @@ class Engine:
         """Before each training or validation forward: with a CUDA-graph compile mode
         (``train.compile_mode``), tell the graph trees that a new micro-batch begins, so the
         previous one's graph outputs (already consumed by its backward) may be overwritten."""
-        if getattr(self, "_cudagraphs", False):
+        if self._cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
 
     def autocast(self):

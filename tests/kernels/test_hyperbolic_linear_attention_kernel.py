@@ -92,14 +92,14 @@ def test_inter_chunk_scan_matches_the_sequential_recurrence(n, block, reverse):
     normalizer columns split over several programs (D + 1 = 9 rows, Dv = 6 at 16 elements);
     decays that vanish (-1000: a difference of running sums would lose the small ones) and
     none (0)."""
-    from phase7fw.kernels.hyperbolic_linear_attention.kernel import _scan
+    from phase7fw.kernels._chunked import chunk_scan
 
     g = torch.Generator().manual_seed(n)
     states, zstates = torch.randn(2, 1, n, 9, 6, generator=g), torch.rand(2, 1, n, 9, generator=g)
     totals = -3 * torch.rand(2, n, generator=g)
     totals[0, ::5], totals[1, 1::3] = -1000.0, 0.0
     want_s, want_z = (_sequential_scan(t, totals, reverse) for t in (states, zstates))
-    _scan(states, zstates, totals, (block, 1, 1), reverse)
+    chunk_scan(totals, (states, zstates), (block, 1, 1), reverse)
     for got, want in ((states, want_s), (zstates, want_z)):
         assert (got.flatten(3).double() - want).abs().max() <= 1e-6 * want.abs().max()
 

@@ -78,8 +78,8 @@ OP = "hyperbolic_linear_attention"
 @attrs.frozen
 class TritonConfig:
     """Tuning of the Triton kernel on a GPU, ``[kernels.hyperbolic_linear_attention]`` (the
-    interpreter uses 32-wide value tiles and 64-element scan tiles in fp32). Not tuned yet (no
-    GPU measurement of the chunk-parallel kernels so far): ``gpu`` launches the per-chunk
+    interpreter uses 32-wide value tiles and 64-element scan tiles in fp32). Not tuned yet (the
+    first GPU run, H100 2026-12-07, used these defaults): ``gpu`` launches the per-chunk
     kernels, 8 warps because the backward's program holds two D x BV fp32 states and the
     chunk's Q x D query and key tiles (D = 128, BV = 64, Q = 64: ~130 fp32 registers per thread
     for these alone at 8 warps, twice that at 4); ``scan`` launches the inter-chunk scan, memory-bound (each program

@@ -247,20 +247,21 @@ def _split(f: torch.Tensor):
     return f[..., 1:].contiguous(), f[..., 0].contiguous()
 
 
-def _scan(states, zstates, totals, scan, reverse: bool):
-    """Phase 2 (:func:`phase7fw.kernels._chunked.chunk_scan`): the chunks' own contributions in
-    ``states`` / ``zstates`` become, in place, the running state entering each chunk (forward)
-    or dL/d(the state leaving it) (``reverse``)."""
-    chunk_scan(totals, (states, zstates), scan, reverse)
-
-
-def _fwd_impl(fq, fk, v, ld, chunk_size, gpu, precision):
-    require(fq, fk, v, ld)
+def _launch(fq, v, chunk_size, gpu, precision):
+    """(B, H, T, D, DV, number of chunks n, value tiles, the per-chunk kernels' meta-parameters,
+    the scan launch) of both passes."""
     B, H, T, F1 = fq.shape
     D, DV = F1 - 1, v.shape[-1]
     Q = _check_chunk(chunk_size)
     BV, nw, ns, prec, scan = _launch_cfg(v, DV, gpu, precision)
     n = triton.cdiv(T, Q) if T else 0
+    meta = dict(Q=Q, BD=max(16, triton.next_power_of_2(D)), BV=BV, PREC=prec, num_warps=nw, num_stages=ns)
+    return B, H, T, D, DV, n, triton.cdiv(DV, BV), meta, scan
+
+
+def _fwd_impl(fq, fk, v, ld, chunk_size, gpu, precision):
+    require(fq, fk, v, ld)
+    B, H, T, D, DV, n, tiles, meta, scan = _launch(fq, v, chunk_size, gpu, precision)
     o = torch.empty(B, H, T, DV, device=v.device, dtype=torch.float32)
     den = torch.empty(B, H, T, device=v.device, dtype=torch.float32)
     states = torch.empty(B, H, n, D + 1, DV, device=v.device, dtype=torch.float32)
@@ -268,21 +269,17 @@ def _fwd_impl(fq, fk, v, ld, chunk_size, gpu, precision):
     if T:
         (fqs, fq0), (fks, fk0) = _split(fq), _split(fk)
         totals = torch.empty(B * H, n, device=v.device, dtype=torch.float32)
-        grid = (n * triton.cdiv(DV, BV), B * H)
-        meta = dict(Q=Q, BD=max(16, triton.next_power_of_2(D)), BV=BV, PREC=prec, num_warps=nw, num_stages=ns)
+        grid = (n * tiles, B * H)
         _hla_fwd_local_kernel[grid](fks, fk0, v, ld, states, zstates, totals, T, D, DV, n, **meta)
-        _scan(states, zstates, totals, scan, reverse=False)
+        # phase 2: the chunks' own contributions become, in place, the state entering each chunk
+        chunk_scan(totals, (states, zstates), scan, reverse=False)
         _hla_fwd_out_kernel[grid](fqs, fq0, fks, fk0, v, ld, o, den, states, zstates, T, D, DV, n, DEN_EPS, **meta)
     return o, den, states, zstates
 
 
 def _bwd_impl(fq, fk, v, ld, o, den, states, zstates, do, chunk_size, gpu, precision):
     require(fq, fk, v, ld)
-    B, H, T, F1 = fq.shape
-    D, DV = F1 - 1, v.shape[-1]
-    Q = _check_chunk(chunk_size)
-    BV, nw, ns, prec, scan = _launch_cfg(v, DV, gpu, precision)
-    tiles = triton.cdiv(DV, BV)
+    B, H, T, D, DV, n, tiles, meta, scan = _launch(fq, v, chunk_size, gpu, precision)
     do = do.float().contiguous()
     # d(den): the clamp passes no gradient where it acted
     dden = torch.where(den > DEN_EPS, -(do * o).sum(-1) / den, torch.zeros_like(den)).contiguous()
@@ -293,15 +290,13 @@ def _bwd_impl(fq, fk, v, ld, o, den, states, zstates, do, chunk_size, gpu, preci
     dfk0 = torch.zeros_like(dfq0)
     if T:
         (fqs, fq0), (fks, fk0) = _split(fq), _split(fk)
-        n = states.shape[2]
         # dL/d(the state leaving each chunk) and its normalizer column: the chunks' own
         # contributions first, turned into the sums over the later chunks by the reverse scan
         dstates, dzstates = torch.empty_like(states), torch.empty_like(zstates)
         totals = torch.empty(B * H, n, device=v.device, dtype=torch.float32)
         grid = (n * tiles, B * H)
-        meta = dict(Q=Q, BD=max(16, triton.next_power_of_2(D)), BV=BV, PREC=prec, num_warps=nw, num_stages=ns)
         _hla_bwd_local_kernel[grid](fqs, fq0, ld, den, do, dden, dstates, dzstates, totals, T, D, DV, n, **meta)
-        _scan(dstates, dzstates, totals, scan, reverse=True)
+        chunk_scan(totals, (dstates, dzstates), scan, reverse=True)
         _hla_bwd_kernel[grid](
             fqs, fq0, fks, fk0, v, ld, den, do, dden, states, zstates, dstates, dzstates, dfq, dfq0, dfk, dfk0, dv,
             T, D, DV, n, B * H, **meta)
