@@ -188,14 +188,14 @@ def sweep(dev) -> dict:
         y = S.ar_ssm_scan_triton(*sins, tuning=cfg)
         torch.autograd.grad(y, sins, gy)
 
-    times = {}  # schedule "rows" (the default); ssm_timings() times "chunks" at these tiles
+    times = {}  # schedule "rows" (what these tiles were swept for); ssm_timings() times "chunks" at them
     for cand in SSM_SWEEP:
         try:
-            times[cand] = bench(lambda: ssm_fb(SsmConfig(gpu=cand)))
+            times[cand] = bench(lambda: ssm_fb(SsmConfig(gpu=cand, schedule="rows")))
         except Exception as exc:  # noqa: BLE001
             times[cand] = float("inf")
             print("ssm", cand, "failed:", str(exc).splitlines()[0][:120], flush=True)
-    ssm = SsmConfig(gpu=min(times, key=times.get))
+    ssm = SsmConfig(gpu=min(times, key=times.get), schedule="rows")
     log["ssm"] = {str(k_): round(v_, 4) for k_, v_ in times.items()}
     print("ssm ->", ssm.gpu, log["ssm"], flush=True)
     log["chosen"] = {"hyperbolic_attention": attrs.asdict(attn), "ar_ssm_scan": attrs.asdict(ssm)}

@@ -74,7 +74,7 @@ def test_set_overrides_reach_every_model_and_a_bad_one_is_one_message(tmp_path, 
     bad = ["--lengths", "32", "--set", 'kernels.ar_ssm_scan={impl="triton", schedule="diagonal"}']
     assert _script().main(bad) == 2
     err = capsys.readouterr().err
-    assert "kernels.ar_ssm_scan.schedule: expected one of 'rows', 'chunks', got 'diagonal'" in err
+    assert "kernels.ar_ssm_scan.schedule: expected one of 'auto', 'rows', 'chunks', got 'diagonal'" in err
     assert "Traceback" not in err
 
 

@@ -210,11 +210,30 @@ def test_ssm_unknown_schedule_is_refused_naming_the_key():
 
     (x, B, C, ld), _ = _ssm_inputs(1, 1, 20, 8, 4)
     x, B, C, ld = (t.float() for t in (x, B, C, ld))
-    message = r"\[kernels.ar_ssm_scan\] schedule: expected one of 'rows', 'chunks', got 'diagonal'"
+    message = r"\[kernels.ar_ssm_scan\] schedule: expected one of 'auto', 'rows', 'chunks', got 'diagonal'"
     with pytest.raises(ValueError, match=message):
         K.ar_ssm_scan_triton(x, B, C, ld, tuning=SsmConfig(schedule="diagonal"))
     with pytest.raises(ValueError, match=message):
         torch.ops.phase7fw.ar_ssm_scan_fwd(x, B, C, ld, [32, 64, 4, 1], "ieee", "diagonal")
+
+
+def test_ssm_auto_schedule_takes_chunks_only_where_rows_leaves_sms_idle():
+    from phase7fw.kernels.ar_ssm_scan.kernel import pick_schedule
+
+    # dv tiles x batch x heads programs against a 132-SM GPU (an H100)
+    assert pick_schedule("auto", 4 * 8 * 8, 132) == "rows"      # (8, 8, 1024, dv 256): measured faster
+    assert pick_schedule("auto", 4 * 1 * 8, 132) == "chunks"    # (1, 8, 16384, dv 256): measured faster
+    assert pick_schedule("auto", 132, 132) == "rows"
+    assert pick_schedule("auto", 4, None) == "rows"             # the interpreter
+    assert pick_schedule("chunks", 10_000, 132) == "chunks"     # an explicit choice is kept
+    assert pick_schedule("rows", 1, 132) == "rows"
+
+
+def test_ssm_auto_schedule_matches_sequential_in_the_interpreter():
+    base, gy = _ssm_inputs(2, 2, 37, 24, 8)
+    err_y, err_g = _ssm_vs_sequential(base, gy, "auto")
+    assert err_y < 1e-5
+    assert all(e < 1e-4 for e in err_g.values()), err_g
 
 
 @pytest.mark.parametrize("score", ["distance", "squared_distance", "dot_distance"])
@@ -229,7 +248,7 @@ def test_opcheck_attention(score):
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
-@pytest.mark.parametrize("schedule", [(), ("rows",), ("chunks",)])  # (): the signature before schedules existed
+@pytest.mark.parametrize("schedule", [(), ("rows",), ("chunks",), ("auto",)])  # (): the signature before schedules existed
 def test_opcheck_ssm(schedule):
     importlib.import_module("phase7fw.kernels.ar_ssm_scan.kernel")  # registers the op
 

@@ -36,7 +36,7 @@ def test_a_string_selects_the_kernel_with_its_default_tuning_and_the_resolved_re
     recipe = load_recipe(TINY, {"kernels.ar_ssm_scan": "triton", "kernels.rmsnorm": "auto"})
     assert recipe.kernels["ar_ssm_scan"] == KernelChoice("triton", SsmConfig())
     raw = recipe_to_dict(recipe)["kernels"]
-    assert raw["ar_ssm_scan"] == {"impl": "triton", "gpu": [32, 64, 4, 1], "precision": "ieee", "schedule": "rows",
+    assert raw["ar_ssm_scan"] == {"impl": "triton", "gpu": [32, 64, 4, 1], "precision": "ieee", "schedule": "auto",
                                   "scan": [64, 4, 1]}
     assert raw["rmsnorm"] == "auto"  # no tuning options: still a string
     path = tmp_path / "resolved.toml"
@@ -58,7 +58,7 @@ def test_the_table_form_sets_tuning_fields():
     ({"impl": "triton", "gpu": [32, 64, 3, 1]}, "kernels.ar_ssm_scan.gpu: num_warps must be 1, 2, 4, 8 or 16, got 3"),
     ({"impl": "triton", "precison": "tf32"}, "kernels.ar_ssm_scan.precison: unknown key; did you mean 'precision'?"),
     ({"impl": "triton", "precision": "tf32x3"}, "kernels.ar_ssm_scan.precision: expected one of 'ieee', 'tf32', got 'tf32x3'"),
-    ({"impl": "triton", "schedule": "chunk"}, "kernels.ar_ssm_scan.schedule: expected one of 'rows', 'chunks', got 'chunk'"),
+    ({"impl": "triton", "schedule": "chunk"}, "kernels.ar_ssm_scan.schedule: expected one of 'auto', 'rows', 'chunks', got 'chunk'"),
     ({"impl": "triton", "scan": [48, 4, 1]}, "kernels.ar_ssm_scan.scan: block sizes must be powers of two >= 16, got [48]"),
     ({"gpu": [32, 64, 4, 1]}, 'kernels.ar_ssm_scan: gpu: tuning options of a kernel, but impl is "reference"'),
     ("cuda", "kernels.ar_ssm_scan: expected one of 'triton', 'reference', 'auto', got 'cuda'"),

@@ -4,7 +4,7 @@ S_t = exp(log_decay_t) S_{t-1} + B_t x_t^T. Everything of it is in this folder:
 - :mod:`.reference`: :func:`ar_ssm_scan_reference` (chunked, what the model runs by default)
   and :func:`ar_ssm_scan_sequential` (the plain recurrence, the test oracle);
 - :mod:`.kernel`: the Triton forward and backward, two schedules (``[kernels.ar_ssm_scan]
-  schedule``: "rows" or "chunks"; imported only when selected);
+  schedule``: "auto", "rows" or "chunks"; imported only when selected);
 - :mod:`.verify`: its parity rows (``phase7fw doctor --verify``);
 - :func:`register`: kind ``kernel``, ``"ar_ssm_scan:triton"``.
 
@@ -35,9 +35,9 @@ __all__ = [
 OP = "ar_ssm_scan"
 
 
-#: the kernel's schedules (``[kernels.ar_ssm_scan] schedule``, :mod:`.kernel`)
-Schedule = Literal["rows", "chunks"]
-SCHEDULES = get_args(Schedule)
+#: ``[kernels.ar_ssm_scan] schedule``: "auto" picks one of the kernel's two walks, SCHEDULES
+Schedule = Literal["auto", "rows", "chunks"]
+SCHEDULES = get_args(Schedule)[1:]
 
 
 @attrs.frozen
@@ -48,15 +48,19 @@ class TritonConfig:
     --sweep, 2026-11-28), measured with the "rows" schedule. ``schedule``: "rows" walks the
     chunks of each (batch x head) row in one program per value tile (few programs when batch x
     heads is small, as at long sequences); "chunks" gives every chunk its own programs (per-chunk
-    kernels and an inter-chunk scan launched with ``scan``, not tuned yet)."""
+    kernels and an inter-chunk scan launched with ``scan``, not tuned yet); "auto" takes "chunks"
+    where "rows" would start fewer programs than the GPU has SMs (:func:`.kernel.pick_schedule`;
+    H100, 2026-12-07: "chunks" 1.3x slower with 256 programs at T=1024, 2.4-5.9x faster with 8-32
+    at T=16k-32k)."""
 
     gpu: tuple[int, int, int, int] = option(
         (32, 64, 4, 1), check=launch_check(2),
         help="(chunk Q, dv tile, num_warps, num_stages) on a GPU (both schedules)")
     precision: Literal["ieee", "tf32"] = precision_option("ieee")
     schedule: Schedule = option(
-        "rows", help='"rows": one program per (batch x head, dv tile) walks the chunks; "chunks": chunk-parallel'
-        " (more launches, a grid that grows with the sequence)")
+        "auto", help='"rows": one program per (batch x head, dv tile) walks the chunks; "chunks": chunk-parallel'
+        ' (more launches, a grid that grows with the sequence); "auto": "chunks" where "rows" has fewer programs'
+        " than the GPU has SMs, else \"rows\"")
     scan: tuple[int, int, int] = option(
         (64, 4, 1), check=launch_check(1),
         help='(state elements per program, num_warps, num_stages) of the inter-chunk scan, schedule "chunks"')

@@ -22,7 +22,7 @@ memory) for the backward, which carries dS (dL/d(the state leaving the chunk)) i
 is the same ``@triton.jit`` helpers in both, and so are the saved states, so the backward of
 either schedule reads the states of either forward):
 
-- "rows" (the default): one program per (dv tile, batch x head) walks the chunks in order,
+- "rows": one program per (dv tile, batch x head) walks the chunks in order,
   the r x dv_tile state in fp32 registers; the backward walks them in reverse carrying dS.
   Two launches per step, but only batch x heads x dv tiles programs: at long sequences with
   small batches the grid collapses (batch 1 x 8 heads x 1 tile = 8 programs on a 132-SM GPU).
@@ -34,6 +34,10 @@ either schedule reads the states of either forward):
   y. Backward, the same in reverse: each chunk's V_c, the reverse scan gives dS_out (a second
   buffer the size of the states, held while the backward runs), then one program per chunk
   writes dx and its dv tile's share of dB and dC.
+- "auto" (the default, :func:`pick_schedule`): "chunks" where the "rows" grid has fewer
+  programs than the GPU has SMs, "rows" otherwise (H100, benchmarks/RESULTS.md: "chunks" is
+  1.3x slower than "rows" with 256 programs at T=1024 and 2.4-5.9x faster with 8-32 programs
+  at T=16k-32k).
 
 The decay gradient needs no kernel: y depends on the cumulative log-decay only through
 cum_t - cum_s, so dL/dcum_t = C_t . dC_t - B_t . dB_t and dL/dlog_decay_t is its reverse
@@ -258,11 +262,21 @@ def _cfg(x: torch.Tensor, dv: int, gpu, precision: str):
     return Q, bdv, nw, ns, prec, scan
 
 
-def _check_schedule(schedule: str) -> str:
-    if schedule not in SCHEDULES:
-        raise ValueError(f"[kernels.ar_ssm_scan] schedule: expected one of {', '.join(map(repr, SCHEDULES))},"
+def pick_schedule(schedule: str, programs: int, sms: int | None) -> str:
+    """The schedule to run: ``schedule`` itself unless it is "auto", which takes "chunks" where
+    the "rows" grid (``programs`` = dv tiles x batch x heads) would leave SMs idle (``sms``: the
+    GPU's multiprocessor count; None in the interpreter, which takes "rows")."""
+    if schedule not in ("auto", *SCHEDULES):
+        raise ValueError(f"[kernels.ar_ssm_scan] schedule: expected one of 'auto', {', '.join(map(repr, SCHEDULES))},"
                          f" got {schedule!r}")
-    return schedule
+    if schedule != "auto":
+        return schedule
+    return "chunks" if sms is not None and programs < sms else "rows"
+
+
+def _schedule(schedule: str, x: torch.Tensor, programs: int) -> str:
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == "cuda" else None
+    return pick_schedule(schedule, programs, sms)
 
 
 def _launch(x, B, gpu, precision):
@@ -277,8 +291,8 @@ def _launch(x, B, gpu, precision):
 
 def _fwd_impl(x, B, C, log_decay, gpu, precision, schedule):
     require(x, B, C, log_decay)
-    _check_schedule(schedule)
     b, h, T, dv, r, n, tiles, meta, scan = _launch(x, B, gpu, precision)
+    schedule = _schedule(schedule, x, tiles * b * h)
     y = torch.empty_like(x)
     states = torch.empty((b, h, n, r, dv), device=x.device, dtype=torch.float32)
     if T == 0:
@@ -297,8 +311,8 @@ def _fwd_impl(x, B, C, log_decay, gpu, precision, schedule):
 
 def _bwd_impl(x, B, C, log_decay, states, dy, gpu, precision, schedule):
     require(x, B, C, log_decay)
-    _check_schedule(schedule)
     b, h, T, dv, r, n, tiles, meta, scan = _launch(x, B, gpu, precision)
+    schedule = _schedule(schedule, x, tiles * b * h)
     dx = torch.empty_like(x)
     dB = torch.empty((tiles, b, h, T, r), device=x.device, dtype=torch.float32)
     dC = torch.empty_like(dB)
@@ -326,7 +340,8 @@ def ar_ssm_scan_fwd(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, log_decay
                     precision: str, schedule: str = "rows") -> tuple[torch.Tensor, torch.Tensor]:
     """Kernel core: (y, states entering each chunk (b, h, n_chunks, r, dv) fp32, the same for
     both schedules); ``gpu`` (:class:`TritonConfig`'s ``gpu``, then optionally its ``scan``),
-    ``precision``: the launch configuration on a GPU; ``schedule``: "rows" or "chunks"."""
+    ``precision``: the launch configuration on a GPU; ``schedule``: "auto", "rows" or "chunks"
+    (:func:`pick_schedule`)."""
     return _fwd_impl(x, B, C, log_decay, gpu, precision, schedule)
 
 
@@ -373,7 +388,7 @@ def ar_ssm_scan_triton(x, B, C, log_decay, chunk_size: int = 64, *, tuning: Trit
     computed in fp32. ``tuning``: the launch configuration and schedule (``[kernels.ar_ssm_scan]``;
     None: the defaults)."""
     tuning = tuning or TritonConfig()
-    _check_schedule(tuning.schedule)
+    pick_schedule(tuning.schedule, 0, None)  # an unknown schedule fails here, naming the key
     b, h, T, dv = x.shape
     if B.shape[:3] != (b, h, T) or C.shape != B.shape or log_decay.shape != (b, h, T):
         raise ValueError(
