@@ -55,7 +55,7 @@ for stage in "$@"; do
       $P7 bench recipes/phase7_1.5b_8gb.toml --memory-cap-gib 8 --max-params --steps 1 --warmup 1 \
           --set train.compile=false --json "$OUT/max_8g.json" 2>&1 | tail -12 ;;
     model-quality)  # phase7, its ablations and llama at ~100M on the same data (issue 15); the
-                    # recipes' 1000 steps are 8.2M tokens, QUALITY_STEPS=3000 gives the 24.6M point
+                    # default 1000 steps are 8.2M tokens, QUALITY_STEPS=3052 the recipes' 25.0M
       # QUALITY_ARGS adds arguments: recipes, --seeds, --set 'data.sampling="epochs"'
       python3 benchmarks/quality.py --jobs ${QUALITY_JOBS:-4} --steps ${QUALITY_STEPS:-1000} \
           --out "$OUT/quality" ${QUALITY_ARGS:-} 2>&1 | tail -20

@@ -23,7 +23,9 @@ def test_phase7_tiny_trains_and_logs_curvature(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "parameters" in out and "compression" in out and "ssm" in out
     log = rows(tmp_path / "run")
-    assert log[-1]["loss"] < 0.8 * log[0]["loss"]
+    # learning: 20 steps take the loss ~17% down (0.83x with the gate starting at 0.88 on the
+    # attention path, the default; 0.5 on each path fell faster at this size: docs/model.md)
+    assert log[-1]["loss"] < 0.9 * log[0]["loss"]
     # cosine warm-up of kappa from 0.1 to 1.0 over 4 steps, logged after each step
     expected = [0.1 + 0.9 * (1 - math.cos(math.pi * min(s / 4, 1))) / 2 for s in range(1, 21)]
     assert [r["curvature"] for r in log] == expected

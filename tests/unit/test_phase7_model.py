@@ -115,6 +115,15 @@ def test_block_mix_sum_and_alternate_drop_the_gate():
     torch.testing.assert_close(block(x)[0], h + block.ffn(block.norm2(h)))
 
 
+@pytest.mark.parametrize("bias,share", [(None, 0.8808), (0.0, 0.5)])  # None: the default, 2
+def test_mixer_gate_starts_at_sigmoid_of_its_bias_on_the_attention_path(bias, share):
+    block_cfg = {"name": "hybrid"} if bias is None else {"name": "hybrid", "gate_init_bias": bias}
+    m = small_model(block=block_cfg)
+    _, stats = m.blocks[0].diagnostics(torch.randn(2, 24, 32))
+    # W_g ~ N(0, 0.02): the per-token gate stays within ~0.01 of sigmoid(b_g) at init
+    assert stats["gate_mean"] == pytest.approx(share, abs=0.01)
+
+
 def test_block_ssm_every_keeps_the_ssm_in_every_kth_block():
     m = small_model(n_layers=5, block={"name": "hybrid", "ssm_every": 2})
     layout = [(b.attn is not None, b.ssm is not None, b.gate is not None) for b in m.blocks]
