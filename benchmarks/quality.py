@@ -16,7 +16,9 @@ its end, bits per byte at the end (loss / ln 2 x tokens / bytes of the validatio
 models with different tokenizers compare), the best validation loss and where it was, the
 training loss over the last tenth of the steps (with the best loss: overfitting shows), tokens/s,
 and the validation loss at equal wall clock: at the training time of the fastest recipe,
-interpolated linearly between evaluations.
+interpolated linearly between evaluations. With ``--set 'callbacks=[{name="diagnostics",
+every=500}]'`` the runs log per-layer statistics and the report adds the mixer gate's mean per
+layer (the attention path's share) at the first and last diagnostics step.
 Training time excludes evaluation; with ``--jobs`` > 1 the runs share the device and their
 times are only comparable when the runs were alike (the report says so).
 """
@@ -77,6 +79,8 @@ def worker(spec: dict) -> dict:
         "breakdown": engine.model.parameter_breakdown(),
         "bytes_per_token": val_bytes_per_token(engine),
         "val": val, "train": train, "final_val_loss": summary.get("final_val_loss"),
+        # per-layer statistics, when the run has [[callbacks]] name = "diagnostics" (--set callbacks=...)
+        "diag": [r for r in rows if r.get("split") == "diag"],
         "tokens": summary.get("tokens"), "train_seconds": val[-1]["train_seconds"] if val else None,
         "tokens_per_s": tok_s, "wall_s": wall,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
@@ -235,7 +239,26 @@ def summarize(results: list[dict], jobs: int) -> dict:
         r["vs_baseline"] = (r["val_loss_end"] / base["val_loss_end"] - 1) if base and r["val_loss_end"] else None
     first = results[0] if results else {}
     return {"rows": rows, "baseline": base["name"] if base else None, "time_budget_s": budget, "jobs": jobs,
-            "device": first.get("device"), "torch": first.get("torch"), "date": time.strftime("%Y-%m-%d")}
+            "device": first.get("device"), "torch": first.get("torch"), "date": time.strftime("%Y-%m-%d"),
+            "gates": gate_means(by_name)}
+
+
+def gate_means(by_name: dict[str, list[dict]]) -> dict:
+    """The mixer gate's mean per layer (the attention path's share, ``L{i}.gate_mean`` of the
+    diagnostics rows), mean over seeds, at the first and the last diagnostics step of each
+    recipe that logged them: ``{name: {step: [layer 0, layer 1, ...] (None: no gate there)}}``."""
+    gates = {}
+    for name, runs in by_name.items():
+        steps = sorted({d["step"] for r in runs for d in r.get("diag") or [] if any(k.endswith(".gate_mean") for k in d)})
+        if not steps:
+            continue
+        layers = 1 + max(int(k[1:].split(".")[0]) for r in runs for d in r.get("diag") or []
+                         for k in d if k.startswith("L") and k.endswith(".gate_mean"))
+        gates[name] = {}
+        for step in sorted({steps[0], steps[-1]}):
+            rows = [d for r in runs for d in r.get("diag") or [] if d["step"] == step]
+            gates[name][step] = [_mean_std([d.get(f"L{i}.gate_mean") for d in rows])[0] for i in range(layers)]
+    return gates
 
 
 def _late_mean(train: list[dict], last_step: int) -> float | None:
@@ -269,6 +292,11 @@ def markdown(summary: dict) -> str:
             f" | {f(r.get('val_loss_best'))} (@ {_tokens(r.get('tokens_best'))}) | {f(r.get('train_loss_end'))}"
             f" | {f(r['val_loss_equal_time'])}"
             f" | {f(r['tokens_per_s'], '{:,.0f}')} | {f(r['train_seconds'], '{:.0f}')} |")
+    for name, by_step in (summary.get("gates") or {}).items():
+        width = max(len(v) for v in by_step.values())
+        lines += ["", f"Mixer gate mean per layer, {name} (the attention path's share; diagnostics rows, mean over seeds):",
+                  "", "| step | " + " | ".join(f"L{i}" for i in range(width)) + " |", "|---" * (width + 1) + "|"]
+        lines += [f"| {step} | " + " | ".join(f(v, "{:.3f}") for v in values) + " |" for step, values in by_step.items()]
     return "\n".join(lines) + "\n"
 
 

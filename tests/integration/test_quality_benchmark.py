@@ -51,6 +51,25 @@ def test_summary_equal_tokens_equal_time_and_bits_per_byte():
     assert "| phase7_100m | 0.0M | 2 |" in md and "1.5000 ± 0.1414" in md
 
 
+def test_gate_means_per_layer_first_and_last_step_mean_over_seeds():
+    q = _load()
+    runs = []
+    for seed, g in ((0, 0.8), (1, 0.6)):
+        run = _run("phase7_100m", seed, [(10, 100, 1.0, 2.0)])
+        # layer 1 has no gate (an attention-only block of ssm_every = 2); step 20 is in between
+        run["diag"] = [{"step": s, "split": "diag", "L0.gate_mean": g + s / 100, "L1.attn.entropy": 1.0,
+                        "L2.gate_mean": g - s / 100} for s in (10, 20, 30)]
+        runs.append(run)
+    summary = q.summarize([*runs, _run("llama_100m", 0, [(10, 100, 1.0, 2.0)])], jobs=1)
+    gates = summary["gates"]
+    assert list(gates) == ["phase7_100m"] and list(gates["phase7_100m"]) == [10, 30]
+    first, last = gates["phase7_100m"][10], gates["phase7_100m"][30]
+    assert first[0] == pytest.approx(0.8) and first[2] == pytest.approx(0.6) and first[1] is None
+    assert last[0] == pytest.approx(1.0) and last[2] == pytest.approx(0.4)
+    md = q.markdown(summary)
+    assert "| step | L0 | L1 | L2 |" in md and "| 30 | 1.000 | - | 0.400 |" in md
+
+
 def test_summary_shows_overfitting_best_and_late_training_loss():
     """A run whose validation loss rises at the end: the best value and where it was, and the
     training loss over the last tenth of the steps."""
@@ -67,8 +86,9 @@ def test_summary_shows_overfitting_best_and_late_training_loss():
 def test_tiny_setting_trains_two_recipes_and_writes_the_report(tmp_path):
     out = tmp_path / "q"
     recipes = [str(ROOT / "recipes" / "quality" / f) for f in ("llama_100m.toml", "phase7_100m.toml")]
-    proc = subprocess.run([sys.executable, str(SCRIPT), *recipes, "--setting", "tiny", "--out", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    diagnostics = 'callbacks=[{name="diagnostics", every=4}]'  # llama has none: says so, trains on
+    proc = subprocess.run([sys.executable, str(SCRIPT), *recipes, "--setting", "tiny", "--out", str(out),
+                           "--set", diagnostics], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # how often the schedule reads the corpus: 8 steps x 4 x 64 tokens of 20 files
     assert re.search(r"data: data\.sources\[0\] \(python_stdlib\).*: [\d,]+ training tokens; 2,048 tokens read "
@@ -84,6 +104,11 @@ def test_tiny_setting_trains_two_recipes_and_writes_the_report(tmp_path):
     md = (out / "quality.md").read_text()
     assert "| llama_100m |" in md and "| phase7_100m |" in md and "bits/byte" in md
     assert md in proc.stdout
+    # the gate starts at sigmoid(2) (the default) and has moved little after 8 tiny steps
+    gates = data["summary"]["gates"]
+    assert list(gates) == ["phase7_100m"] and sorted(gates["phase7_100m"]) == ["4", "8"]
+    assert all(abs(g - 0.8808) < 0.02 for g in gates["phase7_100m"]["4"])
+    assert "Mixer gate mean per layer, phase7_100m" in md
     if importlib.util.find_spec("matplotlib"):
         assert (out / "quality.png").stat().st_size > 1000
     # --report re-renders from the JSON alone
