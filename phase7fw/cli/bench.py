@@ -22,8 +22,8 @@ def cmd_bench(args) -> int:
             out["train.grad_accum_steps"] = args.grad_accum
         return out
 
-    if args.steps < 1 or args.warmup < 0 or args.gen_tokens < 1:
-        raise Phase7Error("bench: --steps and --gen-tokens must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.repeat < 1 or args.warmup < 0 or args.gen_tokens < 1:
+        raise Phase7Error("bench: --steps, --repeat and --gen-tokens must be >= 1 and --warmup >= 0")
     main_over, base_over = overrides(args.set), overrides(args.compare_set)
     loaded = plugins()
     load_recipe(args.recipe, main_over, plugins=loaded)  # every recipe error before any work
@@ -34,7 +34,8 @@ def cmd_bench(args) -> int:
         if args.json:
             write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
 
-    result = run_bench(args.recipe, main_over, steps=args.steps, warmup=args.warmup, device=args.device,
+    result = run_bench(args.recipe, main_over, steps=args.steps, warmup=args.warmup, repeat=args.repeat,
+                       device=args.device,
                        compare_recipe=args.compare, compare_overrides=base_over,
                        memory_cap_gib=args.memory_cap_gib, find_max_params=args.max_params, search=args.search,
                        generate=args.generate, gen_tokens=args.gen_tokens, cuda_graph=args.cuda_graph,
@@ -53,6 +54,9 @@ def add_bench(sub) -> None:
     with_set(bench)
     bench.add_argument("--steps", type=int, default=10, help="timed training steps (default 10)")
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation; default 3)")
+    bench.add_argument("--repeat", type=int, default=1,
+                       help="time N windows of --steps steps back to back (one compilation) and report their mean"
+                            " and spread (default 1)")
     bench.add_argument("--batch-size", type=int, default=None, help="train.batch_size of every benchmarked recipe")
     bench.add_argument("--grad-accum", type=int, default=None, help="train.grad_accum_steps of every recipe")
     bench.add_argument("--compare", metavar="RECIPE", help="baseline recipe measured in the same process")

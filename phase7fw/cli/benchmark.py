@@ -6,7 +6,8 @@ from the recipe on random tokens (``--dummy-data``) in a temporary output folder
 measured is what ``phase7fw run`` executes. Method (design/PERFORMANCE.md):
 
 - warm-up steps first (``torch.compile`` compiles there), then ``steps`` timed steps, wall
-  clock around them with a device synchronize at the end;
+  clock around them with a device synchronize at the end; ``repeat`` > 1 times that many
+  windows of ``steps`` back to back and reports their mean and spread (one compilation);
 - the split: "data" is host time (the sampler and the copy launch: a data stall shows up on
   the host), "forward" / "backward" / "optimizer" are CUDA-event times on a GPU;
 - flops_per_token = 6 * N_matmul + 12 * L * T_eff * d_model (+ the SSM scans' declared FLOPs),
@@ -155,7 +156,7 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def bench_recipe(recipe, overrides: dict, *, steps: int, warmup: int, device: str | None = None,
+def bench_recipe(recipe, overrides: dict, *, steps: int, warmup: int, repeat: int = 1, device: str | None = None,
                  generate: bool = False, gen_tokens: int = 64, prompt_tokens: int = 0, gemm: dict | None = None,
                  cuda_graph: str = "auto", profile_dir=None, plugins=None, progress=None,
                  allow_cpu: bool = False) -> dict:
@@ -167,8 +168,8 @@ def bench_recipe(recipe, overrides: dict, *, steps: int, warmup: int, device: st
     from phase7fw.core.engine import Engine
     from phase7fw.core.trainer import Trainer
 
-    if steps < 1 or warmup < 0:
-        raise Phase7Error(f"bench: --steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
+    if steps < 1 or warmup < 0 or repeat < 1:
+        raise Phase7Error(f"bench: --steps and --repeat must be >= 1 and --warmup >= 0, got {steps}, {repeat} and {warmup}")
     result: dict = {"recipe": str(recipe), "overrides": {k: v for k, v in overrides.items()}}
     engine = trainer = model = None
     with tempfile.TemporaryDirectory(prefix="phase7fw-bench-") as tmp:
@@ -188,7 +189,7 @@ def bench_recipe(recipe, overrides: dict, *, steps: int, warmup: int, device: st
                 "batch_size": t.batch_size, "grad_accum_steps": t.grad_accum_steps, "seq_len": engine.seq_len,
                 "precision": t.precision, "compile": t.compile, "activation_checkpointing": t.activation_checkpointing,
                 "checkpoint_policy": t.checkpoint_policy, "checkpoint_every": t.checkpoint_every,
-                "kernels": dict(engine.kernels), "steps": steps, "warmup": warmup,
+                "kernels": dict(engine.kernels), "steps": steps, "warmup": warmup, "repeat": repeat,
                 "flops_per_token": fpt["total"], "flops_split": {k: v for k, v in fpt.items() if k != "total"},
             })
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, torch.float32)
@@ -208,18 +209,24 @@ def bench_recipe(recipe, overrides: dict, *, steps: int, warmup: int, device: st
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
             timer = SectionTimer(dev)
-            losses = []
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                losses.append(trainer.train_step(timer)["loss"])
-            split = timer.collect()  # synchronizes
-            wall = time.perf_counter() - t0
-            tokens = steps * t.batch_size * t.grad_accum_steps * engine.seq_len
-            tok_s = tokens / wall
+            losses, windows = [], []
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    losses.append(trainer.train_step(timer)["loss"])
+                synchronize(dev)
+                windows.append(time.perf_counter() - t0)
+            split = timer.collect()
+            wall = sum(windows)
+            tokens = steps * t.batch_size * t.grad_accum_steps * engine.seq_len  # per window
+            tok_s = tokens * repeat / wall
+            rates = [tokens / w for w in windows]
             result.update({
                 "tokens_per_s": tok_s,
-                "step_time_s": wall / steps,
-                "split_s": {k: split.get(k, 0.0) / steps for k in PHASES},
+                "tokens_per_s_windows": rates,
+                "tokens_per_s_spread": (max(rates) - min(rates)) / tok_s,
+                "step_time_s": wall / (steps * repeat),
+                "split_s": {k: split.get(k, 0.0) / (steps * repeat) for k in PHASES},
                 "loss_first": losses[0], "loss_last": losses[-1],
                 "mfu": fpt["total"] * tok_s / (PEAK_TFLOPS * 1e12),
                 "peak_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
@@ -421,6 +428,19 @@ def _mfu(r: dict, cpu: bool) -> str:
     return f"{100 * r['mfu']:.2f}% of {PEAK_TFLOPS} TFLOP/s" + (f" | {vs_gemm}" if vs_gemm else "")
 
 
+def _windows(r: dict) -> str:
+    n = r.get("repeat", 1)
+    return f"{r['steps']} steps" if n == 1 else f"{n} x {r['steps']} steps"
+
+
+def _spread(r: dict) -> str:
+    """The windows of --repeat: their range and (max - min) / mean."""
+    rates = r.get("tokens_per_s_windows") or []
+    if len(rates) < 2:
+        return ""
+    return f" (windows {min(rates):,.0f} - {max(rates):,.0f}, spread {100 * r['tokens_per_s_spread']:.1f}%)"
+
+
 def _summary(r: dict, cpu: bool = False) -> str:
     if "tokens_per_s" not in r:
         return f"{r['recipe']}: out of memory"
@@ -447,8 +467,8 @@ def report_lines(result: dict) -> list[str]:
         lines += [
             f"{r['recipe']}: {r['model']} {human(r['params'])} params ({human(r['matmul_params'])} in matmuls)"
             f" | batch {r['batch_size']} x accum {r['grad_accum_steps']} x {r['seq_len']} | {r['precision']}"
-            f" | compile {r['compile']} | {r['steps']} steps after {r['warmup']} warm-up",
-            f"  tokens/s     {r['tokens_per_s']:,.0f}",
+            f" | compile {r['compile']} | {_windows(r)} after {r['warmup']} warm-up",
+            f"  tokens/s     {r['tokens_per_s']:,.0f}{_spread(r)}",
             f"  step time    {r['step_time_s'] * 1e3:.1f} ms = {_fmt_split(r)}",
             f"  MFU          {_mfu(r, env['cpu'])} ({r['flops_per_token'] / 1e9:.4g} GFLOP/token)",
             "  peak memory  " + (f"{r['peak_memory_gib']:.2f} GiB" if r["peak_memory_gib"] is not None else "n/a on CPU"),
@@ -504,7 +524,7 @@ def set_memory_cap(gib: float, device: torch.device) -> None:
     torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, index)
 
 
-def run_bench(recipe, overrides: dict, *, steps: int = 10, warmup: int = 3, device: str | None = None,
+def run_bench(recipe, overrides: dict, *, steps: int = 10, warmup: int = 3, repeat: int = 1, device: str | None = None,
               compare_recipe=None, compare_overrides: dict | None = None, memory_cap_gib: float | None = None,
               find_max_params: bool = False, search: str = "layers", generate: bool = False, gen_tokens: int = 64,
               cuda_graph: str = "auto", profile_dir=None, plugins=None, progress=None, partial=None,
@@ -526,7 +546,7 @@ def run_bench(recipe, overrides: dict, *, steps: int = 10, warmup: int = 3, devi
     result: dict = {"environment": environment(dev), "memory_cap_gib": memory_cap_gib, "peak_tflops": PEAK_TFLOPS}
     result["gemm"] = measure_gemm_tflops(dev)
     free_memory()
-    kw = dict(steps=steps, warmup=warmup, device=str(dev), generate=generate, gen_tokens=gen_tokens,
+    kw = dict(steps=steps, warmup=warmup, repeat=repeat, device=str(dev), generate=generate, gen_tokens=gen_tokens,
               cuda_graph=cuda_graph, gemm=result["gemm"], profile_dir=profile_dir, plugins=plugins, progress=progress,
               allow_cpu=allow_cpu)
     say(f"GEMM: {_rate(result['gemm']['tflops'])}")

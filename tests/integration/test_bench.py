@@ -62,8 +62,26 @@ def test_cpu_bench_profile_writes_trace_and_ops_table(tmp_path, capsys):
     assert top == sorted(top, reverse=True) and any(row["op"].startswith("aten::") for row in prof["top"])
 
 
+def test_cpu_bench_repeat_times_windows_and_reports_their_spread(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", str(RECIPES / "llama_tiny.toml"), *sets("--set", LLAMA), "--batch-size", "2", "--steps", "2",
+            "--warmup", "1", "--repeat", "3", "--json", str(out)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    run = json.loads(out.read_text())["runs"][0]
+    rates = run["tokens_per_s_windows"]
+    assert run["repeat"] == 3 and len(rates) == 3 and all(r > 0 for r in rates)
+    # the mean rate is total tokens over total time: between the slowest and the fastest window
+    assert min(rates) <= run["tokens_per_s"] <= max(rates)
+    assert run["tokens_per_s_spread"] == pytest.approx((max(rates) - min(rates)) / run["tokens_per_s"])
+    assert 3 * 2 * 2 * 32 / run["tokens_per_s"] == pytest.approx(run["step_time_s"] * 6)  # 6 steps of 2 x 32 tokens
+    assert "| 3 x 2 steps after 1 warm-up" in text
+    assert f"spread {100 * run['tokens_per_s_spread']:.1f}%" in text
+
+
 @pytest.mark.parametrize("args, message", [
     (["--steps", "0"], "--steps"),
+    (["--repeat", "0"], "--repeat"),
     (["--max-params"], "--max-params needs --memory-cap-gib"),
     (["--memory-cap-gib", "8"], "needs a CUDA device"),
     (["--generate", "--cuda-graph", "on"], "--cuda-graph on needs a CUDA device"),
