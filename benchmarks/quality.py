@@ -4,6 +4,7 @@
     python benchmarks/quality.py A.toml B.toml --seeds 0 1 2 --jobs 2 --out runs/quality
     python benchmarks/quality.py --setting tiny          # CPU smoke test (tiny models, a few steps)
     python benchmarks/quality.py --report runs/quality/quality.json   # re-render the report
+    python benchmarks/quality.py --report a/quality.json b/quality.json --out runs/merged   # merge calls
 
 Each recipe x seed trains in its own process (``--jobs`` at a time on the same device) from the
 recipe's own settings, plus ``--set`` overrides and ``--steps``. The recipes of recipes/quality/
@@ -237,6 +238,12 @@ def summarize(results: list[dict], jobs: int) -> dict:
     base = next((r for r in rows if BASELINE in r["name"]), rows[0] if rows else None)
     for r in rows:
         r["vs_baseline"] = (r["val_loss_end"] / base["val_loss_end"] - 1) if base and r["val_loss_end"] else None
+    # "three seeds where it decides": each seed against the baseline's run of the same seed
+    base_end = {run["seed"]: run.get("final_val_loss") for run in by_name.get(base["name"], [])} if base else {}
+    for r in rows:
+        pairs = {run["seed"]: run["final_val_loss"] / base_end[run["seed"]] - 1 for run in by_name[r["name"]]
+                 if r is not base and run.get("final_val_loss") and base_end.get(run["seed"])}
+        r["vs_baseline_per_seed"] = dict(sorted(pairs.items()))
     first = results[0] if results else {}
     return {"rows": rows, "baseline": base["name"] if base else None, "time_budget_s": budget, "jobs": jobs,
             "device": first.get("device"), "torch": first.get("torch"), "date": time.strftime("%Y-%m-%d"),
@@ -292,6 +299,13 @@ def markdown(summary: dict) -> str:
             f" | {f(r.get('val_loss_best'))} (@ {_tokens(r.get('tokens_best'))}) | {f(r.get('train_loss_end'))}"
             f" | {f(r['val_loss_equal_time'])}"
             f" | {f(r['tokens_per_s'], '{:,.0f}')} | {f(r['train_seconds'], '{:.0f}')} |")
+    paired = [r for r in rows if r.get("vs_baseline_per_seed")]
+    if paired:
+        lines += ["", f"Per seed against {summary['baseline']} (the final validation loss of the same seed):", ""]
+        lines += [f"- {r['name']}: " + ", ".join(f"seed {seed} {v:+.1%}" for seed, v in r["vs_baseline_per_seed"].items())
+                  + (" (better in every seed)" if len(r["vs_baseline_per_seed"]) > 1
+                     and all(v < 0 for v in r["vs_baseline_per_seed"].values()) else "")
+                  for r in paired]
     for name, by_step in (summary.get("gates") or {}).items():
         width = max(len(v) for v in by_step.values())
         lines += ["", f"Mixer gate mean per layer, {name} (the attention path's share; diagnostics rows, mean over seeds):",
@@ -343,6 +357,31 @@ def report(results: list[dict], jobs: int, out: Path) -> dict:
     return summary
 
 
+def merged_report(paths: list[str], out: Path) -> int:
+    """Re-render the report from one or several quality.json files (runs of several device
+    calls: each recipe x seed once) into ``out``."""
+    runs, jobs, seen = [], 1, {}
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+            part, part_jobs = data["runs"], data["summary"]["jobs"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"error: {path} is not a quality.json of this benchmark ({type(exc).__name__}: {exc})", file=sys.stderr)
+            return 2
+        for run in part:
+            key = (run["name"], run["seed"])
+            if key in seen:
+                print(f"error: {run['name']} seed {run['seed']} is in both {seen[key]} and {path}: give each run once",
+                      file=sys.stderr)
+                return 2
+            seen[key] = path
+        runs += part
+        jobs = max(jobs, part_jobs)
+    out.mkdir(parents=True, exist_ok=True)
+    report(runs, jobs, out)
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -355,7 +394,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/quality")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="recipe override for every run (VALUE parsed as TOML)")
-    ap.add_argument("--report", metavar="QUALITY_JSON", help="only re-render quality.md/png from a quality.json")
+    ap.add_argument("--report", metavar="QUALITY_JSON", nargs="+",
+                    help="only re-render quality.md/png from quality.json files (several: merged into --out)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -366,9 +406,7 @@ def main(argv=None) -> int:
         Path(args.result).write_text(json.dumps(result))
         return 0
     if args.report:
-        data = json.loads(Path(args.report).read_text())
-        report(data["runs"], data["summary"]["jobs"], Path(args.report).parent)
-        return 0
+        return merged_report(args.report, Path(args.out) if len(args.report) > 1 else Path(args.report[0]).parent)
 
     from phase7fw.recipe.loader import parse_set
 

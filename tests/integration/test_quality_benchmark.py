@@ -51,6 +51,47 @@ def test_summary_equal_tokens_equal_time_and_bits_per_byte():
     assert "| phase7_100m | 0.0M | 2 |" in md and "1.5000 ± 0.1414" in md
 
 
+def _final(run):
+    run["final_val_loss"] = run["val"][-1]["loss"]
+    return run
+
+
+def test_each_seed_against_the_baseline_of_the_same_seed():
+    q = _load()
+    base = [_final(_run("llama_100m", s, [(1, 10, 1.0, loss)])) for s, loss in ((0, 2.0), (1, 1.0))]
+    better = [_final(_run("phase7_100m", s, [(1, 10, 1.0, loss)])) for s, loss in ((0, 1.8), (1, 0.95))]
+    mixed = [_final(_run("phase7_100m_x", s, [(1, 10, 1.0, loss)])) for s, loss in ((0, 2.2), (2, 0.5))]
+    summary = q.summarize([*base, *better, *mixed], jobs=1)
+    rows = {r["name"]: r for r in summary["rows"]}
+    assert rows["phase7_100m"]["vs_baseline_per_seed"] == pytest.approx({0: -0.1, 1: -0.05})
+    assert rows["phase7_100m_x"]["vs_baseline_per_seed"] == pytest.approx({0: 0.1})  # seed 2 has no baseline run
+    assert rows["llama_100m"]["vs_baseline_per_seed"] == {}
+    md = q.markdown(summary)
+    assert "- phase7_100m: seed 0 -10.0%, seed 1 -5.0% (better in every seed)" in md
+    assert "- phase7_100m_x: seed 0 +10.0%\n" in md
+
+
+def test_report_merges_the_runs_of_several_calls_and_refuses_a_run_given_twice(tmp_path):
+    q = _load()
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, runs in ((a, [_final(_run("llama_100m", 0, [(1, 10, 1.0, 2.0)]))]),
+                         (b, [_final(_run("phase7_100m", 0, [(1, 10, 2.0, 1.5)]))])):
+        folder.mkdir()
+        (folder / "quality.json").write_text(json.dumps({"summary": {"jobs": 2}, "runs": runs}))
+    merged = tmp_path / "merged"
+    assert q.main(["--report", str(a / "quality.json"), str(b / "quality.json"), "--out", str(merged)]) == 0
+    data = json.loads((merged / "quality.json").read_text())
+    assert [r["name"] for r in data["summary"]["rows"]] == ["llama_100m", "phase7_100m"]
+    assert data["summary"]["rows"][1]["vs_baseline"] == pytest.approx(-0.25)
+    assert "- phase7_100m: seed 0 -25.0%\n" in (merged / "quality.md").read_text()  # one seed: no "every seed"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--report", str(a / "quality.json"), str(a / "quality.json"),
+                           "--out", str(merged)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and "llama_100m seed 0 is in both" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--report", str(tmp_path / "none.json")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and "none.json is not a quality.json" in proc.stderr
+
+
 def test_gate_means_per_layer_first_and_last_step_mean_over_seeds():
     q = _load()
     runs = []
