@@ -359,14 +359,22 @@ def report(results: list[dict], jobs: int, out: Path) -> dict:
 
 def merged_report(paths: list[str], out: Path) -> int:
     """Re-render the report from one or several quality.json files (runs of several device
-    calls: each recipe x seed once) into ``out``."""
+    calls: each recipe x seed once) into ``out``. A worker's own result (``logs/NAME_sSEED.json``,
+    kept when a call ran out of time before the report) counts as one run."""
     runs, jobs, seen = [], 1, {}
     for path in paths:
         try:
             data = json.loads(Path(path).read_text())
-            part, part_jobs = data["runs"], data["summary"]["jobs"]
+            if "runs" in data:
+                part, part_jobs = data["runs"], data["summary"]["jobs"]
+            else:  # one worker result
+                part, part_jobs = [data], 1
+                missing = [key for key in ("name", "seed", "val") if key not in data]
+                if missing:
+                    raise KeyError(missing[0])
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            print(f"error: {path} is not a quality.json of this benchmark ({type(exc).__name__}: {exc})", file=sys.stderr)
+            print(f"error: {path}: cannot read it as a quality.json or a run's result of this benchmark"
+                  f" ({type(exc).__name__}: {exc})", file=sys.stderr)
             return 2
         for run in part:
             key = (run["name"], run["seed"])

@@ -84,12 +84,20 @@ def test_report_merges_the_runs_of_several_calls_and_refuses_a_run_given_twice(t
     assert [r["name"] for r in data["summary"]["rows"]] == ["llama_100m", "phase7_100m"]
     assert data["summary"]["rows"][1]["vs_baseline"] == pytest.approx(-0.25)
     assert "- phase7_100m: seed 0 -25.0%\n" in (merged / "quality.md").read_text()  # one seed: no "every seed"
+    # a worker's own result (logs/NAME_sSEED.json, left by a call that ran out of time) is one run
+    (tmp_path / "phase7_100m_x_s1.json").write_text(json.dumps(_final(_run("phase7_100m_x", 1, [(1, 10, 2.0, 3.0)]))))
+    assert q.main(["--report", str(a / "quality.json"), str(tmp_path / "phase7_100m_x_s1.json"), "--out",
+                   str(tmp_path / "m2")]) == 0
+    assert [r["name"] for r in json.loads((tmp_path / "m2" / "quality.json").read_text())["summary"]["rows"]] == \
+        ["llama_100m", "phase7_100m_x"]
     proc = subprocess.run([sys.executable, str(SCRIPT), "--report", str(a / "quality.json"), str(a / "quality.json"),
                            "--out", str(merged)], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and "llama_100m seed 0 is in both" in proc.stderr and "Traceback" not in proc.stderr
     proc = subprocess.run([sys.executable, str(SCRIPT), "--report", str(tmp_path / "none.json")],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert proc.returncode == 2 and "none.json is not a quality.json" in proc.stderr
+    assert proc.returncode == 2 and "none.json: cannot read it as a quality.json" in proc.stderr
+    (tmp_path / "other.json").write_text(json.dumps({"seed": 0}))
+    assert q.main(["--report", str(tmp_path / "other.json"), "--out", str(tmp_path / "m3")]) == 2
 
 
 def test_gate_means_per_layer_first_and_last_step_mean_over_seeds():
