@@ -706,8 +706,7 @@ class Engine:
                 with self.autocast():
                     # Through the (possibly wrapped) loss, so FSDP gathers its shards; the
                     # validation number is the cross-entropy without auxiliary losses.
-                    self._begin_forward()
-                    loss, metrics = self._loss_fn(x, y)
+                    loss, metrics = self._forward_loss(x, y)
                 total += metrics.get("ce_loss", loss).detach().float()
         finally:
             self.model.train(was_training)
@@ -719,12 +718,14 @@ class Engine:
             bpb = bits_per_byte(loss, tokens, mean_bytes)
         return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "bpb": bpb, "tokens": tokens}
 
-    def _begin_forward(self) -> None:
-        """Before each training or validation forward: with a CUDA-graph compile mode
-        (``train.compile_mode``), tell the graph trees that a new micro-batch begins, so the
-        previous one's graph outputs (already consumed by its backward) may be overwritten."""
+    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor):
+        """Every training and validation forward: ``_loss_fn(x, y)``. With a CUDA-graph compile
+        mode (``train.compile_mode``) it first tells the graph trees that a new micro-batch
+        begins, so the previous one's graph outputs (already consumed by its backward) may be
+        overwritten."""
         if self._cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
+        return self._loss_fn(x, y)
 
     def autocast(self):
         precision = self.recipe.train.precision

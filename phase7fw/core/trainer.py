@@ -275,8 +275,7 @@ class Trainer:
             # Gradients are all-reduced only with the last micro-batch of the step.
             with distributed.gradient_sync(e._loss_fn, e.dist, enabled=i == t.grad_accum_steps - 1):
                 with section("forward"), e.autocast():
-                    e._begin_forward()
-                    loss, metrics = e._loss_fn(x, y)
+                    loss, metrics = e._forward_loss(x, y)
                 with section("backward"):
                     scaled = loss / t.grad_accum_steps
                     (e.scaler.scale(scaled) if e.scaler else scaled).backward()
@@ -343,8 +342,7 @@ class Trainer:
         def forward():
             e.model.begin_step()
             with section("forward"), e.autocast():
-                e._begin_forward()
-                return e._loss_fn(x, y)
+                return e._forward_loss(x, y)
 
         def backward(loss):  # None: no backward (skipped step), only the model's step state ends
             with section("backward"):
