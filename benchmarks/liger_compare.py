@@ -94,16 +94,21 @@ def _graph_ms(fwd_bwd) -> float:
     return triton.testing.do_bench(graph.replay, warmup=10, rep=50)
 
 
+def _why(exc: Exception, limit: int) -> str:
+    text = str(exc).splitlines()[0][:limit] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"
+
+
 def measure(op: str, impls: dict, rows: int, device) -> dict:
-    """Errors against float64 and GPU time of each implementation of ``op``."""
+    """Errors against float64 and GPU time of each implementation of ``op`` (``impls["reference"]``,
+    the torch reference, also gives the float64 result)."""
     import triton.testing
 
     g = torch.Generator().manual_seed(0)
     diff, other, gout = _inputs(op, rows, g)
     other = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in other)
-    ref_fn = _ours_and_reference(op)[1]
     ref_in = [t.to(device, torch.float64).requires_grad_() for t in diff]
-    ref_out = ref_fn(*ref_in, *other)
+    ref_out = impls["reference"](*ref_in, *other)
     gout64 = None if gout is None else gout.to(device, torch.float64)
     ref_grads = torch.autograd.grad(ref_out, ref_in, gout64)
     result = {}
@@ -131,9 +136,9 @@ def measure(op: str, impls: dict, rows: int, device) -> dict:
             try:
                 result[name]["graph_ms"] = _graph_ms(fwd_bwd)
             except Exception as exc:  # noqa: BLE001 - an op that cannot be captured still has its eager time
-                result[name]["graph_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+                result[name]["graph_error"] = _why(exc, 120)
         except Exception as exc:  # noqa: BLE001 - one failing implementation never hides the others
-            result[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
+            result[name] = {"error": _why(exc, 200)}
     return result
 
 
