@@ -242,7 +242,7 @@ def main() -> int:
 
     if args.sweep:
         res["sweep"] = sweep(dev)
-        (out / "kernels.json").write_text(json.dumps(res, indent=1, default=str))
+        save_json(out, res)
         md += ["### Block-size sweep (ms)", "", "```", json.dumps(res["sweep"], indent=1, default=str), "```", ""]
 
     only = args.only_verify
@@ -254,7 +254,7 @@ def main() -> int:
         print(table, flush=True)
         md += ["### Correctness (fp64 reference, gate 1e-2)", "", table, ""]
         res["verify"] = [r.__dict__ for r in rows]
-        (out / "kernels.json").write_text(json.dumps(res, indent=1, default=str))
+        save_json(out, res)
         if args.only_verify is not None and not args.ssm_only:
             return 0 if all(r.ok for r in rows) else 1
         verified = all(r.ok for r in rows)
@@ -334,7 +334,7 @@ def main() -> int:
     res["attention_ms"] = t
     print(t, flush=True)
     if args.attention_only:
-        (out / "kernels.json").write_text(json.dumps(res, indent=1, default=str))
+        save_json(out, res)
         return 0
 
     mem = {}
@@ -406,6 +406,11 @@ def main() -> int:
     return 0
 
 
+def save_json(out: Path, res: dict) -> None:
+    """kernels.json: everything measured so far (written after each part, so a run cut short keeps it)."""
+    (out / "kernels.json").write_text(json.dumps(res, indent=1, default=str))
+
+
 def report(out: Path, res: dict, md: list, timings: dict, ratios: dict) -> None:
     """Print the Markdown (``md`` then the timings and ratios tables) and write kernels.md and kernels.json."""
     md += ["### Timings (median ms, do_bench)", "", "| what | ms |", "|---|---|"]
@@ -414,7 +419,7 @@ def report(out: Path, res: dict, md: list, timings: dict, ratios: dict) -> None:
     text = "\n".join(md)
     print(text, flush=True)
     (out / "kernels.md").write_text(text + "\n")
-    (out / "kernels.json").write_text(json.dumps(res, indent=1, default=str))
+    save_json(out, res)
 
 
 if __name__ == "__main__":
