@@ -1,13 +1,14 @@
-"""The AR-SSM's causal depthwise convolution, forward + backward: ``F.conv1d(groups=d)`` (cuDNN on
-a GPU, what the model runs) against the same convolution as K shifted multiply-adds in fp32,
-eager and under torch.compile, at the 1.5B model's shape (issue 16: could a form that
-torch.compile fuses replace cuDNN's depthwise path? benchmarks/RESULTS.md has the answer).
+"""The AR-SSM's causal depthwise convolution, forward + backward, as the model calls it on
+u (b, t, d): the `causal_conv` op's torch reference (transpose, pad, ``F.conv1d(groups=d)``:
+cuDNN on a GPU, transpose back), the same K shifted multiply-adds in fp32 eager and under
+torch.compile, and the op's Triton kernel (`[kernels] causal_conv = "triton"`), at the 1.5B
+model's shape (issue 16: what replaces cuDNN's depthwise path? benchmarks/RESULTS.md).
 
     python benchmarks/ssm_conv.py [--batch 8] [--seq 1024] [--d-model 2048] [--kernel 4] [--json PATH]
 
-bf16 autocast on a GPU (what training runs), fp32 on a CPU (tiny default shape; says so).
-Prints the median milliseconds of forward + backward per call (one layer) and the largest
-difference of each output and gradient from conv1d's.
+bf16 autocast on a GPU (what training runs), fp32 on a CPU (tiny default shape, the Triton row
+only under TRITON_INTERPRET=1; says so). Prints the median milliseconds of forward + backward
+per call (one layer) and the largest difference of each output and gradient from the reference's.
 """
 
 from __future__ import annotations
@@ -15,29 +16,29 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-def depthwise_conv(seq, weight, bias):
-    """conv1d(seq (b, d, L), weight (d, 1, K), bias, groups=d) as K shifted multiply-adds,
-    accumulated in fp32 and rounded once (under autocast: inputs and result in its dtype)."""
-    out_dtype = torch.promote_types(seq.dtype, weight.dtype)
-    if torch.is_autocast_enabled(seq.device.type):
-        out_dtype = torch.get_autocast_dtype(seq.device.type)
-        seq, weight, bias = seq.to(out_dtype), weight.to(out_dtype), bias.to(out_dtype)
-    K, n = weight.shape[-1], seq.shape[-1] - weight.shape[-1] + 1
+from phase7fw.kernels.causal_conv import causal_conv_reference
+
+def shifted_adds(u, weight, bias):
+    """causal_conv(u (b, t, d), weight (d, 1, K), bias) as K shifted multiply-adds, accumulated
+    in fp32 and rounded once (under autocast: inputs and result in its dtype)."""
+    out_dtype = torch.promote_types(u.dtype, weight.dtype)
+    if torch.is_autocast_enabled(u.device.type):
+        out_dtype = torch.get_autocast_dtype(u.device.type)
+        u, weight, bias = u.to(out_dtype), weight.to(out_dtype), bias.to(out_dtype)
+    K, T = weight.shape[-1], u.shape[1]
+    padded = F.pad(u.float(), (0, 0, K - 1, 0))
     w = weight.reshape(-1, K).float()
-    out = bias.float().unsqueeze(-1) + w[:, :1] * seq[..., :n].float()
-    for k in range(1, K):
-        out = out + w[:, k : k + 1] * seq[..., k : k + n].float()
+    out = bias.float()
+    for k in range(K):
+        out = out + w[:, k] * padded[:, k : k + T]
     return out.to(out_dtype)
-
-
-def conv1d(seq, w, b):
-    return F.conv1d(seq, w, b, groups=w.shape[0])
 
 
 def median_ms(fn, device, reps: int) -> float:
@@ -70,33 +71,39 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if cuda else torch.float32
     g = torch.Generator(device=device).manual_seed(0)
     K, d = args.kernel, args.d_model
-    seq = torch.randn(args.batch, d, args.seq + K - 1, device=device, dtype=dtype, generator=g)
+    u = torch.randn(args.batch, args.seq, d, device=device, dtype=dtype, generator=g)
     w = torch.randn(d, 1, K, device=device, generator=g) / K**0.5
     b = torch.randn(d, device=device, generator=g)
-    up = torch.randn(args.batch, d, args.seq, device=device, dtype=dtype, generator=g)
+    dy = torch.randn(args.batch, args.seq, d, device=device, dtype=dtype, generator=g)
 
     def step(fn):
-        s, wi, bi = (t.detach().requires_grad_() for t in (seq, w, b))
+        ui, wi, bi = (t.detach().requires_grad_() for t in (u, w, b))
         with torch.autocast(device.type, dtype=dtype, enabled=cuda):
-            out = fn(s, wi, bi)
-        out.backward(up)
-        return out.detach().float(), s.grad.float(), wi.grad, bi.grad
+            out = fn(ui, wi, bi)
+        out.backward(dy)
+        return out.detach().float(), ui.grad.float(), wi.grad, bi.grad
 
-    ref = step(conv1d)
+    ref = step(causal_conv_reference)
     rows = []
-    impls = [("F.conv1d (cuDNN on CUDA)", conv1d), ("depthwise_conv, eager", depthwise_conv),
-             ("depthwise_conv, torch.compile", torch.compile(depthwise_conv))]
+    impls = [("reference (F.conv1d, cuDNN on CUDA)", causal_conv_reference),
+             ("shifted adds, eager", shifted_adds), ("shifted adds, torch.compile", torch.compile(shifted_adds))]
+    if cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        from phase7fw.kernels.causal_conv.kernel import causal_conv_triton
+
+        impls.append(("triton (phase7fw causal_conv)", causal_conv_triton))
+    else:
+        print("no CUDA device and TRITON_INTERPRET unset: no Triton row")
     for name, fn in impls:
         got = step(fn)
         diffs = [(a - r).abs().max().item() / r.abs().max().clamp_min(1e-30).item() for a, r in zip(got, ref)]
         ms = median_ms(lambda fn=fn: step(fn), device, args.reps)
-        rows.append({"impl": name, "fwd_bwd_ms": ms, "rel_diff_out_dseq_dw_db": diffs})
-        print(f"{name:34s} {ms:8.3f} ms   rel. diff vs conv1d (out, dseq, dw, db): "
+        rows.append({"impl": name, "fwd_bwd_ms": ms, "rel_diff_out_du_dw_db": diffs})
+        print(f"{name:36s} {ms:8.3f} ms   rel. diff vs reference (out, du, dw, db): "
               + ", ".join(f"{x:.1e}" for x in diffs))
     if args.json:
         meta = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-                "shape": [args.batch, d, args.seq, K], "dtype": str(dtype)}
+                "shape (b, t, d, K)": [args.batch, args.seq, d, K], "dtype": str(dtype)}
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     return 0
 

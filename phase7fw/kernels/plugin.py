@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from phase7fw.hookspecs import hookimpl
 from phase7fw.kernels import ar_ssm_scan, cross_entropy, htt_embedding, hyperbolic_attention, hyperbolic_linear_attention
-from phase7fw.kernels import rmsnorm, swiglu
+from phase7fw.kernels import causal_conv, rmsnorm, swiglu
 
 #: The built-in ops (their folders), in registration order.
-OPS = (hyperbolic_attention, ar_ssm_scan, htt_embedding, rmsnorm, swiglu, cross_entropy, hyperbolic_linear_attention)
+OPS = (hyperbolic_attention, ar_ssm_scan, htt_embedding, rmsnorm, swiglu, cross_entropy, hyperbolic_linear_attention,
+       causal_conv)
 
 
 @hookimpl

@@ -22,17 +22,18 @@ __all__ = ["GATE", "ORDER", "OPS", "Row", "format_table", "gated_row", "smoke", 
 
 #: The built-in ops, in the order ``smoke`` reports them.
 OPS = ("hyperbolic_attention", "ar_ssm_scan", "rmsnorm", "swiglu", "cross_entropy", "htt_embedding",
-       "hyperbolic_linear_attention")
+       "hyperbolic_linear_attention", "causal_conv")
 
 #: ``verify``'s cases in a fixed order, (op, the op's case number): tests/gpu runs them one by
 #: one by index (0-2 attention full / window / odd T, 3 the distance gate, 4-5 the SSM, 6-10
 #: RMSNorm, SwiGLU, cross-entropy, HTT, linear attention, each possibly several rows, 11-12
 #: attention with the squared_distance and dot_distance scores, 13 the SSM at long sequences
-#: with batch 1). Every SSM case gives a row per ``[kernels.ar_ssm_scan] schedule``.
+#: with batch 1, 14 the SSM's causal convolution). Every SSM case gives a row per ``[kernels.ar_ssm_scan] schedule``.
 ORDER = [("hyperbolic_attention", 0), ("hyperbolic_attention", 1), ("hyperbolic_attention", 2),
          ("hyperbolic_attention", 3), ("ar_ssm_scan", 0), ("ar_ssm_scan", 1), ("rmsnorm", 0), ("swiglu", 0),
          ("cross_entropy", 0), ("htt_embedding", 0), ("hyperbolic_linear_attention", 0),
-         ("hyperbolic_attention", 4), ("hyperbolic_attention", 5), ("ar_ssm_scan", 2)]
+         ("hyperbolic_attention", 4), ("hyperbolic_attention", 5), ("ar_ssm_scan", 2),
+         ("causal_conv", 0)]
 
 
 def _module(op: str):

@@ -15,11 +15,12 @@ pytestmark = [
 
 from phase7fw.kernels.verify import ORDER  # noqa: E402 - imports no kernel module
 
-CASES = list(range(len(ORDER)))  # phase7fw.kernels.verify.verify (14 cases): attention full / window / odd T,
+CASES = list(range(len(ORDER)))  # phase7fw.kernels.verify.verify (15 cases): attention full / window / odd T,
 #   distance gate near the boundary, SSM real shape / odd T, then rmsnorm, swiglu,
 #   linear cross-entropy, HTT embedding and hyperbolic linear attention (each of those may
 #   give several rows), then attention with squared_distance and dot_distance scores, then
-#   the SSM at long sequences with batch 1 (every SSM case: a row per schedule)
+#   the SSM at long sequences with batch 1 (every SSM case: a row per schedule), then the
+#   SSM's causal convolution
 
 
 @pytest.mark.parametrize("case", CASES)

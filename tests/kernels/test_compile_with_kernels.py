@@ -1,5 +1,5 @@
 """torch.compile traces through every Triton kernel (custom ops with fake implementations and
-registered autograd): the embedding and each block of a phase7 model with all six kernels
+registered autograd): the embedding and each block of a phase7 model with all its seven kernels
 compile with fullgraph=True (no graph break) and give the eager reference model's loss and
 gradients; the static decode step with every kernel compiles whole (what ``--compile-step``
 hands to a CUDA graph) and decodes the eager model's tokens.
@@ -24,8 +24,9 @@ def test_phase7_blocks_compile_fullgraph_through_all_kernels():
     torch.manual_seed(0)
     fast = build_model(rec, "cpu", vocab_size=300, kernels={op: "triton" for op in KERNEL_OPS})
     fast.load_state_dict(ref.state_dict())
-    picked = [fast.blocks[0].attn.attention_fn, fast.blocks[0].ssm.scan_impl, fast.embedding.gather_fn,
-              fast.blocks[0].norm1.norm_impl, fast.blocks[0].ffn.glu_impl, fast.cross_entropy_fn]
+    picked = [fast.blocks[0].attn.attention_fn, fast.blocks[0].ssm.scan_impl, fast.blocks[0].ssm.conv_impl,
+              fast.embedding.gather_fn, fast.blocks[0].norm1.norm_impl, fast.blocks[0].ffn.glu_impl,
+              fast.cross_entropy_fn]
     assert all(f.__module__.startswith("phase7fw.kernels.") for f in picked), [f.__module__ for f in picked]
     for module in (fast.embedding, *fast.blocks):
         module.compile(backend="aot_eager", fullgraph=True)

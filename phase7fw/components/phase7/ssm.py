@@ -29,7 +29,8 @@ attention-only block (no SSM path, no mixing gate).
 
 The scan is the ``ar_ssm_scan`` op (phase7fw/kernels/ar_ssm_scan/: the chunked torch
 reference, the plain recurrence used as the test oracle, the Triton kernel that ``[kernels]
-ar_ssm_scan`` selects by replacing ``module.scan_impl``, and their checks).
+ar_ssm_scan`` selects by replacing ``module.scan_impl``, and their checks); the convolution is the
+``causal_conv`` op (phase7fw/kernels/causal_conv/, ``module.conv_impl``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from torch import nn
 from phase7fw.errors import Phase7Error
 from phase7fw.hookspecs import hookimpl
 from phase7fw.kernels.ar_ssm_scan import ar_ssm_scan
+from phase7fw.kernels.causal_conv import causal_conv
 from phase7fw.recipe.options import non_negative, option, positive
 
 
@@ -129,6 +131,7 @@ class ArSsm(nn.Module):
         self.output_gate = output_gate
         #: The scan (x, B, C, log_decay, chunk_size) -> y; kernel selection may swap it.
         self.scan_impl = ar_ssm_scan
+        self.conv_impl = causal_conv
 
         H, r = n_heads, max_rank
         self.conv_weight = nn.Parameter(torch.empty(d_model, 1, conv_size))
@@ -166,8 +169,7 @@ class ArSsm(nn.Module):
 
     def causal_conv(self, u: torch.Tensor) -> torch.Tensor:
         """Depthwise conv over time with K-1 zeros on the left only: out_t uses u_{t-K+1..t}."""
-        u = F.pad(u.transpose(1, 2), (self.conv_size - 1, 0))
-        return F.conv1d(u, self.conv_weight, self.conv_bias, groups=self.d_model).transpose(1, 2)
+        return self.conv_impl(u, self.conv_weight, self.conv_bias)
 
     def rank_gate(self, logits: torch.Tensor | None, shape) -> torch.Tensor:
         """g (b, t, H, r) in fp32: min_rank ones, then sigmoid of the gate logits."""
@@ -284,10 +286,11 @@ def build_ar_ssm(config: ArSsmConfig, *, d_model: int, seq_len: int, layer_idx: 
         layer_idx=layer_idx,
     )
     module.seq_len = seq_len
-    # [kernels] ar_ssm_scan: swap in the Triton scan (same signature, no parameters).
+    # [kernels] ar_ssm_scan / causal_conv: swap in the Triton ops (same signatures, no parameters).
     from phase7fw.kernels import select
 
     module.scan_impl = select(context, "ar_ssm_scan", module.scan_impl)
+    module.conv_impl = select(context, "causal_conv", module.conv_impl)
     return module
 
 
