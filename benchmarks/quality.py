@@ -17,11 +17,13 @@ its end, bits per byte at the end (loss / ln 2 x tokens / bytes of the validatio
 models with different tokenizers compare), the best validation loss and where it was, the
 training loss over the last tenth of the steps (with the best loss: overfitting shows), tokens/s,
 and the validation loss at equal wall clock: at the training time of the fastest recipe,
-interpolated linearly between evaluations. With ``--set 'callbacks=[{name="diagnostics",
+interpolated linearly between evaluations. With ``--jobs`` > 1 the runs share the device, so
+their own training times compare nothing: ``--speed-steps N`` then times each recipe alone
+afterwards (N steps, one recipe at a time) and puts the equal-wall-clock column on those
+speeds (each evaluation at tokens / solo tokens/s); the report says which it used. With ``--set 'callbacks=[{name="diagnostics",
 every=500}]'`` the runs log per-layer statistics and the report adds the mixer gate's mean per
 layer (the attention path's share) at the first and last diagnostics step.
-Training time excludes evaluation; with ``--jobs`` > 1 the runs share the device and their
-times are only comparable when the runs were alike (the report says so).
+Training time excludes evaluation.
 """
 
 from __future__ import annotations
@@ -158,6 +160,25 @@ def run_all(specs: list[dict], jobs: int, out: Path) -> list[dict]:
     return [results[i] for i in sorted(results)]
 
 
+def measure_speeds(specs: list[dict], steps: int, out: Path) -> dict[str, float]:
+    """{recipe name: tokens/s} of each recipe trained alone for ``steps`` steps (its first
+    seed's settings, one evaluation of one batch at the end; the second half of the steps
+    counts, so compilation does not)."""
+    probes, seen = [], set()
+    for spec in specs:
+        if spec["name"] in seen:
+            continue
+        seen.add(spec["name"])
+        over = dict(spec["overrides"], **{
+            "train.max_steps": steps, "train.eval_every": steps, "train.eval_batches": 1,
+            "train.log_every": max(1, steps // 10), "train.save_every": steps,
+            "run.output_dir": str(Path(spec["overrides"]["run.output_dir"]).parent / f"{spec['name']}_speed")})
+        over.pop("callbacks", None)  # diagnostics would be timed too
+        probes.append(dict(spec, name=f"{spec['name']}_speed", seed=spec["seed"], overrides=over))
+    print(f"timing each recipe alone for {steps} steps (equal wall clock at these speeds)", flush=True)
+    return {r["name"].removesuffix("_speed"): r["tokens_per_s"] for r in run_all(probes, 1, out) if r.get("tokens_per_s")}
+
+
 def prepare_data(spec: dict) -> None:
     """Tokenize the data of one run into the shared cache (every recipe here uses the same)."""
     from phase7fw.data.mixture import load_mix
@@ -199,12 +220,20 @@ def _mean_std(values):
     return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0)
 
 
-def summarize(results: list[dict], jobs: int) -> dict:
-    """Per recipe (mean over seeds): params, losses at equal tokens and at equal wall clock."""
+def summarize(results: list[dict], jobs: int, speeds: dict | None = None) -> dict:
+    """Per recipe (mean over seeds): params, losses at equal tokens and at equal wall clock.
+    ``speeds`` ({name: tokens/s measured alone}, ``--speed-steps``): when it has every recipe,
+    equal wall clock is reckoned at those speeds instead of the runs' own training times."""
     by_name: dict[str, list[dict]] = {}
     for r in results:
         by_name.setdefault(r["name"], []).append(r)
-    budget = min((r["train_seconds"] for r in results if r["train_seconds"]), default=None)
+    solo = speeds if speeds and all(speeds.get(name) for name in by_name) else None
+
+    def seconds(run, point):  # training time of an evaluation: measured, or at the solo speed
+        return point["tokens"] / solo[run["name"]] if solo else point["train_seconds"]
+
+    ends = [seconds(r, r["val"][-1]) for r in results if r["val"]]
+    budget = min((t for t in ends if t), default=None)
     rows = []
     for name, runs in by_name.items():
         steps = sorted({v["step"] for r in runs for v in r["val"]})
@@ -215,7 +244,7 @@ def summarize(results: list[dict], jobs: int) -> dict:
 
         end, end_sd = _mean_std([loss_at(r, steps[-1]) for r in runs] if steps else [])
         early, _ = _mean_std([loss_at(r, third) for r in runs] if steps else [])
-        at_budget, _ = _mean_std([_interp([(v["train_seconds"], v["loss"]) for v in r["val"]], budget)
+        at_budget, _ = _mean_std([_interp([(seconds(r, v), v["loss"]) for v in r["val"]], budget)
                                   for r in runs] if budget else [])
         bpt = runs[0]["bytes_per_token"] or 1.0
         # overfitting shows as a best validation loss before the end and a training loss far
@@ -232,6 +261,7 @@ def summarize(results: list[dict], jobs: int) -> dict:
             "val_loss_equal_time": at_budget, "val_loss_best": best, "tokens_best": best_tokens,
             "train_loss_end": train_end,
             "tokens_per_s": _mean_std([r["tokens_per_s"] for r in runs])[0],
+            "solo_tokens_per_s": solo[name] if solo else None,
             "train_seconds": _mean_std([r["train_seconds"] for r in runs])[0],
             "peak_memory_gib": runs[0]["peak_memory_gib"],
         })
@@ -246,6 +276,7 @@ def summarize(results: list[dict], jobs: int) -> dict:
         r["vs_baseline_per_seed"] = dict(sorted(pairs.items()))
     first = results[0] if results else {}
     return {"rows": rows, "baseline": base["name"] if base else None, "time_budget_s": budget, "jobs": jobs,
+            "equal_time_from": "solo speeds" if solo else "training times", "solo_tokens_per_s": speeds or {},
             "device": first.get("device"), "torch": first.get("torch"), "date": time.strftime("%Y-%m-%d"),
             "gates": gate_means(by_name)}
 
@@ -281,14 +312,20 @@ def markdown(summary: dict) -> str:
     rows = summary["rows"]
     early = rows[0]["tokens_early"] if rows else None
     end = rows[0]["tokens_end"] if rows else None
+    shared = f"; runs shared the device ({summary['jobs']} at a time)" if summary["jobs"] > 1 else ""
+    if summary.get("equal_time_from") == "solo speeds":
+        when = (f"{f(summary['time_budget_s'], '{:.0f}')} s at each recipe's tokens/s measured alone"
+                f" (the fastest recipe's run){shared}")
+    else:
+        when = (f"{f(summary['time_budget_s'], '{:.0f}')} s of training (the fastest recipe's)"
+                + (f"{shared}: their times compare nothing unless the runs were alike (--speed-steps)" if shared else ""))
     lines = [
         f"Quality benchmark, {summary['date']}, {summary['device']}, torch {summary['torch']}; validation loss in"
-        f" nats/token (mean over seeds, ± std where several); equal wall clock = {f(summary['time_budget_s'], '{:.0f}')} s"
-        f" of training (the fastest recipe's){'; runs shared the device (' + str(summary['jobs']) + ' at a time)' if summary['jobs'] > 1 else ''}.",
+        f" nats/token (mean over seeds, ± std where several); equal wall clock = {when}.",
         "",
         f"| recipe | params | seeds | val loss @ {_tokens(early)} tok | val loss @ {_tokens(end)} tok"
         f" | vs {summary['baseline']} | bits/byte | best val loss (@ tok) | train loss @ end"
-        " | val loss @ equal time | tokens/s | train s |",
+        " | val loss @ equal time | tokens/s (alone) | train s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -298,7 +335,9 @@ def markdown(summary: dict) -> str:
             f" | {f(r['vs_baseline'], '{:+.1%}')} | {f(r['bpb_end'])}"
             f" | {f(r.get('val_loss_best'))} (@ {_tokens(r.get('tokens_best'))}) | {f(r.get('train_loss_end'))}"
             f" | {f(r['val_loss_equal_time'])}"
-            f" | {f(r['tokens_per_s'], '{:,.0f}')} | {f(r['train_seconds'], '{:.0f}')} |")
+            f" | {f(r['tokens_per_s'], '{:,.0f}')}"
+            + (f" ({r['solo_tokens_per_s']:,.0f})" if r.get("solo_tokens_per_s") else "")
+            + f" | {f(r['train_seconds'], '{:.0f}')} |")
     paired = [r for r in rows if r.get("vs_baseline_per_seed")]
     if paired:
         lines += ["", f"Per seed against {summary['baseline']} (the final validation loss of the same seed):", ""]
@@ -346,8 +385,8 @@ def plot(results: list[dict], path: Path) -> str | None:
     return None
 
 
-def report(results: list[dict], jobs: int, out: Path) -> dict:
-    summary = summarize(results, jobs)
+def report(results: list[dict], jobs: int, out: Path, speeds: dict | None = None) -> dict:
+    summary = summarize(results, jobs, speeds)
     (out / "quality.json").write_text(json.dumps({"summary": summary, "runs": results}, indent=1))
     md = markdown(summary)
     (out / "quality.md").write_text(md)
@@ -361,12 +400,14 @@ def merged_report(paths: list[str], out: Path) -> int:
     """Re-render the report from one or several quality.json files (runs of several device
     calls: each recipe x seed once) into ``out``. A worker's own result (``logs/NAME_sSEED.json``,
     kept when a call ran out of time before the report) counts as one run."""
-    runs, jobs, seen = [], 1, {}
+    runs, jobs, seen, speeds = [], 1, {}, {}
     for path in paths:
         try:
             data = json.loads(Path(path).read_text())
             if "runs" in data:
                 part, part_jobs = data["runs"], data["summary"]["jobs"]
+                for name, tok_s in (data["summary"].get("solo_tokens_per_s") or {}).items():
+                    speeds.setdefault(name, tok_s)  # the first file's measurement of a recipe
             else:  # one worker result
                 part, part_jobs = [data], 1
                 missing = [key for key in ("name", "seed", "val") if key not in data]
@@ -386,7 +427,7 @@ def merged_report(paths: list[str], out: Path) -> int:
         runs += part
         jobs = max(jobs, part_jobs)
     out.mkdir(parents=True, exist_ok=True)
-    report(runs, jobs, out)
+    report(runs, jobs, out, speeds)
     return 0
 
 
@@ -399,6 +440,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--steps", type=int, default=None, help="override train.max_steps of every recipe")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time on the device")
+    ap.add_argument("--speed-steps", type=int, default=0, metavar="N",
+                    help="after the runs, time each recipe alone for N steps: equal wall clock at those speeds")
     ap.add_argument("--out", default="runs/quality")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="recipe override for every run (VALUE parsed as TOML)")
@@ -436,7 +479,8 @@ def main(argv=None) -> int:
     results = run_all(specs, max(1, args.jobs), out)
     if not results:
         return 1
-    report(results, args.jobs, out)
+    speeds = measure_speeds(specs, args.speed_steps, out) if args.speed_steps > 0 else None
+    report(results, args.jobs, out, speeds)
     return 0 if len(results) == len(specs) else 1
 
 

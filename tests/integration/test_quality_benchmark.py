@@ -51,6 +51,44 @@ def test_summary_equal_tokens_equal_time_and_bits_per_byte():
     assert "| phase7_100m | 0.0M | 2 |" in md and "1.5000 ± 0.1414" in md
 
 
+def test_equal_time_at_solo_speeds_when_the_runs_shared_the_device():
+    """--speed-steps: with every recipe's tokens/s measured alone, equal wall clock is each
+    evaluation's tokens / that speed (the runs' own shared-device times are ignored)."""
+    q = _load()
+    # the runs' own times say phase7 was faster (it shared the device with fewer runs) ...
+    fast = _run("llama_100m", 0, [(1, 10, 5.0, 3.0), (2, 20, 10.0, 2.0), (3, 30, 15.0, 1.5)])
+    slow = _run("phase7_100m", 0, [(1, 10, 1.0, 2.8), (2, 20, 2.0, 1.8), (3, 30, 3.0, 1.4)])
+    assert q.summarize([fast, slow], jobs=2)["time_budget_s"] == 3.0
+    # ... alone, llama reads 10 tokens/s and phase7 5: llama's 30 tokens take 3 s, in which
+    # phase7 reads 15 tokens, halfway between its evaluations at 10 and 20 tokens
+    summary = q.summarize([fast, slow], jobs=2, speeds={"llama_100m": 10.0, "phase7_100m": 5.0})
+    rows = {r["name"]: r for r in summary["rows"]}
+    assert summary["time_budget_s"] == pytest.approx(3.0) and summary["equal_time_from"] == "solo speeds"
+    assert rows["phase7_100m"]["val_loss_equal_time"] == pytest.approx(2.3)
+    assert rows["llama_100m"]["val_loss_equal_time"] == pytest.approx(1.5)
+    md = q.markdown(summary)
+    assert "equal wall clock = 3 s at each recipe's tokens/s measured alone" in md and "| 1,000 (5) |" in md
+    # a speed missing for one recipe: back to the runs' own times, and the header warns
+    partial = q.summarize([fast, slow], jobs=2, speeds={"llama_100m": 10.0})
+    assert partial["equal_time_from"] == "training times" and partial["time_budget_s"] == 3.0
+    assert "their times compare nothing unless the runs were alike (--speed-steps)" in q.markdown(partial)
+
+
+def test_merged_report_keeps_the_solo_speeds(tmp_path):
+    q = _load()
+    a = tmp_path / "a"
+    a.mkdir()
+    runs = [_final(_run("llama_100m", 0, [(1, 10, 9.0, 2.0), (2, 20, 9.5, 1.0)])),
+            _final(_run("phase7_100m", 0, [(1, 10, 1.0, 1.5), (2, 20, 2.0, 0.9)]))]
+    (a / "quality.json").write_text(json.dumps({"summary": {"jobs": 2, "solo_tokens_per_s": {
+        "llama_100m": 20.0, "phase7_100m": 10.0}}, "runs": runs}))
+    assert q.main(["--report", str(a / "quality.json")]) == 0
+    summary = json.loads((a / "quality.json").read_text())["summary"]
+    assert summary["equal_time_from"] == "solo speeds" and summary["time_budget_s"] == pytest.approx(1.0)
+    assert {r["name"]: r["val_loss_equal_time"] for r in summary["rows"]} == pytest.approx(
+        {"llama_100m": 1.0, "phase7_100m": 1.5})
+
+
 def _final(run):
     run["final_val_loss"] = run["val"][-1]["loss"]
     return run
@@ -137,7 +175,8 @@ def test_tiny_setting_trains_two_recipes_and_writes_the_report(tmp_path):
     recipes = [str(ROOT / "recipes" / "quality" / f) for f in ("llama_100m.toml", "phase7_100m.toml")]
     diagnostics = 'callbacks=[{name="diagnostics", every=4}]'  # llama has none: says so, trains on
     proc = subprocess.run([sys.executable, str(SCRIPT), *recipes, "--setting", "tiny", "--out", str(out),
-                           "--set", diagnostics], capture_output=True, text=True, cwd=ROOT, timeout=600)
+                           "--set", diagnostics, "--speed-steps", "4"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # how often the schedule reads the corpus: 8 steps x 4 x 64 tokens of 20 files
     assert re.search(r"data: data\.sources\[0\] \(python_stdlib\).*: [\d,]+ training tokens; 2,048 tokens read "
@@ -150,6 +189,15 @@ def test_tiny_setting_trains_two_recipes_and_writes_the_report(tmp_path):
         assert all(math.isfinite(v["loss"]) and v["loss"] > 0 for v in run["val"])
         assert run["bytes_per_token"] == pytest.approx(1.0)  # byte tokens
         assert run["final_val_loss"] == run["val"][-1]["loss"]
+    # --speed-steps 4: each recipe timed alone afterwards, equal wall clock at those speeds
+    assert "timing each recipe alone for 4 steps" in proc.stdout
+    assert sorted(data["summary"]["solo_tokens_per_s"]) == names and data["summary"]["equal_time_from"] == "solo speeds"
+    assert all(v > 0 for v in data["summary"]["solo_tokens_per_s"].values())
+    speeds = data["summary"]["solo_tokens_per_s"]
+    assert data["summary"]["time_budget_s"] == pytest.approx(min(2048 / v for v in speeds.values()))
+    fastest = max(speeds, key=speeds.get)  # its whole run is the budget: its equal-time loss is its last
+    row = next(r for r in data["summary"]["rows"] if r["name"] == fastest)
+    assert row["val_loss_equal_time"] == pytest.approx(row["val_loss_end"])
     md = (out / "quality.md").read_text()
     assert "| llama_100m |" in md and "| phase7_100m |" in md and "bits/byte" in md
     assert md in proc.stdout
