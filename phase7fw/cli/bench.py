@@ -39,6 +39,7 @@ def cmd_bench(args) -> int:
                        compare_recipe=args.compare, compare_overrides=base_over,
                        memory_cap_gib=args.memory_cap_gib, find_max_params=args.max_params, search=args.search,
                        generate=args.generate, gen_tokens=args.gen_tokens, cuda_graph=args.cuda_graph,
+                       compile_step=args.compile_step,
                        profile_dir=args.profile, plugins=loaded, allow_cpu=args.allow_cpu,
                        progress=lambda text: print(text, file=sys.stderr, flush=True), partial=write_json)
     print("\n".join(report_lines(result)))

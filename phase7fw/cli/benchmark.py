@@ -158,7 +158,7 @@ def _is_oom(exc: BaseException) -> bool:
 
 def bench_recipe(recipe, overrides: dict, *, steps: int, warmup: int, repeat: int = 1, device: str | None = None,
                  generate: bool = False, gen_tokens: int = 64, prompt_tokens: int = 0, gemm: dict | None = None,
-                 cuda_graph: str = "auto", profile_dir=None, plugins=None, progress=None,
+                 cuda_graph: str = "auto", compile_step: bool = False, profile_dir=None, plugins=None, progress=None,
                  allow_cpu: bool = False) -> dict:
     """Train ``warmup + steps`` steps of ``recipe`` on random tokens and measure them (then,
     with ``profile_dir``, two more under torch.profiler: :func:`profile_steps`); with
@@ -240,7 +240,8 @@ def bench_recipe(recipe, overrides: dict, *, steps: int, warmup: int, repeat: in
             if generate:
                 engine.optimizer.state.clear()  # decoding needs the weights only
                 free_memory()
-                result["generate"] = bench_generate(engine, gen_tokens, prompt_tokens, cuda_graph=cuda_graph)
+                result["generate"] = bench_generate(engine, gen_tokens, prompt_tokens, cuda_graph=cuda_graph,
+                                                    compile_step=compile_step)
         except Exception as exc:
             if not _is_oom(exc):
                 raise
@@ -527,8 +528,8 @@ def set_memory_cap(gib: float, device: torch.device) -> None:
 def run_bench(recipe, overrides: dict, *, steps: int = 10, warmup: int = 3, repeat: int = 1, device: str | None = None,
               compare_recipe=None, compare_overrides: dict | None = None, memory_cap_gib: float | None = None,
               find_max_params: bool = False, search: str = "layers", generate: bool = False, gen_tokens: int = 64,
-              cuda_graph: str = "auto", profile_dir=None, plugins=None, progress=None, partial=None,
-              allow_cpu: bool = False) -> dict:
+              cuda_graph: str = "auto", compile_step: bool = False, profile_dir=None, plugins=None, progress=None,
+              partial=None, allow_cpu: bool = False) -> dict:
     """Everything ``phase7fw bench`` does; returns the JSON-able result. ``progress(str)``
     hears about each finished measurement and ``partial(result)`` gets the result so far
     after each recipe (long GPU runs keep what they measured)."""
@@ -539,6 +540,11 @@ def run_bench(recipe, overrides: dict, *, steps: int = 10, warmup: int = 3, repe
     dev = resolve_device(device or "auto")
     if generate and cuda_graph == "on" and dev.type != "cuda":
         raise Phase7Error(f"--cuda-graph on needs a CUDA device; this runs on {dev.type} (use auto or off)")
+    if compile_step and not generate:
+        raise Phase7Error("--compile-step compiles the decode step: it needs --generate")
+    if generate and compile_step and dev.type != "cuda":  # before anything is measured
+        raise Phase7Error(f"--compile-step compiles the decode step that a CUDA graph captures; it cannot run"
+                          f" with a {dev.type} device (it needs CUDA)")
     if find_max_params and memory_cap_gib is None:
         raise Phase7Error("--max-params needs --memory-cap-gib N (the memory to fit in)")
     if memory_cap_gib is not None:
@@ -547,7 +553,8 @@ def run_bench(recipe, overrides: dict, *, steps: int = 10, warmup: int = 3, repe
     result["gemm"] = measure_gemm_tflops(dev)
     free_memory()
     kw = dict(steps=steps, warmup=warmup, repeat=repeat, device=str(dev), generate=generate, gen_tokens=gen_tokens,
-              cuda_graph=cuda_graph, gemm=result["gemm"], profile_dir=profile_dir, plugins=plugins, progress=progress,
+              cuda_graph=cuda_graph, compile_step=compile_step, gemm=result["gemm"], profile_dir=profile_dir,
+              plugins=plugins, progress=progress,
               allow_cpu=allow_cpu)
     say(f"GEMM: {_rate(result['gemm']['tflops'])}")
     result["runs"] = runs = [bench_recipe(recipe, overrides, **kw)]

@@ -84,8 +84,8 @@ def _inference_engine(args):
 def cmd_generate(args) -> int:
     params = _sampling(args)  # bad settings fail before the model loads
     _, engine = _inference_engine(args)
-    if args.cuda_graph == "on":  # its errors before the prompt is echoed
-        engine.decoder(use_cache=not args.no_cache, cuda_graph="on")
+    if args.cuda_graph == "on" or args.compile_step:  # their errors before the prompt is echoed
+        engine.decoder(use_cache=not args.no_cache, cuda_graph=args.cuda_graph, compile_step=args.compile_step)
 
     def stream(piece: str) -> None:
         sys.stdout.write(piece)
@@ -96,7 +96,7 @@ def cmd_generate(args) -> int:
     engine.generate(args.prompt, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
                     top_k=params.top_k, top_p=params.top_p, repetition_penalty=params.repetition_penalty,
                     seed=params.seed, use_cache=not args.no_cache, stop=stop, on_text=stream,
-                    cuda_graph=args.cuda_graph)
+                    cuda_graph=args.cuda_graph, compile_step=args.compile_step)
     stream("\n")
     return 0
 
@@ -119,7 +119,8 @@ def cmd_chat(args) -> int:
 
     params = _sampling(args)
     path, engine = _inference_engine(args)
-    return run_chat(engine, params, use_cache=not args.no_cache, cuda_graph=args.cuda_graph, label=str(path))
+    return run_chat(engine, params, use_cache=not args.no_cache, cuda_graph=args.cuda_graph,
+                    compile_step=args.compile_step, label=str(path))
 
 
 def _sampling_flags(sp) -> None:

@@ -33,11 +33,12 @@ HELP = """commands:
 class ChatSession:
     """A conversation with one model: the transcript and a decoder whose cache follows it."""
 
-    def __init__(self, engine, params: SamplingParams, use_cache: bool = True, cuda_graph: str = "auto"):
+    def __init__(self, engine, params: SamplingParams, use_cache: bool = True, cuda_graph: str = "auto",
+                 compile_step: bool = False):
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.params = params.checked()
-        self.decoder = engine.decoder(use_cache=use_cache, cuda_graph=cuda_graph)
+        self.decoder = engine.decoder(use_cache=use_cache, cuda_graph=cuda_graph, compile_step=compile_step)
         self.turns: list[tuple[str, str]] = []
         self.generator = None
         self._seed_generator()
@@ -93,13 +94,13 @@ def _lines(stdin, interactive: bool):
             return
 
 
-def run_chat(engine, params: SamplingParams, *, use_cache: bool = True, cuda_graph: str = "auto", label: str = "",
-             stdin=None, stdout=None, stderr=None) -> int:
+def run_chat(engine, params: SamplingParams, *, use_cache: bool = True, cuda_graph: str = "auto",
+             compile_step: bool = False, label: str = "", stdin=None, stdout=None, stderr=None) -> int:
     """The REPL. On a terminal: a ``> `` prompt with line editing; otherwise one message per
     input line and one reply per output line (scripts, pipes, tests)."""
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     interactive = stdin is sys.stdin and stdin.isatty() and stdout.isatty()
-    session = ChatSession(engine, params, use_cache=use_cache, cuda_graph=cuda_graph)
+    session = ChatSession(engine, params, use_cache=use_cache, cuda_graph=cuda_graph, compile_step=compile_step)
     print(f"chat with {label or engine.model_name} ({engine.model_name}, step {engine.step}, device"
           f" {engine.device}); /help for commands", file=stderr, flush=True)
 

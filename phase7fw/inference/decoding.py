@@ -164,10 +164,11 @@ class GraphedDecoder(Decoder):
     prefill and reused for every later sequence. ``strict``: a failed capture is an error;
     otherwise ``say`` gets one line and decoding continues on the dynamic cached path.
 
-    ``compile_step`` (experimental, not yet measured on a GPU): the step is first compiled by
-    ``torch.compile`` (inductor fuses its many small ops; no CUDA graphs of its own), during
-    the warm-up, and the compiled step is what the graph captures. A replayed graph is bound by
-    its kernel count, which the phase7 step has ~2.6x more of than llama's.
+    ``compile_step``: the step is first compiled by ``torch.compile`` (inductor fuses its many
+    small ops; no CUDA graphs of its own), during the warm-up, and the compiled step is what the
+    graph captures (H200, 2026-12-07: the 1.5B phase7 2.91 ms a token, llama 1.62;
+    benchmarks/RESULTS.md). A replayed graph is bound by its kernel count, which the compiled
+    phase7 step has ~1.9x more of than llama's.
     """
 
     def __init__(self, model, *, device=None, autocast=None, capture: bool = True, strict: bool = False,
@@ -270,10 +271,20 @@ def make_decoder(model, *, use_cache: bool = True, cuda_graph: str = "auto", dev
                  compile_step: bool = False, say: Callable[[str], None] = _stderr_line) -> Decoder:
     """The decoder for ``cuda_graph`` = auto (a captured static step on CUDA when the model has
     one), on (that, or an error) or off (the dynamic cached path). Never silently different:
-    under auto on CUDA a model without a static step, or a failed capture, prints one line."""
+    under auto on CUDA a model without a static step, or a failed capture, prints one line.
+    ``compile_step`` compiles the step that the graph captures: where no graph would be
+    captured it is an error naming why (it would otherwise do nothing)."""
     if cuda_graph not in CUDA_GRAPH_MODES:
         raise Phase7Error(f"--cuda-graph must be one of {', '.join(CUDA_GRAPH_MODES)}, got {cuda_graph!r}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    if compile_step:
+        why = ("--cuda-graph off" if cuda_graph == "off" else "--no-cache" if not use_cache
+               else f"a {device.type} device (it needs CUDA)" if device.type != "cuda"
+               else f"{type(model).__name__}, which has no static decode step"
+               if not (supports_cache(model) and supports_static_decode(model)) else None)
+        if why:
+            raise Phase7Error(f"--compile-step compiles the decode step that a CUDA graph captures; it cannot run"
+                              f" with {why}")
     plain = dict(device=device, autocast=autocast)
     if cuda_graph == "off":
         return Decoder(model, use_cache=use_cache, **plain)

@@ -85,6 +85,8 @@ def test_cpu_bench_repeat_times_windows_and_reports_their_spread(tmp_path, capsy
     (["--max-params"], "--max-params needs --memory-cap-gib"),
     (["--memory-cap-gib", "8"], "needs a CUDA device"),
     (["--generate", "--cuda-graph", "on"], "--cuda-graph on needs a CUDA device"),
+    (["--generate", "--compile-step"], "--compile-step compiles the decode step that a CUDA graph captures"),
+    (["--compile-step"], "--compile-step compiles the decode step: it needs --generate"),
     (["--compare", "nope.toml"], "nope.toml"),
     (["--set", "train.batch_size=0"], "train.batch_size: must be > 0"),
 ])

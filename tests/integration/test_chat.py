@@ -127,7 +127,8 @@ def test_generate_bad_arguments_exit_2(runs, capsys):
                       (["--top-p", "1.5"], "top_p must be in"),
                       (["--max-new-tokens", "-3"], "max_new_tokens must be"),
                       (["--cuda-graph", "on"], "--cuda-graph on needs a CUDA device"),
-                      (["--cuda-graph", "on", "--no-cache"], "cannot be combined with --no-cache")):
+                      (["--cuda-graph", "on", "--no-cache"], "cannot be combined with --no-cache"),
+                      (["--compile-step"], "--compile-step compiles the decode step that a CUDA graph captures")):
         assert main(["generate", str(ckpt), "--prompt", "x", *args]) == 2
         captured = capsys.readouterr()
         assert captured.err.startswith("error: ") and msg in captured.err, captured.err

@@ -2,6 +2,8 @@
 the dynamic cached path and to full recomputation; fixed shapes and addresses; the decoder
 options and their errors."""
 
+import re
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -119,7 +121,15 @@ def test_decoder_options_and_errors():
         make_decoder(model, cuda_graph="yes")
     with pytest.raises(Phase7Error, match="--no-cache"):
         make_decoder(model, use_cache=False, cuda_graph="on")
+    # --compile-step compiles the captured step: where no graph is captured it says why, never ignored
+    for kw, why in ((dict(cuda_graph="off"), "with --cuda-graph off"), (dict(use_cache=False), "with --no-cache"),
+                    (dict(), "with a cpu device (it needs CUDA)")):
+        with pytest.raises(Phase7Error, match=r"--compile-step compiles the decode step that a CUDA graph captures;"
+                                              r" it cannot run " + re.escape(why)):
+            make_decoder(model, compile_step=True, **kw)
     unbounded = make("phase7_sdpa_full")  # sdpa without a window keeps every key: no ring
+    with pytest.raises(Phase7Error, match="which has no static decode step"):
+        make_decoder(unbounded, compile_step=True, device="cuda")
     assert not supports_static_decode(unbounded)
     with pytest.raises(Phase7Error, match="no static decode step"):
         GraphedDecoder(unbounded, capture=False)
