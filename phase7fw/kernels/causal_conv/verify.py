@@ -8,7 +8,7 @@ import torch
 
 from phase7fw.kernels.causal_conv.reference import causal_conv_reference
 from phase7fw.kernels.checks import _rel, gated_row, guarded
-from phase7fw.kernels.rmsnorm.verify import timings
+from phase7fw.kernels.rmsnorm.verify import timed_calls
 
 
 def causal_conv_triton(*args, **kwargs):
@@ -31,18 +31,10 @@ def _check(b, t, d, K, dtype, device, case, timed, seed=0):
     ref_grads = torch.autograd.grad(ref, ref_ins, gy.double())
     errors = {"out": _rel(y, ref), **{f"d{n}": _rel(a, r) for n, a, r in zip(("u", "weight", "bias"), grads, ref_grads)}}
     row = gated_row("causal_conv", case, errors, (y, *grads))
-    if timed:
-        impls = {}
-        for name, fn in (("triton", causal_conv_triton), ("reference", causal_conv_reference)):
-            def fwd(fn=fn):
-                with torch.no_grad():
-                    fn(ins[0], ins[1].to(dtype), ins[2].to(dtype))
-
-            def fwd_bwd(fn=fn):
-                torch.autograd.grad(fn(ins[0], ins[1].to(dtype), ins[2].to(dtype)), ins, gy)
-
-            impls[name] = (fwd, fwd_bwd)
-        row.ms.update(timings(impls, device))  # shared with the RMSNorm rows
+    if timed:  # timed like the RMSNorm rows
+        row.ms.update(timed_calls({name: lambda fn=fn: fn(ins[0], ins[1].to(dtype), ins[2].to(dtype)) for name, fn in
+                                   (("triton", causal_conv_triton), ("reference", causal_conv_reference))},
+                                  ins, gy, device))
     return row
 
 

@@ -28,6 +28,22 @@ def timings(impls: dict, device: torch.device) -> dict:
     return ms
 
 
+def timed_calls(calls: dict, ins, gy, device: torch.device) -> dict:
+    """:func:`timings` of each ``{name: call}`` (``call()`` computes the op from the inputs
+    ``ins``): the forward alone and forward + backward (the gradients of ``ins`` for ``gy``)."""
+    impls = {}
+    for name, call in calls.items():
+        def fwd(call=call):
+            with torch.no_grad():
+                call()
+
+        def fwd_bwd(call=call):
+            torch.autograd.grad(call(), ins, gy)
+
+        impls[name] = (fwd, fwd_bwd)
+    return timings(impls, device)
+
+
 def _check(shape, dtype, device, case, timed, eps=1e-5, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(shape, generator=g).to(dtype).to(device)
@@ -42,17 +58,8 @@ def _check(shape, dtype, device, case, timed, eps=1e-5, seed=0):
     errors = {"out": _rel(y, ref), "dx": _rel(grads[0], ref_grads[0]), "dweight": _rel(grads[1], ref_grads[1])}
     row = gated_row("rmsnorm", case, errors, (y, *grads))
     if timed:
-        impls = {}
-        for name, fn in (("triton", rmsnorm_triton), ("reference", rmsnorm_reference)):
-            def fwd(fn=fn):
-                with torch.no_grad():
-                    fn(*ins, eps)
-
-            def fwd_bwd(fn=fn):
-                torch.autograd.grad(fn(*ins, eps), ins, gy)
-
-            impls[name] = (fwd, fwd_bwd)
-        row.ms.update(timings(impls, device))
+        row.ms.update(timed_calls({name: lambda fn=fn: fn(*ins, eps) for name, fn in
+                                   (("triton", rmsnorm_triton), ("reference", rmsnorm_reference))}, ins, gy, device))
     return row
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from phase7fw.kernels.rmsnorm.verify import timings
+from phase7fw.kernels.rmsnorm.verify import timed_calls
 from phase7fw.kernels.swiglu.reference import swiglu_reference
 from phase7fw.kernels.checks import _rel, gated_row, guarded
 
@@ -30,18 +30,9 @@ def _check(rows, n, dtype, device, case, timed, seed=0):
     errors = {"out": _rel(y, ref), "dgate": _rel(grad[:, :n], ref_grad[:, :n]),
               "dup": _rel(grad[:, n:], ref_grad[:, n:])}
     row = gated_row("swiglu", case, errors, (y, grad))
-    if timed:
-        impls = {}
-        for name, fn in (("triton", swiglu_triton), ("reference", swiglu_reference)):
-            def fwd(fn=fn):
-                with torch.no_grad():
-                    fn(*h_t.chunk(2, dim=-1))
-
-            def fwd_bwd(fn=fn):
-                torch.autograd.grad(fn(*h_t.chunk(2, dim=-1)), h_t, gy)
-
-            impls[name] = (fwd, fwd_bwd)
-        row.ms.update(timings(impls, device))  # shared with the RMSNorm rows
+    if timed:  # timed like the RMSNorm rows
+        row.ms.update(timed_calls({name: lambda fn=fn: fn(*h_t.chunk(2, dim=-1)) for name, fn in
+                                   (("triton", swiglu_triton), ("reference", swiglu_reference))}, h_t, gy, device))
     return row
 
 
