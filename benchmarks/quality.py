@@ -20,9 +20,10 @@ and the validation loss at equal wall clock: at the training time of the fastest
 interpolated linearly between evaluations. With ``--jobs`` > 1 the runs share the device, so
 their own training times compare nothing: ``--speed-steps N`` then times each recipe alone
 afterwards (N steps, one recipe at a time) and puts the equal-wall-clock column on those
-speeds (each evaluation at tokens / solo tokens/s); the report says which it used. With ``--set 'callbacks=[{name="diagnostics",
-every=500}]'`` the runs log per-layer statistics and the report adds the mixer gate's mean per
-layer (the attention path's share) at the first and last diagnostics step.
+speeds (each evaluation at tokens / solo tokens/s); the report says which it used.
+With ``--set 'callbacks=[{name="diagnostics", every=500}]'`` the runs log per-layer
+statistics and the report adds the mixer gate's mean per layer (the attention path's share) at
+the first and last diagnostics step.
 Training time excludes evaluation.
 """
 
@@ -174,7 +175,7 @@ def measure_speeds(specs: list[dict], steps: int, out: Path) -> dict[str, float]
             "train.log_every": max(1, steps // 10), "train.save_every": steps,
             "run.output_dir": str(Path(spec["overrides"]["run.output_dir"]).parent / f"{spec['name']}_speed")})
         over.pop("callbacks", None)  # diagnostics would be timed too
-        probes.append(dict(spec, name=f"{spec['name']}_speed", seed=spec["seed"], overrides=over))
+        probes.append(dict(spec, name=f"{spec['name']}_speed", overrides=over))
     print(f"timing each recipe alone for {steps} steps (equal wall clock at these speeds)", flush=True)
     return {r["name"].removesuffix("_speed"): r["tokens_per_s"] for r in run_all(probes, 1, out) if r.get("tokens_per_s")}
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from phase7fw.kernels.causal_conv import causal_conv_reference
 
+
 def shifted_adds(u, weight, bias):
     """causal_conv(u (b, t, d), weight (d, 1, K), bias) as K shifted multiply-adds, accumulated
     in fp32 and rounded once (under autocast: inputs and result in its dtype)."""

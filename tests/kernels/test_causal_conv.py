@@ -104,6 +104,19 @@ def test_autocast_casts_like_conv1d():
     assert _rel(y, ref) < 2e-2
 
 
+def test_compiles_fullgraph_under_autocast():
+    """Training compiles each block under autocast: the wrapper's autocast query traces."""
+    from phase7fw.kernels.causal_conv.kernel import causal_conv_triton
+
+    u, w, bias, _ = _inputs(2, 9, 16, 4, seed=6)
+    ins = [x.clone().requires_grad_() for x in (u, w, bias)]
+    fn = torch.compile(lambda *a: causal_conv_triton(*a).float().square().sum(), backend="aot_eager", fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fn(*ins)
+    torch._dynamo.reset()
+    assert torch.autograd.grad(loss, ins)[1].shape == (16, 1, 4)
+
+
 def test_bad_input_is_named():
     from phase7fw.kernels.causal_conv.kernel import causal_conv_triton
 
@@ -147,3 +160,24 @@ def test_selected_in_a_phase7_model_same_loss_and_gradients():
     assert ref.blocks[0].ssm.conv_impl is causal_conv_reference
     ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
     assert_same_loss_and_grads(ref, fast, ids, prepare=lambda model: model.train())
+
+
+def test_benchmark_script_runs_every_row_on_the_cpu(tmp_path):
+    """benchmarks/ssm_conv.py (what the GPU measures): on the CPU a tiny shape, with the Triton row
+    in the interpreter, every row within float rounding of the reference."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "conv.json"
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "ssm_conv.py"), "--reps", "1", "--json", str(out)],
+                          capture_output=True, text=True, cwd=root, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "tiny CPU shape" in proc.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["reference (F.conv1d, cuDNN on CUDA)", "shifted adds, eager",
+                                         "shifted adds, torch.compile", "triton (phase7fw causal_conv)"]
+    assert all(max(r["rel_diff_out_du_dw_db"]) < 1e-5 for r in rows)
