@@ -309,10 +309,17 @@ def make_decoder(model, *, use_cache: bool = True, cuda_graph: str = "auto", dev
 def prepare_for_inference(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
     """Store the weights of linear layers in ``dtype`` (bf16/fp16) for decoding under
     autocast: the per-call fp32 -> bf16 weight cast would otherwise dominate a decoded token.
-    Buffers (RoPE tables, curvature) and other parameters stay fp32. For inference only."""
+    Buffers (RoPE tables, curvature) and other parameters stay fp32. Then each block that can
+    fuses the projections of its normed input into one matmul for the static decode step
+    (``fuse_input_projections``). For inference only."""
     if dtype is None or dtype == torch.float32:
         return model.eval()
+    fusable = [m for m in model.modules() if callable(getattr(m, "fuse_input_projections", None))]
+    for module in fusable:
+        module.fused_input = None  # a cast below replaces the weights a fusion viewed
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             module.to(dtype)
+    for module in fusable:
+        module.fuse_input_projections()
     return model.eval()

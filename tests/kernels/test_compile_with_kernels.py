@@ -80,3 +80,21 @@ def test_selective_checkpointing_keeps_the_mixer_kernels_outputs():
     assert runs["full"][0] == 4 and runs["save_matmuls"][0] == 0, {k: v[0] for k, v in runs.items()}
     for a, b in zip(runs["full"][1], runs["save_matmuls"][1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_static_decode_step_with_fused_projections_compiles_fullgraph():
+    """prepare_for_inference fuses each block's input projections: the compiled step (what
+    --compile-step captures) still compiles whole and decodes the unfused eager model's tokens."""
+    from phase7fw.inference.decoding import Decoder, GraphedDecoder
+    from tests.unit.test_decoding import greedy_with
+
+    torch.manual_seed(0)
+    model = build_model("recipes/phase7_tiny.toml", "cpu", vocab_size=300).eval()
+    prompt = [5, 17, 2, 250, 9]
+    want = greedy_with(Decoder(model, use_cache=False), prompt, 8)[0]
+    assert all(block.fuse_input_projections() for block in model.blocks)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = GraphedDecoder(model, capture=False, compile_step=True)
+    assert greedy_with(compiled, prompt, 8)[0] == want
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

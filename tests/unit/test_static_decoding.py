@@ -189,3 +189,60 @@ def test_llama_prompt_at_or_past_the_context(length):
     assert tokens == ref_tokens
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     assert 0 < static.static_steps < 10
+
+
+# ----------------------------------------------------------------------------- fused input projections
+@pytest.mark.parametrize("kind, fuses", [("phase7_hybrid", ["attn"] * 3 + ["ssm", "gate"]),
+                                         ("phase7_attention_only", ["attn"] * 3),
+                                         ("phase7_sdpa_window", ["attn"] * 3 + ["ssm", "gate"]),
+                                         ("phase7_mix_sum", ["attn"] * 3 + ["ssm"]),
+                                         ("phase8_hybrid", ["ssm", "gate"]),  # its attention projects itself
+                                         ("phase7_ssm_only", None)])  # one projection: nothing to fuse
+def test_fused_input_projections_decode_the_same_tokens(kind, fuses):
+    """fuse_input_projections (what prepare_for_inference does for decoding): one matmul for
+    the projections of each block's normed input, the same logits and greedy tokens."""
+    model, fused = make(kind), make(kind)
+    done = [block.fuse_input_projections() for block in fused.blocks]
+    if fuses is None:
+        assert not any(done) and all(block.fused_input is None for block in fused.blocks)
+        return
+    assert all(done) and [name for name, _ in fused.blocks[0].fused_input[2]] == fuses
+    prompt = [3, 1, 4, 1, 5, 9, 2]
+    want, want_logits = greedy(GraphedDecoder(model, capture=False), prompt, SEQ)
+    got, got_logits = greedy(GraphedDecoder(fused, capture=False), prompt, SEQ)
+    assert got == want
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_weights_follow_loaded_weights_and_a_move_undoes_the_fusion():
+    model, other = make("phase7_hybrid"), make("phase7_hybrid", seed=1)
+    keys = list(model.state_dict())
+    assert all(block.fuse_input_projections() for block in model.blocks)
+    block = model.blocks[0]
+    assert list(model.state_dict()) == keys  # the checkpoint layout is unchanged
+    assert block.attn.q_proj.weight.data_ptr() == block.fused_input[0].data_ptr()  # a view, not a copy
+    model.load_state_dict(other.state_dict())  # in place: the fused weight follows
+    prompt = [2, 7, 1, 8]
+    assert greedy(GraphedDecoder(model, capture=False), prompt, 8)[0] == \
+        greedy(GraphedDecoder(other, capture=False), prompt, 8)[0]
+    torch.testing.assert_close(block.fused_input[0][: block.attn.q_proj.out_features],
+                               other.blocks[0].attn.q_proj.weight)
+    model.float()  # .to() / .float() may give every parameter new storage: the fusion is dropped
+    assert all(b.fused_input is None for b in model.blocks)
+    assert greedy(GraphedDecoder(model, capture=False), prompt, 8)[0] == \
+        greedy(GraphedDecoder(other, capture=False), prompt, 8)[0]
+
+
+def test_prepare_for_inference_casts_then_fuses():
+    from phase7fw.inference.decoding import prepare_for_inference
+
+    model = make("phase7_hybrid")
+    prepare_for_inference(model, torch.bfloat16)
+    block = model.blocks[0]
+    assert block.fused_input is not None and block.fused_input[0].dtype == torch.bfloat16
+    gate_at = 4 * block.attn.q_proj.out_features  # q, k, v, the SSM's z, then the gate
+    assert block.gate.weight.dtype == torch.bfloat16
+    assert block.gate.bias.data_ptr() == block.fused_input[1][gate_at:].data_ptr()
+    prepare_for_inference(model, torch.float16)  # again, another dtype: fused anew, not stale views
+    assert block.fused_input[0].dtype == torch.float16
+    assert block.attn.v_proj.weight.data_ptr() == block.fused_input[0][2 * block.attn.q_proj.out_features:].data_ptr()

@@ -124,19 +124,26 @@ class _ProjectedAttention(nn.Module):
         self.q_norm = nn.Parameter(torch.ones(self.head_dim)) if qk_norm else None
         self.k_norm = nn.Parameter(torch.ones(self.head_dim)) if qk_norm else None
 
-    def projected(self, x):
+    def projected(self, x, projected=None):
         """q, k, v (B, H, T, D) before RoPE (q, k RMS-normalized when the module has ``q_norm``);
-        the decode paths rotate q and k at their absolute positions."""
+        the decode paths rotate q and k at their absolute positions. ``projected``: the outputs
+        of :meth:`input_projections` on x, already computed (a block's fused decode step)."""
         B, T, _ = x.shape
 
         def heads(t):
-            return t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+            return t.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)
 
-        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        q, k, v = projected or (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q, k, v = heads(q), heads(k), heads(v)
         if self.q_norm is not None:
             q = F.rms_norm(q, (self.head_dim,), self.q_norm)
             k = F.rms_norm(k, (self.head_dim,), self.k_norm)
         return q, k, v
+
+    def input_projections(self) -> list[nn.Linear]:
+        """The linear maps of the block's normed input, in the order :meth:`projected` takes
+        their outputs: a block may fuse them into one matmul for decoding."""
+        return [self.q_proj, self.k_proj, self.v_proj]
 
     def _qkv(self, x):
         q, k, v = self.projected(x)
@@ -286,8 +293,8 @@ class HyperbolicAttention(_ProjectedAttention):
     def init_static_cache(self, cache):
         return static.StaticAttention(self, cache)
 
-    def forward_static(self, x: torch.Tensor, state, pos: torch.Tensor) -> torch.Tensor:
-        return static.attention_step(self, x, state, pos, hyperbolic=True)
+    def forward_static(self, x: torch.Tensor, state, pos: torch.Tensor, projected=None) -> torch.Tensor:
+        return static.attention_step(self, x, state, pos, hyperbolic=True, projected=projected)
 
     def extra_repr(self) -> str:
         return (f"heads={self.n_heads}, head_dim={self.head_dim}, window={self.window}, score={self.score},"
@@ -334,8 +341,8 @@ class SdpaAttention(_ProjectedAttention):
     def init_static_cache(self, cache):
         return static.StaticAttention(self, cache)
 
-    def forward_static(self, x: torch.Tensor, state, pos: torch.Tensor) -> torch.Tensor:
-        return static.attention_step(self, x, state, pos, hyperbolic=False)
+    def forward_static(self, x: torch.Tensor, state, pos: torch.Tensor, projected=None) -> torch.Tensor:
+        return static.attention_step(self, x, state, pos, hyperbolic=False, projected=projected)
 
 
 # ---------------------------------------------------------------------------------------

@@ -113,10 +113,11 @@ def _conv_last(ssm, seq: torch.Tensor) -> torch.Tensor:
     return ((seq * w).sum(-1) + bias).unsqueeze(1)
 
 
-def ssm_step(ssm, u: torch.Tensor, conv: torch.Tensor, state: torch.Tensor):
+def ssm_step(ssm, u: torch.Tensor, conv: torch.Tensor, state: torch.Tensor, projected=None):
     """One token u (b, 1, d) after conv tail ``conv`` (b, d, K-1) and state S (b, H, r, dv):
     (output (b, 1, d), the new conv tail, the new state). Fixed shapes, no host reads: the
-    static step (:mod:`.static`) runs it too."""
+    static step (:mod:`.static`) runs it too. ``projected``: the outputs of the module's
+    ``input_projections()`` on u, already computed (a block's fused decode step)."""
     sdt = state.dtype
     seq = torch.cat([conv.to(u.dtype), u.transpose(1, 2)], dim=-1)  # (b, d, K)
     x, xT, BT, CT, ldT, _ = ssm.project(_conv_last(ssm, seq))
@@ -124,7 +125,7 @@ def ssm_step(ssm, u: torch.Tensor, conv: torch.Tensor, state: torch.Tensor):
         decay = ldT[:, :, 0].to(sdt).exp()[..., None, None]
         S = decay * state + BT[:, :, 0, :, None].to(sdt) * xT[:, :, 0, None, :].to(sdt)
         y = torch.einsum("bhr,bhrd->bhd", CT[:, :, 0].to(sdt), S).unsqueeze(2).to(x.dtype)
-    return ssm.output(u, x, y), seq[..., 1:], S
+    return ssm.output(u, x, y, projected), seq[..., 1:], S
 
 
 def ssm_forward_cached(ssm, u: torch.Tensor, cache: SsmCache) -> torch.Tensor:

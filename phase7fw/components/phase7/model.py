@@ -102,6 +102,7 @@ class HybridBlock(nn.Module):
         both = self.attn is not None and self.ssm is not None
         self.gate = nn.Linear(mc.d_model, mc.d_model, bias=True) if both and config.mix == "gate" else None
         self.ffn = SwiGLU(mc.d_model, ffn_width(mc), glu_impl)
+        self.fused_input = None  # (weight, bias, sizes) of fuse_input_projections, for decoding
 
     def init_weights(self) -> None:
         self.norm1.reset_parameters()
@@ -151,7 +152,7 @@ class HybridBlock(nn.Module):
         a = None if self.attn is None else self.attn.forward_cached(u, cache["attn"], start)
         return self._mix_and_ffn(x, u, a, s)
 
-    def _mix_and_ffn(self, x, u, a, s):
+    def _mix_and_ffn(self, x, u, a, s, gate_logits=None):
         if a is None:
             mixed = s
         elif s is None:
@@ -159,7 +160,7 @@ class HybridBlock(nn.Module):
         elif self.gate is None:  # mix = "sum"
             mixed = a + s
         else:
-            g = torch.sigmoid(self.gate(u))
+            g = torch.sigmoid(self.gate(u) if gate_logits is None else gate_logits)
             mixed = g * a + (1 - g) * s
         h = x + mixed
         return h + self.ffn(self.norm2(h))
@@ -175,11 +176,55 @@ class HybridBlock(nn.Module):
                 for name, part in (("attn", self.attn), ("ssm", self.ssm))}
 
     def forward_static(self, x: torch.Tensor, static: dict, pos: torch.Tensor) -> torch.Tensor:
-        """``forward_cached`` of one token at position ``pos`` (a device tensor)."""
+        """``forward_cached`` of one token at position ``pos`` (a device tensor); after
+        :meth:`fuse_input_projections`, with one matmul for every projection of the normed input."""
         u = self.norm1(x)
-        s = None if self.ssm is None else self.ssm.forward_static(u, static["ssm"], pos)
-        a = None if self.attn is None else self.attn.forward_static(u, static["attn"], pos)
-        return self._mix_and_ffn(x, u, a, s)
+        by_part: dict[str, list[torch.Tensor]] = {}
+        if self.fused_input is not None:
+            weight, bias, sizes = self.fused_input
+            for (name, _), out in zip(sizes, F.linear(u, weight, bias).split([n for _, n in sizes], dim=-1)):
+                by_part.setdefault(name, []).append(out)
+
+        def path(name, part):  # a path whose projections were fused gets their outputs
+            if part is None:
+                return None
+            if name in by_part:
+                return part.forward_static(u, static[name], pos, by_part[name])
+            return part.forward_static(u, static[name], pos)  # unfused, or a plugin's path: as before
+
+        s, a = path("ssm", self.ssm), path("attn", self.attn)
+        return self._mix_and_ffn(x, u, a, s, by_part.get("gate", [None])[0])
+
+    def fuse_input_projections(self) -> bool:
+        """For decoding: store the projections of the normed input (the attention's q, k, v, the
+        SSM's output gate, the mixer gate: each path's ``input_projections()``) as slices of one
+        weight, so the static step runs one matmul where it ran up to five (each launch costs
+        time at batch 1). The parameters become views of the fused weight, so in-place updates
+        (load_state_dict, an optimizer step) reach it; moving or casting the module undoes the
+        fusion (:meth:`_apply`). Returns whether it fused (two or more projections of one dtype)."""
+        parts = [(name, part.input_projections()) for name, part in (("attn", self.attn), ("ssm", self.ssm))
+                 if part is not None and callable(getattr(part, "input_projections", None))]
+        linears = [(name, lin) for name, group in parts for lin in group]
+        linears += [("gate", self.gate)] if self.gate is not None else []
+        if len(linears) < 2 or len({(lin.weight.dtype, lin.weight.device) for _, lin in linears}) > 1:
+            return False
+        with torch.no_grad():
+            weight = torch.cat([lin.weight for _, lin in linears])
+            bias = torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
+                              for _, lin in linears])
+            start = 0
+            for _, lin in linears:
+                end = start + lin.out_features
+                lin.weight.data = weight[start:end]
+                if lin.bias is not None:
+                    lin.bias.data = bias[start:end]
+                start = end
+        self.fused_input = (weight, bias, [(name, lin.out_features) for name, lin in linears])
+        return True
+
+    def _apply(self, fn, *args, **kwargs):
+        self.fused_input = None  # .to() / .half() give the parameters new storage: no longer views
+        return super()._apply(fn, *args, **kwargs)
 
 
 class Phase7Model(LanguageModel):

@@ -198,14 +198,21 @@ class ArSsm(nn.Module):
         x_in = (x * step.unsqueeze(-1).to(x.dtype)) if self.discretize else x
         return x, x_in.transpose(1, 2), Bs.transpose(1, 2), Cs.transpose(1, 2), log_decay.transpose(1, 2), g
 
-    def output(self, u: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def input_projections(self) -> list[nn.Linear]:
+        """The linear maps of the mixer input u itself (the output gate's; the others read the
+        convolved input), in the order :meth:`output` takes their outputs: a block may fuse
+        them with its other projections of u for decoding."""
+        return [] if self.z_proj is None else [self.z_proj]
+
+    def output(self, u: torch.Tensor, x: torch.Tensor, y: torch.Tensor, projected=None) -> torch.Tensor:
         """The mixer output (b, t, d_model) from the scan's y (b, H, t, dv), the skip input x
-        (b, t, H, dv) and the mixer input u (for the output gate)."""
+        (b, t, H, dv) and the mixer input u (for the output gate; ``projected``: the outputs of
+        :meth:`input_projections` on u, already computed)."""
         b, t, _ = u.shape
         y = y.transpose(1, 2) + self.D.view(self.n_heads, 1).to(x.dtype) * x
         y = y.reshape(b, t, self.d_inner)
         if self.z_proj is not None:
-            y = F.silu(self.z_proj(u)) * y
+            y = F.silu(projected[0] if projected else self.z_proj(u)) * y
         if self.norm_weight is not None:
             y = F.rms_norm(y.float(), (self.d_inner,), self.norm_weight.float(), 1e-5).to(y.dtype)
         return self.out_proj(y)
@@ -249,10 +256,10 @@ class ArSsm(nn.Module):
 
         return StaticSsm(cache)
 
-    def forward_static(self, u: torch.Tensor, static, pos: torch.Tensor) -> torch.Tensor:
+    def forward_static(self, u: torch.Tensor, static, pos: torch.Tensor, projected=None) -> torch.Tensor:
         from phase7fw.components.phase7.static import ssm_static_step
 
-        return ssm_static_step(self, u, static)
+        return ssm_static_step(self, u, static, projected)
 
     def extra_repr(self) -> str:
         return (

@@ -41,8 +41,9 @@ def rope_at_pos(x: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor) -> t
     return RotaryEmbedding.rotate(x, cos, sin)
 
 
-def attention_step(attn, u: torch.Tensor, st: StaticAttention, pos: torch.Tensor, hyperbolic: bool) -> torch.Tensor:
-    q, k, v = attn.projected(u)
+def attention_step(attn, u: torch.Tensor, st: StaticAttention, pos: torch.Tensor, hyperbolic: bool,
+                   projected=None) -> torch.Tensor:
+    q, k, v = attn.projected(u, projected)
     q, k = rope_at_pos(q, st.inv_freq, pos), rope_at_pos(k, st.inv_freq, pos)
     if hyperbolic:
         c, tau = attn.curvature(), attn.temperature()
@@ -67,8 +68,8 @@ class StaticSsm:
         cache.conv, cache.state, cache.pos = self.conv.clone(), self.state.clone(), pos
 
 
-def ssm_static_step(ssm, u: torch.Tensor, st: StaticSsm) -> torch.Tensor:
-    out, conv, state = ssm_step(ssm, u, st.conv, st.state)
+def ssm_static_step(ssm, u: torch.Tensor, st: StaticSsm, projected=None) -> torch.Tensor:
+    out, conv, state = ssm_step(ssm, u, st.conv, st.state, projected)
     st.conv.copy_(conv)
     st.state.copy_(state)
     return out
