@@ -111,8 +111,9 @@ def causal_conv_bwd(u: torch.Tensor, w: torch.Tensor, dy: torch.Tensor) -> tuple
     du = torch.empty((b, T, D), device=u.device, dtype=u.dtype)
     grid = _grid(b, T, D)
     parts = b * grid[0]
-    dw_part = torch.zeros((parts, K, D), device=u.device, dtype=torch.float32)
-    db_part = torch.zeros((parts, D), device=u.device, dtype=torch.float32)
+    # every (tile, k, channel) is written by one program: no zero fill needed
+    dw_part = torch.empty((parts, K, D), device=u.device, dtype=torch.float32)
+    db_part = torch.empty((parts, D), device=u.device, dtype=torch.float32)
     if b and T and D:
         _conv_bwd_kernel[grid](u, w, dy, du, dw_part, db_part, T, D, u.stride(0), u.stride(1),
                                dy.stride(0), dy.stride(1), K=K, BT=BT, BD=BD, num_warps=WARPS)
