@@ -3,8 +3,10 @@ CUDA graph): a replayed graph at batch 1 is bound by its number of kernel launch
 counts them where a GPU is not needed. It compiles each recipe's one-token step with inductor,
 reads the generated code (``torch._inductor.utils.run_and_get_code``) and counts the fused
 kernels inductor wrote and the calls it leaves to library kernels (matmuls, SDPA, custom ops),
-per layer. On a CPU the fused kernels are C++ rather than Triton, but inductor's scheduler
-groups the same ops, so the counts compare models (issue 16, P9; benchmarks/RESULTS.md).
+per layer. On a CPU the fused kernels are C++ loops, which fuse more freely than the Triton
+kernels inductor writes for a GPU (a reduction there often starts a kernel of its own), so
+the fused-kernel counts are a lower bound for the GPU; the library calls are the same, and
+the counts compare models and changes (issue 16, P9; benchmarks/RESULTS.md).
 
     python benchmarks/decode_kernel_count.py [RECIPE ...] [--no-fuse] [--json PATH]
 
