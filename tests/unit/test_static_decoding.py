@@ -196,7 +196,8 @@ def test_llama_prompt_at_or_past_the_context(length):
                                          ("phase7_attention_only", ["attn"] * 3),
                                          ("phase7_sdpa_window", ["attn"] * 3 + ["ssm", "gate"]),
                                          ("phase7_mix_sum", ["attn"] * 3 + ["ssm"]),
-                                         ("phase8_hybrid", ["ssm", "gate"]),  # its attention projects itself
+                                         ("phase8_hybrid", ["attn"] * 4 + ["ssm", "gate"]),  # q, k, v, decay
+                                         ("phase8_attention_only", ["attn"] * 4),
                                          ("phase7_ssm_only", None)])  # one projection: nothing to fuse
 def test_fused_input_projections_decode_the_same_tokens(kind, fuses):
     """fuse_input_projections (what prepare_for_inference does for decoding): one matmul for

@@ -162,16 +162,23 @@ class HyperbolicLinearAttention(nn.Module):
     # ------------------------------------------------------------------ forward
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         B, T, _ = t.shape
-        return t.view(B, T, self.n_heads, -1).transpose(1, 2)
+        return t.reshape(B, T, self.n_heads, -1).transpose(1, 2)
 
-    def _inputs(self, u: torch.Tensor):
-        """q, k, v (B, H, T, D), the log-decays (B, H, T) fp32 or None, and c (H,)."""
-        q, k, v = self._heads(self.q_proj(u)), self._heads(self.k_proj(u)), self._heads(self.v_proj(u))
+    def input_projections(self) -> list[nn.Linear]:
+        """The linear maps of the block's normed input, in the order :meth:`_inputs` takes their
+        outputs: a block may fuse them into one matmul for decoding."""
+        return [self.q_proj, self.k_proj, self.v_proj] + ([self.decay_proj] if self.decay_proj is not None else [])
+
+    def _inputs(self, u: torch.Tensor, projected=None):
+        """q, k, v (B, H, T, D), the log-decays (B, H, T) fp32 or None, and c (H,).
+        ``projected``: the outputs of :meth:`input_projections` on u, already computed."""
+        outs = projected or [lin(u) for lin in self.input_projections()]
+        q, k, v = (self._heads(t) for t in outs[:3])
         ld = None
         if self.decay_proj is not None:
             # (B, H, T) made contiguous before the softplus: compiled backward graphs then agree
             # with eager on the strides of softplus's gradient (torch 2.13, aot_eager)
-            ld = -F.softplus(self.decay_proj(u).float().transpose(1, 2).contiguous())
+            ld = -F.softplus(outs[3].float().transpose(1, 2).contiguous())
         return q, k, v, ld, self.curvature()
 
     def _out(self, o: torch.Tensor) -> torch.Tensor:
@@ -217,9 +224,10 @@ class HyperbolicLinearAttention(nn.Module):
     def init_static_cache(self, cache: LinearAttentionCache) -> StaticLinearAttention:
         return StaticLinearAttention(cache)
 
-    def forward_static(self, u: torch.Tensor, static: StaticLinearAttention, pos: torch.Tensor) -> torch.Tensor:
+    def forward_static(self, u: torch.Tensor, static: StaticLinearAttention, pos: torch.Tensor,
+                       projected=None) -> torch.Tensor:
         """One token: the recurrent step on the fixed state buffer (no position needed)."""
-        q, k, v, ld, c = self._inputs(u)
+        q, k, v, ld, c = self._inputs(u, projected)
         return self._out(hyperbolic_linear_attention_step(q, k, v, c, ld, static.state, self.focus_power))
 
     def extra_repr(self) -> str:
