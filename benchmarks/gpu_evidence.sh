@@ -7,6 +7,7 @@
 #   benchmarks/gpu_evidence.sh attention-sweep                  # re-pick the attention block sizes
 #   benchmarks/gpu_evidence.sh model-quality                    # issue 15 (8 such runs: 310 s, H100)
 #   benchmarks/gpu_evidence.sh phase8                           # issue 18
+#   benchmarks/gpu_evidence.sh conv small-gpu-speed             # issue 16: A/Bs waiting for a GPU
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -26,7 +27,7 @@ for stage in "$@"; do
       python3 benchmarks/bench_decoding.py --graphs --compile-step --tokens 300 --json "$OUT/dec_graphs_fp32.json" 2>&1 | tail -8
       python3 benchmarks/bench_decoding.py --graphs --compile-step --tokens 300 --precision bf16 --json "$OUT/dec_graphs_bf16.json" 2>&1 | tail -8
       # P9 against HF transformers generate (static cache + its compile) in the same process:
-      # the graphed step as it is, then compiled before the capture (experimental)
+      # the graphed step as it is, then compiled before the capture (--compile-step)
       python3 benchmarks/p9_generate.py --cuda-graph on --json "$OUT/p9_graph.json" 2>&1 | tail -9
       python3 benchmarks/p9_generate.py --cuda-graph on --compile-step --hf-modes static-compile \
           --json "$OUT/p9_graph_compiled.json" 2>&1 | tail -6 ;;
@@ -64,6 +65,20 @@ for stage in "$@"; do
       python3 benchmarks/phase8_vs_phase7.py --out "$OUT/phase8" 2>&1 | tail -16
       $P7 bench recipes/phase8_1.5b_long.toml --memory-cap-gib 10 --steps 3 --warmup 1 \
           --set train.compile=false --json "$OUT/p8_long_10g.json" 2>&1 | tail -10 ;;
-    *) echo "unknown stage $stage (gpu-tests kernels attention-sweep decode small-gpu quality model-quality phase8 throughput max-params)"; exit 2 ;;
+    conv)         # issue 16: the causal_conv kernel (its gate: gpu-tests, case 14) against the reference
+                  # (cuDNN's depthwise conv with its transposes), then inside the 1.5B step, same process
+      python3 benchmarks/ssm_conv.py --json "$OUT/ssm_conv.json" 2>&1 | tail -5
+      $P7 bench recipes/phase7_1.5b_standard.toml --batch-size 8 --grad-accum 1 --steps 6 --warmup 2 --repeat 2 \
+          --set 'kernels.causal_conv="triton"' --compare recipes/phase7_1.5b_standard.toml \
+          --json "$OUT/conv_ab.json" 2>&1 | tail -12 ;;
+    small-gpu-speed)  # issue 16 item 4: the 10 GiB recipe at batch 1 x 16 against the standard recipe at
+                      # the same batch, with a profile, then with half the blocks checkpointed
+      $P7 bench recipes/phase7_1.5b_standard.toml --steps 2 --warmup 1 --json "$OUT/sg_standard.json" 2>&1 | tail -6
+      $P7 bench recipes/phase7_1.5b.toml --memory-cap-gib 10 --steps 2 --warmup 1 --profile /tmp/psg \
+          --json "$OUT/sg_10g.json" 2>&1 | tail -8
+      cat /tmp/psg/*.ops.txt > "$OUT/sg_10g_ops.txt"
+      $P7 bench recipes/phase7_1.5b.toml --memory-cap-gib 10 --steps 2 --warmup 1 --set train.checkpoint_every=2 \
+          --json "$OUT/sg_10g_every2.json" 2>&1 | tail -6 ;;
+    *) echo "unknown stage $stage (gpu-tests kernels attention-sweep decode small-gpu small-gpu-speed quality model-quality phase8 throughput max-params conv)"; exit 2 ;;
   esac
 done
