@@ -542,9 +542,10 @@ def run_bench(recipe, overrides: dict, *, steps: int = 10, warmup: int = 3, repe
         raise Phase7Error(f"--cuda-graph on needs a CUDA device; this runs on {dev.type} (use auto or off)")
     if compile_step and not generate:
         raise Phase7Error("--compile-step compiles the decode step: it needs --generate")
-    if generate and compile_step and dev.type != "cuda":  # before anything is measured
-        raise Phase7Error(f"--compile-step compiles the decode step that a CUDA graph captures; it cannot run"
-                          f" with a {dev.type} device (it needs CUDA)")
+    if generate and compile_step:  # before anything is measured (bench_generate decodes with the cache)
+        from phase7fw.inference.decoding import check_compile_step
+
+        check_compile_step(cuda_graph, True, dev)
     if find_max_params and memory_cap_gib is None:
         raise Phase7Error("--max-params needs --memory-cap-gib N (the memory to fit in)")
     if memory_cap_gib is not None:

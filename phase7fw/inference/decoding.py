@@ -267,24 +267,35 @@ class GraphedDecoder(Decoder):
         return graph
 
 
+def check_compile_step(cuda_graph: str, use_cache: bool, device, model=None) -> None:
+    """``compile_step`` compiles the step that a CUDA graph captures: an error naming why where
+    no graph would be captured (it would otherwise do nothing). ``model`` None: what can be
+    checked before the model is built (``bench`` checks before it measures anything)."""
+    device = torch.device(device)
+    if cuda_graph == "off":
+        why = "--cuda-graph off"
+    elif not use_cache:
+        why = "--no-cache"
+    elif device.type != "cuda":
+        why = f"a {device.type} device (it needs CUDA)"
+    elif model is not None and not (supports_cache(model) and supports_static_decode(model)):
+        why = f"{type(model).__name__}, which has no static decode step"
+    else:
+        return
+    raise Phase7Error(f"--compile-step compiles the decode step that a CUDA graph captures; it cannot run with {why}")
+
+
 def make_decoder(model, *, use_cache: bool = True, cuda_graph: str = "auto", device=None, autocast=None,
                  compile_step: bool = False, say: Callable[[str], None] = _stderr_line) -> Decoder:
     """The decoder for ``cuda_graph`` = auto (a captured static step on CUDA when the model has
     one), on (that, or an error) or off (the dynamic cached path). Never silently different:
     under auto on CUDA a model without a static step, or a failed capture, prints one line.
-    ``compile_step`` compiles the step that the graph captures: where no graph would be
-    captured it is an error naming why (it would otherwise do nothing)."""
+    ``compile_step`` compiles the step that the graph captures (:func:`check_compile_step`)."""
     if cuda_graph not in CUDA_GRAPH_MODES:
         raise Phase7Error(f"--cuda-graph must be one of {', '.join(CUDA_GRAPH_MODES)}, got {cuda_graph!r}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if compile_step:
-        why = ("--cuda-graph off" if cuda_graph == "off" else "--no-cache" if not use_cache
-               else f"a {device.type} device (it needs CUDA)" if device.type != "cuda"
-               else f"{type(model).__name__}, which has no static decode step"
-               if not (supports_cache(model) and supports_static_decode(model)) else None)
-        if why:
-            raise Phase7Error(f"--compile-step compiles the decode step that a CUDA graph captures; it cannot run"
-                              f" with {why}")
+        check_compile_step(cuda_graph, use_cache, device, model)
     plain = dict(device=device, autocast=autocast)
     if cuda_graph == "off":
         return Decoder(model, use_cache=use_cache, **plain)
