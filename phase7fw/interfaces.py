@@ -213,8 +213,8 @@ class LanguageModel(nn.Module):
     def enable_activation_checkpointing(self, policy: str = "full", every: int = 1) -> None:
         """Recompute blocks in backward (``train.activation_checkpointing``): ``policy`` is
         ``train.checkpoint_policy`` ("full" or "save_matmuls"), ``every`` is
-        ``train.checkpoint_every``; phase7fw.components.checkpointing implements both for
-        models whose blocks run through its ``run_block``."""
+        ``train.checkpoint_every``; ``BlockCheckpointing(policy, every).attach(self.blocks)``
+        (phase7fw.components.checkpointing) implements both for a model's repeated blocks."""
         raise Phase7Error(f"model {type(self).__name__} does not support activation checkpointing")
 
     def enable_chunked_cross_entropy(self, chunk_tokens: int) -> None:

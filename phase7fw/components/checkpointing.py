@@ -17,6 +17,7 @@ docs/performance.md ("Memory / small-GPU mode") has the measured bytes of each s
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
@@ -45,8 +46,12 @@ def _save_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 
 class BlockCheckpointing:
-    """Runs block ``i`` of a model, checkpointed or not (``model.checkpointing`` holds one, or
-    None when off). Only in training with gradients on: evaluation keeps nothing anyway."""
+    """How a model's blocks are checkpointed (``model.checkpointing`` holds one, or None when
+    off). :meth:`attach` makes each covered block checkpoint itself, inside its own forward:
+    a block that ``train.compile`` compiles then traces the checkpoint into its graph, so the
+    compiled backward recomputes what it needs (fused with the backward's own kernels)
+    instead of rerunning the compiled forward from eager code, and CUDA-graph compile modes
+    see one forward and one backward per block (torchtitan's order: checkpoint, then compile)."""
 
     def __init__(self, policy: str = "full", every: int = 1):
         if policy not in POLICIES:
@@ -58,17 +63,25 @@ class BlockCheckpointing:
         if policy == "save_matmuls":
             self._context = functools.partial(create_selective_checkpoint_contexts, _save_matmuls)
 
-    def __call__(self, i: int, block, *args):
-        if i % self.every:
-            return block(*args)
-        if self._context is None:
-            return checkpoint(block, *args, use_reentrant=False)
-        return checkpoint(block, *args, use_reentrant=False, context_fn=self._context)
+    def covers(self, i: int) -> bool:
+        """Whether block ``i`` is checkpointed (every ``every``-th, from the first)."""
+        return i % self.every == 0
+
+    def attach(self, blocks) -> "BlockCheckpointing":
+        """Give each covered block of ``blocks`` a forward (an instance attribute, so its
+        parameters and state-dict names do not change) that runs the class's forward under
+        checkpoint while it trains with gradients, and plainly otherwise (evaluation keeps
+        nothing anyway). Returns self."""
+        for i, block in enumerate(blocks):
+            if self.covers(i):
+                block.forward = types.MethodType(functools.partial(_checkpointed_forward, self), block)
+        return self
 
 
-def run_block(model, i: int, block, *args):
-    """Block ``i`` under ``model.checkpointing`` when the model trains with gradients."""
-    ckpt = getattr(model, "checkpointing", None)
-    if ckpt and model.training and torch.is_grad_enabled():
-        return ckpt(i, block, *args)
-    return block(*args)
+def _checkpointed_forward(ckpt: BlockCheckpointing, block, *args):
+    forward = type(block).forward
+    if not (block.training and torch.is_grad_enabled()):
+        return forward(block, *args)
+    if ckpt._context is None:
+        return checkpoint(forward, block, *args, use_reentrant=False)
+    return checkpoint(forward, block, *args, use_reentrant=False, context_fn=ckpt._context)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phase7fw.components.checkpointing import BlockCheckpointing, run_block
+from phase7fw.components.checkpointing import BlockCheckpointing
 from phase7fw.errors import Phase7Error
 from phase7fw.hookspecs import hookimpl
 from phase7fw.kernels.rmsnorm import rmsnorm
@@ -247,7 +247,7 @@ class LlamaModel(LanguageModel):
     def enable_activation_checkpointing(self, policy: str = "full", every: int = 1) -> None:
         """Recompute blocks in backward instead of storing their activations
         (phase7fw/components/checkpointing.py: the policy, every N-th block)."""
-        self.checkpointing = BlockCheckpointing(policy, every)
+        self.checkpointing = BlockCheckpointing(policy, every).attach(self.blocks)
 
     # -- forward ----------------------------------------------------------------------------
     def forward_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -258,8 +258,8 @@ class LlamaModel(LanguageModel):
         # fp32 tables even if the model was cast to bf16: apply_rope rotates in fp32.
         cos, sin = self.rope_cos[:T].float(), self.rope_sin[:T].float()
         h = self.tok_embeddings(input_ids)
-        for i, block in enumerate(self.blocks):
-            h = run_block(self, i, block, h, cos, sin)
+        for block in self.blocks:
+            h = block(h, cos, sin)
         return self.norm(h)
 
     def lm_head_weight(self) -> torch.Tensor:

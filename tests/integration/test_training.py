@@ -301,10 +301,12 @@ def test_build_model_on_meta_uses_no_memory():
 
 
 @pytest.mark.slow
-def test_compiled_training_matches_eager(tmp_path):
-    eager = Engine.from_recipe(TINY, tiny_overrides(tmp_path / "e", **{"train.max_steps": 2}), quiet=True)
-    compiled = Engine.from_recipe(TINY, tiny_overrides(tmp_path / "c", **{"train.max_steps": 2, "train.compile": True}),
-                                  quiet=True)
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_training_matches_eager(tmp_path, checkpointing):
+    # with checkpointing each compiled block traces its own checkpoint (components/checkpointing.py)
+    over = {"train.max_steps": 2, "train.activation_checkpointing": checkpointing}
+    eager = Engine.from_recipe(TINY, tiny_overrides(tmp_path / "e", **over), quiet=True)
+    compiled = Engine.from_recipe(TINY, tiny_overrides(tmp_path / "c", **over, **{"train.compile": True}), quiet=True)
     eager.fit()
     compiled.fit()
     a, b = rows(tmp_path / "e" / "run"), rows(tmp_path / "c" / "run")

@@ -102,8 +102,10 @@ def test_the_engine_hands_the_keys_to_the_model_and_names_a_model_that_takes_non
 
 
 def test_the_compiled_backward_keeps_what_the_policy_saves():
-    """Under torch.compile the policy reaches the partitioned graph: the compiled backward of
-    save_matmuls has as many matmuls as without checkpointing, full has more."""
+    """Each block compiled as the engine compiles them (``block.compile()``): the checkpoint is
+    traced into the block's graph, so the compiled backward itself recomputes ("full": more
+    matmuls than without checkpointing) or keeps the matmul outputs ("save_matmuls": as many),
+    with the gradients of the eager model."""
     from functorch.compile import make_boxed_func
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._functorch.partitioners import min_cut_rematerialization_partition
@@ -126,10 +128,16 @@ def test_the_compiled_backward_keeps_what_the_policy_saves():
                                          bw_compiler=bw_compiler, partition_fn=min_cut_rematerialization_partition)
 
         torch._dynamo.reset()
+        for block in model.blocks:
+            block.compile(backend=backend)
         ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(1))
-        step = torch.compile(lambda x: model.loss(x, torch.roll(x, -1, dims=1))[0], backend=backend)
-        step(ids).backward()
-        return sum(counted)
+        model.loss(ids, torch.roll(ids, -1, dims=1))[0].backward()
+        grads = [p.grad for p in model.parameters()]
+        return sum(counted), grads
 
-    plain, full, selective = (backward_matmuls(s) for s in (None, ("full", 1), ("save_matmuls", 1)))
-    assert full > plain and selective == plain, (plain, full, selective)
+    (plain, ref), (full, g_full), (selective, g_sel) = (backward_matmuls(s) for s in
+                                                        (None, ("full", 1), ("save_matmuls", 1)))
+    assert full > plain > 0 and selective == plain, (plain, full, selective)
+    for a, b, c in zip(ref, g_full, g_sel):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-7)

@@ -231,8 +231,9 @@ def test_activation_checkpointing_same_loss_and_grads():
     plain, ckpt = make(seed=3), make(seed=3)
     ckpt.enable_activation_checkpointing()
     calls = {"plain": 0, "ckpt": 0}
-    plain.blocks[0].register_forward_pre_hook(lambda *a: calls.__setitem__("plain", calls["plain"] + 1))
-    ckpt.blocks[0].register_forward_pre_hook(lambda *a: calls.__setitem__("ckpt", calls["ckpt"] + 1))
+    # (the block checkpoints inside its own forward: its attention runs again in backward)
+    plain.blocks[0].attn.register_forward_pre_hook(lambda *a: calls.__setitem__("plain", calls["plain"] + 1))
+    ckpt.blocks[0].attn.register_forward_pre_hook(lambda *a: calls.__setitem__("ckpt", calls["ckpt"] + 1))
     x, y = ids(seed=4), ids(seed=5)
     losses = []
     for model in (plain, ckpt):

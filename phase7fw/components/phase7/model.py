@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phase7fw.components.checkpointing import BlockCheckpointing, run_block
+from phase7fw.components.checkpointing import BlockCheckpointing
 from phase7fw.components.llama import RMSNorm, SwiGLU, kernel_impls
 from phase7fw.components.llama import resolve_ffn_hidden as ffn_width  # same ffn_hidden rule
 from phase7fw.errors import Phase7Error
@@ -264,7 +264,7 @@ class Phase7Model(LanguageModel):
             nn.init.normal_(self.head.weight, std=self.config.init_std)
 
     def enable_activation_checkpointing(self, policy: str = "full", every: int = 1) -> None:
-        self.checkpointing = BlockCheckpointing(policy, every)
+        self.checkpointing = BlockCheckpointing(policy, every).attach(self.blocks)
 
     def check_strategy(self, strategy: str) -> None:
         if strategy == "fsdp" and self.head is None:
@@ -283,8 +283,8 @@ class Phase7Model(LanguageModel):
     def forward_hidden(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x = self.embedding(input_ids).float()  # fp32 residual stream, also with bf16 weights
         gate_means = []
-        for i, block in enumerate(self.blocks):
-            x, gm = run_block(self, i, block, x)
+        for block in self.blocks:
+            x, gm = block(x)
             gate_means.append(gm)
         return self.norm(x), gate_means
 
