@@ -47,10 +47,14 @@ def single(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp+checkpointing"])
 def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, single, strategy):
+    # fsdp+checkpointing: each block checkpoints inside its own forward, under FSDP's hooks
+    # (the recompute in backward finds the parameters gathered by FSDP's pre-backward)
     out = tmp_path / "run"
-    proc = torchrun("run", TINY, *args(out, "train.batch_size=2", f'parallel.strategy="{strategy}"'))
+    strategy, _, ckpt = strategy.partition("+")
+    extra = ["train.activation_checkpointing=true"] if ckpt else []
+    proc = torchrun("run", TINY, *args(out, "train.batch_size=2", f'parallel.strategy="{strategy}"', *extra))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("Done:") == 1  # one console: rank 0's
     one, two = train_rows(single), train_rows(out)
