@@ -119,18 +119,18 @@ def _chunk_own(f, v, w, PREC: tl.constexpr):
 @triton.jit
 def _chunk_grads(x, dy, b, cm, cum, total, s_in, ds, offs_q, PREC: tl.constexpr):
     """dx, dB, dC of a chunk from its tokens, the state entering it (s_in) and dL/d(the state
-    leaving it) (ds). Transposed products are formed from the loaded tiles, never by
-    transposing a computed tile (one more small matmul, but no register-layout transposes)."""
+    leaving it) (ds). The transposed pair matrices are transposes of computed tiles
+    (``tl.trans``), not products of their own: one Q x dv x Q matmul less per chunk, and
+    fewer live tiles (H100, 2026-12-07: the "rows" backward 0.920 -> 0.704 ms at
+    (8, 16, 1024, 128, r 16); benchmarks/RESULTS.md)."""
     lmat = causal_decay(cum, offs_q[:, None] >= offs_q[None, :])  # [i, j]
-    lmat_t = tl.exp(tl.where(offs_q[:, None] <= offs_q[None, :], cum[None, :] - cum[:, None], float("-inf")))  # [j, i]
     ecum = tl.exp(cum)
     to_end = tl.exp(total - cum)
     m = tl.dot(dy, tl.trans(x), input_precision=PREC) * lmat  # [i, j] = (dy_i . x_j) L_ij
-    m_t = tl.dot(x, tl.trans(dy), input_precision=PREC) * lmat_t  # [j, i]
     dc = tl.dot(m, b, input_precision=PREC) + ecum[:, None] * tl.dot(dy, tl.trans(s_in), input_precision=PREC)
-    db = tl.dot(m_t, cm, input_precision=PREC) + to_end[:, None] * tl.dot(x, tl.trans(ds), input_precision=PREC)
-    g_t = tl.dot(b, tl.trans(cm), input_precision=PREC) * lmat_t  # [j, i] = (B_j . C_i) L_ij
-    dx = tl.dot(g_t, dy, input_precision=PREC) + tl.dot(b * to_end[:, None], ds, input_precision=PREC)
+    db = tl.dot(tl.trans(m), cm, input_precision=PREC) + to_end[:, None] * tl.dot(x, tl.trans(ds), input_precision=PREC)
+    g = tl.dot(cm, tl.trans(b), input_precision=PREC) * lmat  # [i, j] = (C_i . B_j) L_ij
+    dx = tl.dot(tl.trans(g), dy, input_precision=PREC) + tl.dot(b * to_end[:, None], ds, input_precision=PREC)
     return dx, db, dc
 
 
