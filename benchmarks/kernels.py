@@ -96,6 +96,28 @@ SSM_SHAPES = {"": (8, 8, 1024, 256, 16), "b1_T16384_dv256_": (1, 8, 16384, 256, 
               "b1_T32768_dv32_": (1, 8, 32768, 32, 16)}
 
 
+def ssm_fwd_and_bwd(dev, shapes=((8, 16, 1024, 128, 16), (8, 8, 1024, 256, 16))) -> dict:
+    """The scan's forward and backward apart (the kernel cores, default tiles and precision),
+    per schedule, at the 1.5B model's shape (16 heads of 128) and P5's: keys
+    ``ssm_<b>x<h>x<T>x<dv>_<schedule>_fwd`` / ``..._bwd`` (median ms)."""
+    from phase7fw.kernels.ar_ssm_scan import SCHEDULES, TritonConfig
+    from phase7fw.kernels.ar_ssm_scan.kernel import _bwd_impl, _fwd_impl
+    from phase7fw.kernels.ar_ssm_scan.verify import ssm_inputs
+
+    cfg, out = TritonConfig(), {}
+    launch = [*cfg.gpu, *cfg.scan]
+    for shape in shapes:
+        x, B, C, ld = ssm_inputs(*shape, dev)
+        dy = torch.randn_like(x)
+        name = "x".join(map(str, shape[:4]))
+        for schedule in SCHEDULES:
+            _, states = _fwd_impl(x, B, C, ld, launch, cfg.precision, schedule)
+            out[f"ssm_{name}_{schedule}_fwd"] = bench(lambda: _fwd_impl(x, B, C, ld, launch, cfg.precision, schedule))
+            out[f"ssm_{name}_{schedule}_bwd"] = bench(
+                lambda: _bwd_impl(x, B, C, ld, states, dy, launch, cfg.precision, schedule))
+    return out
+
+
 def ssm_timings(dev) -> tuple[dict, dict]:
     """fwd+bwd median ms of the AR-SSM scan at :data:`SSM_SHAPES` under each schedule and dot
     precision (keys ``ssm_<shape>triton_<precision>_fwd_bwd`` for "rows", the measured default,
@@ -129,6 +151,7 @@ def ssm_timings(dev) -> tuple[dict, dict]:
             ratios[f"ssm {shape} {prec}: chunks / rows"] = (
                 s[f"ssm_{prefix}triton_chunks_{prec}_fwd_bwd"] / s[f"ssm_{prefix}triton_{prec}_fwd_bwd"])
     s["ssm_triton_fwd_bwd"] = s["ssm_triton_ieee_fwd_bwd"]  # P5: the default tuning
+    s.update(ssm_fwd_and_bwd(dev))
     print(s, flush=True)
     return s, ratios
 
