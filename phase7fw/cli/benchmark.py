@@ -488,8 +488,9 @@ def report_lines(result: dict) -> list[str]:
                          f" {gen['prefill_s'] * 1e3:.1f} ms) [{gen.get('path', 'dynamic-cache')}]")
     cmp_ = result.get("compare")
     if cmp_:
-        lines += ["", "ratio " + " | ".join(f"{k} {v:.3f}" for k, v in cmp_.items() if v is not None)
-                  + "  (first recipe / baseline)"]
+        known = [f"{k} {v:.3f}" for k, v in cmp_.items() if v is not None]
+        lines += ["", ("ratio " + " | ".join(known) + "  (first recipe / baseline)") if known else
+                  "ratio: none (a recipe did not run: see its line above)"]
     mp = result.get("max_params")
     if mp:
         lines.append("")

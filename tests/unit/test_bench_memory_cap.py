@@ -41,3 +41,16 @@ def test_cap_outside_the_card_is_refused(fake_cuda, gib):
 def test_cap_needs_cuda():
     with pytest.raises(Phase7Error, match="needs a CUDA device"):
         set_memory_cap(10, torch.device("cpu"))
+
+
+def test_report_says_when_a_compared_recipe_did_not_run():
+    # e.g. the baseline refused by the preflight's memory plan: no empty "ratio" line
+    from phase7fw.cli.benchmark import compare, report_lines
+
+    env = {"device": "NVIDIA H100", "torch": "2.11", "triton": "3.6", "date": "2026-12-07", "cpu": False}
+    ran = {"recipe": "a.toml", "tokens_per_s": 100.0, "mfu": 0.3, "peak_memory_gib": 40.0}
+    refused = {"recipe": "b.toml", "oom": True, "error": "run 'b' needs about 83.8 GiB of GPU memory"}
+    lines = report_lines({"environment": env, "runs": [refused], "compare": compare(ran, refused)})
+    assert "b.toml: OUT OF MEMORY (run 'b' needs about 83.8 GiB of GPU memory)" in lines
+    assert lines[-1] == "ratio: none (a recipe did not run: see its line above)"
+    assert compare(ran, {**ran, "tokens_per_s": 50.0})["tokens_per_s"] == 2.0
