@@ -74,14 +74,15 @@ class BlockCheckpointing:
         nothing anyway). Returns self."""
         for i, block in enumerate(blocks):
             if self.covers(i):
-                block.forward = types.MethodType(functools.partial(_checkpointed_forward, self), block)
+                block.forward = types.MethodType(self.run, block)
         return self
 
-
-def _checkpointed_forward(ckpt: BlockCheckpointing, block, *args):
-    forward = type(block).forward
-    if not (block.training and torch.is_grad_enabled()):
-        return forward(block, *args)
-    if ckpt._context is None:
-        return checkpoint(forward, block, *args, use_reentrant=False)
-    return checkpoint(forward, block, *args, use_reentrant=False, context_fn=ckpt._context)
+    def run(self, block, *args):
+        """``block``'s class forward on ``args``: under checkpoint (with this policy) while the
+        block trains with gradients, plainly otherwise."""
+        forward = type(block).forward
+        if not (block.training and torch.is_grad_enabled()):
+            return forward(block, *args)
+        if self._context is None:
+            return checkpoint(forward, block, *args, use_reentrant=False)
+        return checkpoint(forward, block, *args, use_reentrant=False, context_fn=self._context)

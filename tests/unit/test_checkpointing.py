@@ -117,9 +117,11 @@ def test_the_compiled_backward_keeps_what_the_policy_saves():
                             vocab_size=300).train()
         if setting is not None:
             model.enable_activation_checkpointing(*setting)
-        counted = []
+        counted, graphs = [], []
 
         def backend(gm, example_inputs):
+            graphs.append(gm)
+
             def bw_compiler(graph, _):
                 counted.append(sum(n.op == "call_function" and n.target in MATMULS for n in graph.graph.nodes))
                 return make_boxed_func(graph.forward)
@@ -133,6 +135,7 @@ def test_the_compiled_backward_keeps_what_the_policy_saves():
         ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(1))
         model.loss(ids, torch.roll(ids, -1, dims=1))[0].backward()
         grads = [p.grad for p in model.parameters()]
+        assert len(graphs) == 1, "both blocks must share one compiled graph (no recompile per block)"
         return sum(counted), grads
 
     (plain, ref), (full, g_full), (selective, g_sel) = (backward_matmuls(s) for s in
