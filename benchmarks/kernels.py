@@ -1,7 +1,7 @@
 """Kernel benchmarks P3, P4, P5 (design/PERFORMANCE.md), each a ratio measured in one run.
 
     python benchmarks/kernels.py [--out DIR] [--quick] [--skip-verify] [--step-json BENCH.json]
-                                 [--sweep] [--attention-only] [--ssm-only]
+                                 [--sweep] [--attention-only] [--ssm-only] [--hla-sweep]
 
 On a CUDA GPU (bf16):
   P3  hyperbolic attention fwd+bwd at (8,16,1024,128), full causal, vs SDPA cuDNN (and FA2)
@@ -18,7 +18,9 @@ plus the correctness table of ``phase7fw doctor --verify`` (every speed number i
 flash-linear-attention's GLA (rows ``[fla]``, when fla-core is installed) and SDPA cuDNN side
 by side at (2,16,1024,128), (1,16,4096,128), (1,16,16384,128) and an odd length.
 ``--ssm-only`` is the AR-SSM schedule A/B alone: the scan's verify cases (a row per schedule,
-both gated) and the timings of P5's block, then stops.
+both gated) and the timings of P5's block, then stops. ``--hla-sweep`` times Phase 8's kernel
+under each ``[kernels.hyperbolic_linear_attention] gpu`` launch candidate at (8,16,1024,128) as
+GPU time, next to SDPA cuDNN's, prints the pick's recipe table and stops.
 Writes kernels.json and kernels.md to --out. Imports only torch, triton and phase7fw's
 kernel/geometry/component modules (no pluggy needed).
 """
@@ -229,6 +231,55 @@ def sweep(dev) -> dict:
     return log
 
 
+#: Phase 8 linear-attention launch candidates (value tile, num_warps, num_stages)
+HLA_SWEEP = [(64, 8, 1), (32, 4, 1), (32, 8, 1), (64, 4, 1), (64, 8, 2), (128, 8, 1), (32, 4, 2)]
+
+
+def hla_sweep(dev, shape=(8, 16, 1024, 128), dtype=torch.bfloat16) -> dict:
+    """GPU time (no host work: :func:`gpu_time_ms`) of the Phase 8 kernel's fwd + bwd at the
+    issue's shape under each ``[kernels.hyperbolic_linear_attention] gpu`` candidate, and SDPA
+    cuDNN causal at the same shape; prints the pick as the recipe table that selects it."""
+    import attrs
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from phase7fw.kernels.checks import gpu_time_ms
+    from phase7fw.kernels.hyperbolic_linear_attention import TritonConfig
+    from phase7fw.kernels.hyperbolic_linear_attention.kernel import hyperbolic_linear_attention_triton
+    from phase7fw.kernels.hyperbolic_linear_attention.verify import inputs
+
+    base = inputs(*shape, dev, dtype)
+    ins = [t.clone().requires_grad_() for t in base]
+    gout = torch.randn_like(base[2])
+    times = {}
+    for cand in HLA_SWEEP:
+        cfg = attrs.evolve(TritonConfig(), gpu=cand)
+
+        def fwd_bwd(cfg=cfg):
+            o = hyperbolic_linear_attention_triton(*ins, 1.0, 64, tuning=cfg)
+            torch.autograd.grad(o, ins, gout)
+
+        try:
+            times[cand] = gpu_time_ms(fwd_bwd)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of registers / shared memory
+            times[cand] = float("inf")
+            print("hla", cand, "failed:", str(exc).splitlines()[0][:120], flush=True)
+    qs, ks, vs = (t.clone().requires_grad_() for t in base[:3])
+    backend = SDPBackend.CUDNN_ATTENTION if dev.type == "cuda" else SDPBackend.MATH  # the CPU: a smoke run
+
+    def sdpa_fb():
+        with sdpa_kernel(backend):
+            torch.autograd.grad(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True), (qs, ks, vs), gout)
+
+    pick = min(times, key=times.get)
+    sdpa_key = f"sdpa_{backend.name.lower()}_causal_gpu_ms"
+    log = {"hla_gpu_ms": {str(k_): round(v_, 4) for k_, v_ in times.items()}, "pick": list(pick),
+           sdpa_key: gpu_time_ms(sdpa_fb)}
+    log["pick_vs_sdpa"] = times[pick] / log[sdpa_key]
+    print("hla ->", log, f"\n[kernels.hyperbolic_linear_attention]\nimpl = \"triton\"\ngpu = {list(pick)}", flush=True)
+    return log
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/out")
@@ -241,6 +292,9 @@ def main() -> int:
                     help="time the P3 attention rows against SDPA and stop (no FlexAttention, SSM or HTT)")
     ap.add_argument("--only-verify", type=int, nargs="*", default=None,
                     help="run only these verify cases (indices) and stop")
+    ap.add_argument("--hla-sweep", action="store_true",
+                    help="time the Phase 8 kernel's launch candidates at (8, 16, 1024, 128) against SDPA (GPU time)"
+                    " and stop")
     ap.add_argument("--ssm-only", action="store_true",
                     help="the AR-SSM scan A/B and stop: its verify cases (a row per schedule; unless --skip-verify"
                     " or --only-verify) and its timings under both [kernels.ar_ssm_scan] schedules")
@@ -263,6 +317,10 @@ def main() -> int:
     res: dict = {"meta": meta}
     md = [f"GPU {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}", ""]
 
+    if args.hla_sweep:
+        res["hla_sweep"] = hla_sweep(dev)
+        save_json(out, res)
+        return 0
     if args.sweep:
         res["sweep"] = sweep(dev)
         save_json(out, res)

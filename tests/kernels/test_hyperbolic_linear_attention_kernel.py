@@ -165,3 +165,31 @@ def test_phase8_model_with_the_kernel_compiles_fullgraph_and_matches_the_referen
     torch._dynamo.reset()
     ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
     assert_same_loss_and_grads(ref, fast, ids, prepare=lambda model: model.set_curvature(0.6))
+
+
+def test_launch_sweep_runs_each_candidate_and_picks_the_fastest(monkeypatch):
+    """benchmarks/kernels.py --hla-sweep (what a GPU measures): on the CPU each launch
+    candidate runs the kernel in the interpreter (fwd + bwd), a failing one is left out
+    (inf), the pick is the fastest, and SDPA's time sits beside it (the math path here)."""
+    import importlib.util
+    from pathlib import Path
+
+    import phase7fw.kernels.checks as checks
+
+    # by path: a package named "kernels" may be installed too
+    spec = importlib.util.spec_from_file_location(
+        "phase7fw_bench_kernels", Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    fake = iter([3.0, 2.0, 5.0])  # the two candidates, then SDPA
+
+    def gpu_time_ms(fn, reps=20):
+        fn()  # runs for real: a kernel failure surfaces here
+        return next(fake)
+
+    monkeypatch.setattr(checks, "gpu_time_ms", gpu_time_ms)
+    monkeypatch.setattr(bench, "HLA_SWEEP", [(32, 4, 1), (16, 4, 1)])
+    log = bench.hla_sweep(torch.device("cpu"), shape=(1, 2, 40, 32), dtype=torch.float32)
+    assert log["hla_gpu_ms"] == {"(32, 4, 1)": 3.0, "(16, 4, 1)": 2.0}
+    assert log["pick"] == [16, 4, 1] and log["sdpa_math_causal_gpu_ms"] == 5.0 and log["pick_vs_sdpa"] == 0.4
