@@ -38,3 +38,15 @@ def test_smoke_all_kernels():
 
     rows = smoke(torch.device("cuda"))
     assert all(r.ok for r in rows), [(r.op, r.detail, r.errors) for r in rows]
+
+
+@pytest.mark.parametrize("score", ["distance", "dot_distance"])
+def test_attention_with_16_bit_gradient_matmuls_passes_the_gate(score):
+    """[kernels.hyperbolic_attention] grad_matmul_low_precision = true (the backward's dZ
+    matmuls in bf16 instead of TF32): an opt-in speed switch, gated like the default."""
+    from phase7fw.kernels.hyperbolic_attention import TritonConfig
+    from phase7fw.kernels.hyperbolic_attention.verify import _check_attention
+
+    row = _check_attention(2, 16, 1024, 128, 256, torch.device("cuda"), torch.bfloat16, "bf16 grad matmuls",
+                           timings=False, score=score, tuning=TritonConfig(grad_matmul_low_precision=True))
+    assert row.ok, f"{row.detail} {row.errors}"

@@ -51,10 +51,13 @@ def attention_inputs(B, H, T, D, device, dtype=torch.bfloat16, max_atanh=4.5, se
             c.float().to(**to), tau.float().to(**to))
 
 
-def _check_attention(B, H, T, D, window, device, dtype, case, timings=True, score="distance") -> Row:
+def _check_attention(B, H, T, D, window, device, dtype, case, timings=True, score="distance",
+                     tuning=None) -> Row:
+    """The Triton kernel (launch configuration ``tuning``; None: the defaults) against the
+    float64 reference: output and every gradient, gated; optionally timed."""
     q, k, v, c, tau = attention_inputs(B, H, T, D, device, dtype)
     ins = [t.clone().requires_grad_() for t in (q, k, v, c, tau)]
-    out = hyperbolic_attention_triton(*ins, window, score=score)
+    out = hyperbolic_attention_triton(*ins, window, score=score, tuning=tuning)
     gout = torch.randn_like(out)
     grads = torch.autograd.grad(out, ins, gout)
     ref_ins = [t.detach().double().requires_grad_() for t in (q, k, v, c, tau)]
