@@ -240,13 +240,12 @@ def hla_sweep(dev, shape=(8, 16, 1024, 128), dtype=torch.bfloat16) -> dict:
     issue's shape under each ``[kernels.hyperbolic_linear_attention] gpu`` candidate, and SDPA
     cuDNN causal at the same shape; prints the pick as the recipe table that selects it."""
     import attrs
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
 
     from phase7fw.kernels.checks import gpu_time_ms
     from phase7fw.kernels.hyperbolic_linear_attention import TritonConfig
     from phase7fw.kernels.hyperbolic_linear_attention.kernel import hyperbolic_linear_attention_triton
-    from phase7fw.kernels.hyperbolic_linear_attention.verify import inputs
+    from phase7fw.kernels.hyperbolic_linear_attention.verify import inputs, sdpa_causal_fwd_bwd
 
     base = inputs(*shape, dev, dtype)
     ins = [t.clone().requires_grad_() for t in base]
@@ -264,17 +263,11 @@ def hla_sweep(dev, shape=(8, 16, 1024, 128), dtype=torch.bfloat16) -> dict:
         except Exception as exc:  # noqa: BLE001 - e.g. out of registers / shared memory
             times[cand] = float("inf")
             print("hla", cand, "failed:", str(exc).splitlines()[0][:120], flush=True)
-    qs, ks, vs = (t.clone().requires_grad_() for t in base[:3])
     backend = SDPBackend.CUDNN_ATTENTION if dev.type == "cuda" else SDPBackend.MATH  # the CPU: a smoke run
-
-    def sdpa_fb():
-        with sdpa_kernel(backend):
-            torch.autograd.grad(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True), (qs, ks, vs), gout)
-
     pick = min(times, key=times.get)
     sdpa_key = f"sdpa_{backend.name.lower()}_causal_gpu_ms"
     log = {"hla_gpu_ms": {str(k_): round(v_, 4) for k_, v_ in times.items()}, "pick": list(pick),
-           sdpa_key: gpu_time_ms(sdpa_fb)}
+           sdpa_key: gpu_time_ms(sdpa_causal_fwd_bwd(base, gout, backend))}
     log["pick_vs_sdpa"] = times[pick] / log[sdpa_key]
     print("hla ->", log, f"\n[kernels.hyperbolic_linear_attention]\nimpl = \"triton\"\ngpu = {list(pick)}", flush=True)
     return log

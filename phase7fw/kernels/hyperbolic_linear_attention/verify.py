@@ -131,6 +131,24 @@ def _gla_alone(B, H, T, D, device) -> dict:
     return ms
 
 
+def sdpa_causal_fwd_bwd(base, gout, backend=None):
+    """A callable running SDPA (full causal) forward and backward on the q, k, v of ``base``
+    with output gradient ``gout``: the yardstick of the kernel rows and of the launch sweep
+    (benchmarks/kernels.py). ``backend``: an ``SDPBackend``, cuDNN by default."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = SDPBackend.CUDNN_ATTENTION if backend is None else backend
+    qs, ks, vs = (t.clone().requires_grad_() for t in base[:3])
+
+    def fwd_bwd():
+        with sdpa_kernel(backend):
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+            torch.autograd.grad(o, (qs, ks, vs), gout)
+
+    return fwd_bwd
+
+
 def timings(base, device, chunk_size, fn, name, sdpa=True) -> dict:
     """fwd and fwd+bwd of the implementation ``fn``, keys ``<name>_fwd``, ``<name>_fwd_bwd``;
     on a GPU with ``sdpa`` also SDPA (cuDNN, full causal) at the same shape. On a GPU each
@@ -138,8 +156,6 @@ def timings(base, device, chunk_size, fn, name, sdpa=True) -> dict:
     wall clock includes the host's work per call (our feature map is a dozen small torch ops
     in eager mode, which a compiled training step fuses and hides behind GPU work), so at small
     shapes the two ratios to SDPA differ; both are reported."""
-    import torch.nn.functional as F
-
     from phase7fw.kernels.checks import _bench, gpu_time_ms
 
     ins = [t.clone().requires_grad_() for t in base]
@@ -157,15 +173,7 @@ def timings(base, device, chunk_size, fn, name, sdpa=True) -> dict:
     if device.type == "cuda":
         ms[f"{name}_fwd_bwd_gpu"] = gpu_time_ms(fwd_bwd)
     if sdpa and device.type == "cuda":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        qs, ks, vs = (t.clone().requires_grad_() for t in base[:3])
-
-        def sdpa_fb():
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
-                torch.autograd.grad(o, (qs, ks, vs), gout)
-
+        sdpa_fb = sdpa_causal_fwd_bwd(base, gout)
         try:
             ms["sdpa_cudnn_causal_fwd_bwd"] = _bench(sdpa_fb, device)
             ms["ratio_vs_sdpa"] = ms[f"{name}_fwd_bwd"] / ms["sdpa_cudnn_causal_fwd_bwd"]
@@ -203,7 +211,7 @@ def verify_rows(device: torch.device, quick: bool = False) -> list:
     return rows
 
 
-__all__ = ["compare", "inputs", "smoke_rows", "timings", "verify_cases", "verify_rows"]
+__all__ = ["compare", "inputs", "sdpa_causal_fwd_bwd", "smoke_rows", "timings", "verify_cases", "verify_rows"]
 
 
 def verify_cases(device: torch.device, quick: bool = False) -> list:
