@@ -20,6 +20,17 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 
 
+def load_benchmark(name: str):
+    """The script benchmarks/<name>.py as a module (by path: benchmarks/ is not a package, and
+    a package of the same name may be installed), under a name of its own."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"phase7fw_benchmark_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory):
     """Tokenized-data caches go to a temporary folder, never the user's ~/.cache."""

@@ -1,17 +1,13 @@
 """benchmarks/phase8_vs_phase7.py on the CPU: the table, the JSON and Markdown files, equal
 parameter counts, and a length that does not fit reported as "out of memory"."""
 
-import importlib.util
 import json
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_benchmark
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("phase8_vs_phase7", ROOT / "benchmarks" / "phase8_vs_phase7.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("phase8_vs_phase7")
 
 
 def test_bench_phase8_vs_phase7_on_tiny_sizes(tmp_path, capsys, monkeypatch):

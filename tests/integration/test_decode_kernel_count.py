@@ -3,17 +3,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT, load_benchmark
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("decode_kernel_count", ROOT / "benchmarks" / "decode_kernel_count.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("decode_kernel_count")
 
 
 def test_fused_input_projections_remove_four_matmuls_per_layer():

@@ -3,18 +3,13 @@ run on the CPU where it profiles operators."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT, load_benchmark
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("decode_profile", ROOT / "benchmarks" / "decode_profile.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("decode_profile")
 
 
 def test_profile_counts_the_static_steps_operators_per_token(tmp_path, capsys):

@@ -1,19 +1,15 @@
 """benchmarks/liger_compare.py without a GPU: the refusal, the install hint, the table."""
 
-import importlib.util
 import sys
 
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_benchmark
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("liger_compare", ROOT / "benchmarks" / "liger_compare.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("liger_compare")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

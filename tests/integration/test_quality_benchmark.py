@@ -8,19 +8,16 @@ import math
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT, load_benchmark
+
 SCRIPT = ROOT / "benchmarks" / "quality.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("quality_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("quality")
 
 
 def _run(name, seed, val, bpt=1.0, tok_s=1000.0):

@@ -19,6 +19,7 @@ from phase7fw.kernels.hyperbolic_linear_attention import (  # noqa: E402
     hyperbolic_linear_attention_chunked,
     hyperbolic_linear_attention_quadratic,
 )
+from tests.conftest import load_benchmark  # noqa: E402
 from tests.kernels.model_check import assert_same_loss_and_grads  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
@@ -171,16 +172,9 @@ def test_launch_sweep_runs_each_candidate_and_picks_the_fastest(monkeypatch):
     """benchmarks/kernels.py --hla-sweep (what a GPU measures): on the CPU each launch
     candidate runs the kernel in the interpreter (fwd + bwd), the pick is the fastest, and
     SDPA's time sits beside it (the math path here)."""
-    import importlib.util
-    from pathlib import Path
-
     import phase7fw.kernels.checks as checks
 
-    # by path: a package named "kernels" may be installed too
-    spec = importlib.util.spec_from_file_location(
-        "phase7fw_bench_kernels", Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("kernels")  # by path: a package named "kernels" may be installed too
 
     fake = iter([3.0, 2.0, 5.0])  # the two candidates, then SDPA
 
