@@ -82,11 +82,14 @@ def test_gla_form_matches_the_chunked_reference_with_every_gradient(dtype, tol, 
         name = ("q", "k", "v", "c", "decay")[i]
         assert b.abs().sum() > 0, name  # the case exercises this gradient
         assert _rel(a, b) < tol, (name, _rel(a, b))
-    # what fla is handed: (B, T, H, *) layout, D + 1 features, Dv + 1 values, scale 1, the chunk
-    (call,) = gla.calls
-    assert call["q"] == call["k"] == (2, 70, 3, 17) and call["v"] == (2, 70, 3, 13)
-    assert call["g"] == ((2, 70, 3) if decay else None)
-    assert call["scale"] == 1.0 and call["chunk_size"] == chunk and call["dtype"] == dtype
+    # what fla is handed, (B, T, H, *) layout: the pair term with D features and Dv values, then the
+    # running sums with a one-hot query and key, Dv + 1 + D values; the same decay, scale 1, the chunk
+    pair, sums = gla.calls
+    assert pair["q"] == pair["k"] == (2, 70, 3, 16) and pair["v"] == (2, 70, 3, 12)
+    assert sums["q"] == sums["k"] == (2, 70, 3, fla_backend.SUMS_WIDTH) and sums["v"] == (2, 70, 3, 12 + 1 + 16)
+    for call in (pair, sums):
+        assert call["g"] == ((2, 70, 3) if decay else None)
+        assert call["scale"] == 1.0 and call["chunk_size"] == chunk and call["dtype"] == dtype
 
 
 def test_gla_form_keeps_a_bf16_caller_in_bf16_and_computes_the_features_in_fp32():
@@ -198,14 +201,16 @@ def test_verification_compares_each_backend_with_the_same_reference_and_one_fail
     assert not rows[1].ok and "ZeroDivisionError" in rows[1].detail
 
 
-def test_the_fla_row_times_the_gla_alone_at_both_widths(monkeypatch):
+def test_the_fla_row_times_the_gla_alone_at_the_backends_two_shapes(monkeypatch):
     from phase7fw.kernels.hyperbolic_linear_attention import verify
 
     gla = TorchGLA()
     monkeypatch.setattr(fla_backend, "load_gla", lambda: gla)
     ms = verify._gla_alone(1, 2, 20, 8, torch.device("cpu"))
-    assert set(ms) == {"fla_gla_alone_K9_fwd_bwd", "fla_gla_alone_K8_fwd_bwd"} and all(t > 0 for t in ms.values())
-    assert [c["q"] for c in gla.calls] == [(1, 20, 2, 9), (1, 20, 2, 8)] and gla.calls[0]["scale"] == 1.0
+    assert set(ms) == {"fla_gla_alone_pair_K8_V8_fwd_bwd", "fla_gla_alone_sums_K16_V17_fwd_bwd"}
+    assert all(t > 0 for t in ms.values())
+    assert [(c["q"], c["v"]) for c in gla.calls] == [((1, 20, 2, 8), (1, 20, 2, 8)), ((1, 20, 2, 16), (1, 20, 2, 17))]
+    assert gla.calls[0]["scale"] == 1.0
 
 
 def test_doctor_names_the_optional_fla_core(monkeypatch, capsys):

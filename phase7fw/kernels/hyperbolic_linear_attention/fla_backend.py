@@ -1,12 +1,20 @@
 """The hyperbolic linear attention through flash-linear-attention's ``chunk_simple_gla``
 (``[kernels] hyperbolic_linear_attention = "fla"``; optional package ``fla-core``).
 
-The op is one scalar-decay gated linear attention on its feature vectors (package docstring):
-with phi_q = feature_map(q, c, query=True), phi_k = feature_map(k, c) (both D + 1 wide, fp32)
-and the values extended with a column of ones, [v, 1] (Dv + 1 wide),
+The op is a scalar-decay gated linear attention (GLA) on its feature vectors (package
+docstring): phi_q = (1, kappa_q) (query=True) and phi_k = (cosh 2b, space part) from
+feature_map, D + 1 wide, fp32. fla's tiles are powers of two, so D + 1 = 129 features and
+Dv + 1 = 129 value columns (the normalizer's column of ones) would fill a last tile with one
+column; instead the pair weight is split, phi_q . phi_k = cosh 2b_s + kappa_q . space_s:
 
-    o_ext = GLA(phi_q, phi_k, [v, 1], g = log_decay, scale = 1)
-    out   = o_ext[..., :Dv] / max(o_ext[..., Dv], DEN_EPS)
+    pair = GLA(kappa_q, space_k, v)                           D wide, Dv values
+    sums = GLA(e_1, e_1, [cosh 2b v, cosh 2b, space_k])       the running sums (decayed)
+    out  = (pair + sums[:Dv]) / max(sums[Dv] + kappa_q . sums[Dv+1:], DEN_EPS)
+
+The first term does not depend on the query, so it (and the normalizer) is a decayed running
+sum, which the same GLA takes with a one-hot query and key of :data:`SUMS_WIDTH` columns
+(the narrowest tensor-core tile). Not timed on a GPU yet, in this form or in the single
+D + 1 wide call it replaced (docs/kernels.md).
 
 The feature map stays in torch (fp32), where autograd takes its gradients to q, k and c;
 fla's kernels give the gradients to the features, the values and the log-decays. Same
@@ -30,10 +38,12 @@ import torch
 from phase7fw.errors import Phase7Error
 from phase7fw.kernels.hyperbolic_linear_attention.reference import DEN_EPS, feature_map
 
-__all__ = ["INSTALL_HINT", "FlaUnavailable", "factory", "fla_status", "gla_form", "hyperbolic_linear_attention_fla",
-           "load_gla"]
+__all__ = ["INSTALL_HINT", "SUMS_WIDTH", "FlaUnavailable", "factory", "fla_status", "gla_form",
+           "hyperbolic_linear_attention_fla", "load_gla"]
 
 INSTALL_HINT = "pip install fla-core einops (or pip install 'phase7fw[fla]')"
+#: width of the one-hot query and key of the running-sums GLA call
+SUMS_WIDTH = 16
 
 
 class FlaUnavailable(Phase7Error):
@@ -84,21 +94,30 @@ def gla_form(gla: Callable, q, k, v, c, log_decay=None, focus_power: float = 1.0
     (B, T, H) the natural-log decay of each token (None: no decay), o_t = sum_{s <= t}
     exp(g_{s+1} + ... + g_t) (scale q_t . k_s) v_s. Inputs and output as
     :func:`.reference.hyperbolic_linear_attention_chunked` (the features in fp32, fp64 for fp64
-    inputs); the output in v's dtype."""
+    inputs); the output in v's dtype. Two GLA calls (module docstring): the D-wide one on
+    (kappa_q, the keys' space part, v), and the running sums on a one-hot query and key."""
     B, H, T, _ = q.shape
     Dv = v.shape[-1]
     with torch.autocast(device_type=q.device.type, enabled=False):
-        fq = feature_map(q, c, focus_power, query=True)  # (B, H, T, D + 1), differentiable
-        fk = feature_map(k, c, focus_power)
+        fq = feature_map(q, c, focus_power, query=True)  # (1, kappa_q): (B, H, T, D + 1), differentiable
+        fk = feature_map(k, c, focus_power)  # (cosh 2b, space part)
         dt = fq.dtype
-        # fla's layout is (B, T, H, *): the component's q, k, v are (B, T, H, D) views already
-        vt = v.transpose(1, 2).to(dt)
-        v_ext = torch.cat([vt, vt.new_ones(B, T, H, 1)], dim=-1)  # last column: the normalizer
+        kappa, k_space, k_time = fq[..., 1:], fk[..., 1:], fk[..., :1]
+        vt = v.to(dt)
         g = None if log_decay is None else log_decay.to(dt).transpose(1, 2).contiguous()
-        o_ext, _ = gla(fq.transpose(1, 2).contiguous(), fk.transpose(1, 2).contiguous(), v_ext, g,
-                       scale=1.0, chunk_size=chunk_size)
-        o_ext = o_ext.transpose(1, 2)  # (B, H, T, Dv + 1)
-        out = o_ext[..., :Dv] / o_ext[..., Dv:].clamp_min(DEN_EPS)
+
+        def run(qq, kk, vv):  # fla's layout is (B, T, H, *)
+            o, _ = gla(*(x.transpose(1, 2).contiguous() for x in (qq, kk, vv)), g, scale=1.0, chunk_size=chunk_size)
+            return o.transpose(1, 2)
+
+        pair = run(kappa, k_space, vt)  # sum Lambda (kappa_q . space_s) v_s: (B, H, T, Dv)
+        one = torch.zeros(B, H, T, SUMS_WIDTH, dtype=dt, device=q.device)
+        one[..., 0] = 1.0
+        # sum Lambda x_s for x = [cosh 2b_s v_s, cosh 2b_s, space_s]: (B, H, T, Dv + 1 + D)
+        sums = run(one, one, torch.cat([k_time * vt, k_time, k_space], dim=-1))
+        num = pair + sums[..., :Dv]
+        den = sums[..., Dv] + (kappa * sums[..., Dv + 1 :]).sum(-1)
+        out = num / den.clamp_min(DEN_EPS)[..., None]
     return out.to(v.dtype)
 
 

@@ -109,25 +109,27 @@ def compare(B, H, T, D, device, dtype, case, timed=True, chunk_size=64, backends
 
 
 def _gla_alone(B, H, T, D, device) -> dict:
-    """fwd+bwd of fla's chunk_simple_gla alone on fp32 inputs with D + 1 features and values
-    (what the fla backend hands it) and with D (no padding column): how much of the fla row's
-    time is the feature map and layout, and how much the odd width costs."""
+    """fwd+bwd of fla's chunk_simple_gla alone on fp32 inputs of the two shapes that the fla
+    backend hands it (fla_backend.gla_form): the pair term (D features, D values) and the
+    running sums (a one-hot query and key, 2 D + 1 values): how much of the fla row's time is
+    fla's, and how much the feature map and layout around it."""
     from phase7fw.kernels.checks import _bench
-    from phase7fw.kernels.hyperbolic_linear_attention.fla_backend import load_gla
+    from phase7fw.kernels.hyperbolic_linear_attention.fla_backend import SUMS_WIDTH, load_gla
 
     gla, ms = load_gla(), {}
     g = torch.Generator(device="cpu").manual_seed(2)
-    for width in (D + 1, D):
-        q, k, v = (torch.randn(B, T, H, width, generator=g).div(width ** 0.5).to(device).requires_grad_()
-                   for _ in range(3))
+    for name, width, values in (("pair", D, D), ("sums", SUMS_WIDTH, 2 * D + 1)):
+        q, k = (torch.randn(B, T, H, width, generator=g).div(width ** 0.5).to(device).requires_grad_()
+                for _ in range(2))
+        v = torch.randn(B, T, H, values, generator=g).to(device).requires_grad_()
         ld = (-0.2 * torch.rand(B, T, H, generator=g)).to(device).requires_grad_()
-        gout = torch.randn(B, T, H, width, generator=g).to(device)
+        gout = torch.randn(B, T, H, values, generator=g).to(device)
 
         def fwd_bwd():
             o, _ = gla(q, k, v, ld, scale=1.0)
             torch.autograd.grad(o, (q, k, v, ld), gout)
 
-        ms[f"fla_gla_alone_K{width}_fwd_bwd"] = _bench(fwd_bwd, device)
+        ms[f"fla_gla_alone_{name}_K{width}_V{values}_fwd_bwd"] = _bench(fwd_bwd, device)
     return ms
 
 
