@@ -6,7 +6,7 @@ well below wall time per token and the kernel count is what to cut).
 
     python benchmarks/decode_profile.py [RECIPE ...] [--tokens 64] [--top 20] [--no-compile] [--json PATH]
 
-Default recipes: phase7_1.5b_standard and llama_1.5b, at batch 1, bf16 weights on a GPU (as
+Default recipes: phase7_1.5b_standard and llama_1.5b, at batch 1, 16-bit weights on a GPU (as
 ``bench --generate`` and benchmarks/p9_generate.py run them), the step compiled before the
 capture (``--compile-step``; ``--no-compile``: eager step). The profile replays the captured
 graph; where the profiler records no kernels inside graph replays, it profiles the same
@@ -62,8 +62,9 @@ def profile_recipe(recipe: str, device: torch.device, tokens: int, compile_step:
     engine = Engine.from_recipe(recipe, {"train.compile": False, "train.batch_size": 1, "train.grad_accum_steps": 1},
                                 dummy_data=True, resume="never", device=str(device), quiet=True)
     model = engine.model
-    if on_gpu and engine.recipe.train.precision == "bf16":
-        prepare_for_inference(model, torch.bfloat16)
+    precision = engine.recipe.train.precision
+    if on_gpu and precision in ("bf16", "fp16"):  # as bench --generate: weights stored in the training precision
+        prepare_for_inference(model, torch.bfloat16 if precision == "bf16" else torch.float16)
     model.eval()
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, engine.tokenizer.vocab_size, (min(64, engine.seq_len // 4),), generator=g).tolist()
@@ -94,7 +95,6 @@ def profile_recipe(recipe: str, device: torch.device, tokens: int, compile_step:
     graphed = GraphedDecoder(model, device=device, autocast=engine.autocast, capture=on_gpu, strict=True,
                              compile_step=compile_step)
     wall = decode(graphed, tokens)
-    profiled_tokens = tokens
     rows, what = profiled(graphed), graphed.path
     if on_gpu and not rows:
         launched = GraphedDecoder(model, device=device, autocast=engine.autocast, capture=False,
@@ -103,10 +103,9 @@ def profile_recipe(recipe: str, device: torch.device, tokens: int, compile_step:
     total_us = sum(r["us"] for r in rows)
     out = {"recipe": recipe, "model": engine.model_name, "path": graphed.path, "profiled": what,
            "tokens": tokens, "ms_per_token": 1e3 * wall / tokens,
-           "kernel_ms_per_token": total_us / 1e3 / profiled_tokens,
-           "kernels_per_token": sum(r["calls"] for r in rows) / profiled_tokens,
-           "rows": [dict(r, us_per_token=r["us"] / profiled_tokens, calls_per_token=r["calls"] / profiled_tokens)
-                    for r in rows]}
+           "kernel_ms_per_token": total_us / 1e3 / tokens,
+           "kernels_per_token": sum(r["calls"] for r in rows) / tokens,
+           "rows": [dict(r, us_per_token=r["us"] / tokens, calls_per_token=r["calls"] / tokens) for r in rows]}
     del engine, model, graphed
     if on_gpu:
         torch.cuda.empty_cache()
