@@ -142,7 +142,7 @@ def main(argv=None) -> int:
               f" (profiled: {r['profiled']})")
         print("| kernel | per token | us/token | share |\n|---|---|---|---|")
         for row in r["rows"][: args.top]:
-            share = row["us"] / max(1e-9, sum(x["us"] for x in r["rows"]))
+            share = row["us_per_token"] / max(1e-9, 1e3 * r["kernel_ms_per_token"])
             print(f"| {row['name'][:90]} | {row['calls_per_token']:.1f} | {row['us_per_token']:.1f} | {share:.1%} |")
     if args.json:
         args.json.write_text(json.dumps({"device": where, "torch": torch.__version__, "results": results}, indent=1))

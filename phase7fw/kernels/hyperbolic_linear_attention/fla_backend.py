@@ -111,8 +111,9 @@ def gla_form(gla: Callable, q, k, v, c, log_decay=None, focus_power: float = 1.0
             return o.transpose(1, 2)
 
         pair = run(kappa, k_space, vt)  # sum Lambda (kappa_q . space_s) v_s: (B, H, T, Dv)
-        one = torch.zeros(B, H, T, SUMS_WIDTH, dtype=dt, device=q.device)
-        one[..., 0] = 1.0
+        one = torch.zeros(SUMS_WIDTH, dtype=dt, device=q.device)
+        one[0] = 1.0
+        one = one.expand(B, H, T, SUMS_WIDTH)  # materialized once, in fla's layout, by run()
         # sum Lambda x_s for x = [cosh 2b_s v_s, cosh 2b_s, space_s]: (B, H, T, Dv + 1 + D)
         sums = run(one, one, torch.cat([k_time * vt, k_time, k_space], dim=-1))
         num = pair + sums[..., :Dv]
