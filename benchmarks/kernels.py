@@ -10,7 +10,8 @@ On a CUDA GPU (bf16):
   P5  AR-SSM scan fwd+bwd at (B=8, T=1024, d_model=2048: 8 heads x 256, rank 16) vs SDPA
       FlashAttention-2 fwd+bwd at the same (B, T, d_model) = (8, 16 heads, 1024, 128); the
       scan is timed under both ``[kernels.ar_ssm_scan] schedule``s ("rows", "chunks"), there
-      and at batch 1 with T = 16k (8 x 256) and 32k (8 x 32), with the ratios chunks / rows
+      and at batch 1 with T = 16k (8 x 256) and 32k (8 x 32), with the ratios chunks / rows;
+      with fla-core installed, also ``[kernels] ar_ssm_scan = "fla"`` (fla's GLA), fla / rows
   P6  HTT embedding (vocab 32000, d 2048, rank 32) per optimizer step: the micro-batches'
       gathers + one tied-table rebuild, minus a dense lookup, over the step time of --step-json
 plus the correctness table of ``phase7fw doctor --verify`` (every speed number is gated on it).
@@ -18,7 +19,7 @@ plus the correctness table of ``phase7fw doctor --verify`` (every speed number i
 flash-linear-attention's GLA (rows ``[fla]``, when fla-core is installed) and SDPA cuDNN side
 by side at (2,16,1024,128), (1,16,4096,128), (1,16,16384,128) and an odd length.
 ``--ssm-only`` is the AR-SSM schedule A/B alone: the scan's verify cases (a row per schedule,
-both gated) and the timings of P5's block, then stops. ``--hla-sweep`` times Phase 8's kernel
+and ``[fla]``'s with fla-core, all gated) and the timings of P5's block, then stops. ``--hla-sweep`` times Phase 8's kernel
 under each ``[kernels.hyperbolic_linear_attention] gpu`` launch candidate at (8,16,1024,128) as
 GPU time, next to SDPA cuDNN's, prints the pick's recipe table and stops.
 Writes kernels.json and kernels.md to --out. Imports only torch, triton and phase7fw's
@@ -123,12 +124,19 @@ def ssm_fwd_and_bwd(dev, shapes=((8, 16, 1024, 128, 16), (8, 8, 1024, 256, 16)))
 def ssm_timings(dev) -> tuple[dict, dict]:
     """fwd+bwd median ms of the AR-SSM scan at :data:`SSM_SHAPES` under each schedule and dot
     precision (keys ``ssm_<shape>triton_<precision>_fwd_bwd`` for "rows", the measured default,
-    and ``ssm_<shape>triton_chunks_<precision>_fwd_bwd``), the torch reference at P5's shape;
-    and the ratios chunks / rows. A configuration that fails is NaN and printed."""
+    and ``ssm_<shape>triton_chunks_<precision>_fwd_bwd``), fla's GLA where it imports
+    (``ssm_<shape>fla_fwd_bwd``, ``[kernels] ar_ssm_scan = "fla"``), the torch reference at P5's
+    shape; and the ratios chunks / rows and fla / rows. A configuration that fails is NaN and printed."""
     from phase7fw.kernels.ar_ssm_scan import SCHEDULES, TritonConfig, ar_ssm_scan_reference
     from phase7fw.kernels.ar_ssm_scan.kernel import ar_ssm_scan_triton
     from phase7fw.kernels.ar_ssm_scan.verify import ssm_inputs
+    from phase7fw.kernels._fla import fla_status
 
+    fla_ok, why = fla_status()
+    if fla_ok:
+        from phase7fw.kernels.ar_ssm_scan.fla_backend import ar_ssm_scan_fla
+    else:
+        print(f"ssm: the fla backend is left out ({why})", flush=True)
     s, ratios = {}, {}
     for prefix, shape in SSM_SHAPES.items():
         sins = [a.clone().requires_grad_() for a in ssm_inputs(*shape, dev)]
@@ -152,6 +160,14 @@ def ssm_timings(dev) -> tuple[dict, dict]:
         for prec in ("ieee", "tf32"):
             ratios[f"ssm {shape} {prec}: chunks / rows"] = (
                 s[f"ssm_{prefix}triton_chunks_{prec}_fwd_bwd"] / s[f"ssm_{prefix}triton_{prec}_fwd_bwd"])
+        if fla_ok:  # [kernels] ar_ssm_scan = "fla": flash-linear-attention's GLA on the same inputs
+            try:
+                s[f"ssm_{prefix}fla_fwd_bwd"] = bench(lambda: fwd_bwd(ar_ssm_scan_fla))
+            except Exception as exc:  # noqa: BLE001
+                print("ssm", shape, "fla failed:", repr(exc)[:300], flush=True)
+                s[f"ssm_{prefix}fla_fwd_bwd"] = float("nan")
+            ratios[f"ssm {shape}: fla / rows ieee (the default)"] = (
+                s[f"ssm_{prefix}fla_fwd_bwd"] / s[f"ssm_{prefix}triton_ieee_fwd_bwd"])
     s["ssm_triton_fwd_bwd"] = s["ssm_triton_ieee_fwd_bwd"]  # P5: the default tuning
     s.update(ssm_fwd_and_bwd(dev))
     print(s, flush=True)
@@ -467,6 +483,7 @@ def main() -> int:
         "P4 flex_poincare / hyp (target >= 5, stretch 8)": t["flex_poincare_fwd_bwd"] / t["hyp_fwd_bwd"],
         "P5 ssm / sdpa_fa2 (target <= 1.5, stretch 1.0)": s["ssm_triton_fwd_bwd"] / t["sdpa_fa2_fwd_bwd"],
         "P5 ssm schedule chunks / sdpa_fa2": s["ssm_triton_chunks_ieee_fwd_bwd"] / t["sdpa_fa2_fwd_bwd"],
+        **({"P5 ssm fla backend / sdpa_fa2": s["ssm_fla_fwd_bwd"] / t["sdpa_fa2_fwd_bwd"]} if "ssm_fla_fwd_bwd" in s else {}),
         **ssm_ratios,
     }
     if step:

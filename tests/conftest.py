@@ -1,4 +1,5 @@
-"""Shared fixtures: installable fake plugin distributions, tiny recipes, a CLI runner."""
+"""Shared fixtures: installable fake plugin distributions, tiny recipes, a CLI runner, a torch
+stand-in for flash-linear-attention's GLA."""
 
 from __future__ import annotations
 
@@ -95,3 +96,45 @@ def run_cli(*args, cwd=None, env=None, timeout=300):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "phase7fw", *map(str, args)], cwd=cwd or ROOT,
                           env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+class TorchGLA:
+    """fla's ``chunk_simple_gla`` convention in plain torch (the T x T masked form): q, k
+    (B, T, H, K), v (B, T, H, V), g (B, T, H) natural-log decays or None;
+    o_t = sum_{s <= t} exp(g_{s+1} + ... + g_t) scale (q_t . k_s) v_s. Records its calls. Stands
+    in for fla's kernels, which do not run on a CPU, in the tests of the ops' fla backends."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, q, k, v, g=None, *, scale=None, chunk_size=64, **kwargs):
+        import torch  # (imported here: torch is first imported after prepare_environment)
+
+        self.calls.append(dict(q=q.shape, k=k.shape, v=v.shape, g=None if g is None else g.shape, scale=scale,
+                               chunk_size=chunk_size, dtype=q.dtype, kwargs=kwargs))
+        T = q.shape[1]
+        G = torch.zeros(q.shape[:3], dtype=q.dtype) if g is None else g.cumsum(1)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()[None, :, :, None]
+        decay = (G[:, :, None, :] - G[:, None, :, :]).masked_fill(~causal, float("-inf")).exp()  # (B, t, s, H)
+        w = torch.einsum("bthk,bshk->btsh", q, k) * scale * decay
+        return torch.einsum("btsh,bshv->bthv", w, v), None
+
+
+def without_fla(monkeypatch) -> None:
+    """Make ``import fla...`` fail as it does where fla-core is not installed."""
+    from phase7fw.kernels import _fla
+
+    for name in ("fla", "fla.ops", "fla.ops.simple_gla"):
+        monkeypatch.setitem(sys.modules, name, None)
+    _fla.import_gla.cache_clear()
+
+
+@pytest.fixture
+def no_fla(monkeypatch):
+    """As if fla-core were not installed (:func:`without_fla`), for one test."""
+    from phase7fw.kernels import _fla
+
+    without_fla(monkeypatch)
+    yield
+    monkeypatch.undo()
+    _fla.import_gla.cache_clear()  # a later test imports the real one, if installed

@@ -47,7 +47,8 @@ def run_doctor(require_gpu: bool = False, verify: bool = False) -> int:
     for name in ("datasets", "tokenizers", "wandb"):
         print(f"{name:<9} {_version(name)}")
     fla = _dist_version("fla-core")
-    print(f"fla-core  {fla} (optional, CUDA only: [kernels] hyperbolic_linear_attention = \"fla\""
+    print(f"fla-core  {fla} (optional, CUDA only: [kernels] hyperbolic_linear_attention = \"fla\","
+          " ar_ssm_scan = \"fla\""
           + ("; pip install fla-core einops)" if fla == "not installed" else ")"))
 
     from phase7fw.plugins import PluginError

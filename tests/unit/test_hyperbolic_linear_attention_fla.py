@@ -8,35 +8,15 @@ tests/gpu/test_hyperbolic_linear_attention_fla_gpu.py."""
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
 from phase7fw.kernels.hyperbolic_linear_attention import hyperbolic_linear_attention_chunked
 from phase7fw.kernels.hyperbolic_linear_attention import fla_backend
-from tests.conftest import RECIPES
+from phase7fw.kernels import _fla
+from tests.conftest import RECIPES, TorchGLA, without_fla
 
 OP = "hyperbolic_linear_attention"
-
-
-class TorchGLA:
-    """fla's ``chunk_simple_gla`` convention in plain torch (the T x T masked form): q, k
-    (B, T, H, K), v (B, T, H, V), g (B, T, H) natural-log decays or None;
-    o_t = sum_{s <= t} exp(g_{s+1} + ... + g_t) scale (q_t . k_s) v_s. Records its calls."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, q, k, v, g=None, *, scale=None, chunk_size=64, **kwargs):
-        self.calls.append(dict(q=q.shape, k=k.shape, v=v.shape, g=None if g is None else g.shape, scale=scale,
-                               chunk_size=chunk_size, dtype=q.dtype, kwargs=kwargs))
-        T = q.shape[1]
-        G = torch.zeros(q.shape[:3], dtype=q.dtype) if g is None else g.cumsum(1)
-        causal = torch.ones(T, T, dtype=torch.bool).tril()[None, :, :, None]
-        decay = (G[:, :, None, :] - G[:, None, :, :]).masked_fill(~causal, float("-inf")).exp()  # (B, t, s, H)
-        w = torch.einsum("bthk,bshk->btsh", q, k) * scale * decay
-        return torch.einsum("btsh,bshv->bthv", w, v), None
 
 
 def _inputs(B=2, H=3, T=70, D=16, Dv=12, dtype=torch.float64, decay=True, seed=0, radius=2.0):
@@ -101,21 +81,6 @@ def test_gla_form_keeps_a_bf16_caller_in_bf16_and_computes_the_features_in_fp32(
     assert _rel(out, ref) < 1e-2
 
 
-def _without_fla(monkeypatch):
-    """Make ``import fla...`` fail as it does where fla-core is not installed."""
-    for name in ("fla", "fla.ops", "fla.ops.simple_gla"):
-        monkeypatch.setitem(sys.modules, name, None)
-    fla_backend.load_gla.cache_clear()
-
-
-@pytest.fixture
-def no_fla(monkeypatch):
-    _without_fla(monkeypatch)
-    yield
-    monkeypatch.undo()
-    fla_backend.load_gla.cache_clear()  # a later test imports the real one, if installed
-
-
 def test_selecting_fla_without_fla_is_one_error_with_the_install_hint(no_fla):
     from phase7fw.kernels import select
     from phase7fw.plugins import load_plugins
@@ -160,7 +125,7 @@ def test_fla_is_a_choice_of_the_recipe_without_tuning_options_and_auto_keeps_the
 def test_the_fla_backend_refuses_a_machine_without_cuda_and_cpu_and_fp64_tensors(monkeypatch, tmp_path, capsys):
     from phase7fw.cli import main
 
-    monkeypatch.setattr(fla_backend, "load_gla", lambda: TorchGLA())  # as if fla were installed
+    monkeypatch.setattr(_fla, "import_gla", lambda: TorchGLA())  # as if fla were installed
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     code = main(["run", str(RECIPES / "phase8_tiny.toml"), "--dummy-data", "--set",
                  f'kernels.{OP}="fla"', "--set", "train.max_steps=1", "--set", f'run.output_dir="{tmp_path}"'])
@@ -178,14 +143,14 @@ def test_verification_rows_leave_fla_out_with_a_note_and_check_it_where_it_impor
 
     impls, note = verify._backends(torch.device("cpu"))
     assert list(impls) == ["triton"] and note is None  # fla never runs on the CPU
-    _without_fla(monkeypatch)
+    without_fla(monkeypatch)
     impls, note = verify._backends(torch.device("cuda"))  # (nothing touches the device)
     assert list(impls) == ["triton"]
     assert note.startswith("rows left out: fla cannot be imported (ModuleNotFoundError")
     assert "pip install fla-core" in note
     monkeypatch.undo()
-    fla_backend.load_gla.cache_clear()
-    monkeypatch.setattr(fla_backend, "load_gla", lambda: TorchGLA())
+    _fla.import_gla.cache_clear()
+    monkeypatch.setattr(_fla, "import_gla", lambda: TorchGLA())
     impls, note = verify._backends(torch.device("cuda"))
     assert list(impls) == ["triton", "fla"] and note is None
 
@@ -205,7 +170,7 @@ def test_the_fla_row_times_the_gla_alone_at_the_backends_two_shapes(monkeypatch)
     from phase7fw.kernels.hyperbolic_linear_attention import verify
 
     gla = TorchGLA()
-    monkeypatch.setattr(fla_backend, "load_gla", lambda: gla)
+    monkeypatch.setattr(_fla, "import_gla", lambda: gla)
     ms = verify._gla_alone(1, 2, 20, 8, torch.device("cpu"))
     assert set(ms) == {"fla_gla_alone_pair_K8_V8_fwd_bwd", "fla_gla_alone_sums_K16_V17_fwd_bwd"}
     assert all(t > 0 for t in ms.values())

@@ -61,8 +61,8 @@ def test_the_table_form_sets_tuning_fields():
     ({"impl": "triton", "schedule": "chunk"}, "kernels.ar_ssm_scan.schedule: expected one of 'auto', 'rows', 'chunks', got 'chunk'"),
     ({"impl": "triton", "scan": [48, 4, 1]}, "kernels.ar_ssm_scan.scan: block sizes must be powers of two >= 16, got [48]"),
     ({"gpu": [32, 64, 4, 1]}, 'kernels.ar_ssm_scan: gpu: tuning options of a kernel, but impl is "reference"'),
-    ("cuda", "kernels.ar_ssm_scan: expected one of 'triton', 'reference', 'auto', got 'cuda'"),
-    ({"impl": 3}, "kernels.ar_ssm_scan.impl: expected one of 'triton', 'reference', 'auto', got int 3"),
+    ("cuda", "kernels.ar_ssm_scan: expected one of 'triton', 'fla', 'reference', 'auto', got 'cuda'"),
+    ({"impl": 3}, "kernels.ar_ssm_scan.impl: expected one of 'triton', 'fla', 'reference', 'auto', got int 3"),
 ])
 def test_bad_tuning_is_named_with_its_key(value, message):
     with pytest.raises(RecipeError) as err:

@@ -5,8 +5,10 @@ S_t = exp(log_decay_t) S_{t-1} + B_t x_t^T. Everything of it is in this folder:
   and :func:`ar_ssm_scan_sequential` (the plain recurrence, the test oracle);
 - :mod:`.kernel`: the Triton forward and backward, two schedules (``[kernels.ar_ssm_scan]
   schedule``: "auto", "rows" or "chunks"; imported only when selected);
+- :mod:`.fla_backend`: the scan through flash-linear-attention's GLA (``[kernels] ar_ssm_scan
+  = "fla"``, optional package fla-core, CUDA only; fla imported when selected);
 - :mod:`.verify`: its parity rows (``phase7fw doctor --verify``);
-- :func:`register`: kind ``kernel``, ``"ar_ssm_scan:triton"``.
+- :func:`register`: kind ``kernel``, ``"ar_ssm_scan:triton"`` and ``"ar_ssm_scan:fla"``.
 
 Components call :func:`ar_ssm_scan` and let kernel selection swap it.
 """
@@ -17,7 +19,7 @@ from typing import Literal, get_args
 
 import attrs
 
-from phase7fw.kernels import launch_check, precision_option, triton_kernel
+from phase7fw.kernels import launch_check, lazy, precision_option, triton_kernel
 from phase7fw.recipe.options import option
 from phase7fw.kernels.ar_ssm_scan.reference import ar_ssm_scan_reference, ar_ssm_scan_sequential
 
@@ -26,6 +28,7 @@ __all__ = [
     "SCHEDULES",
     "TritonConfig",
     "ar_ssm_scan",
+    "ar_ssm_scan_fla",
     "ar_ssm_scan_reference",
     "ar_ssm_scan_sequential",
     "ar_ssm_scan_triton",
@@ -69,7 +72,20 @@ class TritonConfig:
 #: The op's public function (the torch reference); components call it and ``[kernels] ar_ssm_scan``
 #: may swap it for :func:`ar_ssm_scan_triton` (same signature).
 ar_ssm_scan = ar_ssm_scan_reference
-ar_ssm_scan_triton, register = triton_kernel(
+ar_ssm_scan_triton, _register_triton = triton_kernel(
     OP, "phase7fw.kernels.ar_ssm_scan.kernel", "ar_ssm_scan_triton",
     "chunked SSD scan, fp32 state, fwd + bwd (grads to x, B, C, log_decay)",
     TritonConfig)
+_FLA = "phase7fw.kernels.ar_ssm_scan.fla_backend"
+#: the scan through flash-linear-attention's chunk_simple_gla (CUDA only; fla imported on first call)
+ar_ssm_scan_fla = lazy(_FLA, "ar_ssm_scan_fla")
+
+
+def register(register) -> None:
+    """Register the op's kernels: our Triton scan (``"ar_ssm_scan:triton"``, what "auto" picks)
+    and flash-linear-attention's GLA (``"ar_ssm_scan:fla"``, optional package fla-core, checked
+    when a recipe selects it)."""
+    _register_triton(register)
+    register("kernel", f"{OP}:fla", lazy(_FLA, "factory"),
+             description="the same scan through flash-linear-attention's chunk_simple_gla (optional: pip install"
+             " fla-core einops; q = C, k = B, v = x, fp32), fwd + bwd (grads to x, B, C, log_decay), CUDA only")

@@ -1,9 +1,13 @@
-"""Parity rows of the AR-SSM scan kernel for ``phase7fw doctor`` and ``doctor --verify``: the
-Triton scan under each schedule ("rows", "chunks"), one row each, against the chunked
+"""Parity rows of the AR-SSM scan kernels for ``phase7fw doctor`` and ``doctor --verify``: the
+Triton scan under each schedule ("rows", "chunks") and, on a GPU where fla imports, the fla
+backend (:mod:`.fla_backend`, rows marked ``[fla]``), one row each, against the chunked
 reference in float64 on the same inputs, forward and every gradient (x, B, C, log_decay),
-timed side by side and next to the torch reference."""
+timed side by side and next to the torch reference. Without fla, its rows are left out and
+the first row says so."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -29,13 +33,42 @@ def ssm_inputs(b, h, T, dv, r, device, dtype=torch.bfloat16, seed=0):
     return x.to(device), Bm.to(device), Cm.to(device), ld.to(device)
 
 
-def _check_ssm(b, h, T, dv, r, device, dtype, case, timings=True) -> list[Row]:
-    """One row per schedule of ``[kernels.ar_ssm_scan]`` (:data:`SCHEDULES`: "rows", then
-    "chunks", case marked ``[chunks]``), each against the same float64 reference on the same
-    inputs and output gradient, forward and every gradient; one failing schedule never hides
-    the other's row. Timed (``timings``): each schedule's fwd+bwd (``triton_fwd_bwd``,
-    ``triton_chunks_fwd_bwd`` and its ratio to the first row's), and in the first row the torch
-    reference's (``reference_fwd_bwd``)."""
+def _implementations(device: torch.device) -> tuple[dict, str | None]:
+    """{name: scan} to check on ``device``: the Triton scan under each schedule of
+    :data:`SCHEDULES`, and fla's GLA (:mod:`.fla_backend`) on a GPU where fla imports; and a
+    note when fla is left out."""
+    impls = {schedule: functools.partial(ar_ssm_scan_triton, tuning=TritonConfig(schedule=schedule))
+             for schedule in SCHEDULES}
+    if device.type != "cuda":
+        return impls, None  # fla runs on CUDA only (not in Triton's interpreter)
+    from phase7fw.kernels._fla import INSTALL_HINT, fla_status
+    from phase7fw.kernels.ar_ssm_scan.fla_backend import ar_ssm_scan_fla
+
+    ok, why = fla_status()
+    if not ok:
+        return impls, f"rows left out: fla cannot be imported ({why}); {INSTALL_HINT}"
+    impls["fla"] = ar_ssm_scan_fla
+    return impls, None
+
+
+def _key(name: str, lead: bool) -> str:
+    """The timing key of an implementation's fwd+bwd: ``triton_fwd_bwd`` (the first schedule),
+    ``triton_<schedule>_fwd_bwd``, ``fla_fwd_bwd``."""
+    if name == "fla":
+        return "fla_fwd_bwd"
+    return "triton_fwd_bwd" if lead else f"triton_{name}_fwd_bwd"
+
+
+def _check_ssm(b, h, T, dv, r, device, dtype, case, timings=True, impls=None) -> list[Row]:
+    """One row per implementation (``impls``: {name: scan}; default :func:`_implementations`:
+    the Triton scan under "rows", then "chunks", then fla's where it runs; later rows' cases
+    marked ``[name]``), each against the same float64 reference on the same inputs and output
+    gradient, forward and every gradient; one failing implementation never hides another's row.
+    Timed (``timings``): each one's fwd+bwd (:func:`_key`) and its ratio to the first row's,
+    and in the first row the torch reference's (``reference_fwd_bwd``)."""
+    note = None
+    if impls is None:
+        impls, note = _implementations(device)
     x, Bm, Cm, ld = ssm_inputs(b, h, T, dv, r, device, dtype)
     gy = torch.randn(x.shape, generator=torch.Generator(device="cpu").manual_seed(1)).to(device, dtype)
     ref_ins = [t.detach().double().requires_grad_() for t in (x, Bm, Cm, ld)]
@@ -44,10 +77,9 @@ def _check_ssm(b, h, T, dv, r, device, dtype, case, timings=True) -> list[Row]:
     ref = ref.detach()
     del ref_ins
 
-    def one(schedule, row_case, key, lead):
-        tuning = TritonConfig(schedule=schedule)
+    def one(scan, row_case, key, lead):
         ins = [t.clone().requires_grad_() for t in (x, Bm, Cm, ld)]
-        y = ar_ssm_scan_triton(*ins, tuning=tuning)
+        y = scan(*ins)
         grads = torch.autograd.grad(y, ins, gy)
         errors = {"out": _rel(y, ref)}
         for name, a, bb in zip(("dx", "dB", "dC", "dlog_decay"), grads, ref_grads):
@@ -55,11 +87,11 @@ def _check_ssm(b, h, T, dv, r, device, dtype, case, timings=True) -> list[Row]:
         row = gated_row(OP, row_case, errors, (y, *grads))
         del y, grads
         if timings:
-            def tri():
-                o = ar_ssm_scan_triton(*ins, tuning=tuning)
+            def fwd_bwd():
+                o = scan(*ins)
                 torch.autograd.grad(o, ins, gy)
 
-            row.ms[key] = _bench(tri, device)
+            row.ms[key] = _bench(fwd_bwd, device)
             if lead:
                 def refr():
                     o = ar_ssm_scan_reference(*ins)
@@ -69,14 +101,17 @@ def _check_ssm(b, h, T, dv, r, device, dtype, case, timings=True) -> list[Row]:
         return row
 
     rows: list[Row] = []
-    for schedule in SCHEDULES:
+    first = next(iter(impls))
+    for name, scan in impls.items():
         lead = not rows
-        row_case = case if lead else f"{case} [{schedule}]"
-        key = "triton_fwd_bwd" if lead else f"triton_{schedule}_fwd_bwd"
-        row = guarded(OP, row_case, lambda s=schedule, c=row_case, k=key, f=lead: one(s, c, k, f))
-        if timings and not lead and key in row.ms and "triton_fwd_bwd" in rows[0].ms:
-            row.ms[f"ratio_vs_{SCHEDULES[0]}"] = row.ms[key] / rows[0].ms["triton_fwd_bwd"]
+        row_case = case if lead else f"{case} [{name}]"
+        key = _key(name, lead)
+        row = guarded(OP, row_case, lambda s=scan, c=row_case, k=key, f=lead: one(s, c, k, f))
+        if timings and not lead and key in row.ms and _key(first, True) in rows[0].ms:
+            row.ms[f"ratio_vs_{first}"] = row.ms[key] / rows[0].ms[_key(first, True)]
         rows.append(row)
+    if note:
+        rows[0].ms["fla"] = note
     return rows
 
 

@@ -1,0 +1,112 @@
+"""What the ops' flash-linear-attention backends share (``[kernels] <op> = "fla"``; optional
+package ``fla-core``): importing fla's ``chunk_simple_gla`` (a scalar-decay gated linear
+attention, GLA), the one error a recipe gets where it cannot run, and the checks of its
+inputs. Used by :mod:`phase7fw.kernels.hyperbolic_linear_attention.fla_backend` and
+:mod:`phase7fw.kernels.ar_ssm_scan.fla_backend`. Nothing here imports fla before a recipe
+selects it.
+
+fla runs its Triton kernels on a CUDA GPU only: Triton's CPU interpreter cannot run them (its
+autotuner needs a GPU driver, and a kernel body fails on the interpreter's integer loop
+counter; fla-core 0.6.0, Triton 3.9).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Callable
+
+import torch
+
+from phase7fw.errors import Phase7Error
+
+__all__ = ["INSTALL_HINT", "FlaUnavailable", "check_inputs", "factory", "fla_status", "import_gla", "load_gla"]
+
+INSTALL_HINT = "pip install fla-core einops (or pip install 'phase7fw[fla]')"
+
+
+class FlaUnavailable(Phase7Error):
+    """An fla backend was selected where flash-linear-attention cannot run; ``reason``: why,
+    in one phrase."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message
+
+
+@functools.cache
+def import_gla() -> Callable:
+    """fla's ``chunk_simple_gla``, imported once; :class:`FlaUnavailable` (its ``reason``: the
+    import's error in one phrase) when fla is missing or broken against this torch/Triton."""
+    try:
+        # fla's import on a machine without a GPU warns that it "rolls back to CPU", which its
+        # GLA kernels cannot do (the backends refuse CPU tensors)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Triton is not supported on current platform")
+            from fla.ops.simple_gla import chunk_simple_gla
+    except Exception as exc:  # noqa: BLE001 - missing or broken: either way it cannot run
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+        raise FlaUnavailable(reason, reason) from None
+    return chunk_simple_gla
+
+
+def load_gla(op: str) -> Callable:
+    """fla's ``chunk_simple_gla`` for ``[kernels] op = "fla"``; where it cannot be imported, one
+    :class:`FlaUnavailable` naming the recipe key, the reason and the install hint."""
+    try:
+        return import_gla()
+    except FlaUnavailable as exc:
+        raise FlaUnavailable(
+            f"kernels.{op} = \"fla\" needs flash-linear-attention (the fla-core package), which cannot be"
+            f" imported here ({exc.reason}); install it with: {INSTALL_HINT}, or select \"triton\","
+            " \"reference\" or \"auto\"", exc.reason) from None
+
+
+def fla_status() -> tuple[bool, str]:
+    """Whether fla's GLA can be imported here, and the version or the reason (one phrase)."""
+    try:
+        import_gla()
+    except FlaUnavailable as exc:
+        return False, exc.reason
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return True, f"fla-core {version('fla-core')}"
+    except PackageNotFoundError:  # importable from a source checkout
+        return True, "fla (no package metadata)"
+
+
+def _cpu_refusal(op: str, what: str) -> FlaUnavailable:
+    return FlaUnavailable(
+        f"kernels.{op} = \"fla\" runs flash-linear-attention's Triton kernels, which need a CUDA GPU"
+        f" ({what}; Triton's CPU interpreter cannot run them); select \"reference\" or \"auto\" here")
+
+
+def check_inputs(op: str, *tensors: torch.Tensor) -> None:
+    """fla's kernels take fp32/bf16/fp16 tensors on a CUDA device: a ValueError for fp64, one
+    :class:`FlaUnavailable` for a tensor on another device."""
+    if any(t.dtype == torch.float64 for t in tensors):
+        raise ValueError(f"the fla {op.replace('_', ' ')} takes fp32/bf16/fp16 inputs, not fp64")
+    device = tensors[0].device
+    if device.type != "cuda":
+        raise _cpu_refusal(op, f"got a {device.type} tensor")
+
+
+def factory(op: str, implementation: str) -> Callable:
+    """The ``"<op>:fla"`` kernel factory returning ``implementation`` (the name of a function in
+    the calling backend module, looked up when the factory runs): it checks, when a recipe
+    selects the backend and before any step runs, that fla imports (one clear error with the
+    install hint otherwise) and that this machine has a CUDA GPU (a run on the CPU of a GPU
+    machine is refused at its first call)."""
+
+    def make(config, **context):
+        import importlib
+
+        module_name, _, attr = implementation.rpartition(".")
+        module = importlib.import_module(module_name)
+        module.load_gla()  # the module's loader, so that tests can stand a torch GLA in for fla's
+        if not torch.cuda.is_available():
+            raise _cpu_refusal(op, "this machine has none")
+        return getattr(module, attr)
+
+    return make
