@@ -8,7 +8,7 @@
 #   benchmarks/gpu_evidence.sh model-quality                    # issue 15 (8 such runs: 310 s, H100)
 #   benchmarks/gpu_evidence.sh phase8                           # issue 18
 #   benchmarks/gpu_evidence.sh conv small-gpu-speed             # issue 16: measured 2026-12-07 (H100)
-#   benchmarks/gpu_evidence.sh p1 attention-grad-bf16 hla-sweep decode-profile  # issues 16 and 18: waiting for a GPU
+#   benchmarks/gpu_evidence.sh p1 attention-grad-bf16 hla-sweep decode-profile ssm-fla  # issues 16 and 18: waiting for a GPU
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -82,6 +82,13 @@ for stage in "$@"; do
           --compare recipes/phase7_1.5b_standard.toml --json "$OUT/attn_grad_bf16_ab.json" 2>&1 | tail -12 ;;
     decode-profile)  # issue 16, P9: GPU time of each kernel of the captured decode step, phase7 and llama 1.5B
       python3 benchmarks/decode_profile.py --tokens 64 --top 25 --json "$OUT/decode_profile.json" 2>&1 | tail -60 ;;
+    ssm-fla)      # issue 16: [kernels] ar_ssm_scan = "fla" (needs fla-core): its gate, the scan's rows and P5
+                  # with fla beside our schedules, then the 1.5B step with each scan in one process
+      python3 -m pytest -m gpu tests/gpu/test_ar_ssm_scan_fla_gpu.py -q -p no:cacheprovider 2>&1 | tail -3
+      python3 benchmarks/kernels.py --ssm-only --out "$OUT/ssm_fla" 2>&1 | tail -12
+      $P7 bench recipes/phase7_1.5b_standard.toml --batch-size 8 --grad-accum 1 --steps 6 --warmup 2 --repeat 2 \
+          --set 'kernels.ar_ssm_scan="fla"' --compare recipes/phase7_1.5b_standard.toml \
+          --json "$OUT/ssm_fla_ab.json" 2>&1 | tail -12 ;;
     hla-sweep)    # issue 18: Phase 8 kernel launch candidates as GPU time next to SDPA cuDNN
       python3 benchmarks/kernels.py --hla-sweep --out "$OUT/hla_sweep" 2>&1 | tail -6 ;;
     small-gpu-speed)  # issue 16 item 4: the 10 GiB recipe at batch 1 x 16 against the standard recipe at
@@ -92,6 +99,6 @@ for stage in "$@"; do
       cat /tmp/psg/*.ops.txt > "$OUT/sg_10g_ops.txt"
       $P7 bench recipes/phase7_1.5b.toml --memory-cap-gib 10 --steps 2 --warmup 1 --set train.checkpoint_every=2 \
           --json "$OUT/sg_10g_every2.json" 2>&1 | tail -6 ;;
-    *) echo "unknown stage $stage (gpu-tests kernels attention-sweep decode small-gpu small-gpu-speed quality model-quality phase8 throughput max-params conv p1 attention-grad-bf16 hla-sweep decode-profile)"; exit 2 ;;
+    *) echo "unknown stage $stage (gpu-tests kernels attention-sweep decode small-gpu small-gpu-speed quality model-quality phase8 throughput max-params conv p1 attention-grad-bf16 hla-sweep decode-profile ssm-fla)"; exit 2 ;;
   esac
 done
