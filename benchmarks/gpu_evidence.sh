@@ -8,7 +8,7 @@
 #   benchmarks/gpu_evidence.sh model-quality                    # issue 15 (8 such runs: 310 s, H100)
 #   benchmarks/gpu_evidence.sh phase8                           # issue 18
 #   benchmarks/gpu_evidence.sh conv small-gpu-speed             # issue 16: measured 2026-12-07 (H100)
-#   benchmarks/gpu_evidence.sh p1 attention-grad-bf16 hla-sweep decode-profile ssm-fla  # issues 16 and 18: waiting for a GPU
+#   benchmarks/gpu_evidence.sh p1 attention-grad-bf16 hla-sweep decode-profile ssm-fla ssm-tf32  # issues 16, 18: waiting for a GPU
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -89,6 +89,27 @@ for stage in "$@"; do
       $P7 bench recipes/phase7_1.5b_standard.toml --batch-size 8 --grad-accum 1 --steps 6 --warmup 2 --repeat 2 \
           --set 'kernels.ar_ssm_scan="fla"' --compare recipes/phase7_1.5b_standard.toml \
           --json "$OUT/ssm_fla_ab.json" 2>&1 | tail -12 ;;
+    ssm-tf32)     # issue 16: the scan's TF32 dots (kernel 2.1x faster at the 1.5B shape, H100 2026-12-07):
+                  # the 1.5B step A/B in one process, then item 5's check, 300 phase7_small steps each way
+      TF32='kernels.ar_ssm_scan={impl = "auto", precision = "tf32"}'
+      $P7 bench recipes/phase7_1.5b_standard.toml --batch-size 8 --grad-accum 1 --steps 6 --warmup 2 --repeat 2 \
+          --set "$TF32" --compare recipes/phase7_1.5b_standard.toml --json "$OUT/ssm_tf32_ab.json" 2>&1 | tail -12
+      for prec in ieee tf32; do
+        $P7 run recipes/phase7_small.toml --set train.max_steps=300 \
+            --set "kernels.ar_ssm_scan={impl = \"auto\", precision = \"$prec\"}" \
+            --set "run.output_dir=\"$OUT/loss_$prec\"" > "$OUT/loss_$prec.txt" 2>&1
+      done
+      python3 - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+rows = {p: [json.loads(l) for l in open(next(Path(sys.argv[1], f"loss_{p}").rglob("training_log.jsonl")))]
+        for p in ("ieee", "tf32")}
+for split in ("train", "val"):
+    a, b = ([r["loss"] for r in rows[p] if r.get("split") == split] for p in ("ieee", "tf32"))
+    for i in range(0, len(a), max(1, len(a) // 6)):
+        print(f"{split} row {i}: ieee {a[i]:.4f} tf32 {b[i]:.4f} ({100 * (b[i] / a[i] - 1):+.2f}%)")
+PY
+      ;;
     hla-sweep)    # issue 18: Phase 8 kernel launch candidates as GPU time next to SDPA cuDNN
       python3 benchmarks/kernels.py --hla-sweep --out "$OUT/hla_sweep" 2>&1 | tail -6 ;;
     small-gpu-speed)  # issue 16 item 4: the 10 GiB recipe at batch 1 x 16 against the standard recipe at
@@ -99,6 +120,6 @@ for stage in "$@"; do
       cat /tmp/psg/*.ops.txt > "$OUT/sg_10g_ops.txt"
       $P7 bench recipes/phase7_1.5b.toml --memory-cap-gib 10 --steps 2 --warmup 1 --set train.checkpoint_every=2 \
           --json "$OUT/sg_10g_every2.json" 2>&1 | tail -6 ;;
-    *) echo "unknown stage $stage (gpu-tests kernels attention-sweep decode small-gpu small-gpu-speed quality model-quality phase8 throughput max-params conv p1 attention-grad-bf16 hla-sweep decode-profile ssm-fla)"; exit 2 ;;
+    *) echo "unknown stage $stage (gpu-tests kernels attention-sweep decode small-gpu small-gpu-speed quality model-quality phase8 throughput max-params conv p1 attention-grad-bf16 hla-sweep decode-profile ssm-fla ssm-tf32)"; exit 2 ;;
   esac
 done
