@@ -20,7 +20,8 @@ import torch
 
 from phase7fw.errors import Phase7Error
 
-__all__ = ["INSTALL_HINT", "FlaUnavailable", "check_inputs", "factory", "fla_status", "import_gla", "load_gla"]
+__all__ = ["INSTALL_HINT", "FlaUnavailable", "check_inputs", "factory", "fla_status", "import_gla", "left_out_note",
+           "load_gla"]
 
 INSTALL_HINT = "pip install fla-core einops (or pip install 'phase7fw[fla]')"
 
@@ -76,6 +77,13 @@ def fla_status() -> tuple[bool, str]:
         return True, "fla (no package metadata)"
 
 
+def left_out_note() -> str | None:
+    """None where fla's GLA imports; else the note that a verification table puts in its first
+    row when it leaves the fla rows out (the reason and the install hint)."""
+    ok, why = fla_status()
+    return None if ok else f"rows left out: fla cannot be imported ({why}); {INSTALL_HINT}"
+
+
 def _cpu_refusal(op: str, what: str) -> FlaUnavailable:
     return FlaUnavailable(
         f"kernels.{op} = \"fla\" runs flash-linear-attention's Triton kernels, which need a CUDA GPU"
@@ -92,21 +100,16 @@ def check_inputs(op: str, *tensors: torch.Tensor) -> None:
         raise _cpu_refusal(op, f"got a {device.type} tensor")
 
 
-def factory(op: str, implementation: str) -> Callable:
-    """The ``"<op>:fla"`` kernel factory returning ``implementation`` (the name of a function in
-    the calling backend module, looked up when the factory runs): it checks, when a recipe
+def factory(op: str, implementation: Callable) -> Callable:
+    """The ``"<op>:fla"`` kernel factory returning ``implementation``: it checks, when a recipe
     selects the backend and before any step runs, that fla imports (one clear error with the
     install hint otherwise) and that this machine has a CUDA GPU (a run on the CPU of a GPU
     machine is refused at its first call)."""
 
     def make(config, **context):
-        import importlib
-
-        module_name, _, attr = implementation.rpartition(".")
-        module = importlib.import_module(module_name)
-        module.load_gla()  # the module's loader, so that tests can stand a torch GLA in for fla's
+        load_gla(op)
         if not torch.cuda.is_available():
             raise _cpu_refusal(op, "this machine has none")
-        return getattr(module, attr)
+        return implementation
 
     return make

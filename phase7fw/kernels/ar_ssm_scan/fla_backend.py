@@ -64,4 +64,4 @@ def ar_ssm_scan_fla(x, B, C, log_decay, chunk_size: int = 64):
 
 #: The ``"ar_ssm_scan:fla"`` kernel: checks, when a recipe selects it, that fla imports and
 #: that this machine has a CUDA GPU (:func:`phase7fw.kernels._fla.factory`).
-factory = _fla.factory(OP, f"{__name__}.ar_ssm_scan_fla")
+factory = _fla.factory(OP, ar_ssm_scan_fla)

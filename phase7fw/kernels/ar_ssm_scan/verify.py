@@ -41,14 +41,13 @@ def _implementations(device: torch.device) -> tuple[dict, str | None]:
              for schedule in SCHEDULES}
     if device.type != "cuda":
         return impls, None  # fla runs on CUDA only (not in Triton's interpreter)
-    from phase7fw.kernels._fla import INSTALL_HINT, fla_status
+    from phase7fw.kernels._fla import left_out_note
     from phase7fw.kernels.ar_ssm_scan.fla_backend import ar_ssm_scan_fla
 
-    ok, why = fla_status()
-    if not ok:
-        return impls, f"rows left out: fla cannot be imported ({why}); {INSTALL_HINT}"
-    impls["fla"] = ar_ssm_scan_fla
-    return impls, None
+    note = left_out_note()
+    if note is None:
+        impls["fla"] = ar_ssm_scan_fla
+    return impls, note
 
 
 def _key(name: str, lead: bool) -> str:

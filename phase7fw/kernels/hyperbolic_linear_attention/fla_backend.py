@@ -93,4 +93,4 @@ def hyperbolic_linear_attention_fla(q, k, v, c, log_decay=None, focus_power: flo
 
 #: The ``"hyperbolic_linear_attention:fla"`` kernel: checks, when a recipe selects it, that fla
 #: imports and that this machine has a CUDA GPU (:func:`phase7fw.kernels._fla.factory`).
-factory = _fla.factory(OP, f"{__name__}.hyperbolic_linear_attention_fla")
+factory = _fla.factory(OP, hyperbolic_linear_attention_fla)

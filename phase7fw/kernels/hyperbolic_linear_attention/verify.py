@@ -39,17 +39,13 @@ def _backends(device) -> tuple[dict, str | None]:
     impls = {"triton": hyperbolic_linear_attention_triton}
     if device.type != "cuda":
         return impls, None  # fla runs on CUDA only (not in Triton's interpreter)
-    from phase7fw.kernels.hyperbolic_linear_attention.fla_backend import (
-        INSTALL_HINT,
-        fla_status,
-        hyperbolic_linear_attention_fla,
-    )
+    from phase7fw.kernels._fla import left_out_note
+    from phase7fw.kernels.hyperbolic_linear_attention.fla_backend import hyperbolic_linear_attention_fla
 
-    ok, why = fla_status()
-    if not ok:
-        return impls, f"rows left out: fla cannot be imported ({why}); {INSTALL_HINT}"
-    impls["fla"] = hyperbolic_linear_attention_fla
-    return impls, None
+    note = left_out_note()
+    if note is None:
+        impls["fla"] = hyperbolic_linear_attention_fla
+    return impls, note
 
 
 def compare(B, H, T, D, device, dtype, case, timed=True, chunk_size=64, backends=None) -> list:
