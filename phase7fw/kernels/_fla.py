@@ -84,6 +84,18 @@ def left_out_note() -> str | None:
     return None if ok else f"rows left out: fla cannot be imported ({why}); {INSTALL_HINT}"
 
 
+def with_fla(impls: dict, device: torch.device, fla_impl: Callable) -> tuple[dict, str | None]:
+    """A verification table's implementations on ``device``: ``impls`` (ours), and ``fla_impl``
+    as "fla" on a GPU where fla imports; with the note for the table when fla is left out.
+    On the CPU ``impls`` alone and no note: fla runs on CUDA only (not in Triton's interpreter)."""
+    if device.type != "cuda":
+        return impls, None
+    note = left_out_note()
+    if note is None:
+        impls["fla"] = fla_impl
+    return impls, note
+
+
 def _cpu_refusal(op: str, what: str) -> FlaUnavailable:
     return FlaUnavailable(
         f"kernels.{op} = \"fla\" runs flash-linear-attention's Triton kernels, which need a CUDA GPU"

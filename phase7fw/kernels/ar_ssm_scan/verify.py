@@ -37,17 +37,11 @@ def _implementations(device: torch.device) -> tuple[dict, str | None]:
     """{name: scan} to check on ``device``: the Triton scan under each schedule of
     :data:`SCHEDULES`, and fla's GLA (:mod:`.fla_backend`) on a GPU where fla imports; and a
     note when fla is left out."""
-    impls = {schedule: functools.partial(ar_ssm_scan_triton, tuning=TritonConfig(schedule=schedule))
-             for schedule in SCHEDULES}
-    if device.type != "cuda":
-        return impls, None  # fla runs on CUDA only (not in Triton's interpreter)
-    from phase7fw.kernels._fla import left_out_note
+    from phase7fw.kernels._fla import with_fla
     from phase7fw.kernels.ar_ssm_scan.fla_backend import ar_ssm_scan_fla
 
-    note = left_out_note()
-    if note is None:
-        impls["fla"] = ar_ssm_scan_fla
-    return impls, note
+    return with_fla({schedule: functools.partial(ar_ssm_scan_triton, tuning=TritonConfig(schedule=schedule))
+                     for schedule in SCHEDULES}, device, ar_ssm_scan_fla)
 
 
 def _key(name: str, lead: bool) -> str:

@@ -34,18 +34,11 @@ def inputs(B, H, T, D, device, dtype=torch.bfloat16, max_atanh=4.5, seed=0):
 def _backends(device) -> tuple[dict, str | None]:
     """{name: implementation} to check on ``device``: our Triton kernel, and fla's GLA
     (:mod:`.fla_backend`) on a GPU where fla imports; and a note when fla is left out."""
+    from phase7fw.kernels._fla import with_fla
+    from phase7fw.kernels.hyperbolic_linear_attention.fla_backend import hyperbolic_linear_attention_fla
     from phase7fw.kernels.hyperbolic_linear_attention.kernel import hyperbolic_linear_attention_triton
 
-    impls = {"triton": hyperbolic_linear_attention_triton}
-    if device.type != "cuda":
-        return impls, None  # fla runs on CUDA only (not in Triton's interpreter)
-    from phase7fw.kernels._fla import left_out_note
-    from phase7fw.kernels.hyperbolic_linear_attention.fla_backend import hyperbolic_linear_attention_fla
-
-    note = left_out_note()
-    if note is None:
-        impls["fla"] = hyperbolic_linear_attention_fla
-    return impls, note
+    return with_fla({"triton": hyperbolic_linear_attention_triton}, device, hyperbolic_linear_attention_fla)
 
 
 def compare(B, H, T, D, device, dtype, case, timed=True, chunk_size=64, backends=None) -> list:
