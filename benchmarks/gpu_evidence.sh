@@ -8,7 +8,7 @@
 #   benchmarks/gpu_evidence.sh model-quality                    # issue 15 (8 such runs: 310 s, H100)
 #   benchmarks/gpu_evidence.sh phase8                           # issue 18
 #   benchmarks/gpu_evidence.sh conv small-gpu-speed             # issue 16: measured 2026-12-07 (H100)
-#   benchmarks/gpu_evidence.sh p1 attention-grad-bf16 hla-sweep decode-profile ssm-fla ssm-tf32  # issues 16, 18: waiting for a GPU
+#   benchmarks/gpu_evidence.sh p1 attention-grad-bf16 hla-sweep decode-profile ssm-fla ssm-tf32  # issues 16, 18 (2026-12-08, H100)
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -89,11 +89,12 @@ for stage in "$@"; do
       $P7 bench recipes/phase7_1.5b_standard.toml --batch-size 8 --grad-accum 1 --steps 6 --warmup 2 --repeat 2 \
           --set 'kernels.ar_ssm_scan="fla"' --compare recipes/phase7_1.5b_standard.toml \
           --json "$OUT/ssm_fla_ab.json" 2>&1 | tail -12 ;;
-    ssm-tf32)     # issue 16: the scan's TF32 dots (kernel 2.1x faster at the 1.5B shape, H100 2026-12-07):
-                  # the 1.5B step A/B in one process, then item 5's check, 300 phase7_small steps each way
-      TF32='kernels.ar_ssm_scan={impl = "auto", precision = "tf32"}'
+    ssm-tf32)     # issue 16: the scan's TF32 dots (the default since 2026-12-08) against "ieee": the 1.5B
+                  # step A/B in one process, then item 5's check, 300 phase7_small steps each way
       $P7 bench recipes/phase7_1.5b_standard.toml --batch-size 8 --grad-accum 1 --steps 6 --warmup 2 --repeat 2 \
-          --set "$TF32" --compare recipes/phase7_1.5b_standard.toml --json "$OUT/ssm_tf32_ab.json" 2>&1 | tail -12
+          --set 'kernels.ar_ssm_scan={impl = "auto", precision = "tf32"}' --compare recipes/phase7_1.5b_standard.toml \
+          --compare-set 'kernels.ar_ssm_scan={impl = "auto", precision = "ieee"}' \
+          --json "$OUT/ssm_tf32_ab.json" 2>&1 | tail -12
       for prec in ieee tf32; do
         $P7 run recipes/phase7_small.toml --set train.max_steps=300 \
             --set "kernels.ar_ssm_scan={impl = \"auto\", precision = \"$prec\"}" \

@@ -13,6 +13,7 @@ counter; fla-core 0.6.0, Triton 3.9).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import warnings
 from typing import Callable
 
@@ -20,8 +21,8 @@ import torch
 
 from phase7fw.errors import Phase7Error
 
-__all__ = ["INSTALL_HINT", "FlaUnavailable", "check_inputs", "factory", "fla_status", "import_gla", "left_out_note",
-           "load_gla"]
+__all__ = ["INSTALL_HINT", "FlaUnavailable", "check_inputs", "factory", "fla_status", "gated_backward_refusal",
+           "import_gla", "left_out_note", "load_gla", "with_fla"]
 
 INSTALL_HINT = "pip install fla-core einops (or pip install 'phase7fw[fla]')"
 
@@ -102,11 +103,38 @@ def _cpu_refusal(op: str, what: str) -> FlaUnavailable:
         f" ({what}; Triton's CPU interpreter cannot run them); select \"reference\" or \"auto\" here")
 
 
-def check_inputs(op: str, *tensors: torch.Tensor) -> None:
+def gated_backward_refusal() -> str | None:
+    """Why fla refuses the backward of its gated (decayed) kernels on this GPU, or None. fla-core
+    guards Hopper GPUs under Triton >= 3.4 and < 3.7.1, whose code for that backward gives wrong
+    gradients there (fla's issue #640), unless tilelang is installed; the condition is read from
+    fla's own flags (an fla without them has no such guard)."""
+    try:
+        from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
+    except ImportError:
+        return None
+    if not (IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1):
+        return None
+    if importlib.util.find_spec("tilelang") is not None:
+        return None  # fla takes its tilelang kernel for that backward
+    import triton
+
+    return (f"fla-core refuses the backward of its decayed kernels on Hopper GPUs with Triton {triton.__version__}"
+            " (>= 3.4 and < 3.7.1 give wrong gradients there, fla's issue #640)")
+
+
+def check_inputs(op: str, *tensors: torch.Tensor, gate: torch.Tensor | None = None) -> None:
     """fla's kernels take fp32/bf16/fp16 tensors on a CUDA device: a ValueError for fp64, one
-    :class:`FlaUnavailable` for a tensor on another device."""
+    :class:`FlaUnavailable` where fla would refuse the backward of a decayed call (``gate``
+    given, gradients wanted: :func:`gated_backward_refusal`), one for a tensor on another device."""
     if any(t.dtype == torch.float64 for t in tensors):
         raise ValueError(f"the fla {op.replace('_', ' ')} takes fp32/bf16/fp16 inputs, not fp64")
+    gated = () if gate is None else (gate,)
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*tensors, *gated))
+    if gated and wants_grad and (reason := gated_backward_refusal()):
+        # refused here, before the forward, rather than by fla in the middle of a backward
+        raise FlaUnavailable(
+            f"kernels.{op} = \"fla\" cannot train here: {reason}; upgrade Triton to >= 3.7.1 or install"
+            " tilelang (pip install tilelang), or select \"triton\" or \"auto\"", reason)
     device = tensors[0].device
     if device.type != "cuda":
         raise _cpu_refusal(op, f"got a {device.type} tensor")

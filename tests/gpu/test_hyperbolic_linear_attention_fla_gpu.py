@@ -33,6 +33,11 @@ def test_fla_backend_against_the_fp64_reference(fla_fn, shape, chunk):
 
     (row,) = compare(*shape, torch.device("cuda"), torch.bfloat16, f"bf16 {shape}", timed=False, chunk_size=chunk,
                      backends={"fla": fla_fn})
+    from phase7fw.kernels._fla import gated_backward_refusal
+
+    if reason := gated_backward_refusal():  # fla refuses the decayed backward here: said before it runs
+        assert not row.ok and "cannot train here" in row.detail, row.detail
+        pytest.skip(reason)
     assert row.ok, f"{row.case}: {row.detail} {row.errors}"
 
 

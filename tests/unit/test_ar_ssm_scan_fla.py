@@ -172,3 +172,41 @@ def test_the_scan_through_fla_s_own_torch_reference_of_chunk_simple_gla():
     y = fla_backend.scan_gla_form(naive.naive_chunk_simple_gla, x, B, C, ld)
     ref = ar_ssm_scan_sequential(x.double(), B.double(), C.double(), ld.double())
     assert _rel(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("hopper,above_3_4,above_3_7_1,tilelang,refused", [
+    (True, True, False, False, True),    # fla's guard: Hopper, 3.4 <= Triton < 3.7.1, no tilelang
+    (True, True, True, False, False),    # Triton 3.7.1: fixed
+    (False, True, False, False, False),  # not Hopper
+    (True, False, False, False, False),  # Triton < 3.4
+    (True, True, False, True, False),    # tilelang installed: fla takes its kernel
+])
+def test_the_decayed_backward_refusal_follows_fla_s_own_flags(monkeypatch, hopper, above_3_4, above_3_7_1,
+                                                              tilelang, refused):
+    import importlib.util
+    import sys
+    import types
+
+    flags = types.ModuleType("fla.utils")
+    flags.IS_NVIDIA_HOPPER, flags.TRITON_ABOVE_3_4_0, flags.TRITON_ABOVE_3_7_1 = hopper, above_3_4, above_3_7_1
+    monkeypatch.setitem(sys.modules, "fla", types.ModuleType("fla"))
+    monkeypatch.setitem(sys.modules, "fla.utils", flags)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (object() if tilelang else None) if name == "tilelang" else real_find_spec(name, *a))
+    reason = _fla.gated_backward_refusal()
+    assert (reason is not None) == refused
+    if refused:
+        assert "Hopper" in reason and "3.7.1" in reason and "#640" in reason
+
+
+def test_the_decayed_backward_is_refused_before_fla_runs_and_only_when_gradients_are_wanted(monkeypatch):
+    monkeypatch.setattr(_fla, "gated_backward_refusal", lambda: "fla-core refuses it here")
+    x, B, C = torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 3), torch.randn(1, 2, 8, 3)
+    ld = -torch.rand(1, 2, 8)
+    with pytest.raises(_fla.FlaUnavailable, match=r'kernels\.ar_ssm_scan = "fla" cannot train here: fla-core refuses it'
+                                                  r' here; upgrade Triton to >= 3\.7\.1 or install tilelang'):
+        fla_backend.ar_ssm_scan_fla(x.requires_grad_(), B, C, ld)
+    # without gradients (decoding, evaluation) fla's forward may run: the next check is the device's
+    with torch.no_grad(), pytest.raises(_fla.FlaUnavailable, match="need a CUDA GPU"):
+        fla_backend.ar_ssm_scan_fla(x, B, C, ld)

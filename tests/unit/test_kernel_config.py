@@ -36,7 +36,7 @@ def test_a_string_selects_the_kernel_with_its_default_tuning_and_the_resolved_re
     recipe = load_recipe(TINY, {"kernels.ar_ssm_scan": "triton", "kernels.rmsnorm": "auto"})
     assert recipe.kernels["ar_ssm_scan"] == KernelChoice("triton", SsmConfig())
     raw = recipe_to_dict(recipe)["kernels"]
-    assert raw["ar_ssm_scan"] == {"impl": "triton", "gpu": [32, 64, 4, 1], "precision": "ieee", "schedule": "auto",
+    assert raw["ar_ssm_scan"] == {"impl": "triton", "gpu": [32, 64, 4, 1], "precision": "tf32", "schedule": "auto",
                                   "scan": [64, 4, 1]}
     assert raw["rmsnorm"] == "auto"  # no tuning options: still a string
     path = tmp_path / "resolved.toml"

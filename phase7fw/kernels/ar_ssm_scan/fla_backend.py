@@ -58,7 +58,7 @@ def ar_ssm_scan_fla(x, B, C, log_decay, chunk_size: int = 64):
     """Drop-in for ``ar_ssm_scan_reference`` on a CUDA GPU: x (b, h, T, dv), B and C (b, h, T,
     r), log_decay (b, h, T), fp32/bf16/fp16. ``chunk_size`` is accepted for the signature (fla
     uses :data:`FLA_CHUNK`). Returns y in x's dtype."""
-    _fla.check_inputs(OP, x, B, C, log_decay)
+    _fla.check_inputs(OP, x, B, C, gate=log_decay)
     return scan_gla_form(load_gla(), x, B, C, log_decay)
 
 

@@ -45,8 +45,8 @@ cumulative sum over t' >= t (done in torch, O(T r)).
 
 All exponents are <= 0 (log_decay <= 0, masked entries use -inf; the scan's exponents are sums
 of chunk totals, never differences), so nothing overflows; offsets of (batch x head) rows are
-int64. Matmuls run in fp32 ("ieee"). ``[kernels.ar_ssm_scan] precision = "tf32"`` selects TF32
-tensor cores for the per-chunk matmuls (the scan stays fp32); "tf32x3" miscomputed dx and
+int64. The per-chunk matmuls use TF32 tensor cores by default (``[kernels.ar_ssm_scan]
+precision``; "ieee": fp32 FMA, and always in the interpreter); the scan stays fp32. "tf32x3" miscomputed dx and
 faulted on an H200 with Triton 3.6 (2026-11-28): it is not offered.
 """
 

@@ -87,7 +87,7 @@ def hyperbolic_linear_attention_fla(q, k, v, c, log_decay=None, focus_power: flo
     """Drop-in for ``hyperbolic_linear_attention_chunked`` (no starting state) on a CUDA GPU:
     q, k (B, H, T, D), v (B, H, T, Dv) in fp32/bf16/fp16, c scalar or (H,), log_decay
     (B, H, T) or None; ``chunk_size`` a power of two (fla's chunk). Returns o in v's dtype."""
-    _fla.check_inputs(OP, q, k, v)
+    _fla.check_inputs(OP, q, k, v, gate=log_decay)
     return gla_form(load_gla(), q, k, v, c, log_decay, focus_power, chunk_size)
 
 
