@@ -3,9 +3,9 @@
 Same contract as :func:`.reference.hyperbolic_linear_attention_chunked` (without a starting
 state): ``hyperbolic_linear_attention_triton(q, k, v, c, log_decay, focus_power, chunk_size)``.
 The feature map (:func:`.reference.feature_map`: elementwise, fp32) stays in torch, where
-autograd takes its gradients to q, k and c; the kernels compute, from fp32 features split
-into their time-like column (phi_0) and space-like part (phi_1:), the normalized decayed
-linear attention.
+autograd takes its gradients to q, k and c; the kernels compute, from the fp32 features
+(read in place as their time-like column phi_0 and space-like part phi_1:), the normalized
+decayed linear attention.
 
 The state is fp32: per value tile S (D x BV) and S0 (BV) for the values, and the normalizer
 Z (D), Z0 (scalar) -- the extended value column of 1s, kept once per chunk (value tile 0
@@ -36,10 +36,11 @@ which runs the same three phases in reverse with dN = dO / den and dden = -(dO .
 state leaving the chunk before it), V_c = (phi_q * exp(cum))^T dN (and, tile 0, the normalizer
 part with dden), the reverse scan dS_out[c-1] = exp(total_c) dS_out[c] + V_c (dS_out[n-1] = 0),
 then one program per (chunk, value tile, b*h) writes the chunk's dv and its tile's share of
-d phi_q and d phi_k (summed in torch) from W, S_in and dS_out (a second buffer the size of
-STATES, held while the backward runs). The decay gradient needs no
-kernel: the output depends on the running log-decay G only through G_t - G_s, so
-dL/dG_t = phi_q,t . dphi_q,t - phi_k,t . dphi_k,t and dlog_decay is its reverse cumulative sum.
+d phi_q, d phi_k (in the features' (D + 1)-wide layout) and dL/dG (summed over the tiles in
+torch) from W, S_in and dS_out (a second buffer the size of STATES, held while the backward
+runs). The decay gradient needs no pass of its own: the output depends on the running
+log-decay G only through G_t - G_s, so dL/dG_t = phi_q,t . dphi_q,t - phi_k,t . dphi_k,t, and
+dlog_decay is its reverse cumulative sum (torch, O(T)).
 
 Every exponent is <= 0 (masked entries are -inf before exp), so nothing overflows; query
 features are <= 1 and key features <= 10, and every pair weight is >= 0.01 (the feature
@@ -68,10 +69,19 @@ __all__ = ["hyperbolic_linear_attention_triton"]
 
 
 @triton.jit
-def _features(F, F0, bh, t, offs_d, T, D, t_ok, d_ok):
-    """A chunk's space-like features (tokens x BD) and time-like column, 0 where out of range."""
-    f = load_rows(F, bh, t, offs_d, T, D, t_ok[:, None] & d_ok[None, :])
-    return f, tl.load(F0 + bh * T + t, mask=t_ok, other=0.0)
+def _features(F, bh, t, offs_d, T, D, t_ok, d_ok):
+    """A chunk's space-like features (tokens x BD) and time-like column (column 0 of the
+    (b*h, T, D + 1) features), 0 where out of range."""
+    f = load_rows(F + 1, bh, t, offs_d, T, D + 1, t_ok[:, None] & d_ok[None, :])
+    return f, tl.load(F + (bh * T + t) * (D + 1), mask=t_ok, other=0.0)
+
+
+@triton.jit
+def _store_features(F, row, t, offs_d, T, D, f, f0, t_ok, d_ok):
+    """Store a chunk's (tokens x BD) space-like and time-like gradient into row ``row`` of a
+    (rows, T, D + 1) tensor laid out like the features."""
+    tl.store(row_ptrs(F + 1, row, t, offs_d, T, D + 1), f, mask=t_ok[:, None] & d_ok[None, :])
+    tl.store(F + (row * T + t) * (D + 1), f0, mask=t_ok)
 
 
 @triton.jit
@@ -115,12 +125,12 @@ def _store_local(SP, ZP, TOT, row, total, f, f0, w, x, r, offs_d, offs_v, d_ok, 
 
 @triton.jit
 def _hla_fwd_local_kernel(
-    FK, FK0, V, LD, STATES, ZSTATES, TOT,
+    FK, V, LD, STATES, ZSTATES, TOT,
     T, D, DV, NCHUNK,
     Q: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
     c, pid_v, bh, offs_q, t, offs_d, offs_v, t_ok, d_ok, v_ok = chunk_tiles(Q, BD, BV, D, DV, T)
-    fk, fk0 = _features(FK, FK0, bh, t, offs_d, T, D, t_ok, d_ok)
+    fk, fk0 = _features(FK, bh, t, offs_d, T, D, t_ok, d_ok)
     v = load_rows(V, bh, t, offs_v, T, DV, t_ok[:, None] & v_ok[None, :])
     cum, total = chunk_log_decay(LD, bh, t, t_ok, T)
     _store_local(STATES, ZSTATES, TOT, bh * NCHUNK + c, total, fk, fk0, tl.exp(total - cum), v,
@@ -129,14 +139,14 @@ def _hla_fwd_local_kernel(
 
 @triton.jit
 def _hla_fwd_out_kernel(
-    FQ, FQ0, FK, FK0, V, LD, O, DEN, STATES, ZSTATES,
+    FQ, FK, V, LD, O, DEN, STATES, ZSTATES,
     T, D, DV, NCHUNK, EPS,
     Q: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
     c, pid_v, bh, offs_q, t, offs_d, offs_v, t_ok, d_ok, v_ok = chunk_tiles(Q, BD, BV, D, DV, T)
     fv_mask = t_ok[:, None] & v_ok[None, :]
-    fq, fq0 = _features(FQ, FQ0, bh, t, offs_d, T, D, t_ok, d_ok)
-    fk, fk0 = _features(FK, FK0, bh, t, offs_d, T, D, t_ok, d_ok)
+    fq, fq0 = _features(FQ, bh, t, offs_d, T, D, t_ok, d_ok)
+    fk, fk0 = _features(FK, bh, t, offs_d, T, D, t_ok, d_ok)
     v = load_rows(V, bh, t, offs_v, T, DV, fv_mask)
     cum, total = chunk_log_decay(LD, bh, t, t_ok, T)
     s0, s, z0, z = _load_state(STATES, ZSTATES, bh * NCHUNK + c, offs_d, offs_v, d_ok, v_ok, D, DV)
@@ -162,12 +172,12 @@ def _upstream(DO, DEN, DDEN, bh, t, offs_v, T, DV, fv_mask, t_ok):
 
 @triton.jit
 def _hla_bwd_local_kernel(
-    FQ, FQ0, LD, DEN, DO, DDEN, DSTATES, DZSTATES, TOT,
+    FQ, LD, DEN, DO, DDEN, DSTATES, DZSTATES, TOT,
     T, D, DV, NCHUNK,
     Q: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
     c, pid_v, bh, offs_q, t, offs_d, offs_v, t_ok, d_ok, v_ok = chunk_tiles(Q, BD, BV, D, DV, T)
-    fq, fq0 = _features(FQ, FQ0, bh, t, offs_d, T, D, t_ok, d_ok)
+    fq, fq0 = _features(FQ, bh, t, offs_d, T, D, t_ok, d_ok)
     dn, dden = _upstream(DO, DEN, DDEN, bh, t, offs_v, T, DV, t_ok[:, None] & v_ok[None, :], t_ok)
     cum, total = chunk_log_decay(LD, bh, t, t_ok, T)
     _store_local(DSTATES, DZSTATES, TOT, bh * NCHUNK + c, total, fq, fq0, tl.exp(cum), dn, dden,
@@ -176,18 +186,16 @@ def _hla_bwd_local_kernel(
 
 @triton.jit
 def _hla_bwd_kernel(
-    FQ, FQ0, FK, FK0, V, LD, DEN, DO, DDEN, STATES, ZSTATES, DSTATES, DZSTATES,
-    DFQ, DFQ0, DFK, DFK0, DV_,
+    FQ, FK, V, LD, DEN, DO, DDEN, STATES, ZSTATES, DSTATES, DZSTATES, DFQ, DFK, DG, DV_,
     T, D, DV, NCHUNK, BH,
     Q: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
     c, pid_v, bh, offs_q, t, offs_d, offs_v, t_ok, d_ok, v_ok = chunk_tiles(Q, BD, BV, D, DV, T)
-    fd_mask = t_ok[:, None] & d_ok[None, :]
     fv_mask = t_ok[:, None] & v_ok[None, :]
     # the normalizer column belongs to tile 0: its terms are added there only
     first = (pid_v == 0).to(tl.float32)
-    fq, fq0 = _features(FQ, FQ0, bh, t, offs_d, T, D, t_ok, d_ok)
-    fk, fk0 = _features(FK, FK0, bh, t, offs_d, T, D, t_ok, d_ok)
+    fq, fq0 = _features(FQ, bh, t, offs_d, T, D, t_ok, d_ok)
+    fk, fk0 = _features(FK, bh, t, offs_d, T, D, t_ok, d_ok)
     v = load_rows(V, bh, t, offs_v, T, DV, fv_mask)
     dn, dden = _upstream(DO, DEN, DDEN, bh, t, offs_v, T, DV, fv_mask, t_ok)
     cum, total = chunk_log_decay(LD, bh, t, t_ok, T)
@@ -197,26 +205,27 @@ def _hla_bwd_kernel(
     g0 = dden * first  # upstream of the normalizer column, in tile 0 only
     # m_ij = dN'_i . v'_j over this tile's columns (+ the normalizer column in tile 0)
     m = (tl.dot(dn, tl.trans(v), input_precision=PREC) + g0[:, None]) * lmat
-    part = pid_v * BH + bh  # this tile's row of the partial feature gradients: (n_tiles * BH, T, ...)
+    part = pid_v * BH + bh  # this tile's row of the partial gradients: (n_tiles * BH, T, ...)
     row = bh * NCHUNK + c
     # each gradient is stored once computed, and each state loaded where first needed (fewer live registers)
     s0_in, s_in, z0_in, z_in = _load_state(STATES, ZSTATES, row, offs_d, offs_v, d_ok, v_ok, D, DV)  # entering
     dfq = tl.dot(m, fk, input_precision=PREC) + ec[:, None] * (
         tl.dot(dn, tl.trans(s_in), input_precision=PREC) + g0[:, None] * z_in[None, :])
     dfq0 = tl.sum(m * fk0[None, :], 1) + ec * (tl.sum(dn * s0_in[None, :], 1) + g0 * z0_in)
-    tl.store(row_ptrs(DFQ, part, t, offs_d, T, D), dfq, mask=fd_mask)
-    tl.store(DFQ0 + part * T + t, dfq0, mask=t_ok)
+    _store_features(DFQ, part, t, offs_d, T, D, dfq, dfq0, t_ok, d_ok)
+    # this tile's share of dL/dG_t = phi_q,t . dphi_q,t - phi_k,t . dphi_k,t (module docstring)
+    dg = tl.sum(fq * dfq, 1) + fq0 * dfq0
 
     ds0, ds, dz0, dz = _load_state(DSTATES, DZSTATES, row, offs_d, offs_v, d_ok, v_ok, D, DV)  # dL/d(leaving)
     dfk = tl.dot(tl.trans(m), fq, input_precision=PREC) + to_end[:, None] * (
         tl.dot(v, tl.trans(ds), input_precision=PREC) + first * dz[None, :])
     dfk0 = tl.sum(m * fq0[:, None], 0) + to_end * (tl.sum(v * ds0[None, :], 1) + first * dz0)
-    tl.store(row_ptrs(DFK, part, t, offs_d, T, D), dfk, mask=fd_mask)
-    tl.store(DFK0 + part * T + t, dfk0, mask=t_ok)
+    _store_features(DFK, part, t, offs_d, T, D, dfk, dfk0, t_ok, d_ok)
+    tl.store(DG + part * T + t, dg - tl.sum(fk * dfk, 1) - fk0 * dfk0, mask=t_ok)
     w = _pair_weights(fq, fq0, fk, fk0, lmat, PREC)
     dv = tl.dot(tl.trans(w), dn, input_precision=PREC) + to_end[:, None] * (
         tl.dot(fk, ds, input_precision=PREC) + fk0[:, None] * ds0[None, :])
-    tl.store(row_ptrs(DV_, bh, t, offs_v, T, DV), dv, mask=fv_mask)
+    tl.store(row_ptrs(DV_, bh, t, offs_v, T, DV), dv.to(DV_.dtype.element_ty), mask=fv_mask)
 
 
 # ---------------------------------------------------------------------------------------
@@ -243,10 +252,6 @@ def _check_chunk(chunk_size: int) -> int:
     return chunk_size
 
 
-def _split(f: torch.Tensor):
-    return f[..., 1:].contiguous(), f[..., 0].contiguous()
-
-
 def _launch(fq, v, chunk_size, gpu, precision):
     """(B, H, T, D, DV, number of chunks n, value tiles, the per-chunk kernels' meta-parameters,
     the scan launch) of both passes."""
@@ -267,45 +272,40 @@ def _fwd_impl(fq, fk, v, ld, chunk_size, gpu, precision):
     states = torch.empty(B, H, n, D + 1, DV, device=v.device, dtype=torch.float32)
     zstates = torch.empty(B, H, n, D + 1, device=v.device, dtype=torch.float32)
     if T:
-        (fqs, fq0), (fks, fk0) = _split(fq), _split(fk)
         totals = torch.empty(B * H, n, device=v.device, dtype=torch.float32)
         grid = (n * tiles, B * H)
-        _hla_fwd_local_kernel[grid](fks, fk0, v, ld, states, zstates, totals, T, D, DV, n, **meta)
+        _hla_fwd_local_kernel[grid](fk, v, ld, states, zstates, totals, T, D, DV, n, **meta)
         # phase 2: the chunks' own contributions become, in place, the state entering each chunk
         chunk_scan(totals, (states, zstates), scan, reverse=False)
-        _hla_fwd_out_kernel[grid](fqs, fq0, fks, fk0, v, ld, o, den, states, zstates, T, D, DV, n, DEN_EPS, **meta)
+        _hla_fwd_out_kernel[grid](fq, fk, v, ld, o, den, states, zstates, T, D, DV, n, DEN_EPS, **meta)
     return o, den, states, zstates
 
 
 def _bwd_impl(fq, fk, v, ld, o, den, states, zstates, do, chunk_size, gpu, precision):
     require(fq, fk, v, ld)
     B, H, T, D, DV, n, tiles, meta, scan = _launch(fq, v, chunk_size, gpu, precision)
-    do = do.float().contiguous()
+    do = do.contiguous()  # fp32, as o (the kernels read any float dtype)
     # d(den): the clamp passes no gradient where it acted
     dden = torch.where(den > DEN_EPS, -(do * o).sum(-1) / den, torch.zeros_like(den)).contiguous()
-    dv = torch.empty(B, H, T, DV, device=v.device, dtype=torch.float32)
-    dfq = torch.zeros(tiles, B, H, T, D, device=v.device, dtype=torch.float32)
-    dfk = torch.zeros_like(dfq)
-    dfq0 = torch.zeros(tiles, B, H, T, device=v.device, dtype=torch.float32)
-    dfk0 = torch.zeros_like(dfq0)
+    dv = torch.empty_like(v)
+    # each value tile's share of the feature gradients and of dL/dG (every element written)
+    dfq = torch.empty(tiles, B, H, T, D + 1, device=v.device, dtype=torch.float32)
+    dfk = torch.empty_like(dfq)
+    dg = torch.empty(tiles, B, H, T, device=v.device, dtype=torch.float32)
     if T:
-        (fqs, fq0), (fks, fk0) = _split(fq), _split(fk)
         # dL/d(the state leaving each chunk) and its normalizer column: the chunks' own
         # contributions first, turned into the sums over the later chunks by the reverse scan
         dstates, dzstates = torch.empty_like(states), torch.empty_like(zstates)
         totals = torch.empty(B * H, n, device=v.device, dtype=torch.float32)
         grid = (n * tiles, B * H)
-        _hla_bwd_local_kernel[grid](fqs, fq0, ld, den, do, dden, dstates, dzstates, totals, T, D, DV, n, **meta)
+        _hla_bwd_local_kernel[grid](fq, ld, den, do, dden, dstates, dzstates, totals, T, D, DV, n, **meta)
         chunk_scan(totals, (dstates, dzstates), scan, reverse=True)
         _hla_bwd_kernel[grid](
-            fqs, fq0, fks, fk0, v, ld, den, do, dden, states, zstates, dstates, dzstates, dfq, dfq0, dfk, dfk0, dv,
+            fq, fk, v, ld, den, do, dden, states, zstates, dstates, dzstates, dfq, dfk, dg, dv,
             T, D, DV, n, B * H, **meta)
-    dfq = torch.cat([dfq0.sum(0).unsqueeze(-1), dfq.sum(0)], dim=-1)
-    dfk = torch.cat([dfk0.sum(0).unsqueeze(-1), dfk.sum(0)], dim=-1)
-    # dL/dG_t = phi_q,t . dphi_q,t - phi_k,t . dphi_k,t; dlog_decay_s = sum_{t >= s} dL/dG_t
-    dG = (fq * dfq).sum(-1) - (fk * dfk).sum(-1)
-    dld = dG.flip(-1).cumsum(-1).flip(-1)
-    return dfq, dfk, dv.to(v.dtype), dld
+    dfq, dfk, dg = (x[0] if tiles == 1 else x.sum(0) for x in (dfq, dfk, dg))
+    # dlog_decay_s = sum_{t >= s} dL/dG_t
+    return dfq, dfk, dv, dg.flip(-1).cumsum(-1).flip(-1)
 
 
 @torch.library.custom_op("phase7fw::hyperbolic_linear_attention_fwd", mutates_args=())
