@@ -15,6 +15,33 @@ mkdir -p "$OUT"
 P7="python3 -m phase7fw"
 export PYTHONUNBUFFERED=1
 
+# issue 16 item 5: 300 phase7_small steps under each of two overrides, the logged losses side by
+# side (train and validation), checkpoints deleted. loss_curves TAG LABEL_A SET_A LABEL_B SET_B
+loss_curves() {
+  local label
+  for label in "$2" "$4"; do
+    local set=$3; [ "$label" = "$4" ] && set=$5
+    $P7 run recipes/phase7_small.toml --set train.max_steps=300 --set "$set" \
+        --set "run.output_dir=\"$OUT/$1_$label\"" > "$OUT/$1_$label.txt" 2>&1
+    find "$OUT/$1_$label" -name "*.pt" -delete
+  done
+  python3 - "$OUT" "$1" "$2" "$4" <<'PY'
+import json, sys
+from pathlib import Path
+out, tag, *labels = sys.argv[1:]
+rows = {p: [json.loads(l) for l in open(next(Path(out, f"{tag}_{p}").rglob("training_log.jsonl")))] for p in labels}
+for split in ("train", "val"):
+    a, b = ([r["loss"] for r in rows[p] if r.get("split") == split] for p in labels)
+    for i in range(0, len(a), max(1, len(a) // 6)):
+        print(f"{split} row {i}: {labels[0]} {a[i]:.4f} {labels[1]} {b[i]:.4f} ({100 * (b[i] / a[i] - 1):+.2f}%)")
+PY
+}
+
+attention_grad_loss_curves() {
+  loss_curves attn_grad tf32 'kernels.hyperbolic_attention={impl = "auto", grad_matmul_low_precision = false}' \
+      bf16 'kernels.hyperbolic_attention={impl = "auto", grad_matmul_low_precision = true}'
+}
+
 for stage in "$@"; do
   echo "=== $stage ($(date -u +%H:%M:%S))"
   case $stage in
@@ -79,7 +106,10 @@ for stage in "$@"; do
       python3 -m pytest -m gpu tests/gpu/test_kernels_gpu.py -k 16_bit -q -p no:cacheprovider 2>&1 | tail -3
       $P7 bench recipes/phase7_1.5b_standard.toml --batch-size 8 --grad-accum 1 --steps 6 --warmup 2 --repeat 2 \
           --set 'kernels.hyperbolic_attention={impl = "auto", grad_matmul_low_precision = true}' \
-          --compare recipes/phase7_1.5b_standard.toml --json "$OUT/attn_grad_bf16_ab.json" 2>&1 | tail -12 ;;
+          --compare recipes/phase7_1.5b_standard.toml --json "$OUT/attn_grad_bf16_ab.json" 2>&1 | tail -12
+      attention_grad_loss_curves ;;
+    attention-grad-bf16-loss)  # issue 16 item 5 for the option above alone (its step A/B: 2026-12-08, H100)
+      attention_grad_loss_curves ;;
     decode-profile)  # issue 16, P9: GPU time of each kernel of the captured decode step, phase7 and llama 1.5B
       python3 benchmarks/decode_profile.py --tokens 64 --top 25 --json "$OUT/decode_profile.json" 2>&1 | tail -60 ;;
     ssm-fla)      # issue 16: [kernels] ar_ssm_scan = "fla" (needs fla-core): its gate, the scan's rows and P5
@@ -95,22 +125,8 @@ for stage in "$@"; do
           --set 'kernels.ar_ssm_scan={impl = "auto", precision = "tf32"}' --compare recipes/phase7_1.5b_standard.toml \
           --compare-set 'kernels.ar_ssm_scan={impl = "auto", precision = "ieee"}' \
           --json "$OUT/ssm_tf32_ab.json" 2>&1 | tail -12
-      for prec in ieee tf32; do
-        $P7 run recipes/phase7_small.toml --set train.max_steps=300 \
-            --set "kernels.ar_ssm_scan={impl = \"auto\", precision = \"$prec\"}" \
-            --set "run.output_dir=\"$OUT/loss_$prec\"" > "$OUT/loss_$prec.txt" 2>&1
-      done
-      python3 - "$OUT" <<'PY'
-import json, sys
-from pathlib import Path
-rows = {p: [json.loads(l) for l in open(next(Path(sys.argv[1], f"loss_{p}").rglob("training_log.jsonl")))]
-        for p in ("ieee", "tf32")}
-for split in ("train", "val"):
-    a, b = ([r["loss"] for r in rows[p] if r.get("split") == split] for p in ("ieee", "tf32"))
-    for i in range(0, len(a), max(1, len(a) // 6)):
-        print(f"{split} row {i}: ieee {a[i]:.4f} tf32 {b[i]:.4f} ({100 * (b[i] / a[i] - 1):+.2f}%)")
-PY
-      ;;
+      loss_curves ssm_tf32 ieee 'kernels.ar_ssm_scan={impl = "auto", precision = "ieee"}' \
+          tf32 'kernels.ar_ssm_scan={impl = "auto", precision = "tf32"}' ;;
     hla-sweep)    # issue 18: Phase 8 kernel launch candidates as GPU time next to SDPA cuDNN
       python3 benchmarks/kernels.py --hla-sweep --out "$OUT/hla_sweep" 2>&1 | tail -6 ;;
     small-gpu-speed)  # issue 16 item 4: the 10 GiB recipe at batch 1 x 16 against the standard recipe at
@@ -121,6 +137,6 @@ PY
       cat /tmp/psg/*.ops.txt > "$OUT/sg_10g_ops.txt"
       $P7 bench recipes/phase7_1.5b.toml --memory-cap-gib 10 --steps 2 --warmup 1 --set train.checkpoint_every=2 \
           --json "$OUT/sg_10g_every2.json" 2>&1 | tail -6 ;;
-    *) echo "unknown stage $stage (gpu-tests kernels attention-sweep decode small-gpu small-gpu-speed quality model-quality phase8 throughput max-params conv p1 attention-grad-bf16 hla-sweep decode-profile ssm-fla ssm-tf32)"; exit 2 ;;
+    *) echo "unknown stage $stage (gpu-tests kernels attention-sweep decode small-gpu small-gpu-speed quality model-quality phase8 throughput max-params conv p1 attention-grad-bf16 attention-grad-bf16-loss hla-sweep decode-profile ssm-fla ssm-tf32)"; exit 2 ;;
   esac
 done

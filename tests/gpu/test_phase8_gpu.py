@@ -29,6 +29,10 @@ def _model(kernels=None, **extra):
 def test_model_with_the_kernel_matches_the_reference_model(backend):
     if backend == "fla":
         pytest.importorskip("fla.ops.simple_gla", reason="fla-core not installed (pip install fla-core einops)")
+        from phase7fw.kernels._fla import gated_backward_refusal
+
+        if reason := gated_backward_refusal():  # our refusal of it: tests/unit/test_ar_ssm_scan_fla.py
+            pytest.skip(f"fla refuses the decayed backward on this GPU: {reason}")
     ref = _model()
     fast = _model({"hyperbolic_linear_attention": backend})
     if backend == "fla":
