@@ -127,6 +127,8 @@ for stage in "$@"; do
           --json "$OUT/ssm_tf32_ab.json" 2>&1 | tail -12
       loss_curves ssm_tf32 ieee 'kernels.ar_ssm_scan={impl = "auto", precision = "ieee"}' \
           tf32 'kernels.ar_ssm_scan={impl = "auto", precision = "tf32"}' ;;
+    hla-profile)  # issue 18: where the Phase 8 op's time goes (eager, compiled; a profiler table of each)
+      python3 benchmarks/kernels.py --hla-profile --out "$OUT/hla_profile" 2>&1 | tail -60 ;;
     hla-sweep)    # issue 18: Phase 8 kernel launch candidates as GPU time next to SDPA cuDNN
       python3 benchmarks/kernels.py --hla-sweep --out "$OUT/hla_sweep" 2>&1 | tail -6 ;;
     small-gpu-speed)  # issue 16 item 4: the 10 GiB recipe at batch 1 x 16 against the standard recipe at
@@ -137,6 +139,6 @@ for stage in "$@"; do
       cat /tmp/psg/*.ops.txt > "$OUT/sg_10g_ops.txt"
       $P7 bench recipes/phase7_1.5b.toml --memory-cap-gib 10 --steps 2 --warmup 1 --set train.checkpoint_every=2 \
           --json "$OUT/sg_10g_every2.json" 2>&1 | tail -6 ;;
-    *) echo "unknown stage $stage (gpu-tests kernels attention-sweep decode small-gpu small-gpu-speed quality model-quality phase8 throughput max-params conv p1 attention-grad-bf16 attention-grad-bf16-loss hla-sweep decode-profile ssm-fla ssm-tf32)"; exit 2 ;;
+    *) echo "unknown stage $stage (gpu-tests kernels attention-sweep decode small-gpu small-gpu-speed quality model-quality phase8 throughput max-params conv p1 attention-grad-bf16 attention-grad-bf16-loss hla-profile hla-sweep decode-profile ssm-fla ssm-tf32)"; exit 2 ;;
   esac
 done

@@ -1,7 +1,7 @@
 """Kernel benchmarks P3, P4, P5 (design/PERFORMANCE.md), each a ratio measured in one run.
 
     python benchmarks/kernels.py [--out DIR] [--quick] [--skip-verify] [--step-json BENCH.json]
-                                 [--sweep] [--attention-only] [--ssm-only] [--hla-sweep]
+                                 [--sweep] [--attention-only] [--ssm-only] [--hla-sweep] [--hla-profile]
 
 On a CUDA GPU (bf16):
   P3  hyperbolic attention fwd+bwd at (8,16,1024,128), full causal, vs SDPA cuDNN (and FA2)
@@ -21,7 +21,8 @@ by side at (2,16,1024,128), (1,16,4096,128), (1,16,16384,128) and an odd length.
 ``--ssm-only`` is the AR-SSM schedule A/B alone: the scan's verify cases (a row per schedule,
 and ``[fla]``'s with fla-core, all gated) and the timings of P5's block, then stops. ``--hla-sweep`` times Phase 8's kernel
 under each ``[kernels.hyperbolic_linear_attention] gpu`` launch candidate at (8,16,1024,128) as
-GPU time, next to SDPA cuDNN's, prints the pick's recipe table and stops.
+GPU time, next to SDPA cuDNN's, prints the pick's recipe table and stops; ``--hla-profile``
+prints where that op's time goes (GPU time eager and compiled, a profiler table of each).
 Writes kernels.json and kernels.md to --out. Imports only torch, triton and phase7fw's
 kernel/geometry/component modules (no pluggy needed).
 """
@@ -289,6 +290,43 @@ def hla_sweep(dev, shape=(8, 16, 1024, 128), dtype=torch.bfloat16) -> dict:
     return log
 
 
+def hla_profile(dev, shape=(8, 16, 1024, 128), dtype=torch.bfloat16, top: int = 20, compile_backend="inductor") -> dict:
+    """Where the Phase 8 op's fwd + bwd time goes at the issue's shape: its GPU time called
+    eagerly and with the wrapper compiled (the feature map fused; the custom op's own torch
+    work stays as it is), SDPA cuDNN's, and the torch.profiler table of five calls of each
+    (time per kernel), printed. (On the CPU, for tests: SDPA's math path, CPU times.)"""
+    from torch.nn.attention import SDPBackend
+    from torch.profiler import ProfilerActivity, profile
+
+    from phase7fw.kernels.checks import gpu_time_ms
+    from phase7fw.kernels.hyperbolic_linear_attention.kernel import hyperbolic_linear_attention_triton as hla
+    from phase7fw.kernels.hyperbolic_linear_attention.verify import inputs, sdpa_causal_fwd_bwd
+
+    base = inputs(*shape, dev, dtype)
+    ins = [t.clone().requires_grad_() for t in base]
+    gout = torch.randn_like(base[2])
+    cuda = dev.type == "cuda"
+    backend = SDPBackend.CUDNN_ATTENTION if cuda else SDPBackend.MATH
+    log = {"shape": list(shape), "sdpa_cudnn_gpu_ms": gpu_time_ms(sdpa_causal_fwd_bwd(base, gout, backend))}
+    activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
+    for name, fn in (("eager", hla), ("compiled", torch.compile(hla, backend=compile_backend))):
+        def fwd_bwd(fn=fn):
+            torch.autograd.grad(fn(*ins, 1.0, 64), ins, gout)
+
+        log[f"{name}_gpu_ms"] = gpu_time_ms(fwd_bwd)
+        with profile(activities=[activity]) as prof:
+            for _ in range(5):
+                fwd_bwd()
+            if cuda:
+                torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by=f"{'cuda' if cuda else 'cpu'}_time_total", row_limit=top,
+                                          max_name_column_width=60)
+        print(f"{name}: {log[f'{name}_gpu_ms']:.3f} ms per call (SDPA {log['sdpa_cudnn_gpu_ms']:.3f}); 5 calls:\n"
+              + table, flush=True)
+    print("hla profile ->", {k: round(v, 4) if isinstance(v, float) else v for k, v in log.items()}, flush=True)
+    return log
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/out")
@@ -304,6 +342,9 @@ def main() -> int:
     ap.add_argument("--hla-sweep", action="store_true",
                     help="time the Phase 8 kernel's launch candidates at (8, 16, 1024, 128) against SDPA (GPU time)"
                     " and stop")
+    ap.add_argument("--hla-profile", action="store_true",
+                    help="where the Phase 8 op's time goes at (8, 16, 1024, 128): GPU time eager and compiled, and a"
+                    " torch.profiler table of each; then stop")
     ap.add_argument("--ssm-only", action="store_true",
                     help="the AR-SSM scan A/B and stop: its verify cases (a row per schedule; unless --skip-verify"
                     " or --only-verify) and its timings under both [kernels.ar_ssm_scan] schedules")
@@ -326,8 +367,11 @@ def main() -> int:
     res: dict = {"meta": meta}
     md = [f"GPU {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}", ""]
 
-    if args.hla_sweep:
-        res["hla_sweep"] = hla_sweep(dev)
+    if args.hla_sweep or args.hla_profile:
+        if args.hla_sweep:
+            res["hla_sweep"] = hla_sweep(dev)
+        if args.hla_profile:
+            res["hla_profile"] = hla_profile(dev)
         save_json(out, res)
         return 0
     if args.sweep:

@@ -187,3 +187,26 @@ def test_launch_sweep_runs_each_candidate_and_picks_the_fastest(monkeypatch):
     log = bench.hla_sweep(torch.device("cpu"), shape=(1, 2, 40, 32), dtype=torch.float32)
     assert log["hla_gpu_ms"] == {"(32, 4, 1)": 3.0, "(16, 4, 1)": 2.0}
     assert log["pick"] == [16, 4, 1] and log["sdpa_math_causal_gpu_ms"] == 5.0 and log["pick_vs_sdpa"] == 0.4
+
+
+def test_the_op_profile_times_it_eager_and_compiled_next_to_sdpa_and_names_the_kernels(monkeypatch, capsys):
+    """benchmarks/kernels.py --hla-profile on the CPU: both forms of the op run for real (the
+    kernels in the interpreter), the times land in the log, and the profiler table names the
+    op's Triton kernels."""
+    import phase7fw.kernels.checks as checks
+
+    bench = load_benchmark("kernels")
+    fake = iter([4.0, 6.0, 5.0])  # SDPA, eager, compiled
+
+    def gpu_time_ms(fn, reps=20):
+        fn()
+        return next(fake)
+
+    monkeypatch.setattr(checks, "gpu_time_ms", gpu_time_ms)
+    log = bench.hla_profile(torch.device("cpu"), shape=(1, 2, 40, 32), dtype=torch.float32, compile_backend="aot_eager")
+    torch._dynamo.reset()
+    assert log == {"shape": [1, 2, 40, 32], "sdpa_cudnn_gpu_ms": 4.0, "eager_gpu_ms": 6.0, "compiled_gpu_ms": 5.0}
+    out = capsys.readouterr().out
+    assert "eager: 6.000 ms per call (SDPA 4.000)" in out and "compiled: 5.000 ms per call" in out
+    assert "hyperbolic_linear_attention_bwd" in out
+
