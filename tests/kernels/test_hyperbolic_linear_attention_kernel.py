@@ -118,15 +118,15 @@ def test_kernel_equals_the_torch_chunked_form_bitwise_close():
 
 def test_registered_ops_pass_opcheck():
     from phase7fw.kernels.hyperbolic_linear_attention.kernel import hla_fwd
-    from phase7fw.kernels.hyperbolic_linear_attention.reference import feature_map
+    from phase7fw.kernels.hyperbolic_linear_attention.reference import feature_parts
 
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 2, 20, 16, generator=g) * 0.3 for _ in range(3))
     c = torch.tensor([0.5, 1.0])
-    fq = feature_map(q, c, query=True).requires_grad_()
-    fk = feature_map(k, c).requires_grad_()
+    fq0, fq = (x.detach().requires_grad_() for x in feature_parts(q, c, query=True))
+    fk0, fk = (x.detach().requires_grad_() for x in feature_parts(k, c))
     ld = (-0.1 * torch.rand(1, 2, 20, generator=g)).requires_grad_()
-    torch.library.opcheck(hla_fwd, (fq, fk, v.requires_grad_(), ld, 16, [64, 8, 1], "tf32"),
+    torch.library.opcheck(hla_fwd, (fq, fq0, fk, fk0, v.requires_grad_(), ld, 16, [64, 8, 1], "tf32"),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 

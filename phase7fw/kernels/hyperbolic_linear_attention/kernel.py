@@ -2,10 +2,10 @@
 
 Same contract as :func:`.reference.hyperbolic_linear_attention_chunked` (without a starting
 state): ``hyperbolic_linear_attention_triton(q, k, v, c, log_decay, focus_power, chunk_size)``.
-The feature map (:func:`.reference.feature_map`: elementwise, fp32) stays in torch, where
-autograd takes its gradients to q, k and c; the kernels compute, from the fp32 features
-(read in place as their time-like column phi_0 and space-like part phi_1:), the normalized
-decayed linear attention.
+The feature map (:func:`.reference.feature_parts`: elementwise, fp32) stays in torch, where
+autograd takes its gradients to q, k and c; the kernels compute, from the fp32 features'
+time-like columns phi_0 and space-like parts phi_1: (two tensors each, so that the feature
+tiles load from aligned rows), the normalized decayed linear attention.
 
 The state is fp32: per value tile S (D x BV) and S0 (BV) for the values, and the normalizer
 Z (D), Z0 (scalar) -- the extended value column of 1s, kept once per chunk (value tile 0
@@ -36,8 +36,7 @@ which runs the same three phases in reverse with dN = dO / den and dden = -(dO .
 state leaving the chunk before it), V_c = (phi_q * exp(cum))^T dN (and, tile 0, the normalizer
 part with dden), the reverse scan dS_out[c-1] = exp(total_c) dS_out[c] + V_c (dS_out[n-1] = 0),
 then one program per (chunk, value tile, b*h) writes the chunk's dv and its tile's share of
-d phi_q, d phi_k (in the features' (D + 1)-wide layout) and dL/dG (summed over the tiles in
-torch) from W, S_in and dS_out (a second buffer the size of STATES, held while the backward
+d phi_q, d phi_k (in the features' two parts) and dL/dG (summed over the tiles in torch) from W, S_in and dS_out (a second buffer the size of STATES, held while the backward
 runs). The decay gradient needs no pass of its own: the output depends on the running
 log-decay G only through G_t - G_s, so dL/dG_t = phi_q,t . dphi_q,t - phi_k,t . dphi_k,t, and
 dlog_decay is its reverse cumulative sum (torch, O(T)).
@@ -63,25 +62,25 @@ from phase7fw.kernels._chunked import (
 )
 from phase7fw.kernels._triton import require, tl, triton
 from phase7fw.kernels.hyperbolic_linear_attention import TritonConfig
-from phase7fw.kernels.hyperbolic_linear_attention.reference import DEN_EPS, feature_map
+from phase7fw.kernels.hyperbolic_linear_attention.reference import DEN_EPS, feature_parts
 
 __all__ = ["hyperbolic_linear_attention_triton"]
 
 
 @triton.jit
-def _features(F, bh, t, offs_d, T, D, t_ok, d_ok):
-    """A chunk's space-like features (tokens x BD) and time-like column (column 0 of the
-    (b*h, T, D + 1) features), 0 where out of range."""
-    f = load_rows(F + 1, bh, t, offs_d, T, D + 1, t_ok[:, None] & d_ok[None, :])
-    return f, tl.load(F + (bh * T + t) * (D + 1), mask=t_ok, other=0.0)
+def _features(F, F0, bh, t, offs_d, T, D, t_ok, d_ok):
+    """A chunk's space-like features (tokens x BD, of the (b*h, T, D) part) and time-like
+    column (of the (b*h, T) part), 0 where out of range."""
+    f = load_rows(F, bh, t, offs_d, T, D, t_ok[:, None] & d_ok[None, :])
+    return f, tl.load(F0 + bh * T + t, mask=t_ok, other=0.0)
 
 
 @triton.jit
-def _store_features(F, row, t, offs_d, T, D, f, f0, t_ok, d_ok):
-    """Store a chunk's (tokens x BD) space-like and time-like gradient into row ``row`` of a
-    (rows, T, D + 1) tensor laid out like the features."""
-    tl.store(row_ptrs(F + 1, row, t, offs_d, T, D + 1), f, mask=t_ok[:, None] & d_ok[None, :])
-    tl.store(F + (row * T + t) * (D + 1), f0, mask=t_ok)
+def _store_features(F, F0, row, t, offs_d, T, D, f, f0, t_ok, d_ok):
+    """Store a chunk's (tokens x BD) space-like and time-like gradients into row ``row`` of a
+    (rows, T, D) and a (rows, T) tensor, laid out like the features' parts."""
+    tl.store(row_ptrs(F, row, t, offs_d, T, D), f, mask=t_ok[:, None] & d_ok[None, :])
+    tl.store(F0 + row * T + t, f0, mask=t_ok)
 
 
 @triton.jit
@@ -125,12 +124,12 @@ def _store_local(SP, ZP, TOT, row, total, f, f0, w, x, r, offs_d, offs_v, d_ok, 
 
 @triton.jit
 def _hla_fwd_local_kernel(
-    FK, V, LD, STATES, ZSTATES, TOT,
+    FK, FK0, V, LD, STATES, ZSTATES, TOT,
     T, D, DV, NCHUNK,
     Q: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
     c, pid_v, bh, offs_q, t, offs_d, offs_v, t_ok, d_ok, v_ok = chunk_tiles(Q, BD, BV, D, DV, T)
-    fk, fk0 = _features(FK, bh, t, offs_d, T, D, t_ok, d_ok)
+    fk, fk0 = _features(FK, FK0, bh, t, offs_d, T, D, t_ok, d_ok)
     v = load_rows(V, bh, t, offs_v, T, DV, t_ok[:, None] & v_ok[None, :])
     cum, total = chunk_log_decay(LD, bh, t, t_ok, T)
     _store_local(STATES, ZSTATES, TOT, bh * NCHUNK + c, total, fk, fk0, tl.exp(total - cum), v,
@@ -139,14 +138,14 @@ def _hla_fwd_local_kernel(
 
 @triton.jit
 def _hla_fwd_out_kernel(
-    FQ, FK, V, LD, O, DEN, STATES, ZSTATES,
+    FQ, FQ0, FK, FK0, V, LD, O, DEN, STATES, ZSTATES,
     T, D, DV, NCHUNK, EPS,
     Q: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
     c, pid_v, bh, offs_q, t, offs_d, offs_v, t_ok, d_ok, v_ok = chunk_tiles(Q, BD, BV, D, DV, T)
     fv_mask = t_ok[:, None] & v_ok[None, :]
-    fq, fq0 = _features(FQ, bh, t, offs_d, T, D, t_ok, d_ok)
-    fk, fk0 = _features(FK, bh, t, offs_d, T, D, t_ok, d_ok)
+    fq, fq0 = _features(FQ, FQ0, bh, t, offs_d, T, D, t_ok, d_ok)
+    fk, fk0 = _features(FK, FK0, bh, t, offs_d, T, D, t_ok, d_ok)
     v = load_rows(V, bh, t, offs_v, T, DV, fv_mask)
     cum, total = chunk_log_decay(LD, bh, t, t_ok, T)
     s0, s, z0, z = _load_state(STATES, ZSTATES, bh * NCHUNK + c, offs_d, offs_v, d_ok, v_ok, D, DV)
@@ -172,12 +171,12 @@ def _upstream(DO, DEN, DDEN, bh, t, offs_v, T, DV, fv_mask, t_ok):
 
 @triton.jit
 def _hla_bwd_local_kernel(
-    FQ, LD, DEN, DO, DDEN, DSTATES, DZSTATES, TOT,
+    FQ, FQ0, LD, DEN, DO, DDEN, DSTATES, DZSTATES, TOT,
     T, D, DV, NCHUNK,
     Q: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
     c, pid_v, bh, offs_q, t, offs_d, offs_v, t_ok, d_ok, v_ok = chunk_tiles(Q, BD, BV, D, DV, T)
-    fq, fq0 = _features(FQ, bh, t, offs_d, T, D, t_ok, d_ok)
+    fq, fq0 = _features(FQ, FQ0, bh, t, offs_d, T, D, t_ok, d_ok)
     dn, dden = _upstream(DO, DEN, DDEN, bh, t, offs_v, T, DV, t_ok[:, None] & v_ok[None, :], t_ok)
     cum, total = chunk_log_decay(LD, bh, t, t_ok, T)
     _store_local(DSTATES, DZSTATES, TOT, bh * NCHUNK + c, total, fq, fq0, tl.exp(cum), dn, dden,
@@ -186,7 +185,7 @@ def _hla_bwd_local_kernel(
 
 @triton.jit
 def _hla_bwd_kernel(
-    FQ, FK, V, LD, DEN, DO, DDEN, STATES, ZSTATES, DSTATES, DZSTATES, DFQ, DFK, DG, DV_,
+    FQ, FQ0, FK, FK0, V, LD, DEN, DO, DDEN, STATES, ZSTATES, DSTATES, DZSTATES, DFQ, DFQ0, DFK, DFK0, DG, DV_,
     T, D, DV, NCHUNK, BH,
     Q: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -194,8 +193,8 @@ def _hla_bwd_kernel(
     fv_mask = t_ok[:, None] & v_ok[None, :]
     # the normalizer column belongs to tile 0: its terms are added there only
     first = (pid_v == 0).to(tl.float32)
-    fq, fq0 = _features(FQ, bh, t, offs_d, T, D, t_ok, d_ok)
-    fk, fk0 = _features(FK, bh, t, offs_d, T, D, t_ok, d_ok)
+    fq, fq0 = _features(FQ, FQ0, bh, t, offs_d, T, D, t_ok, d_ok)
+    fk, fk0 = _features(FK, FK0, bh, t, offs_d, T, D, t_ok, d_ok)
     v = load_rows(V, bh, t, offs_v, T, DV, fv_mask)
     dn, dden = _upstream(DO, DEN, DDEN, bh, t, offs_v, T, DV, fv_mask, t_ok)
     cum, total = chunk_log_decay(LD, bh, t, t_ok, T)
@@ -212,7 +211,7 @@ def _hla_bwd_kernel(
     dfq = tl.dot(m, fk, input_precision=PREC) + ec[:, None] * (
         tl.dot(dn, tl.trans(s_in), input_precision=PREC) + g0[:, None] * z_in[None, :])
     dfq0 = tl.sum(m * fk0[None, :], 1) + ec * (tl.sum(dn * s0_in[None, :], 1) + g0 * z0_in)
-    _store_features(DFQ, part, t, offs_d, T, D, dfq, dfq0, t_ok, d_ok)
+    _store_features(DFQ, DFQ0, part, t, offs_d, T, D, dfq, dfq0, t_ok, d_ok)
     # this tile's share of dL/dG_t = phi_q,t . dphi_q,t - phi_k,t . dphi_k,t (module docstring)
     dg = tl.sum(fq * dfq, 1) + fq0 * dfq0
 
@@ -220,7 +219,7 @@ def _hla_bwd_kernel(
     dfk = tl.dot(tl.trans(m), fq, input_precision=PREC) + to_end[:, None] * (
         tl.dot(v, tl.trans(ds), input_precision=PREC) + first * dz[None, :])
     dfk0 = tl.sum(m * fq0[:, None], 0) + to_end * (tl.sum(v * ds0[None, :], 1) + first * dz0)
-    _store_features(DFK, part, t, offs_d, T, D, dfk, dfk0, t_ok, d_ok)
+    _store_features(DFK, DFK0, part, t, offs_d, T, D, dfk, dfk0, t_ok, d_ok)
     tl.store(DG + part * T + t, dg - tl.sum(fk * dfk, 1) - fk0 * dfk0, mask=t_ok)
     w = _pair_weights(fq, fq0, fk, fk0, lmat, PREC)
     dv = tl.dot(tl.trans(w), dn, input_precision=PREC) + to_end[:, None] * (
@@ -254,9 +253,9 @@ def _check_chunk(chunk_size: int) -> int:
 
 def _launch(fq, v, chunk_size, gpu, precision):
     """(B, H, T, D, DV, number of chunks n, value tiles, the per-chunk kernels' meta-parameters,
-    the scan launch) of both passes."""
-    B, H, T, F1 = fq.shape
-    D, DV = F1 - 1, v.shape[-1]
+    the scan launch) of both passes; ``fq`` the space-like part of the query features."""
+    B, H, T, D = fq.shape
+    DV = v.shape[-1]
     Q = _check_chunk(chunk_size)
     BV, nw, ns, prec, scan = _launch_cfg(v, DV, gpu, precision)
     n = triton.cdiv(T, Q) if T else 0
@@ -264,8 +263,8 @@ def _launch(fq, v, chunk_size, gpu, precision):
     return B, H, T, D, DV, n, triton.cdiv(DV, BV), meta, scan
 
 
-def _fwd_impl(fq, fk, v, ld, chunk_size, gpu, precision):
-    require(fq, fk, v, ld)
+def _fwd_impl(fq, fq0, fk, fk0, v, ld, chunk_size, gpu, precision):
+    require(fq, fq0, fk, fk0, v, ld)
     B, H, T, D, DV, n, tiles, meta, scan = _launch(fq, v, chunk_size, gpu, precision)
     o = torch.empty(B, H, T, DV, device=v.device, dtype=torch.float32)
     den = torch.empty(B, H, T, device=v.device, dtype=torch.float32)
@@ -274,82 +273,84 @@ def _fwd_impl(fq, fk, v, ld, chunk_size, gpu, precision):
     if T:
         totals = torch.empty(B * H, n, device=v.device, dtype=torch.float32)
         grid = (n * tiles, B * H)
-        _hla_fwd_local_kernel[grid](fk, v, ld, states, zstates, totals, T, D, DV, n, **meta)
+        _hla_fwd_local_kernel[grid](fk, fk0, v, ld, states, zstates, totals, T, D, DV, n, **meta)
         # phase 2: the chunks' own contributions become, in place, the state entering each chunk
         chunk_scan(totals, (states, zstates), scan, reverse=False)
-        _hla_fwd_out_kernel[grid](fq, fk, v, ld, o, den, states, zstates, T, D, DV, n, DEN_EPS, **meta)
+        _hla_fwd_out_kernel[grid](fq, fq0, fk, fk0, v, ld, o, den, states, zstates, T, D, DV, n, DEN_EPS, **meta)
     return o, den, states, zstates
 
 
-def _bwd_impl(fq, fk, v, ld, o, den, states, zstates, do, chunk_size, gpu, precision):
-    require(fq, fk, v, ld)
+def _bwd_impl(fq, fq0, fk, fk0, v, ld, o, den, states, zstates, do, chunk_size, gpu, precision):
+    require(fq, fq0, fk, fk0, v, ld)
     B, H, T, D, DV, n, tiles, meta, scan = _launch(fq, v, chunk_size, gpu, precision)
     do = do.contiguous()  # fp32, as o (the kernels read any float dtype)
     # d(den): the clamp passes no gradient where it acted
     dden = torch.where(den > DEN_EPS, -(do * o).sum(-1) / den, torch.zeros_like(den)).contiguous()
     dv = torch.empty_like(v)
-    # each value tile's share of the feature gradients and of dL/dG (every element written)
-    dfq = torch.empty(tiles, B, H, T, D + 1, device=v.device, dtype=torch.float32)
-    dfk = torch.empty_like(dfq)
-    dg = torch.empty(tiles, B, H, T, device=v.device, dtype=torch.float32)
+    # each value tile's share of the feature parts' gradients and of dL/dG (every element written)
+    f32 = dict(device=v.device, dtype=torch.float32)
+    dfq, dfk = torch.empty(tiles, B, H, T, D, **f32), torch.empty(tiles, B, H, T, D, **f32)
+    dfq0, dfk0, dg = (torch.empty(tiles, B, H, T, **f32) for _ in range(3))
     if T:
         # dL/d(the state leaving each chunk) and its normalizer column: the chunks' own
         # contributions first, turned into the sums over the later chunks by the reverse scan
         dstates, dzstates = torch.empty_like(states), torch.empty_like(zstates)
-        totals = torch.empty(B * H, n, device=v.device, dtype=torch.float32)
+        totals = torch.empty(B * H, n, **f32)
         grid = (n * tiles, B * H)
-        _hla_bwd_local_kernel[grid](fq, ld, den, do, dden, dstates, dzstates, totals, T, D, DV, n, **meta)
+        _hla_bwd_local_kernel[grid](fq, fq0, ld, den, do, dden, dstates, dzstates, totals, T, D, DV, n, **meta)
         chunk_scan(totals, (dstates, dzstates), scan, reverse=True)
         _hla_bwd_kernel[grid](
-            fq, fk, v, ld, den, do, dden, states, zstates, dstates, dzstates, dfq, dfk, dg, dv,
+            fq, fq0, fk, fk0, v, ld, den, do, dden, states, zstates, dstates, dzstates, dfq, dfq0, dfk, dfk0, dg, dv,
             T, D, DV, n, B * H, **meta)
-    dfq, dfk, dg = (x[0] if tiles == 1 else x.sum(0) for x in (dfq, dfk, dg))
+    dfq, dfq0, dfk, dfk0, dg = (x[0] if tiles == 1 else x.sum(0) for x in (dfq, dfq0, dfk, dfk0, dg))
     # dlog_decay_s = sum_{t >= s} dL/dG_t
-    return dfq, dfk, dv, dg.flip(-1).cumsum(-1).flip(-1)
+    return dfq, dfq0, dfk, dfk0, dv, dg.flip(-1).cumsum(-1).flip(-1)
 
 
 @torch.library.custom_op("phase7fw::hyperbolic_linear_attention_fwd", mutates_args=())
-def hla_fwd(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, ld: torch.Tensor, chunk_size: int, gpu: list[int],
+def hla_fwd(fq: torch.Tensor, fq0: torch.Tensor, fk: torch.Tensor, fk0: torch.Tensor, v: torch.Tensor,
+            ld: torch.Tensor, chunk_size: int, gpu: list[int],
             precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Kernel core on fp32 features: (o fp32, den, states and normalizer states entering each
-    chunk); ``gpu`` (:class:`TritonConfig`'s ``gpu``, then optionally its ``scan``),
-    ``precision``: the launch configuration on a GPU."""
-    return _fwd_impl(fq, fk, v, ld, chunk_size, gpu, precision)
+    """Kernel core on the fp32 features' space-like parts (B, H, T, D) and time-like columns
+    (B, H, T): (o fp32, den, states and normalizer states entering each chunk); ``gpu``
+    (:class:`TritonConfig`'s ``gpu``, then optionally its ``scan``), ``precision``: the launch
+    configuration on a GPU."""
+    return _fwd_impl(fq, fq0, fk, fk0, v, ld, chunk_size, gpu, precision)
 
 
 @hla_fwd.register_fake
-def _(fq, fk, v, ld, chunk_size, gpu, precision):
-    B, H, T, F1 = fq.shape
+def _(fq, fq0, fk, fk0, v, ld, chunk_size, gpu, precision):
+    B, H, T, D = fq.shape
     n = -(-T // chunk_size)
     f32 = dict(dtype=torch.float32)
     return (v.new_empty(B, H, T, v.shape[-1], **f32), v.new_empty(B, H, T, **f32),
-            v.new_empty(B, H, n, F1, v.shape[-1], **f32), v.new_empty(B, H, n, F1, **f32))
+            v.new_empty(B, H, n, D + 1, v.shape[-1], **f32), v.new_empty(B, H, n, D + 1, **f32))
 
 
 @torch.library.custom_op("phase7fw::hyperbolic_linear_attention_bwd", mutates_args=())
-def hla_bwd(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, ld: torch.Tensor, o: torch.Tensor,
-            den: torch.Tensor, states: torch.Tensor, zstates: torch.Tensor, do: torch.Tensor, chunk_size: int,
-            gpu: list[int], precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d fq, d fk, dv, d log_decay)."""
-    return _bwd_impl(fq, fk, v, ld, o, den, states, zstates, do, chunk_size, gpu, precision)
+def hla_bwd(fq: torch.Tensor, fq0: torch.Tensor, fk: torch.Tensor, fk0: torch.Tensor, v: torch.Tensor,
+            ld: torch.Tensor, o: torch.Tensor, den: torch.Tensor, states: torch.Tensor, zstates: torch.Tensor,
+            do: torch.Tensor, chunk_size: int, gpu: list[int], precision: str
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d fq, d fq0, d fk, d fk0, dv, d log_decay)."""
+    return _bwd_impl(fq, fq0, fk, fk0, v, ld, o, den, states, zstates, do, chunk_size, gpu, precision)
 
 
 @hla_bwd.register_fake
-def _(fq, fk, v, ld, o, den, states, zstates, do, chunk_size, gpu, precision):
-    return torch.empty_like(fq), torch.empty_like(fk), torch.empty_like(v), torch.empty_like(ld)
+def _(fq, fq0, fk, fk0, v, ld, o, den, states, zstates, do, chunk_size, gpu, precision):
+    return tuple(torch.empty_like(x) for x in (fq, fq0, fk, fk0, v, ld))
 
 
 def _setup_context(ctx, inputs, output):
-    fq, fk, v, ld, chunk_size, gpu, precision = inputs
+    *tensors, chunk_size, gpu, precision = inputs
     o, den, states, zstates = output
     ctx.chunk_size, ctx.gpu, ctx.precision = chunk_size, gpu, precision
-    ctx.save_for_backward(fq, fk, v, ld, o, den, states, zstates)
+    ctx.save_for_backward(*tensors, o, den, states, zstates)
 
 
 def _backward(ctx, do, dden, dstates, dzstates):
-    fq, fk, v, ld, o, den, states, zstates = ctx.saved_tensors
-    grads = torch.ops.phase7fw.hyperbolic_linear_attention_bwd(fq, fk, v, ld, o, den, states, zstates, do,
-                                                               ctx.chunk_size, ctx.gpu, ctx.precision)
+    grads = torch.ops.phase7fw.hyperbolic_linear_attention_bwd(*ctx.saved_tensors, do, ctx.chunk_size, ctx.gpu,
+                                                               ctx.precision)
     return (*grads, None, None, None)
 
 
@@ -367,10 +368,10 @@ def hyperbolic_linear_attention_triton(q, k, v, c, log_decay=None, focus_power: 
         raise ValueError("the Triton hyperbolic linear attention takes fp32/bf16/fp16 inputs, not fp64")
     B, H, T, _ = q.shape
     with torch.autocast(device_type=q.device.type, enabled=False):
-        fq = feature_map(q, c, focus_power, query=True)  # fp32, differentiable
-        fk = feature_map(k, c, focus_power)
+        fq0, fq = feature_parts(q, c, focus_power, query=True)  # fp32, differentiable
+        fk0, fk = feature_parts(k, c, focus_power)
         ld = q.new_zeros(B, H, T, dtype=torch.float32) if log_decay is None else log_decay.float()
         o, _, _, _ = torch.ops.phase7fw.hyperbolic_linear_attention_fwd(
-            fq.contiguous(), fk.contiguous(), v.contiguous(), ld.contiguous(), _check_chunk(chunk_size),
+            *(x.contiguous() for x in (fq, fq0, fk, fk0, v, ld)), _check_chunk(chunk_size),
             [*tuning.gpu, *tuning.scan], tuning.precision)
     return o.to(v.dtype)

@@ -58,6 +58,13 @@ def feature_map(u: torch.Tensor, c, focus_power: float = 1.0, *, query: bool = F
     unit vector raised elementwise to ``focus_power`` (sign kept), renormalized (1: identity).
     phi_query(q) . phi_key(k) = cosh 2b (1 + kappa_q . kappa_k) >= 1 - MAX_KLEIN_RADIUS^2 > 0.
     """
+    time, space = feature_parts(u, c, focus_power, query=query)
+    return torch.cat([time.unsqueeze(-1), space], dim=-1)
+
+
+def feature_parts(u: torch.Tensor, c, focus_power: float = 1.0, *, query: bool = False):
+    """:func:`feature_map` as its time-like column (B, H, T) and space-like part (B, H, T, D),
+    two tensors (the Triton kernel reads them so, with no concatenation to split)."""
     dt = _dtype(u)
     with torch.autocast(device_type=u.device.type, enabled=False):
         u = u.to(dt)
@@ -71,8 +78,8 @@ def feature_map(u: torch.Tensor, c, focus_power: float = 1.0, *, query: bool = F
             direction = powered / powered.norm(dim=-1, keepdim=True)
         a2 = 2.0 * (c.sqrt() * n).clamp_max(MAX_ATANH)
         if query:
-            return torch.cat([torch.ones_like(a2), torch.tanh(a2) * direction], dim=-1)
-        return torch.cat([torch.cosh(a2), torch.sinh(a2) * direction], dim=-1)
+            return torch.ones_like(a2).squeeze(-1), torch.tanh(a2) * direction
+        return torch.cosh(a2).squeeze(-1), torch.sinh(a2) * direction
 
 
 def _prepare(q, k, v, c, log_decay, focus_power):
