@@ -3,7 +3,7 @@
 
 The op is a scalar-decay gated linear attention (GLA) on its feature vectors (package
 docstring): phi_q = (1, kappa_q) (query=True) and phi_k = (cosh 2b, space part) from
-feature_map, D + 1 wide, fp32. fla's tiles are powers of two, so D + 1 = 129 features and
+feature_parts (time-like column, space-like part), fp32. fla's tiles are powers of two, so D + 1 = 129 features and
 Dv + 1 = 129 value columns (the normalizer's column of ones) would fill a last tile with one
 column; instead the pair weight is split, phi_q . phi_k = cosh 2b_s + kappa_q . space_s:
 
@@ -33,7 +33,7 @@ import torch
 
 from phase7fw.kernels import _fla
 from phase7fw.kernels._fla import INSTALL_HINT, FlaUnavailable, fla_status
-from phase7fw.kernels.hyperbolic_linear_attention.reference import DEN_EPS, feature_map
+from phase7fw.kernels.hyperbolic_linear_attention.reference import DEN_EPS, feature_parts
 
 __all__ = ["INSTALL_HINT", "SUMS_WIDTH", "FlaUnavailable", "factory", "fla_status", "gla_form",
            "hyperbolic_linear_attention_fla", "load_gla"]
@@ -60,10 +60,10 @@ def gla_form(gla: Callable, q, k, v, c, log_decay=None, focus_power: float = 1.0
     B, H, T, _ = q.shape
     Dv = v.shape[-1]
     with torch.autocast(device_type=q.device.type, enabled=False):
-        fq = feature_map(q, c, focus_power, query=True)  # (1, kappa_q): (B, H, T, D + 1), differentiable
-        fk = feature_map(k, c, focus_power)  # (cosh 2b, space part)
-        dt = fq.dtype
-        kappa, k_space, k_time = fq[..., 1:], fk[..., 1:], fk[..., :1]
+        _, kappa = feature_parts(q, c, focus_power, query=True)  # (1, kappa_q): differentiable, fp32
+        k_time, k_space = feature_parts(k, c, focus_power)  # (cosh 2b, space part)
+        k_time = k_time.unsqueeze(-1)
+        dt = kappa.dtype
         vt = v.to(dt)
         g = None if log_decay is None else log_decay.to(dt).transpose(1, 2).contiguous()
 
