@@ -3,9 +3,9 @@
 
 The op is a scalar-decay gated linear attention (GLA) on its feature vectors (package
 docstring): phi_q = (1, kappa_q) (query=True) and phi_k = (cosh 2b, space part) from
-feature_parts (time-like column, space-like part), fp32. fla's tiles are powers of two, so D + 1 = 129 features and
-Dv + 1 = 129 value columns (the normalizer's column of ones) would fill a last tile with one
-column; instead the pair weight is split, phi_q . phi_k = cosh 2b_s + kappa_q . space_s:
+feature_parts (time-like column, space-like part), fp32. fla's tiles are powers of two, so
+D + 1 = 129 features and Dv + 1 = 129 value columns (the normalizer's column of ones) would
+fill a last tile with one column; instead the pair weight is split, phi_q . phi_k = cosh 2b_s + kappa_q . space_s:
 
     pair = GLA(kappa_q, space_k, v)                           D wide, Dv values
     sums = GLA(e_1, e_1, [cosh 2b v, cosh 2b, space_k])       the running sums (decayed)
