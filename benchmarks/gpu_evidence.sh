@@ -113,6 +113,10 @@ for stage in "$@"; do
       attention_grad_loss_curves ;;
     attention-grad-bf16-loss)  # issue 16 item 5 for the option above alone (H100, 2026-12-08: within 0.04%)
       attention_grad_loss_curves ;;
+    decode-int8)  # issue 16, P9: int8 weight-only decoding (--int8): its GPU test, then P9 with an int8 row
+      python3 -m pytest -m gpu tests/gpu/test_int8_gpu.py -q -p no:cacheprovider 2>&1 | tail -3
+      python3 benchmarks/p9_generate.py --cuda-graph on --compile-step --hf-modes static-compile --int8 \
+          --json "$OUT/p9_int8.json" 2>&1 | tail -12 ;;
     decode-profile)  # issue 16, P9: GPU time of each kernel of the captured decode step, phase7 and llama 1.5B
       python3 benchmarks/decode_profile.py --tokens 64 --top 25 --json "$OUT/decode_profile.json" 2>&1 | tail -60 ;;
     ssm-fla)      # issue 16: [kernels] ar_ssm_scan = "fla" (needs fla-core): its gate, the scan's rows and P5
@@ -142,6 +146,6 @@ for stage in "$@"; do
       cat /tmp/psg/*.ops.txt > "$OUT/sg_10g_ops.txt"
       $P7 bench recipes/phase7_1.5b.toml --memory-cap-gib 10 --steps 2 --warmup 1 --set train.checkpoint_every=2 \
           --json "$OUT/sg_10g_every2.json" 2>&1 | tail -6 ;;
-    *) echo "unknown stage $stage (gpu-tests kernels attention-sweep decode small-gpu small-gpu-speed quality model-quality phase8 throughput max-params conv p1 attention-grad-bf16 attention-grad-bf16-loss hla-profile hla-sweep decode-profile ssm-fla ssm-tf32)"; exit 2 ;;
+    *) echo "unknown stage $stage (gpu-tests kernels attention-sweep decode small-gpu small-gpu-speed quality model-quality phase8 throughput max-params conv p1 attention-grad-bf16 attention-grad-bf16-loss hla-profile hla-sweep decode-int8 decode-profile ssm-fla ssm-tf32)"; exit 2 ;;
   esac
 done

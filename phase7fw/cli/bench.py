@@ -39,7 +39,7 @@ def cmd_bench(args) -> int:
                        compare_recipe=args.compare, compare_overrides=base_over,
                        memory_cap_gib=args.memory_cap_gib, find_max_params=args.max_params, search=args.search,
                        generate=args.generate, gen_tokens=args.gen_tokens, cuda_graph=args.cuda_graph,
-                       compile_step=args.compile_step,
+                       compile_step=args.compile_step, int8=args.int8,
                        profile_dir=args.profile, plugins=loaded, allow_cpu=args.allow_cpu,
                        progress=lambda text: print(text, file=sys.stderr, flush=True), partial=write_json)
     print("\n".join(report_lines(result)))
@@ -69,6 +69,8 @@ def add_bench(sub) -> None:
     bench.add_argument("--search", choices=["layers", "width"], default="layers", help="what --max-params grows")
     bench.add_argument("--generate", action="store_true", help="also time cached decoding (batch 1)")
     bench.add_argument("--gen-tokens", type=int, default=64, help="tokens decoded by --generate")
+    bench.add_argument("--int8", action="store_true",
+                       help="--generate with int8 weight-only decoding (the blocks' linear layers; docs/generation.md)")
     cuda_graph_flag(bench)
     bench.add_argument("--json", metavar="PATH", help="write every number to this JSON file")
     bench.add_argument("--profile", metavar="DIR", default=None,

@@ -159,10 +159,10 @@ def _is_oom(exc: BaseException) -> bool:
 def bench_recipe(recipe, overrides: dict, *, steps: int, warmup: int, repeat: int = 1, device: str | None = None,
                  generate: bool = False, gen_tokens: int = 64, prompt_tokens: int = 0, gemm: dict | None = None,
                  cuda_graph: str = "auto", compile_step: bool = False, profile_dir=None, plugins=None, progress=None,
-                 allow_cpu: bool = False) -> dict:
+                 allow_cpu: bool = False, int8: bool = False) -> dict:
     """Train ``warmup + steps`` steps of ``recipe`` on random tokens and measure them (then,
     with ``profile_dir``, two more under torch.profiler: :func:`profile_steps`); with
-    ``generate`` also time cached greedy decoding at batch 1. A CUDA out-of-memory error, or a
+    ``generate`` also time cached greedy decoding at batch 1 (``int8``: with int8 weights). A CUDA out-of-memory error, or a
     memory plan larger than the device (phase7fw/core/preflight.py), is a result (``{"oom": true}``),
     not a crash. ``allow_cpu``: measure a GPU-sized recipe on a CPU anyway."""
     from phase7fw.core.engine import Engine
@@ -241,7 +241,7 @@ def bench_recipe(recipe, overrides: dict, *, steps: int, warmup: int, repeat: in
                 engine.optimizer.state.clear()  # decoding needs the weights only
                 free_memory()
                 result["generate"] = bench_generate(engine, gen_tokens, prompt_tokens, cuda_graph=cuda_graph,
-                                                    compile_step=compile_step)
+                                                    compile_step=compile_step, int8=int8)
         except Exception as exc:
             if not _is_oom(exc):
                 raise
@@ -295,18 +295,18 @@ def profile_steps(trainer, device: torch.device, out_dir, label: str, steps: int
 
 
 def bench_generate(engine, new_tokens: int, prompt_tokens: int = 0, warmup_tokens: int = 8,
-                   cuda_graph: str = "auto", compile_step: bool = False) -> dict:
+                   cuda_graph: str = "auto", compile_step: bool = False, int8: bool = False) -> dict:
     """Cached greedy decoding at batch 1: prefill a random prompt, then time ``new_tokens``
     tokens (each one read back to the host, as a sampler would). On a GPU the linear weights
-    are stored in the training precision first (as ``phase7fw generate`` does). ``cuda_graph``
+    are stored in the training precision first (as ``phase7fw generate`` does); ``int8``: the
+    blocks' linear weights in int8 (``phase7fw generate --int8``). ``cuda_graph``
     as ``Engine.decoder``; the result's ``path`` says which path decoded (the warm-up runs the
     first prefill, so a CUDA-graph capture is not timed)."""
     from phase7fw.inference.decoding import context_limit, prepare_for_inference
 
     dev = engine.device
-    if dev.type == "cuda" and engine.recipe.train.precision in ("bf16", "fp16"):
-        prepare_for_inference(engine.model, torch.bfloat16 if engine.recipe.train.precision == "bf16" else torch.float16)
-    engine.model.eval()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(engine.recipe.train.precision)
+    prepare_for_inference(engine.model, dtype if dev.type == "cuda" else None, int8=int8)
     limit = engine.seq_len
     prompt_tokens = prompt_tokens or max(1, min(128, limit // 4))
     if context_limit(engine.model) is not None:  # stay inside the context: no slide in the timed part
@@ -333,7 +333,7 @@ def bench_generate(engine, new_tokens: int, prompt_tokens: int = 0, warmup_token
     decode = run(new_tokens)
     return {"batch_size": 1, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "prefill_s": prefill,
             "tokens_per_s": new_tokens / decode, "ms_per_token": 1e3 * decode / new_tokens,
-            "cache": decoder.use_cache, "cuda_graph": cuda_graph, "path": decoder.path}
+            "cache": decoder.use_cache, "cuda_graph": cuda_graph, "path": decoder.path, "int8": int8}
 
 
 # ----------------------------------------------------------------------------- max params
@@ -485,7 +485,8 @@ def report_lines(result: dict) -> list[str]:
         if gen:
             lines.append(f"  generation   {gen['tokens_per_s']:,.1f} tokens/s cached, batch 1"
                          f" ({gen['ms_per_token']:.2f} ms/token; prefill {gen['prompt_tokens']} tokens"
-                         f" {gen['prefill_s'] * 1e3:.1f} ms) [{gen.get('path', 'dynamic-cache')}]")
+                         f" {gen['prefill_s'] * 1e3:.1f} ms) [{gen.get('path', 'dynamic-cache')}"
+                         f"{', int8 weights' if gen.get('int8') else ''}]")
     cmp_ = result.get("compare")
     if cmp_:
         known = [f"{k} {v:.3f}" for k, v in cmp_.items() if v is not None]
@@ -530,7 +531,7 @@ def run_bench(recipe, overrides: dict, *, steps: int = 10, warmup: int = 3, repe
               compare_recipe=None, compare_overrides: dict | None = None, memory_cap_gib: float | None = None,
               find_max_params: bool = False, search: str = "layers", generate: bool = False, gen_tokens: int = 64,
               cuda_graph: str = "auto", compile_step: bool = False, profile_dir=None, plugins=None, progress=None,
-              partial=None, allow_cpu: bool = False) -> dict:
+              partial=None, allow_cpu: bool = False, int8: bool = False) -> dict:
     """Everything ``phase7fw bench`` does; returns the JSON-able result. ``progress(str)``
     hears about each finished measurement and ``partial(result)`` gets the result so far
     after each recipe (long GPU runs keep what they measured)."""
@@ -543,6 +544,8 @@ def run_bench(recipe, overrides: dict, *, steps: int = 10, warmup: int = 3, repe
         raise Phase7Error(f"--cuda-graph on needs a CUDA device; this runs on {dev.type} (use auto or off)")
     if compile_step and not generate:
         raise Phase7Error("--compile-step compiles the decode step: it needs --generate")
+    if int8 and not generate:
+        raise Phase7Error("--int8 quantizes the weights for decoding: it needs --generate")
     if generate and compile_step:  # before anything is measured (bench_generate decodes with the cache)
         from phase7fw.inference.decoding import check_compile_step
 
@@ -557,7 +560,7 @@ def run_bench(recipe, overrides: dict, *, steps: int = 10, warmup: int = 3, repe
     kw = dict(steps=steps, warmup=warmup, repeat=repeat, device=str(dev), generate=generate, gen_tokens=gen_tokens,
               cuda_graph=cuda_graph, compile_step=compile_step, gemm=result["gemm"], profile_dir=profile_dir,
               plugins=plugins, progress=progress,
-              allow_cpu=allow_cpu)
+              allow_cpu=allow_cpu, int8=int8)
     say(f"GEMM: {_rate(result['gemm']['tflops'])}")
     result["runs"] = runs = [bench_recipe(recipe, overrides, **kw)]
     cpu = dev.type != "cuda"

@@ -9,9 +9,10 @@ from phase7fw.cli.common import checkpoint_arg, cuda_graph_flag, plugins
 from phase7fw.errors import Phase7Error
 
 
-def load_for_inference(path, *, device: str | None = None, plugins=None):
+def load_for_inference(path, *, device: str | None = None, plugins=None, int8: bool = False):
     """Engine of a checkpoint for decoding: on a GPU with bf16/fp16 training precision the
-    linear weights are stored in that precision (decoding reads every weight per token)."""
+    linear weights are stored in that precision (decoding reads every weight per token);
+    ``int8``: the blocks' linear weights in int8 (:mod:`phase7fw.inference.int8`)."""
     import torch
 
     from phase7fw.core.engine import Engine
@@ -19,7 +20,7 @@ def load_for_inference(path, *, device: str | None = None, plugins=None):
 
     engine = Engine.from_checkpoint(path, device=device, plugins=plugins)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(engine.recipe.train.precision)
-    prepare_for_inference(engine.model, dtype if engine.device.type == "cuda" else None)
+    prepare_for_inference(engine.model, dtype if engine.device.type == "cuda" else None, int8=int8)
     return engine
 
 
@@ -78,7 +79,7 @@ def _inference_engine(args):
     from phase7fw.core.checkpoint import find_checkpoint
 
     path = find_checkpoint(args.checkpoint, args.runs_dir)
-    return path, load_for_inference(path, device=args.device, plugins=plugins())
+    return path, load_for_inference(path, device=args.device, plugins=plugins(), int8=args.int8)
 
 
 def cmd_generate(args) -> int:
@@ -131,6 +132,9 @@ def _sampling_flags(sp) -> None:
     sp.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
     sp.add_argument("--seed", type=int, default=None)
     sp.add_argument("--no-cache", action="store_true", help="recompute the context for every token (slow)")
+    sp.add_argument("--int8", action="store_true",
+                    help="int8 weight-only decoding: the blocks' linear layers keep int8 weights with one scale per"
+                         " row (half the bytes a token reads; outputs differ slightly; docs/generation.md)")
     cuda_graph_flag(sp)
 
 

@@ -317,13 +317,20 @@ def make_decoder(model, *, use_cache: bool = True, cuda_graph: str = "auto", dev
     return GraphedDecoder(model, capture=True, strict=on, compile_step=compile_step, say=say, **plain)
 
 
-def prepare_for_inference(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+def prepare_for_inference(model: torch.nn.Module, dtype: torch.dtype | None, *, int8: bool = False) -> torch.nn.Module:
     """Store the weights of linear layers in ``dtype`` (bf16/fp16) for decoding under
     autocast: the per-call fp32 -> bf16 weight cast would otherwise dominate a decoded token.
     Buffers (RoPE tables, curvature) and other parameters stay fp32. Then each block that can
     fuses the projections of its normed input into one matmul for the static decode step
-    (``fuse_input_projections``). For inference only."""
+    (``fuse_input_projections``). ``int8``: then the blocks' linear layers keep int8 weights
+    with per-row scales (:mod:`phase7fw.inference.int8`; any ``dtype``). For inference only."""
+    from phase7fw.inference.int8 import Int8Linear
+
+    if any(isinstance(m, Int8Linear) for m in model.modules()):
+        raise Phase7Error("this model's weights are int8 already (prepared for int8 decoding); prepare a fresh model")
     if dtype is None or dtype == torch.float32:
+        if int8:
+            _quantize(model)
         return model.eval()
     fusable = [m for m in model.modules() if callable(getattr(m, "fuse_input_projections", None))]
     for module in fusable:
@@ -333,4 +340,13 @@ def prepare_for_inference(model: torch.nn.Module, dtype: torch.dtype | None) -> 
             module.to(dtype)
     for module in fusable:
         module.fuse_input_projections()
+    if int8:
+        _quantize(model)
     return model.eval()
+
+
+def _quantize(model: torch.nn.Module) -> None:
+    from phase7fw.inference.int8 import quantize_linears
+
+    if not quantize_linears(model):
+        raise Phase7Error(f"--int8: {type(model).__name__} has no linear layers in its blocks to quantize")

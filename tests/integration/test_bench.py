@@ -46,6 +46,16 @@ def test_cpu_bench_with_compare_and_generate_writes_json(tmp_path, capsys):
     assert data["compare"]["tokens_per_s"] == pytest.approx(p7["tokens_per_s"] / llama["tokens_per_s"])
 
 
+def test_cpu_bench_decodes_with_int8_weights(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", str(RECIPES / "llama_tiny.toml"), *sets("--set", LLAMA), "--steps", "1", "--warmup", "0",
+            "--generate", "--gen-tokens", "4", "--int8", "--json", str(out)]
+    assert main(argv) == 0
+    assert "[dynamic-cache, int8 weights]" in capsys.readouterr().out
+    gen = json.loads(out.read_text())["runs"][0]["generate"]
+    assert gen["int8"] is True and gen["tokens_per_s"] > 0
+
+
 def test_cpu_bench_profile_writes_trace_and_ops_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["bench", str(RECIPES / "llama_tiny.toml"), *sets("--set", LLAMA), "--batch-size", "2", "--steps", "1",
@@ -87,6 +97,7 @@ def test_cpu_bench_repeat_times_windows_and_reports_their_spread(tmp_path, capsy
     (["--generate", "--cuda-graph", "on"], "--cuda-graph on needs a CUDA device"),
     (["--generate", "--compile-step"], "--compile-step compiles the decode step that a CUDA graph captures"),
     (["--compile-step"], "--compile-step compiles the decode step: it needs --generate"),
+    (["--int8"], "--int8 quantizes the weights for decoding: it needs --generate"),
     (["--compare", "nope.toml"], "nope.toml"),
     (["--set", "train.batch_size=0"], "train.batch_size: must be > 0"),
 ])

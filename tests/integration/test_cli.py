@@ -93,6 +93,9 @@ def test_run_eval_generate_roundtrip(tmp_path):
     proc = run_cli("generate", f"{out}/llama_final.pt", "--prompt", "def ", "--max-new-tokens", "5",
                    "--temperature", "0")
     assert proc.returncode == 0 and proc.stdout.startswith("def ")
+    proc = run_cli("generate", f"{out}/llama_final.pt", "--prompt", "def ", "--max-new-tokens", "5",
+                   "--temperature", "0", "--int8")  # int8 weight-only decoding (torch reference on the CPU)
+    assert proc.returncode == 0 and proc.stdout.startswith("def ") and len(proc.stdout) > len("def "), proc.stderr
 
 
 def test_doctor_on_cpu():

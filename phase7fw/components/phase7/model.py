@@ -182,7 +182,9 @@ class HybridBlock(nn.Module):
         by_part: dict[str, list[torch.Tensor]] = {}
         if self.fused_input is not None:
             weight, bias, sizes = self.fused_input
-            for (name, _), out in zip(sizes, F.linear(u, weight, bias).split([n for _, n in sizes], dim=-1)):
+            # int8 decoding (phase7fw.inference.int8) puts its module in place of the fused weight
+            fused = weight(u) if callable(weight) else F.linear(u, weight, bias)
+            for (name, _), out in zip(sizes, fused.split([n for _, n in sizes], dim=-1)):
                 by_part.setdefault(name, []).append(out)
 
         def path(name, part):  # a path whose projections were fused gets their outputs
