@@ -38,8 +38,8 @@ def test_more_rows_than_a_decoding_step_take_the_reference():
 def test_a_model_decodes_the_same_with_the_kernel_and_with_the_reference():
     from phase7fw.inference.decoding import Decoder
     from phase7fw.inference.int8 import quantize_linears
-    from tests.unit.test_decoding import greedy_with as greedy
     from tests.unit.test_decoding import make
+    from tests.unit.test_int8_decoding import assert_same_decoding
 
     fast, ref = make("phase7_hybrid"), make("phase7_hybrid")
     quantize_linears(fast)  # under TRITON_INTERPRET=1 the layers run the kernel
@@ -48,12 +48,7 @@ def test_a_model_decodes_the_same_with_the_kernel_and_with_the_reference():
         if isinstance(m, Int8Linear):
             m.kernel = False
     assert all(m.kernel for m in fast.modules() if isinstance(m, Int8Linear))
-    prompt = [5, 3, 5, 8, 9]
-    with torch.no_grad():
-        tokens, logits = greedy(Decoder(fast, use_cache=True), prompt, 6)
-        ref_tokens, ref_logits = greedy(Decoder(ref, use_cache=True), prompt, 6)
-    assert tokens == ref_tokens
-    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    assert_same_decoding(Decoder(fast, use_cache=True), Decoder(ref, use_cache=True), [5, 3, 5, 8, 9], 6, tol=1e-4)
 
 
 def test_the_op_passes_opcheck():

@@ -14,6 +14,16 @@ from tests.unit.test_decoding import greedy_with as greedy
 from tests.unit.test_decoding import make
 
 
+def assert_same_decoding(dec, ref_dec, prompt, n, tol=1e-5):
+    """Both decoders give the same greedy tokens and logits within ``tol``; returns the logits."""
+    with torch.no_grad():
+        tokens, logits = greedy(dec, prompt, n)
+        ref_tokens, ref_logits = greedy(ref_dec, prompt, n)
+    assert tokens == ref_tokens
+    torch.testing.assert_close(logits, ref_logits, rtol=tol, atol=tol)
+    return logits
+
+
 def test_every_weight_is_within_half_a_step_of_its_row_scale():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(37, 50, generator=g) * torch.logspace(-3, 1, 37).unsqueeze(1)  # rows of very different sizes
@@ -48,12 +58,9 @@ def test_a_model_decodes_with_int8_weights_close_to_its_float_logits(kind):
     n = quantize_linears(model)
     assert n > 0 and not any(isinstance(m, nn.Linear) for m in model.blocks.modules())
     prompt = [3, 1, 4, 1, 5, 9, 2]
+    logits = assert_same_decoding(GraphedDecoder(model, capture=False), Decoder(model, use_cache=True), prompt, 8)
     with torch.no_grad():
-        tokens, logits = greedy(Decoder(model, use_cache=True), prompt, 8)
         _, ref_logits = greedy(Decoder(ref, use_cache=True), prompt, 8)
-        static_tokens, static_logits = greedy(GraphedDecoder(model, capture=False), prompt, 8)
-    assert static_tokens == tokens
-    torch.testing.assert_close(static_logits, logits, rtol=1e-5, atol=1e-5)
     # 8-bit weights: the logits move by a fraction of their spread, not more
     assert (logits[:1] - ref_logits[:1]).abs().max() < 0.05 * ref_logits[:1].std()
 
@@ -68,12 +75,7 @@ def test_the_fused_input_projection_is_quantized_row_for_row_like_its_parts():
     fused = model.blocks[0].fused_input[0]
     q_proj = model.blocks[0].attn.q_proj
     assert isinstance(fused, Int8Linear) and torch.equal(fused.qweight[: q_proj.out_features], q_proj.qweight)
-    prompt = [2, 7, 1, 8, 2, 8]
-    with torch.no_grad():
-        static_tokens, static_logits = greedy(GraphedDecoder(model, capture=False), prompt, 8)
-        tokens, logits = greedy(Decoder(model, use_cache=True), prompt, 8)
-    assert static_tokens == tokens
-    torch.testing.assert_close(static_logits, logits, rtol=1e-5, atol=1e-5)
+    assert_same_decoding(GraphedDecoder(model, capture=False), Decoder(model, use_cache=True), [2, 7, 1, 8, 2, 8], 8)
 
 
 def test_int8_weights_refuse_training_and_a_second_preparation():
