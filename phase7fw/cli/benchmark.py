@@ -162,9 +162,9 @@ def bench_recipe(recipe, overrides: dict, *, steps: int, warmup: int, repeat: in
                  allow_cpu: bool = False, int8: bool = False) -> dict:
     """Train ``warmup + steps`` steps of ``recipe`` on random tokens and measure them (then,
     with ``profile_dir``, two more under torch.profiler: :func:`profile_steps`); with
-    ``generate`` also time cached greedy decoding at batch 1 (``int8``: with int8 weights). A CUDA out-of-memory error, or a
-    memory plan larger than the device (phase7fw/core/preflight.py), is a result (``{"oom": true}``),
-    not a crash. ``allow_cpu``: measure a GPU-sized recipe on a CPU anyway."""
+    ``generate`` also time cached greedy decoding at batch 1 (``int8``: with int8 weights). A
+    CUDA out-of-memory error, or a memory plan larger than the device
+    (phase7fw/core/preflight.py), is a result (``{"oom": true}``), not a crash. ``allow_cpu``: measure a GPU-sized recipe on a CPU anyway."""
     from phase7fw.core.engine import Engine
     from phase7fw.core.trainer import Trainer
 
