@@ -50,6 +50,12 @@ def run_doctor(require_gpu: bool = False, verify: bool = False) -> int:
     print(f"fla-core  {fla} (optional, CUDA only: [kernels] hyperbolic_linear_attention = \"fla\","
           " ar_ssm_scan = \"fla\""
           + ("; pip install fla-core einops)" if fla == "not installed" else ")"))
+    if fla != "not installed":
+        from phase7fw.kernels._fla import gated_backward_refusal
+
+        if reason := gated_backward_refusal():
+            warnings.append(f"{reason}: \"fla\" cannot train either op with decay here (upgrade Triton to"
+                            " >= 3.7.1 or pip install tilelang; our Triton kernels are not affected)")
 
     from phase7fw.plugins import PluginError
 

@@ -198,6 +198,24 @@ def test_doctor_names_the_optional_fla_core(monkeypatch, capsys):
     assert "pip install fla-core einops" in line
 
 
+def test_doctor_warns_where_fla_refuses_to_train_with_decay(monkeypatch, capsys):
+    import importlib.metadata as md
+
+    from phase7fw.cli import doctor
+    from phase7fw.kernels import _fla
+
+    real = md.version
+    monkeypatch.setattr(md, "version", lambda dist: "0.6.0" if dist == "fla-core" else real(dist))
+    monkeypatch.setattr(_fla, "gated_backward_refusal", lambda: "fla-core refuses it on this GPU")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    doctor.run_doctor()
+    out = capsys.readouterr().out
+    assert 'warning: fla-core refuses it on this GPU: "fla" cannot train either op with decay here' in out
+    monkeypatch.setattr(_fla, "gated_backward_refusal", lambda: None)
+    doctor.run_doctor()
+    assert "cannot train either op" not in capsys.readouterr().out
+
+
 @pytest.mark.filterwarnings("ignore:Triton is not supported on current platform")  # fla's import on a CPU
 def test_gla_form_through_fla_s_own_torch_reference_of_chunk_simple_gla():
     """fla's naive chunked GLA (plain torch, runs on a CPU) as the GLA: the convention of ``g``,
