@@ -9,6 +9,8 @@
 #   benchmarks/gpu_evidence.sh phase8                           # issue 18
 #   benchmarks/gpu_evidence.sh conv small-gpu-speed             # issue 16: measured 2026-12-07 (H100)
 #   benchmarks/gpu_evidence.sh p1 attention-grad-bf16 hla-sweep decode-profile ssm-fla ssm-tf32  # issues 16, 18 (2026-12-08, H100)
+#   benchmarks/gpu_evidence.sh hla-profile decode-int8 p1      # issues 18, 16: waiting for a GPU (two-part
+#                                                              # features, int8 decoding, both speed settings)
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
