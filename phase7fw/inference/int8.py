@@ -1,4 +1,4 @@
-"""Int8 weight-only decoding (``phase7fw generate --weights int8``): the linear layers of the
+"""Int8 weight-only decoding (``phase7fw generate --int8``): the linear layers of the
 blocks keep their weights as int8 with one scale per output row, and a decoded token reads
 half the weight bytes of bf16. Decoding at batch 1 reads every weight once per token, so its
 matmuls are bound by those bytes (benchmarks/RESULTS.md, "the decode step's kernels").
@@ -18,6 +18,9 @@ through an :class:`Int8Linear` is refused (its weights are buffers, not paramete
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +46,9 @@ def int8_linear_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     return y if bias is None else y + bias.to(x.dtype)
 
 
-def _gemv_kernel_def():
+@functools.cache
+def _gemv_kernel():
+    """The kernel, defined at its first use (importing this module needs no Triton)."""
     from phase7fw.kernels._triton import tl, triton
 
     @triton.jit
@@ -68,15 +73,10 @@ def _gemv_kernel_def():
     return _gemv_kernel
 
 
-_KERNEL: list = []
-
-
 def _gemv(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     from phase7fw.kernels._triton import require, triton
 
     require(x2, q, scale)
-    if not _KERNEL:
-        _KERNEL.append(_gemv_kernel_def())
     M, K = x2.shape
     N = q.shape[0]
     y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
@@ -88,8 +88,8 @@ def _gemv(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Te
         bk, launch = 256, dict(num_warps=4, num_stages=3)
     else:
         bn, bk, launch = 16, 32, {}
-    _KERNEL[0][(triton.cdiv(N, bn), M)](x2, q, scale, bias if bias is not None else scale, y, N, K,
-                                         HAS_BIAS=bias is not None, BN=bn, BK=bk, **launch)
+    _gemv_kernel()[(triton.cdiv(N, bn), M)](x2, q, scale, bias if bias is not None else scale, y, N, K,
+                                            HAS_BIAS=bias is not None, BN=bn, BK=bk, **launch)
     return y
 
 
@@ -141,8 +141,6 @@ class Int8Linear(nn.Module):
 
 
 def _use_kernel(device: torch.device) -> bool:
-    import os
-
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
