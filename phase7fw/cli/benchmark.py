@@ -164,7 +164,8 @@ def bench_recipe(recipe, overrides: dict, *, steps: int, warmup: int, repeat: in
     with ``profile_dir``, two more under torch.profiler: :func:`profile_steps`); with
     ``generate`` also time cached greedy decoding at batch 1 (``int8``: with int8 weights). A
     CUDA out-of-memory error, or a memory plan larger than the device
-    (phase7fw/core/preflight.py), is a result (``{"oom": true}``), not a crash. ``allow_cpu``: measure a GPU-sized recipe on a CPU anyway."""
+    (phase7fw/core/preflight.py), is a result (``{"oom": true}``), not a crash. ``allow_cpu``:
+    measure a GPU-sized recipe on a CPU anyway."""
     from phase7fw.core.engine import Engine
     from phase7fw.core.trainer import Trainer
 
@@ -302,11 +303,10 @@ def bench_generate(engine, new_tokens: int, prompt_tokens: int = 0, warmup_token
     blocks' linear weights in int8 (``phase7fw generate --int8``). ``cuda_graph``
     as ``Engine.decoder``; the result's ``path`` says which path decoded (the warm-up runs the
     first prefill, so a CUDA-graph capture is not timed)."""
-    from phase7fw.inference.decoding import context_limit, prepare_for_inference
+    from phase7fw.inference.decoding import context_limit, prepare_engine_for_decoding
 
     dev = engine.device
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(engine.recipe.train.precision)
-    prepare_for_inference(engine.model, dtype if dev.type == "cuda" else None, int8=int8)
+    prepare_engine_for_decoding(engine, int8=int8)
     limit = engine.seq_len
     prompt_tokens = prompt_tokens or max(1, min(128, limit // 4))
     if context_limit(engine.model) is not None:  # stay inside the context: no slide in the timed part

@@ -13,14 +13,11 @@ def load_for_inference(path, *, device: str | None = None, plugins=None, int8: b
     """Engine of a checkpoint for decoding: on a GPU with bf16/fp16 training precision the
     linear weights are stored in that precision (decoding reads every weight per token);
     ``int8``: the blocks' linear weights in int8 (:mod:`phase7fw.inference.int8`)."""
-    import torch
-
     from phase7fw.core.engine import Engine
-    from phase7fw.inference.decoding import prepare_for_inference
+    from phase7fw.inference.decoding import prepare_engine_for_decoding
 
     engine = Engine.from_checkpoint(path, device=device, plugins=plugins)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(engine.recipe.train.precision)
-    prepare_for_inference(engine.model, dtype if engine.device.type == "cuda" else None, int8=int8)
+    prepare_engine_for_decoding(engine, int8=int8)
     return engine
 
 

@@ -328,25 +328,26 @@ def prepare_for_inference(model: torch.nn.Module, dtype: torch.dtype | None, *, 
 
     if any(isinstance(m, Int8Linear) for m in model.modules()):
         raise Phase7Error("this model's weights are int8 already (prepared for int8 decoding); prepare a fresh model")
-    if dtype is None or dtype == torch.float32:
-        if int8:
-            _quantize(model)
-        return model.eval()
-    fusable = [m for m in model.modules() if callable(getattr(m, "fuse_input_projections", None))]
-    for module in fusable:
-        module.fused_input = None  # a cast below replaces the weights a fusion viewed
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            module.to(dtype)
-    for module in fusable:
-        module.fuse_input_projections()
+    if dtype is not None and dtype != torch.float32:
+        fusable = [m for m in model.modules() if callable(getattr(m, "fuse_input_projections", None))]
+        for module in fusable:
+            module.fused_input = None  # a cast below replaces the weights a fusion viewed
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.to(dtype)
+        for module in fusable:
+            module.fuse_input_projections()
     if int8:
-        _quantize(model)
+        from phase7fw.inference.int8 import quantize_linears
+
+        if getattr(model, "blocks", None) is None or not quantize_linears(model):
+            raise Phase7Error(f"--int8: {type(model).__name__} has no linear layers in its blocks to quantize")
     return model.eval()
 
 
-def _quantize(model: torch.nn.Module) -> None:
-    from phase7fw.inference.int8 import quantize_linears
-
-    if not quantize_linears(model):
-        raise Phase7Error(f"--int8: {type(model).__name__} has no linear layers in its blocks to quantize")
+def prepare_engine_for_decoding(engine, *, int8: bool = False) -> torch.nn.Module:
+    """:func:`prepare_for_inference` of ``engine``'s model: on a GPU with bf16/fp16 training
+    precision the linear weights in that precision (decoding reads every weight per token);
+    ``int8`` as there. What ``generate``, ``chat`` and ``bench --generate`` decode with."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(engine.recipe.train.precision)
+    return prepare_for_inference(engine.model, dtype if engine.device.type == "cuda" else None, int8=int8)
